@@ -1,0 +1,55 @@
+"""Block codec: blake3 content hashes and zstd compression of stored blocks.
+
+A stored block is one tag byte (RAW or ZSTD) followed by the payload. Both
+blake3 and zstandard release the GIL, so callers run them off the trio thread.
+"""
+
+from __future__ import annotations
+
+import blake3
+import zstandard
+
+from .errors import CorruptBlock
+
+HASH_LEN = 32
+RAW = 0
+ZSTD = 1
+DEFAULT_LEVEL = 1
+
+_TAG_RAW = bytes((RAW,))
+_TAG_ZSTD = bytes((ZSTD,))
+_compressors: dict[int, zstandard.ZstdCompressor] = {}
+_decompressor = zstandard.ZstdDecompressor()
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """The 32-byte blake3 hash that names a block."""
+    return blake3.blake3(data).digest()
+
+
+def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+    """Compress ``data`` for storage; keep it raw when zstd does not shrink it."""
+    comp = _compressors.get(level)
+    if comp is None:
+        comp = _compressors[level] = zstandard.ZstdCompressor(level=level)
+    packed = comp.compress(data)
+    if len(packed) + 1 < len(data):
+        return _TAG_ZSTD + packed
+    return _TAG_RAW + data  # one copy: bytes + buffer
+
+
+def decode(stored: bytes | memoryview, key: bytes) -> bytes:
+    """Decompress a stored block and check it against its hash ``key``."""
+    tag = stored[0]
+    try:
+        if tag == RAW:
+            data = bytes(stored[1:])
+        elif tag == ZSTD:
+            data = _decompressor.decompress(stored[1:])
+        else:
+            raise CorruptBlock(key, f"block {key.hex()} has unknown codec tag {tag}")
+    except zstandard.ZstdError as exc:
+        raise CorruptBlock(key, f"block {key.hex()} does not decompress: {exc}") from exc
+    if digest(data) != key:
+        raise CorruptBlock(key)
+    return data

@@ -1,0 +1,211 @@
+"""The store thread: every LMDB access of a mounted volume, with group commit.
+
+All operations run one at a time on one thread that owns the writer
+transaction, so each sees the effect of every earlier one. Operations are
+acknowledged as soon as they are applied to that transaction; it is
+committed (and synced) when a caller asks for durability (fsync), when it
+holds ``max_dirty`` bytes, or ``interval`` seconds after its first change, so
+many operations share one synced commit. No transaction ever crosses an
+``await``: trio tasks hand work to this thread and sleep until it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+import outcome
+import trio
+
+from .errors import CdpfsError, NoSpace
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[outcome.Outcome], None]
+_STOP = object()
+
+
+class Engine:
+    """Runs functions on the store thread inside the open writer transaction.
+
+    Attributes:
+        store: the open store.
+        txn: the writer transaction, or None between commits.
+        interval: seconds an applied change may wait before it is committed.
+        max_dirty: bytes of new data after which a commit is forced.
+        reserve: free disk bytes kept back; writes fail with ENOSPC below it.
+        commits: number of commits made (for tests and statistics).
+    """
+
+    def __init__(self, store: Store, *, interval: float = 0.25, max_dirty: int = 64 << 20,
+                 reserve: int = 64 << 20) -> None:
+        self.store = store
+        self.interval = interval
+        self.max_dirty = max_dirty
+        self.reserve = reserve
+        self.txn: lmdb.Transaction | None = None
+        self.commits = 0
+        self._dirty = 0
+        self._dirty_since = 0.0
+        self._free_checked = 0.0
+        self._free = 0
+        self._rebase: list[Callable[[lmdb.Transaction], None]] = []
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="cdpfs-store", daemon=True)
+        self._broken: BaseException | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        self.store.grow_if_needed(4 * self.max_dirty)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Commit what is pending and end the thread."""
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join()
+
+    def on_txn(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+        """Call ``fn(txn)`` (on the store thread) whenever a new writer txn begins."""
+        self._rebase.append(fn)
+
+    # --- calling in ------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
+        """Run ``fn(*args)`` on the store thread; with ``durable``, return after commit."""
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def done(result: outcome.Outcome) -> None:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        self._q.put((fn, args, durable, done))
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def call_sync(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
+        """The same from a plain thread (tools, tests)."""
+        ready = threading.Event()
+        box: list[outcome.Outcome] = []
+
+        def done(result: outcome.Outcome) -> None:
+            box.append(result)
+            ready.set()
+
+        self._q.put((fn, args, durable, done))
+        ready.wait()
+        return box[0].unwrap()
+
+    # --- used by operations running on the store thread ---------------------------
+
+    def ensure_txn(self) -> lmdb.Transaction:
+        if self.txn is None:
+            self.txn = self.store.env.begin(write=True)
+            for fn in self._rebase:
+                fn(self.txn)
+        return self.txn
+
+    def need_space(self, nbytes: int) -> None:
+        """Refuse (ENOSPC) a change of ``nbytes`` the disk may not be able to hold."""
+        now = time.monotonic()
+        if now - self._free_checked > 0.1 or self._free < nbytes + self.reserve:
+            self._free = self.store.disk_free()
+            self._free_checked = now
+        needed = 2 * (self._dirty + nbytes) + self.reserve
+        if self._free < needed:
+            self.commit()
+            self._free = self.store.disk_free()
+            if self._free < 2 * nbytes + self.reserve:
+                raise NoSpace(f"{self.store.path}: not enough free disk space for the store")
+
+    def note_dirty(self, nbytes: int) -> None:
+        if self._dirty == 0:
+            self._dirty_since = time.monotonic()
+        self._dirty += nbytes
+
+    # --- the thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            timeout = None
+            if self.txn is not None:
+                timeout = max(0.0, self._dirty_since + self.interval - time.monotonic())
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                self._commit_logged()
+                continue
+            batch = [item]
+            while len(batch) < 256:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            waiting: list[tuple[Done, outcome.Outcome]] = []
+            for item in batch:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                fn, args, durable, done = item
+                result = self._execute(fn, args)
+                if durable:
+                    waiting.append((done, result))
+                else:
+                    done(result)
+            due = self._dirty >= self.max_dirty or (
+                self.txn is not None and time.monotonic() - self._dirty_since >= self.interval)
+            if waiting or due or stopping:
+                err = self._commit_logged()
+                for done, result in waiting:
+                    done(outcome.Error(err) if err else result)
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+
+    def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> outcome.Outcome:
+        if self._broken is not None:
+            return outcome.Error(CdpfsError(f"store stopped after an error: {self._broken}"))
+        for attempt in (1, 2):
+            try:
+                self.ensure_txn()
+                return outcome.Value(fn(*args))
+            except lmdb.MapFullError:
+                if attempt == 2:
+                    return outcome.Error(NoSpace("store map full"))
+                self.commit()
+                self.store.grow_if_needed(4 * self.max_dirty)
+            except CdpfsError as exc:
+                return outcome.Error(exc)
+            except Exception as exc:  # a bug: report it, keep serving
+                log.exception("operation %s failed", getattr(fn, "__name__", fn))
+                return outcome.Error(exc)
+        raise AssertionError("unreachable")
+
+    def commit(self) -> None:
+        """Commit (synced) the writer transaction, then grow the map if it is filling up."""
+        if self.txn is None:
+            return
+        txn, self.txn = self.txn, None
+        self._dirty = 0
+        try:
+            txn.commit()
+        except lmdb.Error as exc:
+            self._broken = exc
+            log.critical("commit to %s failed, uncommitted changes lost: %s", self.store.path, exc)
+            raise CdpfsError(f"commit failed: {exc}") from exc
+        self.commits += 1
+        self.store.grow_if_needed(4 * self.max_dirty)
+
+    def _commit_logged(self) -> BaseException | None:
+        try:
+            self.commit()
+        except Exception as exc:
+            return exc
+        return None

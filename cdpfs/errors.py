@@ -1,0 +1,55 @@
+"""The one error hierarchy of cdpfs.
+
+Every error a user can cause carries an errno (so front ends map it without
+knowing the cause) and a one-line message fit to print as is.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CdpfsError(Exception):
+    """Base of all cdpfs errors: ``errno`` for the kernel, ``str()`` for people."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str = "", errno: int | None = None) -> None:
+        super().__init__(message or _errno.errorcode.get(errno or self.errno, "error"))
+        if errno is not None:
+            self.errno = errno
+
+
+class FsError(CdpfsError):
+    """A filesystem operation refused with a plain errno (ENOENT, EEXIST, ...)."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(message or _errno.errorcode.get(errno, str(errno)), errno)
+
+
+class StoreError(CdpfsError):
+    """The store directory is missing, not a store, of another format, or locked."""
+
+    errno = _errno.EINVAL
+
+
+class StoreLocked(StoreError):
+    """Another process holds the store's write lock (a mount or a writing tool)."""
+
+    errno = _errno.EBUSY
+
+
+class CorruptBlock(CdpfsError):
+    """A stored block's bytes do not hash to its key: never served, always reported."""
+
+    errno = _errno.EIO
+
+    def __init__(self, digest: bytes, message: str = "") -> None:
+        super().__init__(message or f"block {digest.hex()} is corrupt (hash mismatch)")
+        self.digest = digest
+
+
+class NoSpace(CdpfsError):
+    """The disk under the store is (nearly) full: the write is refused, nothing lost."""
+
+    errno = _errno.ENOSPC

@@ -1,0 +1,170 @@
+"""On-disk key and value layouts of the versioned tables (see docs/architecture.md).
+
+Every versioned key ends in the *inverted* sequence number (``2**64-1-seq``,
+big-endian), so within one object the newest version sorts first and
+``set_range(prefix + inv(S))`` lands directly on the newest version <= S.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass, replace
+
+U64 = struct.Struct(">Q")
+MAX_SEQ = 2**64 - 1
+INV_LEN = 8
+
+# Table codes used in journal records (the change list names tables by code).
+T_INODE = 1
+T_DIRENT = 2
+T_EXTENT = 3
+T_XATTR = 4
+TABLE_NAMES = {T_INODE: b"inodes", T_DIRENT: b"dirents", T_EXTENT: b"extents", T_XATTR: b"xattrs"}
+
+ROOT_INO = 1
+
+
+def inv(seq: int) -> bytes:
+    """The key suffix of version ``seq``: newest first in key order."""
+    return U64.pack(MAX_SEQ - seq)
+
+
+def seq_of(key: bytes) -> int:
+    """The sequence number a versioned key ends with."""
+    return MAX_SEQ - U64.unpack_from(key, len(key) - INV_LEN)[0]
+
+
+def u64(n: int) -> bytes:
+    return U64.pack(n)
+
+
+# --- inodes: ino(8) + inv(seq) -> Inode.pack() or b"" (freed at seq) ---------
+
+_INODE = struct.Struct(">IIIIQqqqQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    """One version of an inode's attributes (times in ns since the epoch)."""
+
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime: int
+    mtime: int
+    ctime: int
+    rdev: int = 0
+    target: bytes = b""  # symlink target
+
+    def pack(self) -> bytes:
+        return (
+            _INODE.pack(
+                self.mode, self.uid, self.gid, self.nlink, self.size,
+                self.atime, self.mtime, self.ctime, self.rdev,
+            )
+            + self.target
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> Inode:
+        fields = _INODE.unpack_from(raw)
+        return cls(*fields, target=bytes(raw[_INODE.size:]))
+
+    def with_(self, **kw: int | bytes) -> Inode:
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_lnk(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def inode_prefix(ino: int) -> bytes:
+    return U64.pack(ino)
+
+
+# --- dirents: parent(8) + name + NUL + inv(seq) -> child ino(8) or b"" --------
+
+
+def dirent_prefix(parent: int, name: bytes) -> bytes:
+    return U64.pack(parent) + name + b"\0"
+
+
+def dirent_name(key: bytes) -> bytes:
+    return key[8 : len(key) - INV_LEN - 1]
+
+
+# --- xattrs: ino(8) + name + NUL + inv(seq) -> b"\x01" + value or b"" --------
+
+
+def xattr_prefix(ino: int, name: bytes) -> bytes:
+    return U64.pack(ino) + name + b"\0"
+
+
+# --- extents: ino(8) + block index(8) + inv(seq) -> extent value -------------
+# FULL  b"F" + hash(32) + len(4): the block is these bytes, zeros after len
+# PATCH b"P" + off(4) + len(4) + hash(32): these bytes laid over older versions
+# ZERO  b"Z" + off(4) + len(4): zeros laid over older versions (punch, truncate)
+# HOLE  b"H": the whole block reads as zeros (sparse, truncated away)
+
+_FULL = struct.Struct(">32sI")
+_PATCH = struct.Struct(">II32s")
+_ZERO = struct.Struct(">II")
+
+
+def extent_prefix(ino: int, index: int) -> bytes:
+    return U64.pack(ino) + U64.pack(index)
+
+
+def full(digest: bytes, length: int) -> bytes:
+    return b"F" + _FULL.pack(digest, length)
+
+
+def patch(off: int, digest: bytes, length: int) -> bytes:
+    return b"P" + _PATCH.pack(off, length, digest)
+
+
+def zero(off: int, length: int) -> bytes:
+    return b"Z" + _ZERO.pack(off, length)
+
+
+HOLE = b"H"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A decoded extent value: ``kind`` is one of F, P, Z, H."""
+
+    kind: str
+    off: int
+    length: int
+    digest: bytes
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> Extent:
+        kind = chr(raw[0])
+        if kind == "F":
+            digest, length = _FULL.unpack_from(raw, 1)
+            return cls(kind, 0, length, digest)
+        if kind == "P":
+            off, length, digest = _PATCH.unpack_from(raw, 1)
+            return cls(kind, off, length, digest)
+        if kind == "Z":
+            off, length = _ZERO.unpack_from(raw, 1)
+            return cls(kind, off, length, b"")
+        return cls("H", 0, 0, b"")
+
+    @property
+    def is_base(self) -> bool:
+        """FULL and HOLE end a chain: nothing older shows through them."""
+        return self.kind in "FH"

@@ -1,0 +1,214 @@
+"""The store directory: one LMDB environment, its sub-databases and the block table.
+
+A store is a directory holding ``data.mdb``/``lock.mdb`` (LMDB) and ``cdpfs.lock``
+(the writer lock that keeps a second mount out). This module opens and creates
+stores, grows the LMDB map, and reads and writes content-addressed blocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import lmdb
+
+from . import codec
+from .errors import CorruptBlock, StoreError, StoreLocked
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"cdpfs-1"
+DEFAULT_BLOCK_SIZE = 128 * 1024
+MIN_MAP = 1 << 30
+DB_NAMES = (
+    b"meta", b"blocks", b"journal", b"timeidx",
+    b"inodes", b"dirents", b"extents", b"xattrs", b"orphans",
+)
+LOCK_NAME = "cdpfs.lock"
+
+
+class BlockCache:
+    """A small LRU of verified, decompressed blocks keyed by hash."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: bytes, data: bytes) -> None:
+        if key in self._items or len(data) > self.max_bytes // 4:
+            return
+        self._items[key] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old)
+
+
+def is_store(path: Path) -> bool:
+    return (path / "data.mdb").is_file()
+
+
+class Store:
+    """An open store: the LMDB environment, its named databases and the block cache.
+
+    Attributes:
+        path: the store directory.
+        env: the LMDB environment.
+        db: the named sub-databases by name (``db["inodes"]`` ...).
+        block_size: the logical block size fixed when the store was created.
+        readonly: opened without write access.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: no such store directory")
+        if not is_store(self.path):
+            raise StoreError(f"{self.path}: not a cdpfs store (run 'cdpfs init {self.path}')")
+        self._lock_fd: int | None = None
+        size = (self.path / "data.mdb").stat().st_size
+        self.env = self._open_env(max(MIN_MAP, _round_up(size * 2)))
+        self.db = {name.decode(): self.env.open_db(name, create=not readonly) for name in DB_NAMES}
+        with self.env.begin() as txn:
+            fmt = txn.get(b"format", db=self.db["meta"])
+            if fmt != FORMAT:
+                self.env.close()
+                raise StoreError(f"{self.path}: unsupported store format {fmt!r} (want {FORMAT!r})")
+            self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
+            self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
+        self.cache = BlockCache()
+
+    def _open_env(self, map_size: int) -> lmdb.Environment:
+        try:
+            return lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
+                readonly=self.readonly, max_readers=256, readahead=False,
+                metasync=True, sync=True, lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: cannot open store: {exc}") from exc
+
+    # --- creation ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, block_size: int = DEFAULT_BLOCK_SIZE,
+               ) -> Store:
+        """Create the LMDB environment of a new store at ``path`` (missing or empty dir).
+
+        The volume inside is made by ``mutate.init_volume``, which calls this.
+        """
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p}: exists and is not a directory")
+        if p.is_dir() and is_store(p):
+            raise StoreError(f"{p}: is already a cdpfs store")
+        if p.is_dir() and any(p.iterdir()):
+            raise StoreError(f"{p}: directory is not empty and is not a cdpfs store")
+        if block_size < 4096 or block_size & (block_size - 1):
+            raise StoreError(f"block size {block_size} must be a power of two >= 4096")
+        p.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(p), map_size=MIN_MAP, max_dbs=len(DB_NAMES) + 2)
+        try:
+            dbs = {name: env.open_db(name) for name in DB_NAMES}
+            with env.begin(write=True) as txn:
+                meta = dbs[b"meta"]
+                txn.put(b"format", FORMAT, db=meta)
+                txn.put(b"uuid", str(uuid.uuid4()).encode(), db=meta)
+                txn.put(b"block_size", str(block_size).encode(), db=meta)
+                txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+        finally:
+            env.close()
+        return cls(p)
+
+    # --- locking and map size -------------------------------------------------
+
+    def lock(self, owner: str) -> None:
+        """Take the exclusive writer lock, or say who holds it."""
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreLocked(f"{self.path}: store is in use by {holder}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{owner} (pid {os.getpid()})\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def grow_if_needed(self, headroom: int) -> None:
+        """Double the map while less than ``headroom`` bytes are left (no txn open)."""
+        size = self.env.info()["map_size"]
+        new = size
+        while new - self.used_bytes() < headroom or self.used_bytes() > new * 0.6:
+            new *= 2
+        if new != size:
+            log.info("growing LMDB map of %s from %d to %d MiB", self.path, size >> 20, new >> 20)
+            self.env.set_mapsize(new)
+
+    def adopt_map_size(self) -> None:
+        """Follow a map grown by another process (after MapResizedError)."""
+        self.env.set_mapsize(0)
+
+    def disk_free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def close(self) -> None:
+        self.env.close()
+        self.unlock()
+
+    # --- blocks ----------------------------------------------------------------
+
+    def put_block(self, txn: lmdb.Transaction, data: bytes | memoryview,
+                  key: bytes | None = None) -> tuple[bytes, int]:
+        """Store ``data`` once under its hash; return (hash, bytes newly stored)."""
+        key = key or codec.digest(data)
+        if txn.get(key, db=self.db["blocks"]) is not None:
+            return key, 0
+        stored = codec.encode(data)
+        txn.put(key, stored, db=self.db["blocks"])
+        return key, len(stored)
+
+    def get_block(self, txn: lmdb.Transaction, key: bytes) -> bytes:
+        """The verified plaintext of block ``key``; CorruptBlock if it does not match."""
+        data = self.cache.get(key)
+        if data is not None:
+            return data
+        stored = txn.get(key, db=self.db["blocks"])
+        if stored is None:
+            raise CorruptBlock(key, f"block {key.hex()} is missing from the store")
+        data = codec.decode(stored, key)
+        self.cache.put(key, data)
+        return data
+
+    def get_meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.db["meta"])
+
+
+def _round_up(n: int) -> int:
+    size = MIN_MAP
+    while size < n:
+        size *= 2
+    return size

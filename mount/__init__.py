@@ -1,0 +1,1 @@
+"""Front ends that put a cdpfs volume in the operating system's namespace."""

@@ -1,0 +1,88 @@
+"""Run a FUSE mount of a store: lock, recover, serve until unmounted or signalled.
+
+``mount_store`` does the whole life of a mount in the calling process (the
+CLI forks first for background mode). On SIGINT/SIGTERM, or when the kernel
+unmounts, everything applied is committed before the store is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cdpfs.engine import Engine
+from cdpfs.errors import StoreError
+from cdpfs.store import Store
+from cdpfs.vfs import FileSystem
+
+from .fuse import FuseOperations
+
+log = logging.getLogger(__name__)
+
+
+def fuse_options(store: Path, allow_other: bool) -> set[str]:
+    if "," in str(store):
+        raise StoreError(f"{store}: a store path must not contain a comma (FUSE options)")
+    opts = {f"fsname={store}", "subtype=cdpfs", "default_permissions", "noatime"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise StoreError(f"{mountpoint}: mount point does not exist or is not a directory",
+                         errno.ENOENT)
+    if os.path.ismount(mountpoint):
+        raise StoreError(f"{mountpoint}: something is already mounted there", errno.EBUSY)
+
+
+def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
+                ready: Callable[[], None] | None = None) -> None:
+    """Mount ``store_path`` on ``mountpoint`` and serve until unmounted."""
+    mountpoint = mountpoint.resolve()
+    check_mountpoint(mountpoint)
+    store = Store(store_path)
+    try:
+        store.lock(f"mount on {mountpoint}")
+        engine = Engine(store)
+        fs = FileSystem(store, engine)
+        engine.start()
+        try:
+            engine.call_sync(fs.recover, durable=True)
+            ops = FuseOperations(fs, engine)
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
+            try:
+                log.info("mounted %s on %s", store.path, mountpoint)
+                trio.run(_serve, ready)
+            finally:
+                pyfuse3.close(unmount=True)
+        finally:
+            engine.stop()
+            log.info("unmounted %s; %d commits", mountpoint, engine.commits)
+    finally:
+        store.close()
+
+
+async def _serve(ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        if ready is not None:
+            ready()
+        await pyfuse3.main(min_tasks=4, max_tasks=32)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

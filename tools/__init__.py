@@ -1,0 +1,1 @@
+"""The ``cdpfs`` command line (installed as ``cdpfs.tools``)."""

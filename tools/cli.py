@@ -1,0 +1,168 @@
+"""The ``cdpfs`` command: init, mount, umount, verify, status.
+
+Every command prints one clear line on error and exits non-zero; the cause
+goes to the log (``-v`` shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cdpfs.errors import CdpfsError
+from cdpfs.store import Store
+
+log = logging.getLogger("cdpfs")
+
+
+def _setup_logging(verbose: int, logfile: Path | None = None) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    handler: logging.Handler
+    if logfile is not None:
+        handler = logging.FileHandler(logfile)
+        level = min(level, logging.INFO)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class _Group(click.Group):
+    """Turns cdpfs errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CdpfsError as exc:
+            click.echo(f"cdpfs: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """cdpfs: a filesystem that keeps every write, with time travel and replication."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--block-size", default=128 * 1024, show_default=True,
+              help="Logical block size in bytes (a power of two).")
+def init(store: Path, block_size: int) -> None:
+    """Create a new, empty store in STORE (a missing or empty directory)."""
+    from cdpfs.mutate import init_volume
+
+    init_volume(store, block_size=block_size).close()
+    click.echo(f"initialised cdpfs store {store}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("-f", "--foreground", is_flag=True, help="Stay attached (log to stderr).")
+@click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
+@click.option("--log", "logfile", type=click.Path(path_type=Path),
+              help="Log file of a background mount (default STORE/cdpfs.log).")
+@click.pass_context
+def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
+          allow_other: bool, logfile: Path | None) -> None:
+    """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
+    from cdpfs.mount.runner import check_mountpoint, mount_store
+
+    store = store.resolve()
+    Store(store, readonly=True).close()  # clear errors before forking: not a store ...
+    check_mountpoint(mountpoint)
+    if foreground:
+        _setup_logging(max(ctx.obj["verbose"], 1))
+        mount_store(store, mountpoint, allow_other=allow_other)
+        return
+    _daemonize(lambda ready: mount_store(store, mountpoint, allow_other=allow_other, ready=ready),
+               logfile or store / "cdpfs.log", ctx.obj["verbose"])
+    click.echo(f"mounted {store} on {mountpoint}")
+
+
+def _daemonize(run: object, logfile: Path, verbose: int) -> None:
+    """Run ``run(ready)`` in a detached child; return once it called ready()."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace").strip()
+        if answer != "ok":
+            raise CdpfsError(answer.removeprefix("error: ") or "mount process died on start")
+        return
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    _setup_logging(verbose, logfile)
+
+    def ready() -> None:
+        os.write(w, b"ok")
+        os.close(w)
+
+    code = 0
+    try:
+        run(ready)  # type: ignore[operator]
+    except CdpfsError as exc:
+        log.error("mount failed: %s", exc)
+        _try_write(w, f"error: {exc}".encode())
+        code = 1
+    except BaseException:
+        log.exception("mount process failed")
+        _try_write(w, b"error: mount process failed (see the log)")
+        code = 1
+    logging.shutdown()
+    os._exit(code)
+
+
+def _try_write(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount(mountpoint: Path) -> None:
+    """Flush everything to the store and unmount MOUNTPOINT."""
+    from cdpfs.mount.control import unmount
+
+    unmount(mountpoint)
+    click.echo(f"unmounted {mountpoint}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store: Path) -> None:
+    """Rehash every block and check every reference of every version."""
+    from cdpfs.verify import verify as run_verify
+
+    st = Store(store, readonly=True)
+    try:
+        problems = run_verify(st, progress=lambda msg: log.info(msg))
+    finally:
+        st.close()
+    for line in problems:
+        click.echo(line)
+    if problems:
+        click.echo(f"cdpfs: verify: {len(problems)} problem(s) found in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: ok")
+
+
+if __name__ == "__main__":
+    main()
