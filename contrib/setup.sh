@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything cdpfs and its tests need on a fresh Debian machine (as root):
+# FUSE 3, build tools for pyfuse3, the applications the test suite runs on a
+# mount, and a virtualenv in .venv holding cdpfs itself. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+      sqlite3 git rsync tar xz-utils attr util-linux postgresql stress-ng)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "setup: ready (.venv/bin/cdpfs)"
