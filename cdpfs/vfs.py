@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from .engine import Engine
-from .errors import FsError
+from .errors import CorruptBlock, FsError
 from .mutate import Mutator
 from .schema import U64, Inode
 from .store import Store
@@ -245,7 +245,25 @@ class FileSystem:
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
         node = self._attr(h.ino)
-        return self.view.read(h.ino, off, size, node.size)
+        try:
+            return self.view.read(h.ino, off, size, node.size)
+        except CorruptBlock as exc:
+            log.error("I/O error reading %s (inode %d) at offset %d: %s",
+                      self.path_of(h.ino), h.ino, off, exc)
+            raise FsError(errno.EIO, str(exc)) from None
+
+    def path_of(self, ino: int) -> str:
+        """A path of ``ino`` for messages (a search: use only on rare paths)."""
+        todo = [(1, b"")]
+        while todo:
+            parent, path = todo.pop()
+            for name, child in self.view.listdir(parent):
+                if child == ino:
+                    return (path + b"/" + name).decode(errors="replace")
+                node = self.view.inode(child)
+                if node is not None and node.is_dir:
+                    todo.append((child, path + b"/" + name))
+        return f"<unlinked inode {ino}>"
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handle(fh)

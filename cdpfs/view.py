@@ -7,14 +7,18 @@ sequence number; every lookup seeks to the newest version <= that number.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lmdb
 
-from .errors import CorruptBlock
+from . import journal
+from .errors import CorruptBlock, FsError
 from .schema import (
     MAX_SEQ,
+    ROOT_INO,
     U64,
     Extent,
     Inode,
@@ -57,6 +61,25 @@ class View:
         return cur.value()
 
     # --- inodes and names -------------------------------------------------------
+
+    def resolve(self, path: str | bytes, follow: bool = False) -> int:
+        """The inode of ``path`` (relative to the volume root) in this view."""
+        raw = path.encode() if isinstance(path, str) else path
+        ino = ROOT_INO
+        for part in (p for p in raw.split(b"/") if p and p != b"."):
+            child = self.lookup(ino, part)
+            if child is None:
+                raise FsError(errno.ENOENT, f"{raw.decode(errors='replace')}: no such file "
+                                            f"at seq {self.seq}")
+            ino = child
+        return ino
+
+    def read_file(self, path: str | bytes) -> bytes:
+        """The whole content of the regular file at ``path``."""
+        ino = self.resolve(path)
+        node = self.inode(ino)
+        assert node is not None
+        return self.read(ino, 0, node.size, node.size)
 
     def inode(self, ino: int) -> Inode | None:
         raw = self._newest("inodes", inode_prefix(ino))
@@ -152,9 +175,8 @@ class View:
         try:
             return self.store.get_block(self.txn, digest)
         except CorruptBlock as exc:
-            log.error("corrupt data in inode %d block %d (offset %d): %s",
-                      ino, index, index * self.store.block_size, exc)
-            raise
+            raise CorruptBlock(digest, f"{exc} (file block {index}, offset "
+                                       f"{index * self.store.block_size})") from None
 
     def read(self, ino: int, off: int, size: int, file_size: int) -> bytes:
         end = min(off + size, file_size)
@@ -182,3 +204,19 @@ class View:
             index = U64.unpack_from(key, 8)[0]
             yield index
             index += 1
+
+
+@contextmanager
+def open_view(store: Store, *, seq: int | None = None, time_ns: int | None = None,
+              ) -> Iterator[View]:
+    """A read-only view of the volume as of ``seq``, or as of a time (ns since epoch).
+
+    With neither, the newest committed state. The view holds a read
+    transaction until the ``with`` block ends.
+    """
+    with store.env.begin() as txn:
+        if time_ns is not None:
+            seq = journal.seq_at(txn, store.db, time_ns)
+            if seq == 0:
+                raise FsError(errno.ENOENT, "the volume did not exist yet at that time")
+        yield View(store, txn, MAX_SEQ if seq is None else seq)

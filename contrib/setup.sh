@@ -22,5 +22,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+# A real (not editable) install: what users get, and what import-linter can read.
+.venv/bin/python -m pip install -q --force-reinstall --no-deps . >/dev/null
+.venv/bin/python -m pip install -q '.[test]'
 echo "setup: ready (.venv/bin/cdpfs)"

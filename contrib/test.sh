@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
 .venv/bin/ruff check .
-.venv/bin/lint-imports
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+(cd /tmp && "$OLDPWD/.venv/bin/lint-imports" --config "$OLDPWD/pyproject.toml")
+exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import Volume
 
 HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from cdpfs.mount.control import find_mount, holder_pid
 
-CLI = [sys.executable, "-m", "cdpfs.tools.cli"]
+# The installed console script, beside the interpreter running the tests (not
+# ``python -m``, which would put the checkout's cdpfs/ ahead of the installed package).
+CLI = [str(Path(sys.executable).parent / "cdpfs")]
 
 
 def cdpfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 300,
