@@ -53,3 +53,21 @@ def decode(stored: bytes | memoryview, key: bytes) -> bytes:
     if digest(data) != key:
         raise CorruptBlock(key)
     return data
+
+
+# A pack holds many small writes one after the other, stored as
+# tag + blake3(plaintext) + payload (raw or zstd).
+
+
+def encode_pack(data: bytes | bytearray, level: int = DEFAULT_LEVEL) -> bytes:
+    stored = encode(bytes(data), level)
+    return stored[:1] + digest(data) + stored[1:]
+
+
+def decode_pack(stored: bytes | memoryview, pack: int) -> bytes:
+    """The plaintext of a stored pack, checked whole against its hash."""
+    key = bytes(stored[1 : 1 + HASH_LEN])
+    try:
+        return decode(bytes(stored[:1]) + bytes(stored[1 + HASH_LEN :]), key)
+    except CorruptBlock as exc:
+        raise CorruptBlock(key, f"pack {pack} is corrupt: {exc}") from None

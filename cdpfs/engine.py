@@ -56,6 +56,7 @@ class Engine:
         self._free_checked = 0.0
         self._free = 0
         self._rebase: list[Callable[[lmdb.Transaction], None]] = []
+        self._before_commit: list[Callable[[], None]] = []
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="cdpfs-store", daemon=True)
         self._broken: BaseException | None = None
@@ -75,6 +76,10 @@ class Engine:
     def on_txn(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Call ``fn(txn)`` (on the store thread) whenever a new writer txn begins."""
         self._rebase.append(fn)
+
+    def before_commit(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (on the store thread, in the writer txn) before each commit."""
+        self._before_commit.append(fn)
 
     # --- calling in ------------------------------------------------------------
 
@@ -195,6 +200,8 @@ class Engine:
         txn, self.txn = self.txn, None
         self._dirty = 0
         try:
+            for fn in self._before_commit:
+                fn()
             txn.commit()
         except lmdb.Error as exc:
             self._broken = exc

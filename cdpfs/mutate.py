@@ -5,8 +5,10 @@ in a nested transaction, checks its preconditions, makes versioned puts at a
 fresh sequence number and appends the journal record that lists them, so an
 operation is applied whole or not at all. Block-map policy lives here too: a
 write that covers a block stores the whole block (FULL); a small write is
-stored on its own as a PATCH over the older versions, until the chain of
-patches grows past a bound and the block is rewritten whole (compaction).
+stored as a PATCH over the older versions, its bytes appended to the open
+*pack* (small writes side by side, so a 4 KiB write costs 4 KiB, not a page
+or a block), until the chain of patches grows past a bound and the block is
+rewritten whole (compaction). Call ``seal()`` before committing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from . import journal
+from . import codec, journal
 from .errors import FsError
 from .journal import Record
 from .schema import (
@@ -93,6 +95,8 @@ class Mutator:
         self.max_patches = 64
         self.max_patch_bytes = 2 * self.bs
         self.stored_bytes = 0
+        self.pack_id: int | None = None
+        self.pack_buf = bytearray()
         self.rebase(base)
 
     def rebase(self, base: lmdb.Transaction) -> None:
@@ -101,6 +105,9 @@ class Mutator:
         self.last_seq, self.last_ts = journal.last(base, self.store.db)
         raw = base.get(b"next_ino", db=self.store.db["meta"])
         self.next_ino = int(raw) if raw else ROOT_INO + 1
+        raw = base.get(b"next_pack", db=self.store.db["meta"])
+        self.next_pack = int(raw) if raw else 1
+        self.pack_id = None
 
     @property
     def view(self) -> View:
@@ -111,17 +118,24 @@ class Mutator:
         child = self.store.env.begin(write=True, parent=self.base)
         self.txn = child
         op = Op(self, self.last_seq + 1, max(time.time_ns(), self.last_ts))
-        next_ino = self.next_ino
+        next_ino, next_pack = self.next_ino, self.next_pack
+        pack = (self.pack_id, self.pack_buf, len(self.pack_buf))
         try:
             result = body(op)
             changes = [(t, p, v) for (t, p), v in op.changes.items()]
             journal.append(child, self.store.db, Record(op.seq, op.ts, name, op.ino, args, changes))
+            meta = self.store.db["meta"]
             if self.next_ino != next_ino:
-                child.put(b"next_ino", str(self.next_ino).encode(), db=self.store.db["meta"])
+                child.put(b"next_ino", str(self.next_ino).encode(), db=meta)
+            if self.next_pack != next_pack:
+                child.put(b"next_pack", str(self.next_pack).encode(), db=meta)
             child.commit()
         except BaseException:
             child.abort()
-            self.next_ino = next_ino
+            self.next_ino, self.next_pack = next_ino, next_pack
+            self.pack_id, self.pack_buf = pack[0], pack[1]
+            del self.pack_buf[pack[2] :]
+            self.store.open_pack = (self.pack_id or 0, self.pack_buf)
             raise
         finally:
             self.txn = self.base
@@ -391,6 +405,26 @@ class Mutator:
 
         return self.run("write", {"off": off, "len": len(data)}, body)
 
+    def _append_piece(self, piece: bytes | memoryview) -> tuple[int, int]:
+        """Add a small write to the open pack; return (pack, offset in pack)."""
+        if self.pack_id is not None and len(self.pack_buf) + len(piece) > self.bs:
+            self.seal()
+        if self.pack_id is None:
+            self.pack_id, self.pack_buf = self.next_pack, bytearray()
+            self.next_pack += 1
+            self.store.open_pack = (self.pack_id, self.pack_buf)
+        off = len(self.pack_buf)
+        self.pack_buf += piece
+        return self.pack_id, off
+
+    def seal(self) -> None:
+        """Hash and compress the open pack; it takes no more writes."""
+        if self.pack_id is not None:
+            self.stored_bytes += self.store.put_pack(self.txn, self.pack_id, self.pack_buf)
+            self.pack_id = None
+            self.pack_buf = bytearray()
+            self.store.open_pack = (0, self.pack_buf)
+
     def _store(self, data: bytes | memoryview) -> bytes:
         key, added = self.store.put_block(self.txn, data)
         self.stored_bytes += added
@@ -419,7 +453,8 @@ class Mutator:
             if chain and boff < existing:  # zeros over data; past EOF they are implied
                 op.put(T_EXTENT, prefix, zero(boff, n))
         else:
-            op.put(T_EXTENT, prefix, patch(boff, self._store(piece), n))
+            pack, pack_off = self._append_piece(piece)
+            op.put(T_EXTENT, prefix, patch(boff, codec.digest(piece), n, pack, pack_off))
 
     def _truncate(self, op: Op, ino: int, old: int, new: int) -> None:
         """Make every byte past ``new`` read as zeros should the file grow again."""
@@ -449,4 +484,5 @@ def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SI
             op.inode(ROOT_INO, Inode(stat.S_IFDIR | 0o755, 0, 0, 2, 0, op.ts, op.ts, op.ts))
 
         m.run("init", {}, body)
+        m.seal()
     return store

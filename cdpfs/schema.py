@@ -113,12 +113,13 @@ def xattr_prefix(ino: int, name: bytes) -> bytes:
 
 # --- extents: ino(8) + block index(8) + inv(seq) -> extent value -------------
 # FULL  b"F" + hash(32) + len(4): the block is these bytes, zeros after len
-# PATCH b"P" + off(4) + len(4) + hash(32): these bytes laid over older versions
+# PATCH b"P" + off(4) + len(4) + hash(32) + pack(8) + pack_off(4): these bytes,
+#       kept at pack_off in pack ``pack`` and checked by hash, laid over older versions
 # ZERO  b"Z" + off(4) + len(4): zeros laid over older versions (punch, truncate)
 # HOLE  b"H": the whole block reads as zeros (sparse, truncated away)
 
 _FULL = struct.Struct(">32sI")
-_PATCH = struct.Struct(">II32s")
+_PATCH = struct.Struct(">II32sQI")
 _ZERO = struct.Struct(">II")
 
 
@@ -130,8 +131,8 @@ def full(digest: bytes, length: int) -> bytes:
     return b"F" + _FULL.pack(digest, length)
 
 
-def patch(off: int, digest: bytes, length: int) -> bytes:
-    return b"P" + _PATCH.pack(off, length, digest)
+def patch(off: int, digest: bytes, length: int, pack: int, pack_off: int) -> bytes:
+    return b"P" + _PATCH.pack(off, length, digest, pack, pack_off)
 
 
 def zero(off: int, length: int) -> bytes:
@@ -149,6 +150,8 @@ class Extent:
     off: int
     length: int
     digest: bytes
+    pack: int = 0
+    pack_off: int = 0
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> Extent:
@@ -157,8 +160,8 @@ class Extent:
             digest, length = _FULL.unpack_from(raw, 1)
             return cls(kind, 0, length, digest)
         if kind == "P":
-            off, length, digest = _PATCH.unpack_from(raw, 1)
-            return cls(kind, off, length, digest)
+            off, length, digest, pack, pack_off = _PATCH.unpack_from(raw, 1)
+            return cls(kind, off, length, digest, pack, pack_off)
         if kind == "Z":
             off, length = _ZERO.unpack_from(raw, 1)
             return cls(kind, off, length, b"")

@@ -19,6 +19,7 @@ import lmdb
 
 from . import codec
 from .errors import CorruptBlock, StoreError, StoreLocked
+from .schema import u64
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ DEFAULT_BLOCK_SIZE = 128 * 1024
 MIN_MAP = 1 << 30
 DB_NAMES = (
     b"meta", b"blocks", b"journal", b"timeidx",
-    b"inodes", b"dirents", b"extents", b"xattrs", b"orphans",
+    b"inodes", b"dirents", b"extents", b"xattrs", b"orphans", b"packs",
 )
 LOCK_NAME = "cdpfs.lock"
 
@@ -90,6 +91,9 @@ class Store:
             self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
             self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
         self.cache = BlockCache()
+        # The pack the writer is filling: in memory until sealed, which happens
+        # before every commit, so no committed extent ever points into it.
+        self.open_pack: tuple[int, bytearray] = (0, bytearray())
 
     def _open_env(self, map_size: int) -> lmdb.Environment:
         try:
@@ -202,6 +206,35 @@ class Store:
         data = codec.decode(stored, key)
         self.cache.put(key, data)
         return data
+
+    # --- packs: small writes side by side (see mutate.Mutator._append_piece) -----
+
+    def put_pack(self, txn: lmdb.Transaction, pack: int, data: bytes | bytearray) -> int:
+        """Store a full or final pack, hashed and compressed; return bytes stored."""
+        value = codec.encode_pack(data)
+        txn.put(u64(pack), value, db=self.db["packs"])
+        return len(value)
+
+    def get_piece(self, txn: lmdb.Transaction, pack: int, off: int, length: int,
+                  digest: bytes) -> bytes:
+        """A small write kept in a pack, checked against its hash."""
+        if pack == self.open_pack[0]:
+            data: bytes | bytearray = self.open_pack[1]
+        else:
+            key = b"pack" + u64(pack)
+            cached = self.cache.get(key)
+            if cached is None:
+                stored = txn.get(u64(pack), db=self.db["packs"])
+                if stored is None:
+                    raise CorruptBlock(digest, f"pack {pack} is missing from the store")
+                cached = codec.decode_pack(stored, pack)
+                self.cache.put(key, cached)
+            data = cached
+        piece = bytes(data[off : off + length])
+        if codec.digest(piece) != digest:
+            raise CorruptBlock(digest, f"piece {digest.hex()} in pack {pack} is corrupt "
+                                       "(hash mismatch)")
+        return piece
 
     def get_meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
         return txn.get(key, db=self.db["meta"])

@@ -23,6 +23,11 @@ def _check_blocks(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
             codec.decode(stored, key)
         except CorruptBlock as exc:
             yield f"corrupt block: {exc}"
+    for key, stored in txn.cursor(db=store.db["packs"]):
+        try:
+            codec.decode_pack(stored, U64.unpack(key)[0])
+        except CorruptBlock as exc:
+            yield f"corrupt pack: {exc}"
 
 
 def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[str]:
@@ -46,10 +51,15 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
     blocks = store.db["blocks"]
     for key, value in txn.cursor(db=store.db["extents"]):
         ext = Extent.unpack(value)
-        if ext.kind in "FP" and txn.get(ext.digest, db=blocks) is None:
-            ino, index = U64.unpack_from(key, 0)[0], U64.unpack_from(key, 8)[0]
-            yield (f"missing block {ext.digest.hex()}: inode {ino} block {index} "
-                   f"at seq {seq_of(key)}")
+        where = (f"inode {U64.unpack_from(key, 0)[0]} block {U64.unpack_from(key, 8)[0]} "
+                 f"at seq {seq_of(key)}")
+        if ext.kind == "F" and txn.get(ext.digest, db=blocks) is None:
+            yield f"missing block {ext.digest.hex()}: {where}"
+        elif ext.kind == "P":
+            try:
+                store.get_piece(txn, ext.pack, ext.pack_off, ext.length, ext.digest)
+            except CorruptBlock as exc:
+                yield f"bad piece: {exc}: {where}"
 
     for key, value in txn.cursor(db=store.db["dirents"]):
         if not value:

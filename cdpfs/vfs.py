@@ -65,6 +65,7 @@ class FileSystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         engine.on_txn(self._rebase)
+        engine.before_commit(lambda: self.m.seal())
 
     def _rebase(self, txn: lmdb.Transaction) -> None:
         if self.mutator is None:

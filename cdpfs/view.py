@@ -167,7 +167,7 @@ class View:
             if ext.kind == "Z":
                 buf[a - lo : b - lo] = bytes(b - a)
             else:
-                data = self._block(ino, index, ext.digest)
+                data = self._piece(index, ext)
                 buf[a - lo : b - lo] = data[a - ext.off : b - ext.off]
         return bytes(buf)
 
@@ -177,6 +177,13 @@ class View:
         except CorruptBlock as exc:
             raise CorruptBlock(digest, f"{exc} (file block {index}, offset "
                                        f"{index * self.store.block_size})") from None
+
+    def _piece(self, index: int, ext: Extent) -> bytes:
+        try:
+            return self.store.get_piece(self.txn, ext.pack, ext.pack_off, ext.length, ext.digest)
+        except CorruptBlock as exc:
+            raise CorruptBlock(ext.digest, f"{exc} (file block {index}, offset "
+                                           f"{index * self.store.block_size + ext.off})") from None
 
     def read(self, ino: int, off: int, size: int, file_size: int) -> bytes:
         end = min(off + size, file_size)
