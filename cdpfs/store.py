@@ -82,7 +82,13 @@ class Store:
         self._lock_fd: int | None = None
         size = (self.path / "data.mdb").stat().st_size
         self.env = self._open_env(max(MIN_MAP, _round_up(size * 2)))
-        self.db = {name.decode(): self.env.open_db(name, create=not readonly) for name in DB_NAMES}
+        try:
+            self.db = {name.decode(): self.env.open_db(name, create=not readonly)
+                       for name in DB_NAMES}
+        except lmdb.Error as exc:
+            self.env.close()
+            raise StoreError(f"{self.path}: store is damaged or of another version "
+                             f"(a table is missing: {exc})") from None
         with self.env.begin() as txn:
             fmt = txn.get(b"format", db=self.db["meta"])
             if fmt != FORMAT:
@@ -151,6 +157,20 @@ class Store:
         os.ftruncate(fd, 0)
         os.write(fd, f"{owner} (pid {os.getpid()})\n".encode())
         self._lock_fd = fd
+
+    def holder(self) -> str | None:
+        """Who holds the writer lock now (None when nobody does)."""
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+        return None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

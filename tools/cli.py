@@ -164,5 +164,28 @@ def verify(store: Path) -> None:
     click.echo(f"{store}: ok")
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def status(store: Path) -> None:
+    """Show the state of STORE: journal, objects, space, and whether it is mounted."""
+    import datetime
+
+    from cdpfs.stats import store_stats
+
+    st = Store(store, readonly=True)
+    try:
+        s = store_stats(st)
+        holder = st.holder()
+    finally:
+        st.close()
+    when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
+    click.echo(f"store        {s.path} ({s.uuid})")
+    click.echo(f"in use       {holder or 'no'}")
+    click.echo(f"journal      {s.records} records, last #{s.last_seq} at {when}")
+    click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
+    click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
+               f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
+
+
 if __name__ == "__main__":
     main()

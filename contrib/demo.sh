@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job, end to end on a fresh machine: set up, create a demo volume,
+# mount it, use it like any disk, unmount, remount, verify the store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash contrib/setup.sh
+CDPFS="$PWD/.venv/bin/cdpfs"
+DEMO=${CDPFS_DEMO_DIR:-/var/tmp/cdpfs-demo}
+STORE="$DEMO/store"
+MNT="$DEMO/mnt"
+
+if mountpoint -q "$MNT" 2>/dev/null; then "$CDPFS" umount "$MNT"; fi
+rm -rf "$DEMO"
+mkdir -p "$MNT"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "create a store and mount it"
+"$CDPFS" init "$STORE"
+"$CDPFS" mount "$STORE" "$MNT"
+trap '"$CDPFS" umount "$MNT" 2>/dev/null || true' EXIT
+
+step "use it like any disk"
+echo "hello, cdpfs" > "$MNT/hello.txt"
+mkdir -p "$MNT/docs"
+cp -r /usr/share/doc/git "$MNT/docs/" 2>/dev/null || cp -r /etc/apt "$MNT/docs/"
+dd if=/dev/urandom of="$MNT/random.bin" bs=1M count=16 status=none
+sqlite3 "$MNT/app.db" "create table t(x); insert into t values (1),(2),(3);"
+ls -la "$MNT"
+echo "files: $(find "$MNT" -type f | wc -l), bytes: $(du -sb "$MNT" | cut -f1)"
+sum_before=$(sha256sum "$MNT/random.bin" | cut -d' ' -f1)
+
+step "unmount, mount again: everything is still there"
+"$CDPFS" umount "$MNT"
+"$CDPFS" mount "$STORE" "$MNT"
+cat "$MNT/hello.txt"
+sqlite3 "$MNT/app.db" "select count(*) from t;"
+[ "$(sha256sum "$MNT/random.bin" | cut -d' ' -f1)" = "$sum_before" ] && echo "random.bin: same sha256"
+
+step "every write was journaled"
+"$CDPFS" umount "$MNT"
+trap - EXIT
+"$CDPFS" status "$STORE"
+"$CDPFS" verify "$STORE"
+
+step "mounted again for you at $MNT (unmount with: $CDPFS umount $MNT)"
+"$CDPFS" mount "$STORE" "$MNT"
