@@ -105,7 +105,7 @@ class Store:
         try:
             return lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
-                readonly=self.readonly, max_readers=256, readahead=False,
+                readonly=self.readonly, max_readers=256, readahead=True,
                 metasync=True, sync=True, lock=True,
             )
         except lmdb.Error as exc:

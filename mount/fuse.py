@@ -140,13 +140,15 @@ class FuseOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fh = await self._call(self.fs.open, inode, flags)
-        return pyfuse3.FileInfo(fh=fh)
+        # Every change to live data passes through the kernel, so its page cache
+        # stays valid across opens (changes made behind its back invalidate it).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         fh, entry = await self._call(self.fs.create, parent_inode, name, mode, flags,
                                      ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh), self._entry(entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(entry)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._call(self.fs.read, fh, off, size)

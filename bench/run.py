@@ -1,0 +1,1143 @@
+"""The cdpfs benchmark suite: every workload on cdpfs, a Python pass-through and the disk.
+
+One command runs each workload, in the same invocation, on
+
+* **cdpfs**: a fresh store mounted with ``cdpfs mount`` (background daemon);
+* **passthrough**: ``bench/passthrough.py``, a minimal pyfuse3 + trio pass-through
+  with the same kernel-cache settings as cdpfs: the ceiling of a Python FUSE fs;
+* **native**: a plain directory on the same filesystem as the store,
+
+and prints one table: the figure of each target, the cdpfs/passthrough and
+cdpfs/native speed ratios, the store growth of cdpfs (LMDB used bytes added per
+byte written; history is kept) and the performance targets with PASS/MISS.
+
+Workloads (all data is generated or read before timing starts):
+
+* sequential write of ``--size-mb`` (1 MiB writes, fsync at the end), then a cold
+  read (unmount, drop the page cache, mount) and a warm read, in MB/s, for
+  compressible text (Python sources, each 4 KiB stamped with a counter so no two
+  blocks dedupe) and incompressible ``os.urandom`` data;
+* random 4 KiB writes into a preallocated file, fsync every 256 writes, in MB/s;
+* creation of many 4 KiB files in one directory, then a sync, in files/s;
+* ``tar -xf`` of the Python standard library sources, then a sync, in s and MB/s;
+* the compressor ceiling: ``cdpfs.codec.encode`` alone on 128 KiB blocks of the
+  same text, one thread (cdpfs compresses on its single store thread).
+
+Usage: ``python bench/run.py [--quick] [--size-mb N] [--markdown FILE]``
+(root needed: FUSE mounts and ``/proc/sys/vm/drop_caches``). Every mount made
+here is unmounted on the way out, also on errors and SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdpfs import codec
+from cdpfs.store import Store
+
+log = logging.getLogger(__name__)
+
+KiB = 1 << 10
+MiB = 1 << 20
+MB = 1e6  # throughput is reported in MB/s (10^6 bytes per second)
+IO_SIZE = MiB  # sequential read/write request size
+SMALL = 4 * KiB  # random write and small file size
+BLOCK = 128 * KiB  # cdpfs block size (checked against the store after init)
+STAMP = 16  # bytes of counter stamped at the head of each 4 KiB of text
+BENCH_DIR = Path(__file__).resolve().parent
+PASSTHROUGH = BENCH_DIR / "passthrough.py"
+STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+WORKLOADS = ("zstd", "seq-text", "seq-random", "rand", "files", "tar")
+BACKENDS = ("cdpfs", "passthrough", "native")
+
+
+class BenchError(Exception):
+    """A workload failed or read back wrong data."""
+
+
+# --- configuration and inputs ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """What to run and how big."""
+
+    size: int  # bytes of each sequential file
+    files: int  # number of small files
+    rand_file: int  # size of the preallocated random-write file
+    rand_writes: int  # number of random 4 KiB writes
+    rand_sync_every: int  # fsync after this many random writes
+    repeat: int  # runs per workload and target; the best is reported
+    tar_excludes: tuple[str, ...]  # tar --exclude patterns for the stdlib tree
+    base: Path  # directory for the temporary work directory
+    workloads: tuple[str, ...]
+    backends: tuple[str, ...]
+    verify: bool
+    keep: bool
+    profile_dir: Path | None
+    quick: bool
+
+
+@dataclass
+class Inputs:
+    """Data generated before any timing."""
+
+    text: bytes = b""
+    rand: bytes = b""
+    rand_src: bytes = b""  # payload of the random 4 KiB writes
+    rand_offsets: list[int] = field(default_factory=list)
+    corpus_bytes: int = 0
+    corpus_files: int = 0
+    tar: Path | None = None
+    tar_files: int = 0
+    tar_bytes: int = 0
+
+
+def make_text(size: int) -> tuple[bytes, int, int]:
+    """``size`` bytes of real Python source, each 4 KiB led by a 16-byte counter stamp.
+
+    The sources are streamed in order; the stamps make every 4 KiB (hence every
+    block) unique, so nothing dedupes although the corpus repeats.
+    Returns (data, corpus bytes, corpus files).
+    """
+    paths = sorted(p for p in STDLIB.rglob("*.py")
+                   if "site-packages" not in p.parts and p.is_file())
+    corpus = b"".join(p.read_bytes() for p in paths)
+    body = SMALL - STAMP
+    ring = corpus + corpus[:body]
+    out = bytearray(size)
+    pos = 0
+    for i in range(size // SMALL):
+        o = i * SMALL
+        out[o : o + STAMP] = b"#%014d\n" % i
+        out[o + STAMP : o + SMALL] = ring[pos : pos + body]
+        pos = (pos + body) % len(corpus)
+    tail = size % SMALL
+    if tail:
+        out[size - tail :] = ring[:tail]
+    return bytes(out), len(corpus), len(paths)
+
+
+def make_tar(dest: Path, excludes: tuple[str, ...]) -> tuple[int, int]:
+    """Tar the stdlib sources into ``dest``; return (regular files, their bytes)."""
+    cmd = ["tar", "-cf", str(dest), "-C", str(STDLIB.parent)]
+    cmd += [f"--exclude={e}" for e in excludes]
+    cmd.append(STDLIB.name)
+    subprocess.run(cmd, check=True)
+    files = nbytes = 0
+    with tarfile.open(dest) as tf:
+        for m in tf:
+            if m.isreg():
+                files += 1
+                nbytes += m.size
+    return files, nbytes
+
+
+# --- system helpers ----------------------------------------------------------------------
+
+def is_mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type /proc/mounts gives for the mount holding ``path``."""
+    path = path.resolve()
+    best, kind = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fstype, *_ = line.split()
+            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) \
+                    and len(mnt) >= len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache; False if not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        log.warning("cannot drop the page cache (%s): cold reads are not cold", exc)
+        return False
+    return True
+
+
+def sync_dir(path: Path) -> None:
+    """Make a tree durable: fsync its directory (cdpfs commits) and sync(2) the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.sync()
+
+
+def lazy_unmount(path: Path) -> None:
+    if is_mounted(path):
+        log.warning("lazy unmount of %s", path)
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+def git_version() -> str:
+    """The commit of the cdpfs checkout, and whether its code has uncommitted changes."""
+    repo = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h %cs"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "cdpfs", "mount"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown version"
+    return f"commit {head}" + (" + uncommitted changes in cdpfs/ or mount/" if dirty else "")
+
+
+def cdpfs_command() -> str:
+    exe = Path(sys.executable).with_name("cdpfs")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("cdpfs")
+    if found is None:
+        raise BenchError("the cdpfs command is not installed")
+    return found
+
+
+# --- the three targets -------------------------------------------------------------------
+
+class Backend:
+    """A place to run workloads; ``start`` makes ``root`` usable, ``stop`` flushes it."""
+
+    name = ""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.root = work
+        self.running = False
+
+    def setup(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def reset(self) -> None:
+        """Start over with an empty volume (stopped backends only)."""
+
+    def used_bytes(self) -> int | None:
+        """Store size (stopped backends only); None when there is no store."""
+        return None
+
+    def pid(self) -> int | None:
+        return None
+
+    def cleanup(self) -> None:
+        """Last-resort teardown: never raises, leaves nothing mounted."""
+        with contextlib.suppress(Exception):
+            if self.running:
+                self.stop()
+
+
+class Native(Backend):
+    name = "native"
+
+    def setup(self) -> None:
+        self.root = self.work / "native"
+        self.root.mkdir()
+
+    def stop(self) -> None:
+        os.sync()
+        self.running = False
+
+    def reset(self) -> None:
+        shutil.rmtree(self.root)
+        self.root.mkdir()
+
+
+class PassthroughFs(Backend):
+    name = "passthrough"
+
+    def setup(self) -> None:
+        self.backing = self.work / "pt-backing"
+        self.root = self.work / "pt-mnt"
+        self.logfile = self.work / "passthrough.log"
+        self.backing.mkdir()
+        self.root.mkdir()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        deadline = time.monotonic() + 20
+        while not is_mounted(self.root):
+            if self.proc.poll() is not None:
+                raise BenchError(f"passthrough exited with {self.proc.returncode}; "
+                                 f"see {self.logfile}")
+            if time.monotonic() > deadline:
+                raise BenchError("passthrough did not mount in 20 s")
+            time.sleep(0.02)
+        self.running = True
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        self.running = False
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                log.error("passthrough pid %d did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        lazy_unmount(self.root)
+
+    def reset(self) -> None:
+        shutil.rmtree(self.backing)
+        self.backing.mkdir()
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        with contextlib.suppress(Exception):
+            lazy_unmount(self.root)
+
+
+class Cdpfs(Backend):
+    name = "cdpfs"
+
+    def setup(self) -> None:
+        self.store = self.work / "cdpfs-store"
+        self.root = self.work / "cdpfs-mnt"
+        self.root.mkdir()
+        self.cmd = cdpfs_command()
+        self.reset()
+
+    def reset(self) -> None:
+        if self.store.exists():
+            shutil.rmtree(self.store)
+        subprocess.run([self.cmd, "init", str(self.store)], check=True,
+                       stdout=subprocess.DEVNULL)
+        s = Store(self.store, readonly=True)
+        try:
+            if s.block_size != BLOCK:
+                log.warning("store block size is %d, the bench assumes %d", s.block_size, BLOCK)
+        finally:
+            s.close()
+
+    def start(self) -> None:
+        r = subprocess.run([self.cmd, "mount", str(self.store), str(self.root)],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or not is_mounted(self.root):
+            raise BenchError(f"cdpfs mount failed ({r.returncode}): {r.stderr.strip()}")
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+        r = subprocess.run([self.cmd, "umount", str(self.root)], capture_output=True, text=True)
+        if r.returncode != 0:
+            lazy_unmount(self.root)
+            raise BenchError(f"cdpfs umount failed ({r.returncode}): {r.stderr.strip()}")
+
+    def used_bytes(self) -> int:
+        s = Store(self.store, readonly=True)
+        try:
+            return s.used_bytes()
+        finally:
+            s.close()
+
+    def pid(self) -> int | None:
+        """The mount daemon's pid, from the lock file ("... (pid N)")."""
+        try:
+            text = (self.store / "cdpfs.lock").read_text()
+        except OSError:
+            return None
+        if "(pid " not in text:
+            return None
+        return int(text.rsplit("(pid ", 1)[1].split(")")[0])
+
+    def cleanup(self) -> None:
+        if is_mounted(self.root):
+            with contextlib.suppress(Exception):
+                subprocess.run([self.cmd, "umount", str(self.root)], timeout=300, check=False)
+        with contextlib.suppress(Exception):
+            lazy_unmount(self.root)
+        self.running = False
+
+
+# --- the I/O of the workloads ------------------------------------------------------------
+
+def write_all(fd: int, mv: memoryview) -> None:
+    while mv:
+        mv = mv[os.write(fd, mv):]
+
+
+def seq_write(path: Path, data: bytes) -> float:
+    """Write ``data`` in 1 MiB requests, fsync, close; return seconds."""
+    mv = memoryview(data)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, len(data), IO_SIZE):
+            write_all(fd, mv[off : off + IO_SIZE])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def seq_read(path: Path, size: int) -> float:
+    """Read the file in 1 MiB requests; return seconds."""
+    buf = bytearray(IO_SIZE)
+    total = 0
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    if total != size:
+        raise BenchError(f"{path}: read {total} bytes, expected {size}")
+    return dt
+
+
+def verify_file(path: Path, expected: bytes | bytearray) -> None:
+    """Raise BenchError unless ``path`` holds exactly ``expected``."""
+    mv = memoryview(expected)
+    buf = bytearray(IO_SIZE)
+    off = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if buf[:n] != mv[off : off + n]:
+                bad = next(i for i in range(n) if buf[i] != mv[off + i])
+                raise BenchError(f"{path}: wrong data at offset {off + bad}")
+            off += n
+    if off != len(expected):
+        raise BenchError(f"{path}: size {off}, expected {len(expected)}")
+
+
+def random_writes(path: Path, offsets: list[int], src: bytes, sync_every: int) -> float:
+    """pwrite 4 KiB of ``src`` at each offset, fsync every ``sync_every``; return seconds."""
+    mv = memoryview(src)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i, off in enumerate(offsets):
+            os.pwrite(fd, mv[i * SMALL : (i + 1) * SMALL], off)
+            if (i + 1) % sync_every == 0:
+                os.fsync(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def small_file(text: bytes, i: int) -> bytes:
+    n = len(text) // SMALL
+    j = i % n
+    return text[j * SMALL : (j + 1) * SMALL]
+
+
+def create_files(dirpath: Path, n: int, text: bytes) -> float:
+    """Create ``n`` 4 KiB files in ``dirpath``, then sync; return seconds."""
+    os.mkdir(dirpath)
+    d = str(dirpath)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    t0 = time.perf_counter()
+    for i in range(n):
+        fd = os.open(os.path.join(d, f"f{i:06d}"), flags, 0o644)
+        try:
+            write_all(fd, memoryview(small_file(text, i)))
+        finally:
+            os.close(fd)
+    sync_dir(dirpath)
+    return time.perf_counter() - t0
+
+
+def verify_files(dirpath: Path, n: int, text: bytes) -> None:
+    names = os.listdir(dirpath)
+    if len(names) != n:
+        raise BenchError(f"{dirpath}: {len(names)} files listed, expected {n}")
+    for i in range(n):
+        p = dirpath / f"f{i:06d}"
+        if p.read_bytes() != small_file(text, i):
+            raise BenchError(f"{p}: wrong content")
+
+
+def extract_tar(tar: Path, dest: Path) -> float:
+    """``tar -xf`` into ``dest`` (created), then sync; return seconds."""
+    os.mkdir(dest)
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
+    sync_dir(dest)
+    return time.perf_counter() - t0
+
+
+def verify_tar(tar: Path, dest: Path) -> None:
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            p = dest / m.name
+            if m.isreg():
+                src = tf.extractfile(m)
+                assert src is not None
+                if p.read_bytes() != src.read():
+                    raise BenchError(f"{p}: content differs from the archive")
+            elif m.issym():
+                if os.readlink(p) != m.linkname:
+                    raise BenchError(f"{p}: symlink target differs")
+            elif m.isdir() and not p.is_dir():
+                raise BenchError(f"{p}: directory missing")
+
+
+def compressor_ceiling(data: bytes) -> tuple[float, float, float]:
+    """Single-thread ``codec.encode`` on 128 KiB blocks of ``data``.
+
+    Returns (encode seconds, stored/raw size ratio, digest+encode seconds).
+    """
+    mv = memoryview(data)
+    stored = 0
+    t0 = time.perf_counter()
+    for off in range(0, len(data), BLOCK):
+        stored += len(codec.encode(mv[off : off + BLOCK]))
+    t_enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for off in range(0, len(data), BLOCK):
+        block = mv[off : off + BLOCK]
+        codec.digest(block)
+        codec.encode(block)
+    t_both = time.perf_counter() - t0
+    return t_enc, stored / len(data), t_both
+
+
+# --- results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """cdpfs must reach ``minimum`` × the ``ref`` figure (a backend name or "zstd")."""
+
+    ref: str
+    minimum: float
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    workload: str
+    data: str
+    unit: str
+    values: dict[str, float] = field(default_factory=dict)
+    higher_better: bool = True
+    growth: float | None = None
+    target: Target | None = None
+    ref_value: float | None = None  # the zstd ceiling, for a "zstd" target
+    note: str = ""
+
+    def speed_ratio(self, other: str) -> float | None:
+        a, b = self.values.get("cdpfs"), self.values.get(other)
+        if a is None or b is None or a <= 0 or b <= 0:
+            return None
+        return a / b if self.higher_better else b / a
+
+    def target_ratio(self) -> float | None:
+        if self.target is None:
+            return None
+        if self.target.ref == "zstd":
+            a = self.values.get("cdpfs")
+            if a is None or not self.ref_value:
+                return None
+            return a / self.ref_value
+        return self.speed_ratio(self.target.ref)
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        short = {"passthrough": "pt", "native": "native", "zstd": "zstd"}[self.target.ref]
+        r = self.target_ratio()
+        head = f"cdpfs/{short} >= {self.target.minimum:.2f}"
+        if r is None:
+            return f"{head}: n/a"
+        return f"{head}: {'PASS' if r >= self.target.minimum else 'MISS'} ({r:.2f})"
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+HEADER = ("workload", "data", "unit", "cdpfs", "passthrough", "native", "cdpfs/pt",
+          "cdpfs/native", "store growth", "target")
+
+
+def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
+    out = []
+    for r in rows:
+        out.append((r.workload, r.data, r.unit, fmt(r.values.get("cdpfs")),
+                    fmt(r.values.get("passthrough")), fmt(r.values.get("native")),
+                    fmt(r.speed_ratio("passthrough")), fmt(r.speed_ratio("native")),
+                    fmt(r.growth), r.verdict()))
+    return out
+
+
+def text_table(rows: list[Row]) -> str:
+    cells = [HEADER, *table_cells(rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    right = {3, 4, 5, 6, 7, 8}
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append("  ".join(s.rjust(w) if i in right else s.ljust(w)
+                               for i, (s, w) in enumerate(zip(c, widths, strict=True))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |",
+             "|" + "|".join("---:" if i in {3, 4, 5, 6, 7, 8} else "---"
+                            for i in range(len(HEADER))) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
+    return "\n".join(lines)
+
+
+# --- profiling ---------------------------------------------------------------------------
+
+class Profiler:
+    """py-spy on the cdpfs daemon during timed sections (``--profile DIR``)."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        outdir.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("py-spy")
+        self.exe = str(exe) if exe.exists() else shutil.which("py-spy")
+        if self.exe is None:
+            raise BenchError("--profile needs py-spy (pip install py-spy)")
+
+    @contextlib.contextmanager
+    def record(self, pid: int | None, label: str) -> Iterator[None]:
+        if pid is None:
+            yield
+            return
+        raw = self.outdir / f"{label}.txt"
+        proc = subprocess.Popen(
+            [self.exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
+             "--threads", "--nolineno", "--format", "raw", "--output", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let py-spy attach before the clock starts
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if raw.exists():
+                summary = summarize_profile(raw)
+                (self.outdir / f"{label}-top.txt").write_text(summary)
+                log.info("profile of cdpfs during %s:\n%s", label, summary)
+
+
+def summarize_profile(raw: Path, top: int = 15) -> str:
+    """Per thread: samples, and the functions with most self and inclusive samples."""
+    threads: Counter[str] = Counter()
+    self_t: dict[str, Counter[str]] = defaultdict(Counter)
+    incl_t: dict[str, Counter[str]] = defaultdict(Counter)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = next((f for f in frames if f.startswith("thread")), "?")
+        funcs = [f for f in frames if not f.startswith(("thread", "process"))]
+        threads[thread] += n
+        if funcs:
+            self_t[thread][funcs[-1]] += n
+        for f in set(funcs):
+            incl_t[thread][f] += n
+    total = sum(threads.values()) or 1
+    out = [f"{total} samples (on-CPU, 200 Hz)"]
+    for thread, n in threads.most_common():
+        out.append(f"\n{thread}: {n} samples ({100 * n / total:.0f}% of all)")
+        out.append("  self:")
+        for f, c in self_t[thread].most_common(top):
+            out.append(f"    {100 * c / n:5.1f}%  {f}")
+        out.append("  inclusive:")
+        for f, c in incl_t[thread].most_common(top):
+            out.append(f"    {100 * c / n:5.1f}%  {f}")
+    return "\n".join(out) + "\n"
+
+
+# --- the bench ---------------------------------------------------------------------------
+
+class Bench:
+    """Runs the workloads over the backends and collects the rows."""
+
+    def __init__(self, cfg: Config, work: Path) -> None:
+        self.cfg = cfg
+        self.work = work
+        self.inputs = Inputs()
+        self.rows: list[Row] = []
+        self.errors: list[str] = []
+        self.cold_ok = True
+        kinds: dict[str, type[Backend]] = {"cdpfs": Cdpfs, "passthrough": PassthroughFs,
+                                           "native": Native}
+        self.backends = [kinds[name](work) for name in cfg.backends]
+        self.profiler = Profiler(cfg.profile_dir) if cfg.profile_dir else None
+
+    # --- set-up --------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        cfg, inp = self.cfg, self.inputs
+        wl = set(cfg.workloads)
+        t0 = time.perf_counter()
+        if wl & {"zstd", "seq-text", "files"}:
+            inp.text, inp.corpus_bytes, inp.corpus_files = make_text(
+                max(cfg.size, cfg.files * SMALL) if "files" in wl else cfg.size)
+        if wl & {"seq-random", "rand"}:
+            inp.rand = os.urandom(max(cfg.size, cfg.rand_file))
+        if "rand" in wl:
+            inp.rand_src = os.urandom(cfg.rand_writes * SMALL)
+            rng = random.Random(20240601)
+            pages = cfg.rand_file // SMALL
+            inp.rand_offsets = [rng.randrange(pages) * SMALL for _ in range(cfg.rand_writes)]
+        if "tar" in wl:
+            inp.tar = self.work / "stdlib.tar"
+            inp.tar_files, inp.tar_bytes = make_tar(inp.tar, cfg.tar_excludes)
+        log.info("inputs ready in %.1f s", time.perf_counter() - t0)
+        for b in self.backends:
+            b.setup()
+
+    def cleanup(self) -> None:
+        for b in self.backends:
+            b.cleanup()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _cold(self) -> None:
+        self.cold_ok = drop_caches() and self.cold_ok
+
+    @contextlib.contextmanager
+    def _timed_section(self, b: Backend, label: str) -> Iterator[None]:
+        if self.profiler is not None and isinstance(b, Cdpfs):
+            with self.profiler.record(b.pid(), label):
+                yield
+        else:
+            yield
+
+    def _timed(self, b: Backend, label: str, fn: Callable[[], float]) -> float:
+        with self._timed_section(b, label):
+            dt = fn()
+        log.info("%-12s %-22s %8.2f s", b.name, label, dt)
+        return dt
+
+    def _each(self, workload: str, fn: Callable[[Backend], dict[str, float]]
+              ) -> dict[str, dict[str, float]]:
+        """Run ``fn`` on each backend, ``--repeat`` times, each on a fresh empty volume.
+
+        Returns the best figure of each metric per backend (the least disturbed run
+        on a shared machine); seconds ("s") keep the minimum, growth the first run.
+        """
+        runs: dict[str, list[dict[str, float]]] = {b.name: [] for b in self.backends}
+        failed: set[str] = set()
+        for rep in range(self.cfg.repeat):
+            for b in self.backends:
+                if b.name in failed:
+                    continue
+                try:
+                    b.reset()
+                    if self.cfg.repeat > 1:
+                        log.info("%s on %s, run %d of %d", workload, b.name, rep + 1,
+                                 self.cfg.repeat)
+                    runs[b.name].append(fn(b))
+                except Exception as exc:
+                    log.exception("%s on %s failed", workload, b.name)
+                    self.errors.append(f"{workload} on {b.name}: {exc}")
+                    failed.add(b.name)
+                    with contextlib.suppress(Exception):
+                        if b.running:
+                            b.stop()
+        out: dict[str, dict[str, float]] = {}
+        for name, ms in runs.items():
+            best: dict[str, float] = {}
+            for m in ms:
+                for k, v in m.items():
+                    if k not in best:
+                        best[k] = v
+                    elif k == "s":
+                        best[k] = min(best[k], v)
+                    elif k != "growth":
+                        best[k] = max(best[k], v)
+            out[name] = best
+        return out
+
+    def _row(self, res: dict[str, dict[str, float]], metric: str, *, with_growth: bool = True,
+             **kw: Any) -> Row:
+        row = Row(**kw)
+        row.values = {name: m[metric] for name, m in res.items() if metric in m}
+        if with_growth:
+            row.growth = res.get("cdpfs", {}).get("growth")
+        return row
+
+    def _growth(self, b: Backend, before: int | None, written: int) -> dict[str, float]:
+        after = b.used_bytes()
+        if before is None or after is None:
+            return {}
+        log.info("%s store grew by %.1f MiB for %.1f MiB written", b.name,
+                 (after - before) / MiB, written / MiB)
+        return {"growth": (after - before) / written}
+
+    # --- workloads -----------------------------------------------------------------
+
+    def run(self) -> None:
+        for wl in self.cfg.workloads:
+            log.info("=== %s", wl)
+            getattr(self, "wl_" + wl.replace("-", "_"))()
+
+    def wl_zstd(self) -> None:
+        text = self.inputs.text[: self.cfg.size]
+        t_enc, ratio, t_both = compressor_ceiling(text)
+        self.zstd_mbs = len(text) / MB / t_enc
+        self.rows.append(Row("zstd-1 encode ceiling", "text", "MB/s",
+                             {"cdpfs": self.zstd_mbs},
+                             note=f"stored/raw {ratio:.3f}"))
+        self.rows.append(Row("blake3+zstd ceiling", "text", "MB/s",
+                             {"cdpfs": len(text) / MB / t_both}))
+        self.text_ratio = ratio
+        log.info("zstd-1 on text: %.0f MB/s, stored/raw %.3f; with blake3 %.0f MB/s",
+                 self.zstd_mbs, ratio, len(text) / MB / t_both)
+
+    def _seq(self, kind: str, data: bytes) -> None:
+        size = len(data)
+
+        def one(b: Backend) -> dict[str, float]:
+            path = b.root / f"seq-{kind}.bin"
+            before = b.used_bytes()
+            b.start()
+            w = self._timed(b, f"seq-write-{kind}", lambda: seq_write(path, data))
+            b.stop()
+            m = {"write": size / MB / w, **self._growth(b, before, size)}
+            self._cold()
+            b.start()
+            try:
+                m["cold"] = size / MB / self._timed(b, f"seq-read-cold-{kind}",
+                                                    lambda: seq_read(path, size))
+                m["warm"] = size / MB / self._timed(b, f"seq-read-warm-{kind}",
+                                                    lambda: seq_read(path, size))
+                if self.cfg.verify:
+                    verify_file(path, data)
+            finally:
+                b.stop()
+            return m
+
+        res = self._each(f"seq-{kind}", one)
+        mib = f"{size // MiB} MiB"
+        write_target = Target("zstd", 0.6) if kind == "text" else Target("passthrough", 0.6)
+        zstd = getattr(self, "zstd_mbs", None) if kind == "text" else None
+        note = f"1 MiB writes, fsync at end; {mib}"
+        self.rows.append(self._row(res, "write", workload="seq write", data=kind, unit="MB/s",
+                                   target=write_target, ref_value=zstd, note=note))
+        cold_note = "" if self.cold_ok else "page cache NOT dropped"
+        self.rows.append(self._row(res, "cold", workload="seq read cold", data=kind,
+                                   unit="MB/s", with_growth=False,
+                                   target=Target("passthrough", 0.6), note=cold_note))
+        self.rows.append(self._row(res, "warm", workload="seq read warm", data=kind,
+                                   unit="MB/s", with_growth=False))
+
+    def wl_seq_text(self) -> None:
+        self._seq("text", self.inputs.text[: self.cfg.size])
+
+    def wl_seq_random(self) -> None:
+        self._seq("random", self.inputs.rand[: self.cfg.size])
+
+    def wl_rand(self) -> None:
+        cfg, inp = self.cfg, self.inputs
+        base = inp.rand[: cfg.rand_file]
+        written = len(inp.rand_offsets) * SMALL
+
+        def one(b: Backend) -> dict[str, float]:
+            path = b.root / "rand.bin"
+            b.start()
+            try:
+                seq_write(path, base)
+            finally:
+                b.stop()
+            before = b.used_bytes()
+            self._cold()
+            b.start()
+            dt = self._timed(b, "rand-write", lambda: random_writes(
+                path, inp.rand_offsets, inp.rand_src, cfg.rand_sync_every))
+            b.stop()
+            m = {"write": written / MB / dt, "iops": len(inp.rand_offsets) / dt,
+                 **self._growth(b, before, written)}
+            if cfg.verify:
+                expected = bytearray(base)
+                src = memoryview(inp.rand_src)
+                for i, off in enumerate(inp.rand_offsets):
+                    expected[off : off + SMALL] = src[i * SMALL : (i + 1) * SMALL]
+                b.start()
+                try:
+                    verify_file(path, expected)
+                finally:
+                    b.stop()
+            return m
+
+        res = self._each("rand", one)
+        note = (f"{cfg.rand_writes} x 4 KiB into {cfg.rand_file // MiB} MiB, "
+                f"fsync every {cfg.rand_sync_every}")
+        self.rows.append(self._row(res, "write", workload="random 4 KiB write", data="random",
+                                   unit="MB/s", target=Target("passthrough", 0.3), note=note))
+        self.rows.append(self._row(res, "iops", workload="random 4 KiB write", data="random",
+                                   unit="writes/s", with_growth=False))
+
+    def wl_files(self) -> None:
+        cfg, text = self.cfg, self.inputs.text
+
+        def one(b: Backend) -> dict[str, float]:
+            d = b.root / "files"
+            before = b.used_bytes()
+            b.start()
+            dt = self._timed(b, "create-files", lambda: create_files(d, cfg.files, text))
+            b.stop()
+            m = {"rate": cfg.files / dt, **self._growth(b, before, cfg.files * SMALL)}
+            if cfg.verify:
+                b.start()
+                try:
+                    verify_files(d, cfg.files, text)
+                finally:
+                    b.stop()
+            return m
+
+        res = self._each("files", one)
+        self.rows.append(self._row(res, "rate", workload=f"create {cfg.files} 4 KiB files",
+                                   data="text", unit="files/s", target=Target("passthrough", 0.7),
+                                   note="one directory, then fsync(dir) + sync"))
+
+    def wl_tar(self) -> None:
+        inp, cfg = self.inputs, self.cfg
+        assert inp.tar is not None
+        tar = inp.tar
+
+        def one(b: Backend) -> dict[str, float]:
+            d = b.root / "tar"
+            before = b.used_bytes()
+            tar.read_bytes()  # the archive comes from the page cache for every target
+            b.start()
+            dt = self._timed(b, "tar-extract", lambda: extract_tar(tar, d))
+            b.stop()
+            m = {"s": dt, "mbs": inp.tar_bytes / MB / dt,
+                 **self._growth(b, before, inp.tar_bytes)}
+            if cfg.verify:
+                b.start()
+                try:
+                    verify_tar(tar, d)
+                finally:
+                    b.stop()
+            return m
+
+        res = self._each("tar", one)
+        what = f"{inp.tar_files} files, {inp.tar_bytes / MB:.0f} MB"
+        self.rows.append(self._row(res, "s", workload="tar -xf stdlib", data="source",
+                                   unit="s", higher_better=False, note=what))
+        self.rows.append(self._row(res, "mbs", workload="tar -xf stdlib", data="source",
+                                   unit="MB/s", with_growth=False))
+
+    # --- report --------------------------------------------------------------------
+
+    def verdicts(self) -> list[str]:
+        return [f"{r.workload} ({r.data}): {r.verdict()}" for r in self.rows if r.target]
+
+    def description(self) -> str:
+        cfg, inp = self.cfg, self.inputs
+        cpu = "?"
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), "?")
+        lines = [
+            f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+            f"machine: {os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, "
+            f"Python {platform.python_version()}",
+            f"work dir: {self.work} ({fs_type(self.work)})",
+            f"mode: {'--quick' if cfg.quick else 'full'}; seq files {cfg.size // MiB} MiB; "
+            f"{cfg.files} small files; {cfg.rand_writes} random writes into "
+            f"{cfg.rand_file // MiB} MiB; zstd level {codec.DEFAULT_LEVEL}; "
+            f"best of {cfg.repeat} run(s), each on a fresh volume",
+            f"cdpfs: {git_version()}",
+        ]
+        if inp.corpus_bytes:
+            lines.append(f"text: {inp.corpus_files} stdlib .py files ({inp.corpus_bytes / MB:.1f}"
+                         f" MB) streamed, each 4 KiB stamped with a counter"
+                         + (f"; zstd-1 stored/raw {self.text_ratio:.3f} on 128 KiB blocks"
+                            if hasattr(self, "text_ratio") else ""))
+        if inp.tar is not None:
+            lines.append(f"tar: {STDLIB} sources ({inp.tar_files} files, "
+                         f"{inp.tar_bytes / MB:.1f} MB; excluded {', '.join(cfg.tar_excludes)})")
+        if not self.cold_ok:
+            lines.append("WARNING: the page cache could not be dropped; cold reads are warm")
+        return "\n".join(lines)
+
+    def notes(self) -> list[str]:
+        return [f"{r.workload} ({r.data}, {r.unit}): {r.note}" for r in self.rows if r.note]
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="Benchmark cdpfs against a Python pass-through "
+                                "FUSE fs and the native disk.")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a fast check (128 MiB, 2000 files, 4000 writes)")
+    p.add_argument("--size-mb", type=int, help="MiB per sequential file (default 1024)")
+    p.add_argument("--files", type=int, help="number of 4 KiB files (default 10000)")
+    p.add_argument("--rand-writes", type=int, help="random 4 KiB writes (default 20000)")
+    p.add_argument("--rand-file-mb", type=int, help="random-write file MiB (default 256)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each workload N times per target and report the best (default 1)")
+    p.add_argument("--dir", type=Path, default=Path("/var/tmp"),
+                   help="where to make the temporary work directory (not tmpfs)")
+    p.add_argument("--only", help=f"comma list of workloads: {','.join(WORKLOADS)}")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma list of targets (default all: cdpfs,passthrough,native)")
+    p.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy the cdpfs daemon during timed sections (perturbs figures)")
+    p.add_argument("--no-verify", action="store_true", help="skip reading data back")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    workloads = tuple(a.only.split(",")) if a.only else WORKLOADS
+    backends = tuple(a.backends.split(","))
+    for w in workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}")
+    for b in backends:
+        if b not in BACKENDS:
+            p.error(f"unknown backend {b!r}")
+    if "seq-text" in workloads and "zstd" not in workloads:
+        workloads = ("zstd", *workloads)  # the compressible write target needs the ceiling
+    excludes = ("python3.11/site-packages", "__pycache__", "python3.11/config-*")
+    if a.quick:
+        excludes += ("python3.11/test",)
+    excludes = tuple(e.replace("python3.11", STDLIB.name) for e in excludes)
+    size = (a.size_mb or (128 if a.quick else 1024)) * MiB
+    rand_file = (a.rand_file_mb or (64 if a.quick else 256)) * MiB
+    cfg = Config(
+        size=size,
+        files=a.files or (2000 if a.quick else 10000),
+        rand_file=rand_file,
+        rand_writes=a.rand_writes or (4000 if a.quick else 20000),
+        rand_sync_every=256,
+        repeat=max(1, a.repeat),
+        tar_excludes=excludes,
+        base=a.dir,
+        workloads=tuple(w for w in WORKLOADS if w in workloads),
+        backends=tuple(b for b in BACKENDS if b in backends),
+        verify=not a.no_verify,
+        keep=a.keep,
+        profile_dir=a.profile.resolve() if a.profile else None,
+        quick=a.quick,
+    )
+    return cfg, a
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if os.geteuid() != 0:
+        log.warning("not root: dropping the page cache will fail")
+    if fs_type(cfg.base) in ("tmpfs", "ramfs"):
+        log.warning("%s is on %s: figures will not reflect a disk", cfg.base, fs_type(cfg.base))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    work = Path(tempfile.mkdtemp(prefix="cdpfs-bench-", dir=cfg.base)).resolve()
+    log.info("work directory %s", work)
+    bench = Bench(cfg, work)
+    try:
+        bench.prepare()
+        bench.run()
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        bench.errors.append("interrupted")
+    except Exception as exc:
+        log.exception("bench failed")
+        bench.errors.append(f"bench failed: {exc}")
+    finally:
+        bench.cleanup()
+        if cfg.keep:
+            log.info("kept %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report(bench, args.markdown)
+    return 1 if bench.errors else 0
+
+
+def report(bench: Bench, markdown: Path | None) -> None:
+    desc = bench.description()
+    print()
+    print(desc)
+    print()
+    print(text_table(bench.rows))
+    print()
+    print("ratios are speed ratios (1.00 = as fast); store growth = LMDB used bytes added "
+          "per byte written")
+    for n in bench.notes():
+        print(f"  {n}")
+    print()
+    print("targets:")
+    for v in bench.verdicts():
+        print(f"  {v}")
+    if bench.errors:
+        print()
+        print("ERRORS:")
+        for e in bench.errors:
+            print(f"  {e}")
+    if markdown is not None:
+        md = ["```", desc, "```", "", markdown_table(bench.rows), "",
+              "Ratios are speed ratios (1.00 = as fast as the other target). Store growth is "
+              "the LMDB used size added per byte written.", ""]
+        md += [f"- {n}" for n in bench.notes()]
+        md += ["", "Targets:", ""] + [f"- {v}" for v in bench.verdicts()]
+        if bench.errors:
+            md += ["", "Errors:", ""] + [f"- {e}" for e in bench.errors]
+        markdown.write_text("\n".join(md) + "\n")
+        log.info("markdown table written to %s", markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
