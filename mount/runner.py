@@ -45,8 +45,16 @@ def set_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
     With 128 KiB only one read request is in flight at a time and sequential
     reads wait on every round trip; a wider window keeps several in flight.
     """
-    dev = os.stat(mountpoint).st_dev
-    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    # Not os.stat(mountpoint): that would ask this very process, not yet serving.
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                dev = fields[2]
+    if dev is None:
+        return
+    knob = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
     try:
         knob.write_text(str(kb))
     except OSError as exc:  # not root, or no sysfs: correct, only slower
@@ -76,10 +84,9 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
             engine.call_sync(fs.recover, durable=True)
             ops = FuseOperations(fs, engine)
             pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
-            set_readahead(mountpoint)
             try:
                 log.info("mounted %s on %s", store.path, mountpoint)
-                trio.run(_serve, ready)
+                trio.run(_serve, ready, mountpoint)
             finally:
                 pyfuse3.close(unmount=True)
         finally:
@@ -89,13 +96,21 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
         store.close()
 
 
-async def _serve(ready: Callable[[], None] | None) -> None:
+async def _serve(ready: Callable[[], None] | None, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_tune_after_init, mountpoint)
         if ready is not None:
             ready()
         await pyfuse3.main(min_tasks=4, max_tasks=32)
         nursery.cancel_scope.cancel()
+
+
+async def _tune_after_init(mountpoint: Path) -> None:
+    # The kernel resets readahead when the FUSE INIT reply arrives, which is
+    # sent once pyfuse3.main() runs: set it after that.
+    await trio.sleep(0.2)
+    await trio.to_thread.run_sync(set_readahead, mountpoint)
 
 
 async def _stop_on_signal() -> None:
