@@ -77,7 +77,15 @@ class FuseOperations(pyfuse3.Operations):
     # --- names ------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self._entry(await self._call(self.fs.lookup, parent_inode, name))
+        try:
+            return self._entry(await self._call(self.fs.lookup, parent_inode, name))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+            negative.st_ino = 0
+            negative.entry_timeout = TIMEOUT
+            return negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         await self._call(self.fs.forget, list(inode_list))
