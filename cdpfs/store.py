@@ -29,6 +29,7 @@ MIN_MAP = 1 << 30
 DB_NAMES = (
     b"meta", b"blocks", b"journal", b"timeidx",
     b"inodes", b"dirents", b"extents", b"xattrs", b"orphans", b"packs",
+    b"bookmarks", b"replicas",  # used by time travel and replication
 )
 LOCK_NAME = "cdpfs.lock"
 
