@@ -212,6 +212,8 @@ class FileSystem:
         return self.view.xattrs(ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if name.startswith(b"system.posix_acl_"):  # stored but not enforced would mislead
+            raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
         self.engine.need_space(len(value) + 4096)
         self.m.setxattr(ino, name, value, flags)
         self._changed(len(value))
