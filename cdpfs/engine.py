@@ -51,7 +51,7 @@ class Engine:
         self.reserve = reserve
         self.txn: lmdb.Transaction | None = None
         self.commits = 0
-        self._dirty = 0
+        self._dirty = 0  # bytes applied since the last commit (0: nothing to commit)
         self._dirty_since = 0.0
         self._free_checked = 0.0
         self._free = 0
@@ -130,9 +130,10 @@ class Engine:
                 raise NoSpace(f"{self.store.path}: not enough free disk space for the store")
 
     def note_dirty(self, nbytes: int) -> None:
+        """Record that an operation changed the writer transaction (``nbytes`` > 0)."""
         if self._dirty == 0:
             self._dirty_since = time.monotonic()
-        self._dirty += nbytes
+        self._dirty += max(1, nbytes)
 
     # --- the thread ------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class Engine:
         stopping = False
         while not stopping:
             timeout = None
-            if self.txn is not None:
+            if self._dirty:
                 timeout = max(0.0, self._dirty_since + self.interval - time.monotonic())
             try:
                 item = self._q.get(timeout=timeout)
@@ -165,8 +166,10 @@ class Engine:
                 else:
                     done(result)
             due = self._dirty >= self.max_dirty or (
-                self.txn is not None and time.monotonic() - self._dirty_since >= self.interval)
-            if waiting or due or stopping:
+                self._dirty and time.monotonic() - self._dirty_since >= self.interval)
+            if waiting or due or stopping or not self._dirty:
+                # Without changes the commit only ends the transaction (no sync),
+                # so an idle mount never holds LMDB's writer lock.
                 err = self._commit_logged()
                 for done, result in waiting:
                     done(outcome.Error(err) if err else result)
@@ -198,7 +201,7 @@ class Engine:
         if self.txn is None:
             return
         txn, self.txn = self.txn, None
-        self._dirty = 0
+        dirty, self._dirty = self._dirty, 0
         try:
             for fn in self._before_commit:
                 fn()
@@ -207,8 +210,9 @@ class Engine:
             self._broken = exc
             log.critical("commit to %s failed, uncommitted changes lost: %s", self.store.path, exc)
             raise CdpfsError(f"commit failed: {exc}") from exc
-        self.commits += 1
-        self.store.grow_if_needed(4 * self.max_dirty)
+        if dirty:
+            self.commits += 1
+            self.store.grow_if_needed(4 * self.max_dirty)
 
     def _commit_logged(self) -> BaseException | None:
         try:
