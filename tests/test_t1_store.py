@@ -28,9 +28,9 @@ BS = 128 * 1024
 class Live:
     """A store with its engine and filesystem layer running, as a mount has them."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, **engine_options: int) -> None:
         self.store = init_volume(path)
-        self.engine = Engine(self.store)
+        self.engine = Engine(self.store, **engine_options)
         self.fs = FileSystem(self.store, self.engine)
         self.engine.start()
 
@@ -218,3 +218,24 @@ def test_kinds_of_nodes(live: Live) -> None:
         live(live.fs.mknod, 1, b"dir", stat.S_IFREG | 0o644, 0, 0)
     with pytest.raises(FsError):
         live(live.fs.mknod, 1, b"x" * 256, stat.S_IFREG | 0o644, 0, 0)
+
+
+def test_map_grows_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start with a tiny LMDB map: writing far more than it holds just works."""
+    import cdpfs.store
+
+    monkeypatch.setattr(cdpfs.store, "MIN_MAP", 1 << 20)
+    vol = Live(tmp_path / "small", max_dirty=1 << 20)
+    try:
+        start = vol.store.env.info()["map_size"]
+        fh, ino = vol.create(b"big")
+        data = b"".join(os.urandom(BS) for _ in range(160))  # 20 MiB
+        for off in range(0, len(data), 1 << 20):
+            vol(vol.fs.write, fh, off, data[off : off + (1 << 20)])
+        vol.sync()
+        assert vol.store.used_bytes() > start / 2
+        assert vol.store.env.info()["map_size"] > start
+        with open_view(vol.store) as view:
+            assert view.read(ino, 0, len(data), len(data)) == data
+    finally:
+        vol.close()
