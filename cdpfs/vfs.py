@@ -118,8 +118,6 @@ class FileSystem:
     def lookup(self, parent: int, name: bytes) -> Entry:
         ino = self.view.lookup(parent, name)
         if ino is None:
-            if self.view.inode(parent) is None:
-                raise FsError(errno.ENOENT)
             raise FsError(errno.ENOENT)
         entry = Entry(ino, self._attr(ino))
         self._lookups[ino] += 1
