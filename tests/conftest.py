@@ -18,8 +18,8 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
     if not HAVE_FUSE:
         pytest.skip("needs /dev/fuse and root")
     vol = Volume(tmp_path).init()
-    vol.mount()
     try:
+        vol.mount()
         yield vol
     finally:
         if os.path.ismount(vol.mnt):
