@@ -14,7 +14,7 @@ HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
-    """A fresh store, mounted; unmounted (and verified) afterwards."""
+    """A fresh store, mounted; afterwards unmounted, verified, its log free of errors."""
     if not HAVE_FUSE:
         pytest.skip("needs /dev/fuse and root")
     vol = Volume(tmp_path).init()
@@ -30,6 +30,10 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
         else:
             vol.cleanup()
     vol.verify()
+    log = vol.store / "cdpfs.log"
+    bad = [line for line in (log.read_text().splitlines() if log.exists() else [])
+           if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+    assert not bad, "the mount logged errors:\n" + "\n".join(bad)
 
 
 @pytest.fixture
