@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cdpfs.errors import CdpfsError
+from cdpfs.errors import CdpfsError, StoreLocked
 from cdpfs.store import Store
 
 log = logging.getLogger("cdpfs")
@@ -79,7 +79,11 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
     store = store.resolve()
-    Store(store, readonly=True).close()  # clear errors before forking: not a store ...
+    probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
+    holder = probe.holder()
+    probe.close()
+    if holder:
+        raise StoreLocked(f"{store}: store is in use by {holder}")
     check_mountpoint(mountpoint)
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))
