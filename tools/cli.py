@@ -79,12 +79,12 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
     store = store.resolve()
+    check_mountpoint(mountpoint)
     probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
     holder = probe.holder()
     probe.close()
     if holder:
         raise StoreLocked(f"{store}: store is in use by {holder}")
-    check_mountpoint(mountpoint)
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))
         mount_store(store, mountpoint, allow_other=allow_other)
