@@ -79,10 +79,10 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
     store = store.resolve()
-    check_mountpoint(mountpoint)
     probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
     holder = probe.holder()
     probe.close()
+    check_mountpoint(mountpoint)
     if holder:
         raise StoreLocked(f"{store}: store is in use by {holder}")
     if foreground:
