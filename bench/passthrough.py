@@ -3,8 +3,9 @@
 It mirrors a backing directory with plain ``os.*`` calls (file handles are real
 file descriptors, inode numbers are the backing files' own, mapped to paths)
 and runs with exactly the kernel-cache settings of the cdpfs mount (see
-``mount/fuse.py`` and ``mount/runner.py``): writeback cache, 5 s entry and
-attribute timeouts, ``default_permissions,noatime``, and
+``mount/fuse.py`` and ``mount/runner.py``, whose constants it imports): writeback
+cache, 5 s entry and attribute timeouts, negative lookups cached as long, page
+cache kept across opens, 1 MiB readahead, ``default_permissions,noatime``, and
 ``pyfuse3.main(min_tasks=4, max_tasks=32)``. Whatever cdpfs adds on top of this
 (journal, hashing, compression, LMDB) is its own cost; the bench compares the two.
 
@@ -24,14 +25,19 @@ import stat
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+from cdpfs.mount import fuse as cdpfs_fuse
+from cdpfs.mount import runner as cdpfs_runner
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 5.0  # kernel entry and attribute cache, seconds: the same as cdpfs
+# The kernel-cache settings of cdpfs, taken from its mount code when it has them.
+TIMEOUT: float = getattr(cdpfs_fuse, "TIMEOUT", 5.0)  # entry/attr/negative cache, s
+READ_AHEAD_KB: int | None = getattr(cdpfs_runner, "READ_AHEAD_KB", None)
 MIN_TASKS = 4
 MAX_TASKS = 32
 T = TypeVar("T")
@@ -125,7 +131,15 @@ class Passthrough(pyfuse3.Operations):
     # --- names ------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self._entry(os.path.join(self._path(parent_inode), name))
+        try:
+            return self._entry(os.path.join(self._path(parent_inode), name))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+            negative.st_ino = 0
+            negative.entry_timeout = TIMEOUT
+            return negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -206,7 +220,7 @@ class Passthrough(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fd = _oserror(os.open, self._path(inode), self._fix_flags(flags) & ~os.O_CREAT)
-        return pyfuse3.FileInfo(fh=fd)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
@@ -219,7 +233,7 @@ class Passthrough(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return pyfuse3.FileInfo(fh=fd), self._attrs(self._remember(path, st), st)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._attrs(self._remember(path, st), st)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return _oserror(os.pread, fh, size, off)
@@ -290,9 +304,34 @@ def fuse_options() -> set[str]:
     return {"fsname=passthrough", "subtype=passthrough", "default_permissions", "noatime"}
 
 
-async def _serve() -> None:
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Set the readahead of the mount's backing device info, as cdpfs does."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                dev = fields[2]
+    if dev is None:
+        log.warning("%s not in mountinfo: readahead left as it is", mountpoint)
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:
+        log.warning("cannot set readahead of %s: %s", mountpoint, exc)
+
+
+async def _tune_after_init(mountpoint: Path) -> None:
+    # The kernel resets readahead when FUSE INIT is answered (once main() runs).
+    if READ_AHEAD_KB:
+        await trio.sleep(0.2)
+        await trio.to_thread.run_sync(set_readahead, mountpoint, READ_AHEAD_KB)
+
+
+async def _serve(mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_tune_after_init, mountpoint)
         await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
 
@@ -308,13 +347,14 @@ async def _stop_on_signal() -> None:
 def serve(backing: str, mountpoint: str) -> None:
     """Mount the pass-through of ``backing`` on ``mountpoint`` and serve until unmounted."""
     source = os.fsencode(os.path.realpath(backing))
+    mnt = Path(mountpoint).resolve()
     if not os.path.isdir(source):
         raise SystemExit(f"{backing}: not a directory")
     ops = Passthrough(source)
-    pyfuse3.init(ops, mountpoint, fuse_options())
+    pyfuse3.init(ops, str(mnt), fuse_options())
     try:
         log.info("pass-through of %s mounted on %s", backing, mountpoint)
-        trio.run(_serve)
+        trio.run(_serve, mnt)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)

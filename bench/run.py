@@ -92,6 +92,7 @@ class Config:
     verify: bool
     keep: bool
     profile_dir: Path | None
+    profile_mode: str
     quick: bool
 
 
@@ -153,7 +154,17 @@ def make_tar(dest: Path, excludes: tuple[str, ...]) -> tuple[int, int]:
 # --- system helpers ----------------------------------------------------------------------
 
 def is_mounted(path: Path) -> bool:
-    return os.path.ismount(path)
+    """Whether something is mounted on ``path`` (also a dead FUSE mount, which
+    ``os.path.ismount`` misses because stat fails with ENOTCONN)."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4]
+            if "\\" in mnt:  # octal escapes such as \040 for a space
+                mnt = mnt.encode().decode("unicode_escape")
+            if mnt == target:
+                return True
+    return False
 
 
 def fs_type(path: Path) -> str:
@@ -167,6 +178,33 @@ def fs_type(path: Path) -> str:
                     and len(mnt) >= len(best):
                 best, kind = mnt, fstype
     return kind
+
+
+def bdi_readahead(mountpoint: Path) -> Path | None:
+    """The read_ahead_kb knob of the mount on ``mountpoint``."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                return Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb")
+    return None
+
+
+def settle_readahead(mountpoint: Path, timeout: float = 2.0) -> int | None:
+    """Wait until the FUSE daemon has widened the mount's readahead; return it (KiB).
+
+    Both daemons set it a moment after FUSE INIT; a file opened before that
+    would keep the kernel's default 128 KiB window for its whole life.
+    """
+    knob = bdi_readahead(mountpoint)
+    if knob is None:
+        return None
+    deadline = time.monotonic() + timeout
+    kb = int(knob.read_text())
+    while kb == 128 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        kb = int(knob.read_text())
+    return kb
 
 
 def drop_caches() -> bool:
@@ -232,6 +270,7 @@ class Backend:
         self.work = work
         self.root = work
         self.running = False
+        self.readahead_kb: int | None = None
 
     def setup(self) -> None:
         pass
@@ -287,6 +326,7 @@ class PassthroughFs(Backend):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        lazy_unmount(self.root)  # a dead mount left by a crashed daemon
         with open(self.logfile, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root)],
@@ -300,6 +340,7 @@ class PassthroughFs(Backend):
                 raise BenchError("passthrough did not mount in 20 s")
             time.sleep(0.02)
         self.running = True
+        self.readahead_kb = settle_readahead(self.root)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -351,11 +392,13 @@ class Cdpfs(Backend):
             s.close()
 
     def start(self) -> None:
+        lazy_unmount(self.root)  # a dead mount left by a crashed daemon
         r = subprocess.run([self.cmd, "mount", str(self.store), str(self.root)],
                            capture_output=True, text=True)
         if r.returncode != 0 or not is_mounted(self.root):
             raise BenchError(f"cdpfs mount failed ({r.returncode}): {r.stderr.strip()}")
         self.running = True
+        self.readahead_kb = settle_readahead(self.root)
 
     def stop(self) -> None:
         self.running = False
@@ -634,11 +677,23 @@ def markdown_table(rows: list[Row]) -> str:
 
 # --- profiling ---------------------------------------------------------------------------
 
-class Profiler:
-    """py-spy on the cdpfs daemon during timed sections (``--profile DIR``)."""
+PROFILE_MODES = {
+    "wall": ["--idle"],  # every sample, waiting included: where the wall-clock time goes
+    "cpu": [],  # py-spy's default: threads it does not see as idle
+    "gil": ["--gil"],  # only the thread holding the GIL: where Python CPU time goes
+}
 
-    def __init__(self, outdir: Path) -> None:
+
+class Profiler:
+    """py-spy on the cdpfs daemon during timed sections (``--profile DIR``).
+
+    Each section leaves DIR/LABEL.txt (py-spy raw, collapsed stacks) and
+    DIR/LABEL-top.txt (per thread: top functions by self and inclusive samples).
+    """
+
+    def __init__(self, outdir: Path, mode: str = "wall") -> None:
         self.outdir = outdir
+        self.mode = mode
         outdir.mkdir(parents=True, exist_ok=True)
         exe = Path(sys.executable).with_name("py-spy")
         self.exe = str(exe) if exe.exists() else shutil.which("py-spy")
@@ -653,7 +708,8 @@ class Profiler:
         raw = self.outdir / f"{label}.txt"
         proc = subprocess.Popen(
             [self.exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
-             "--threads", "--nolineno", "--format", "raw", "--output", str(raw)],
+             "--threads", "--nolineno", "--format", "raw", "--output", str(raw),
+             *PROFILE_MODES[self.mode]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let py-spy attach before the clock starts
         try:
@@ -666,12 +722,12 @@ class Profiler:
                 proc.kill()
                 proc.wait()
             if raw.exists():
-                summary = summarize_profile(raw)
+                summary = summarize_profile(raw, mode=self.mode)
                 (self.outdir / f"{label}-top.txt").write_text(summary)
                 log.info("profile of cdpfs during %s:\n%s", label, summary)
 
 
-def summarize_profile(raw: Path, top: int = 15) -> str:
+def summarize_profile(raw: Path, top: int = 15, mode: str = "wall") -> str:
     """Per thread: samples, and the functions with most self and inclusive samples."""
     threads: Counter[str] = Counter()
     self_t: dict[str, Counter[str]] = defaultdict(Counter)
@@ -690,7 +746,7 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
         for f in set(funcs):
             incl_t[thread][f] += n
     total = sum(threads.values()) or 1
-    out = [f"{total} samples (on-CPU, 200 Hz)"]
+    out = [f"{total} samples ({mode} mode, 200 Hz)"]
     for thread, n in threads.most_common():
         out.append(f"\n{thread}: {n} samples ({100 * n / total:.0f}% of all)")
         out.append("  self:")
@@ -717,7 +773,8 @@ class Bench:
         kinds: dict[str, type[Backend]] = {"cdpfs": Cdpfs, "passthrough": PassthroughFs,
                                            "native": Native}
         self.backends = [kinds[name](work) for name in cfg.backends]
-        self.profiler = Profiler(cfg.profile_dir) if cfg.profile_dir else None
+        self.profiler = (Profiler(cfg.profile_dir, cfg.profile_mode) if cfg.profile_dir
+                         else None)
 
     # --- set-up --------------------------------------------------------------------
 
@@ -998,6 +1055,9 @@ class Bench:
             f"best of {cfg.repeat} run(s), each on a fresh volume",
             f"cdpfs: {git_version()}",
         ]
+        ra = [f"{b.name} {b.readahead_kb} KiB" for b in self.backends if b.readahead_kb]
+        if ra:
+            lines.append("FUSE readahead: " + ", ".join(ra))
         if inp.corpus_bytes:
             lines.append(f"text: {inp.corpus_files} stdlib .py files ({inp.corpus_bytes / MB:.1f}"
                          f" MB) streamed, each 4 KiB stamped with a counter"
@@ -1033,6 +1093,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy the cdpfs daemon during timed sections (perturbs figures)")
+    p.add_argument("--profile-mode", choices=sorted(PROFILE_MODES), default="wall",
+                   help="wall: all samples incl. waiting (default); cpu: py-spy default; "
+                   "gil: only the GIL holder")
     p.add_argument("--no-verify", action="store_true", help="skip reading data back")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -1067,6 +1130,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         verify=not a.no_verify,
         keep=a.keep,
         profile_dir=a.profile.resolve() if a.profile else None,
+        profile_mode=a.profile_mode,
         quick=a.quick,
     )
     return cfg, a
