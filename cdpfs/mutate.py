@@ -54,6 +54,16 @@ XATTR_REPLACE = 2
 ENOATTR = errno.ENODATA
 
 
+def _now() -> int:
+    """The coarse wall clock, as Linux filesystems stamp files: with the kernel's
+    writeback cache, a finer mtime than the kernel's own clock makes it send an
+    extra SETATTR on every close."""
+    return time.clock_gettime_ns(_COARSE)
+
+
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's number; Python lacks the name
+
+
 class Op:
     """The operation being built: its seq, timestamp and the puts made so far."""
 
@@ -117,7 +127,7 @@ class Mutator:
         """Run ``body`` as one journaled operation, atomically."""
         child = self.store.env.begin(write=True, parent=self.base)
         self.txn = child
-        op = Op(self, self.last_seq + 1, max(time.time_ns(), self.last_ts))
+        op = Op(self, self.last_seq + 1, max(_now(), self.last_ts))
         next_ino, next_pack = self.next_ino, self.next_pack
         pack = (self.pack_id, self.pack_buf, len(self.pack_buf))
         try:
@@ -476,13 +486,19 @@ class Mutator:
 def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE) -> Store:
     """Create a store holding an empty volume: its first record makes the root."""
     store = Store.create(path, block_size=block_size)
-    with store.env.begin(write=True) as txn:
-        m = Mutator(store, txn)
 
-        def body(op: Op) -> None:
-            op.ino = ROOT_INO
-            op.inode(ROOT_INO, Inode(stat.S_IFDIR | 0o755, 0, 0, 2, 0, op.ts, op.ts, op.ts))
+    def body(op: Op) -> None:
+        op.ino = ROOT_INO
+        op.inode(ROOT_INO, Inode(stat.S_IFDIR | 0o755, 0, 0, 2, 0, op.ts, op.ts, op.ts))
 
-        m.run("init", {}, body)
-        m.seal()
+    try:
+        with store.env.begin(write=True) as txn:
+            m = Mutator(store, txn)
+            m.run("init", {}, body)
+            m.seal()
+    except BaseException:
+        store.close()
+        for name in ("data.mdb", "lock.mdb"):  # leave no half-made store behind
+            (store.path / name).unlink(missing_ok=True)
+        raise
     return store

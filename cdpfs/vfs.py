@@ -64,12 +64,17 @@ class FileSystem:
         self._opens: dict[int, int] = defaultdict(int)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # Names of the extended attributes that exist anywhere in the volume (any
+        # version). The kernel asks for security.capability before every write;
+        # a name in no inode is answered without a trip to the store thread.
+        self._xattr_names: set[bytes] = set()
         engine.on_txn(self._rebase)
         engine.before_commit(lambda: self.m.seal())
 
     def _rebase(self, txn: lmdb.Transaction) -> None:
         if self.mutator is None:
             self.mutator = Mutator(self.store, txn)
+            self._xattr_names = set(self.view.xattr_names())
         else:
             self.mutator.rebase(txn)
 
@@ -198,6 +203,10 @@ class FileSystem:
         self._changed()
         return node
 
+    def xattr_absent(self, name: bytes) -> bool:
+        """True when no inode has xattr ``name``; safe to call from any thread."""
+        return self.mutator is not None and name not in self._xattr_names
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._attr(ino)
         value = self.view.xattr(ino, name)
@@ -214,6 +223,7 @@ class FileSystem:
             raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
         self.engine.need_space(len(value) + 4096)
         self.m.setxattr(ino, name, value, flags)
+        self._xattr_names.add(name)
         self._changed(len(value))
 
     def removexattr(self, ino: int, name: bytes) -> None:

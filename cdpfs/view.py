@@ -123,6 +123,16 @@ class View:
         raw = self._newest("xattrs", xattr_prefix(ino, name))
         return bytes(raw[1:]) if raw else None
 
+    def xattr_names(self) -> Iterator[bytes]:
+        """Every xattr name any inode ever had (a scan of the whole table)."""
+        cur = self.txn.cursor(db=self._db["xattrs"])
+        last = None
+        for key in cur.iternext(values=False):
+            name = key[8:-9]
+            if name != last:
+                yield name
+                last = name
+
     def xattrs(self, ino: int) -> list[bytes]:
         return [name for name, _ in self._names("xattrs", U64.pack(ino), None)]
 

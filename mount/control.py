@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,9 +17,15 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
+def canonical(mountpoint: Path) -> str:
+    """The absolute path of ``mountpoint`` without touching it (it may be a dead mount)."""
+    mountpoint = mountpoint.absolute()
+    return os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
+
+
 def find_mount(mountpoint: Path) -> Path | None:
     """The store mounted on ``mountpoint`` by cdpfs, if any."""
-    target = str(mountpoint.resolve()) if mountpoint.exists() else str(mountpoint.absolute())
+    target = canonical(mountpoint)
     with open("/proc/mounts") as f:
         for line in f:
             src, mnt, fstype, *_ = line.split()
@@ -28,10 +35,18 @@ def find_mount(mountpoint: Path) -> Path | None:
 
 
 def holder_pid(store: Path) -> int | None:
+    """The pid of the process holding the store's writer lock, if one holds it now."""
     try:
-        text = (store / LOCK_NAME).read_text()
+        fd = os.open(store / LOCK_NAME, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it: the pid written there is stale
+    except BlockingIOError:
+        text = os.read(fd, 200).decode(errors="replace")
+    finally:
+        os.close(fd)
     if "(pid " not in text:
         return None
     return int(text.rsplit("(pid ", 1)[1].split(")")[0])

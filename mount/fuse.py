@@ -221,6 +221,8 @@ class FuseOperations(pyfuse3.Operations):
         await self._call(self.fs.setxattr, inode, name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if self.fs.xattr_absent(name):  # e.g. security.capability before every write
+            raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._call(self.fs.getxattr, inode, name)
 
     async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:

@@ -63,6 +63,12 @@ def set_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise StoreError(f"{mountpoint}: a dead mount is still there (its process died); "
+                             f"run 'cdpfs umount {mountpoint}' first", errno.EBUSY) from None
     if not mountpoint.is_dir():
         raise StoreError(f"{mountpoint}: mount point does not exist or is not a directory",
                          errno.ENOENT)
@@ -73,8 +79,8 @@ def check_mountpoint(mountpoint: Path) -> None:
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
                 ready: Callable[[], None] | None = None) -> None:
     """Mount ``store_path`` on ``mountpoint`` and serve until unmounted."""
-    mountpoint = mountpoint.resolve()
     check_mountpoint(mountpoint)
+    mountpoint = mountpoint.resolve()
     # Two busy threads (trio, store) hand each request back and forth: a short
     # GIL switch interval keeps that hand-off from waiting the default 5 ms.
     sys.setswitchinterval(0.0002)
@@ -103,18 +109,18 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
 async def _serve(ready: Callable[[], None] | None, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_tune_after_init, mountpoint)
-        if ready is not None:
-            ready()
+        nursery.start_soon(_tune_after_init, mountpoint, ready)
         await pyfuse3.main(min_tasks=4, max_tasks=32)
         nursery.cancel_scope.cancel()
 
 
-async def _tune_after_init(mountpoint: Path) -> None:
+async def _tune_after_init(mountpoint: Path, ready: Callable[[], None] | None) -> None:
     # The kernel resets readahead when the FUSE INIT reply arrives, which is
-    # sent once pyfuse3.main() runs: set it after that.
+    # sent once pyfuse3.main() runs: set it after that, then report ready.
     await trio.sleep(0.2)
     await trio.to_thread.run_sync(set_readahead, mountpoint)
+    if ready is not None:
+        ready()
 
 
 async def _stop_on_signal() -> None:
