@@ -6,6 +6,8 @@ blake3 and zstandard release the GIL, so callers run them off the trio thread.
 
 from __future__ import annotations
 
+import threading
+
 import blake3
 import zstandard
 
@@ -18,8 +20,25 @@ DEFAULT_LEVEL = 1
 
 _TAG_RAW = bytes((RAW,))
 _TAG_ZSTD = bytes((ZSTD,))
-_compressors: dict[int, zstandard.ZstdCompressor] = {}
-_decompressor = zstandard.ZstdDecompressor()
+# zstd (de)compressor objects must not be shared between threads.
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    comps = getattr(_local, "comps", None)
+    if comps is None:
+        comps = _local.comps = {}
+    comp = comps.get(level)
+    if comp is None:
+        comp = comps[level] = zstandard.ZstdCompressor(level=level)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
 
 
 def digest(data: bytes | memoryview) -> bytes:
@@ -29,13 +48,22 @@ def digest(data: bytes | memoryview) -> bytes:
 
 def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
     """Compress ``data`` for storage; keep it raw when zstd does not shrink it."""
-    comp = _compressors.get(level)
-    if comp is None:
-        comp = _compressors[level] = zstandard.ZstdCompressor(level=level)
-    packed = comp.compress(data)
+    packed = _compressor(level).compress(data)
     if len(packed) + 1 < len(data):
         return _TAG_ZSTD + packed
     return _TAG_RAW + data  # one copy: bytes + buffer
+
+
+def prepare(data: bytes, off: int, block_size: int) -> dict[int, tuple[bytes, bytes]]:
+    """Hash and encode ahead, on any thread, each piece of a write at ``off`` that
+    starts on a block boundary: {file offset: (hash, stored form)}."""
+    out = {}
+    mv = memoryview(data)
+    start = (-off) % block_size
+    for pos in range(start, len(data), block_size):
+        piece = mv[pos : pos + block_size]
+        out[off + pos] = (digest(piece), encode(piece))
+    return out
 
 
 def decode(stored: bytes | memoryview, key: bytes) -> bytes:
@@ -45,7 +73,7 @@ def decode(stored: bytes | memoryview, key: bytes) -> bytes:
         if tag == RAW:
             data = bytes(stored[1:])
         elif tag == ZSTD:
-            data = _decompressor.decompress(stored[1:])
+            data = _decompressor().decompress(stored[1:])
         else:
             raise CorruptBlock(key, f"block {key.hex()} has unknown codec tag {tag}")
     except zstandard.ZstdError as exc:

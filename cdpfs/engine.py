@@ -49,6 +49,9 @@ class Engine:
         self.interval = interval
         self.max_dirty = max_dirty
         self.reserve = reserve
+        self.max_posted = 32 << 20
+        self._posted = 0  # bytes posted by trio tasks, not yet applied (trio thread only)
+        self._drained: trio.Event | None = None
         self.txn: lmdb.Transaction | None = None
         self.commits = 0
         self._dirty = 0  # bytes applied since the last commit (0: nothing to commit)
@@ -94,6 +97,35 @@ class Engine:
         self._q.put((fn, args, durable, done))
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
+    async def post(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> None:
+        """Queue ``fn(*args)`` and return at once (write-behind); its errors are the
+        caller's to record. Waits while more than ``max_posted`` bytes are queued."""
+        while self._posted > self.max_posted:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
+        token = trio.lowlevel.current_trio_token()
+        self._posted += nbytes
+
+        def applied() -> None:
+            self._posted -= nbytes
+            if self._drained is not None and self._posted <= self.max_posted // 2:
+                self._drained.set()
+                self._drained = None
+
+        def done(result: outcome.Outcome) -> None:
+            if isinstance(result, outcome.Error):
+                log.error("write-behind %s failed: %s", getattr(fn, "__name__", fn),
+                          result.error)
+            token.run_sync_soon(applied)
+
+        self._q.put((fn, args, False, done))
+
+    @property
+    def posted(self) -> int:
+        """Bytes of write-behind work queued and not yet applied."""
+        return self._posted
+
     def call_sync(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
         """The same from a plain thread (tools, tests)."""
         ready = threading.Event()
@@ -138,6 +170,23 @@ class Engine:
     # --- the thread ------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.txn is not None:  # never leave LMDB's writer lock behind
+                try:
+                    self.commit()
+                except Exception:
+                    log.exception("final commit failed")
+
+    @staticmethod
+    def _reply(done: Done, result: outcome.Outcome) -> None:
+        try:
+            done(result)
+        except Exception:  # the caller is gone (trio run ended): nothing to tell
+            log.debug("reply dropped", exc_info=True)
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             timeout = None
@@ -164,7 +213,7 @@ class Engine:
                 if durable:
                     waiting.append((done, result))
                 else:
-                    done(result)
+                    self._reply(done, result)
             due = self._dirty >= self.max_dirty or (
                 self._dirty and time.monotonic() - self._dirty_since >= self.interval)
             if waiting or due or stopping or not self._dirty:
@@ -172,10 +221,7 @@ class Engine:
                 # so an idle mount never holds LMDB's writer lock.
                 err = self._commit_logged()
                 for done, result in waiting:
-                    done(outcome.Error(err) if err else result)
-        if self.txn is not None:
-            self.txn.abort()
-            self.txn = None
+                    self._reply(done, outcome.Error(err) if err else result)
 
     def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> outcome.Outcome:
         if self._broken is not None:

@@ -393,8 +393,13 @@ class Mutator:
 
     # --- data -----------------------------------------------------------------
 
-    def write(self, ino: int, off: int, data: bytes) -> Inode:
-        """Write ``data`` at ``off``; returns the inode with its new size."""
+    def write(self, ino: int, off: int, data: bytes,
+              prepared: dict[int, tuple[bytes, bytes]] | None = None) -> Inode:
+        """Write ``data`` at ``off``; returns the inode with its new size.
+
+        ``prepared`` holds blocks hashed and encoded ahead (codec.prepare).
+        """
+        ready = prepared or {}
 
         def body(op: Op) -> Inode:
             op.ino = ino
@@ -406,7 +411,7 @@ class Mutator:
             while mv:
                 index, boff = divmod(pos, self.bs)
                 n = min(self.bs - boff, len(mv))
-                self._write_piece(op, ino, index, boff, mv[:n], node.size)
+                self._write_piece(op, ino, index, boff, mv[:n], node.size, ready.get(pos))
                 mv = mv[n:]
                 pos += n
             node = node.with_(size=max(node.size, off + len(data)), mtime=op.ts, ctime=op.ts)
@@ -435,13 +440,14 @@ class Mutator:
             self.pack_buf = bytearray()
             self.store.open_pack = (0, self.pack_buf)
 
-    def _store(self, data: bytes | memoryview) -> bytes:
-        key, added = self.store.put_block(self.txn, data)
+    def _store(self, data: bytes | memoryview,
+               prepared: tuple[bytes, bytes] | None = None) -> bytes:
+        key, added = self.store.put_block(self.txn, data, prepared)
         self.stored_bytes += added
         return key
 
     def _write_piece(self, op: Op, ino: int, index: int, boff: int, piece: memoryview,
-                     size: int) -> None:
+                     size: int, prepared: tuple[bytes, bytes] | None = None) -> None:
         prefix = extent_prefix(ino, index)
         n = len(piece)
         existing = min(self.bs, max(0, size - index * self.bs))
@@ -449,7 +455,7 @@ class Mutator:
             if piece == self._zeros[:n]:
                 op.put(T_EXTENT, prefix, HOLE)
             else:
-                op.put(T_EXTENT, prefix, full(self._store(piece), n))
+                op.put(T_EXTENT, prefix, full(self._store(piece, prepared), n))
             return
         chain = self.view.chain(ino, index)
         patches = [e for e in chain if not e.is_base]

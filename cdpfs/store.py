@@ -207,12 +207,15 @@ class Store:
     # --- blocks ----------------------------------------------------------------
 
     def put_block(self, txn: lmdb.Transaction, data: bytes | memoryview,
-                  key: bytes | None = None) -> tuple[bytes, int]:
-        """Store ``data`` once under its hash; return (hash, bytes newly stored)."""
-        key = key or codec.digest(data)
+                  prepared: tuple[bytes, bytes] | None = None) -> tuple[bytes, int]:
+        """Store ``data`` once under its hash; return (hash, bytes newly stored).
+
+        ``prepared`` is (hash, stored form) when computed ahead (codec.prepare).
+        """
+        key = prepared[0] if prepared else codec.digest(data)
         if txn.get(key, db=self.db["blocks"]) is not None:
             return key, 0
-        stored = codec.encode(data)
+        stored = prepared[1] if prepared else codec.encode(data)
         txn.put(key, stored, db=self.db["blocks"])
         return key, len(stored)
 

@@ -16,18 +16,22 @@ import os
 import stat
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import lmdb
 
+from . import codec
 from .engine import Engine
-from .errors import CorruptBlock, FsError
+from .errors import CdpfsError, CorruptBlock, FsError
 from .mutate import Mutator
 from .schema import U64, Inode
 from .store import Store
 from .view import View
 
 log = logging.getLogger(__name__)
+
+Prepared = Future[dict[int, tuple[bytes, bytes]]]
 
 
 @dataclass(slots=True)
@@ -64,6 +68,8 @@ class FileSystem:
         self._opens: dict[int, int] = defaultdict(int)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self.write_errors: dict[int, CdpfsError] = {}
+        self._codec = ThreadPoolExecutor(2, thread_name_prefix="cdpfs-codec")
         # Names of the extended attributes that exist anywhere in the volume (any
         # version). The kernel asks for security.capability before every write;
         # a name in no inode is answered without a trip to the store thread.
@@ -276,13 +282,52 @@ class FileSystem:
                     todo.append((child, path + b"/" + name))
         return f"<unlinked inode {ino}>"
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
+    def prepare_write(self, off: int, data: bytes) -> Prepared | None:
+        """Start hashing and compressing the whole blocks of a write on the codec
+        threads (safe to call from any thread); pass the result to ``write``, which
+        waits for it. Both release the GIL, so this runs beside the store thread."""
+        if len(data) < self.store.block_size // 2:
+            return None
+        return self._codec.submit(codec.prepare, data, off, self.store.block_size)
+
+    def write(self, fh: int, off: int, data: bytes, prepared: Prepared | None = None) -> int:
         h = self._handle(fh)
         self.engine.need_space(len(data))
         before = self.m.stored_bytes
-        self.m.write(h.ino, off, data)
+        self.m.write(h.ino, off, data, prepared.result() if prepared else None)
         self._changed(self.m.stored_bytes - before)
         return len(data)
+
+    def may_write_behind(self, fh: int) -> bool:
+        """Whether a write on ``fh`` may be acknowledged before it is applied.
+
+        True for ordinary opens: the kernel's page cache already holds the data,
+        every later request is applied after it, and a failure is reported at
+        the next fsync or close of the file, as on any filesystem with writeback.
+        O_DIRECT and O_SYNC writers wait. Safe to call from any thread.
+        """
+        h = self._handles.get(fh)
+        return h is not None and not h.flags & (os.O_DIRECT | os.O_SYNC | os.O_DSYNC)
+
+    def write_behind(self, fh: int, off: int, data: bytes,
+                     prepared: Prepared | None = None) -> None:
+        """``write`` whose failure is kept for the file's next fsync or close."""
+        try:
+            self.write(fh, off, data, prepared)
+        except CdpfsError as exc:
+            ino = self._handles[fh].ino if fh in self._handles else 0
+            log.error("write of %d bytes at %d to inode %d failed: %s", len(data), off, ino, exc)
+            self.write_errors.setdefault(ino, exc)
+
+    def check_write_errors(self, fh: int) -> None:
+        """Raise (once) a failure of a write-behind on the file of ``fh``."""
+        h = self._handles.get(fh)
+        if h is not None and h.ino in self.write_errors:
+            raise self.write_errors.pop(h.ino)
+
+    def fsync(self, fh: int) -> None:
+        """Run with ``durable=True``: everything before is committed when it returns."""
+        self.check_write_errors(fh)
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)

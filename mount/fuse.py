@@ -162,16 +162,27 @@ class FuseOperations(pyfuse3.Operations):
         return await self._call(self.fs.read, fh, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._call(self.fs.write, fh, off, buf)
+        try:
+            prepared = self.fs.prepare_write(off, buf)  # hashing starts on codec threads
+            if self.fs.may_write_behind(fh):
+                await self.engine.post(self.fs.write_behind, fh, off, buf, prepared,
+                                       nbytes=len(buf))
+                return len(buf)
+        except Exception:
+            log.exception("internal error preparing a write")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return await self._call(self.fs.write, fh, off, buf, prepared)
 
     async def flush(self, fh: int) -> None:
-        pass
+        # close() reports a failed write-behind: wait for queued writes, if any.
+        if self.engine.posted or self.fs.write_errors:
+            await self._call(self.fs.check_write_errors, fh)
 
     async def release(self, fh: int) -> None:
         await self._call(self.fs.release, fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._call(self.fs.sync, durable=True)
+        await self._call(self.fs.fsync, fh, durable=True)
 
     # --- directories --------------------------------------------------------------
 

@@ -96,7 +96,11 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
             pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
             try:
                 log.info("mounted %s on %s", store.path, mountpoint)
-                trio.run(_serve, ready, mountpoint)
+                try:
+                    trio.run(_serve, ready, mountpoint)
+                except BaseException:
+                    log.exception("the FUSE main loop failed")
+                    raise
             finally:
                 pyfuse3.close(unmount=True)
         finally:
