@@ -157,6 +157,7 @@ class Engine:
         needed = 2 * (self._dirty + nbytes) + self.reserve
         if self._free < needed:
             self.commit()
+            self.ensure_txn()  # the caller goes on in a fresh writer transaction
             self._free = self.store.disk_free()
             if self._free < 2 * nbytes + self.reserve:
                 raise NoSpace(f"{self.store.path}: not enough free disk space for the store")

@@ -314,10 +314,11 @@ class FileSystem:
         """``write`` whose failure is kept for the file's next fsync or close."""
         try:
             self.write(fh, off, data, prepared)
-        except CdpfsError as exc:
+        except Exception as exc:  # every failure must reach fsync/close, bugs too
             ino = self._handles[fh].ino if fh in self._handles else 0
             log.error("write of %d bytes at %d to inode %d failed: %s", len(data), off, ino, exc)
-            self.write_errors.setdefault(ino, exc)
+            err = exc if isinstance(exc, CdpfsError) else FsError(errno.EIO, str(exc))
+            self.write_errors.setdefault(ino, err)
 
     def check_write_errors(self, fh: int) -> None:
         """Raise (once) a failure of a write-behind on the file of ``fh``."""

@@ -5,7 +5,7 @@ mix of operations and mirrors each one in a ``bytearray`` model: buffered and
 O_DIRECT writes and reads (O_DIRECT goes straight to the daemon, buffered I/O
 through the kernel's writeback cache), zero writes ("punched holes"),
 truncate/ftruncate down and up, mmap reads, MAP_SHARED writes with msync,
-fsync/fdatasync, dropping the page cache (so reads hit the daemon), close and
+posix_fallocate, fsync/fdatasync, dropping the page cache (so reads hit the daemon), close and
 reopen, size checks and rare sparse excursions far past 4 GiB. Every read is
 compared with the model; a mismatch raises ``AssertionError`` naming the seed,
 the operation number and the last operations, so a run can be replayed.
@@ -75,10 +75,10 @@ class FileExerciser:
         self.open(create=True)
         table: list[tuple[Callable[[], None], int]] = [
             (self.op_write, 24), (self.op_direct_write, 7), (self.op_read, 22),
-            (self.op_direct_read, 6), (self.op_zero, 6), (self.op_truncate, 4),
-            (self.op_ftruncate, 4), (self.op_mmap_read, 4), (self.op_mmap_write, 4),
+            (self.op_direct_read, 6), (self.op_zero, 6), (self.op_truncate, 3),
+            (self.op_ftruncate, 3), (self.op_mmap_read, 3), (self.op_mmap_write, 3),
             (self.op_fsync, 2), (self.op_drop_cache, 2), (self.op_reopen, 2),
-            (self.op_stat, 3),
+            (self.op_stat, 3), (self.op_fallocate, 1),
         ]
         self._ops = [fn for fn, _ in table]
         self._weights = [w for _, w in table]
@@ -128,7 +128,7 @@ class FileExerciser:
             return self.rng.randint(1, 600)
         if r < 0.85:
             return self.rng.randint(601, 64 * KIB)
-        if r < 0.97:
+        if r < 0.98:
             return self.rng.randint(64 * KIB, 300 * KIB)
         return self.rng.randint(300 * KIB, 1 << 20)
 
@@ -255,12 +255,21 @@ class FileExerciser:
         os.ftruncate(self.fd, size)
         self._apply_size(size)
 
+    def op_fallocate(self) -> None:
+        """posix_fallocate: FUSE without fallocate makes glibc write zero bytes per block."""
+        n = self.rng.randint(1, 300 * KIB)
+        off = self._offset(n)
+        self.note(f"posix_fallocate {off}+{n} (size {len(self.model)})")
+        os.posix_fallocate(self.fd, off, n)
+        if off + n > len(self.model):
+            self._apply_size(off + n)
+
     def _map_range(self) -> tuple[int, int] | None:
         size = len(self.model)
         if size == 0:
             return None
         start = self.rng.randrange(0, size) // PAGE * PAGE
-        length = min(size - start, self.rng.randint(1, 512 * KIB))
+        length = min(size - start, self.rng.randint(1, 256 * KIB))
         return start, length
 
     def op_mmap_read(self) -> None:

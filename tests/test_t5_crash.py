@@ -67,10 +67,15 @@ def writer_main(mnt: Path, log_path: Path, state_path: Path, iteration: int, see
 
     contents: dict[str, bytearray] = {}
     names = sorted(state)
+    # Everything is opened relative to the mounted root, never by path: once the
+    # dead mount is detached, a path would lead into the bare directory beneath.
+    root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
 
     def load(name: str) -> bytearray:
         if name not in contents:
-            data = (mnt / name).read_bytes()
+            fd = os.open(name, os.O_RDONLY, dir_fd=root)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
             if sha(data) != state[name]:
                 sys.stderr.write(f"writer: {name} reads back with sha {sha(data)}, "
                                  f"expected {state[name]} (size {len(data)})\n")
@@ -120,7 +125,7 @@ def writer_main(mnt: Path, log_path: Path, state_path: Path, iteration: int, see
             name = f"f{iteration:02d}_{k:03d}"
             k += 1
             log(op="create", name=name)
-            fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=root)
             contents[name] = bytearray()
             names.append(name)
             size, pos = new_size(), 0
@@ -132,7 +137,7 @@ def writer_main(mnt: Path, log_path: Path, state_path: Path, iteration: int, see
         elif r < 0.9:
             name = rng.choice(names)
             buf = load(name)
-            fd = os.open(mnt / name, os.O_WRONLY)
+            fd = os.open(name, os.O_WRONLY, dir_fd=root)
             for _ in range(rng.randint(1, 3)):
                 kind = rng.random()
                 if kind < 0.45:
@@ -251,62 +256,117 @@ def check_after_crash(mnt: Path, states: dict[str, State]) -> dict[str, bytes]:
     return model
 
 
+def mounted(mnt: Path) -> bool:
+    """Whether anything is mounted on ``mnt`` (from /proc/mounts: no stat of a dead mount)."""
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(mnt) for line in f)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_daemon(vol: Volume) -> None:
+    """SIGKILL the mount daemon (the crash) and wait until it is gone.
+
+    The dead mount stays attached (every access fails with ENOTCONN) until
+    ``detach``; the writer must be dead by then, or its next open would land
+    in the bare mount point directory underneath.
+    """
+    pid = vol.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), what="the mount process to die")
+
+
+def detach(mnt: Path) -> None:
+    if mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
 @pytest.mark.slow
 def test_sigkill_during_writes_keeps_fsynced_data(volume: Volume, tmp_path: Path) -> None:
-    master = random.SystemRandom().randrange(2**32)
-    seed = int(os.environ.get("CDPFS_CRASH_SEED", master))
+    seed = int(os.environ.get("CDPFS_CRASH_SEED", random.SystemRandom().randrange(2**32)))
     print(f"crash test seed {seed} (replay with CDPFS_CRASH_SEED={seed})")
     rng = random.Random(seed)
     model: dict[str, bytes] = {}
-    fsyncs_total = 0
-    for it in range(ITERATIONS):
-        log_path = tmp_path / f"intent{it:02d}.log"
-        state_path = tmp_path / f"state{it:02d}.json"
-        state_path.write_text(json.dumps({n: sha(d) for n, d in model.items()}))
-        if not os.path.ismount(volume.mnt):
+    fsyncs_total = in_flight_total = 0
+    try:
+        for it in range(ITERATIONS):
+            log_path = tmp_path / f"intent{it:02d}.log"
+            state_path = tmp_path / f"state{it:02d}.json"
+            state_path.write_text(json.dumps({n: sha(d) for n, d in model.items()}))
+            if not mounted(volume.mnt):
+                volume.mount()
+            how = run_and_crash(volume, rng, it, log_path, state_path)
+            where = f"iteration {it} (seed {seed}, killed {how})"
+            assert not mounted(volume.mnt)
+            leaked = os.listdir(volume.mnt)
+            assert not leaked, f"{where}: files written past the dead mount: {leaked}"
+            records = read_log(log_path)
+            fsyncs = sum(1 for r in records if r["op"] == "fsync")
+            r = cdpfs("verify", volume.store, check=False)
+            assert r.returncode == 0, \
+                f"{where}: the store does not verify after the crash:\n{r.stdout}{r.stderr}"
             volume.mount()
-        wseed = rng.getrandbits(62)
-        proc = subprocess.Popen(
-            [sys.executable, __file__, str(volume.mnt), str(log_path), str(state_path),
-             str(it), str(wseed)], stderr=subprocess.PIPE, text=True)
-        try:
-            wait_until(lambda: log_path.exists() and log_path.stat().st_size > 0,  # noqa: B023
-                       what="the writer to start")
-            if it % 2:  # right after the n-th fsync returned
-                n = rng.randint(1, 6)
-                deadline = time.monotonic() + 10
-                while (log_path.read_bytes().count(b'"fsync"') < n
-                       and time.monotonic() < deadline and proc.poll() is None):
-                    time.sleep(0.001)
-                how = f"after fsync #{n}"
-            else:
-                delay = rng.uniform(0.05, 2.5)
-                time.sleep(delay)
-                how = f"after {delay:.2f}s"
-            assert proc.poll() is None, (
-                f"iteration {it} (seed {seed}): writer failed before the crash:\n"
-                f"{proc.communicate()[1]}")
-            volume.kill()
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-        records = read_log(log_path)
-        fsyncs = sum(1 for r in records if r["op"] == "fsync")
-        fsyncs_total += fsyncs
-        print(f"iteration {it}: killed {how}, {len(records)} log records, {fsyncs} fsyncs")
-        r = cdpfs("verify", volume.store, check=False)
-        assert r.returncode == 0, (f"iteration {it} (seed {seed}): store does not verify "
-                                   f"after the crash:\n{r.stdout}{r.stderr}")
-        volume.mount()
-        states = replay(model, records)
-        try:
-            model = check_after_crash(volume.mnt, states)
-        except AssertionError as exc:
-            raise AssertionError(f"iteration {it} (seed {seed}, killed {how}): {exc}") from None
+            states = replay(model, records)
+            in_flight = sum(1 for st in states.values() if len(st) > 1)
+            try:
+                model = check_after_crash(volume.mnt, states)
+            except AssertionError as exc:
+                raise AssertionError(f"{where}: {exc}") from None
+            fsyncs_total += fsyncs
+            in_flight_total += in_flight
+            print(f"iteration {it}: killed {how}, {len(records)} log records, {fsyncs} fsyncs, "
+                  f"{in_flight} files with changes in flight")
+    finally:
+        if not holder_alive(volume):  # a live mount is the fixture's to unmount
+            detach(volume.mnt)
     assert fsyncs_total > ITERATIONS, "too few fsyncs completed to test anything"
-    print(f"{ITERATIONS} crashes, {fsyncs_total} fsyncs checked, {len(model)} files, "
-          f"{sum(map(len, model.values())) >> 20} MiB")
+    print(f"{ITERATIONS} crashes, {fsyncs_total} fsyncs and {in_flight_total} files in flight "
+          f"checked; {len(model)} files, {sum(map(len, model.values())) >> 20} MiB")
+
+
+def holder_alive(vol: Volume) -> bool:
+    try:
+        return alive(vol.pid)
+    except AssertionError:
+        return False
+
+
+def run_and_crash(volume: Volume, rng: random.Random, it: int, log_path: Path,
+                  state_path: Path) -> str:
+    """Start the writer, SIGKILL the mount daemon mid-workload, then the writer; detach."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(volume.mnt), str(log_path), str(state_path),
+         str(it), str(rng.getrandbits(62))], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: log_path.exists() and log_path.stat().st_size > 0,
+                   what="the writer to start")
+        if it % 2:  # right after the n-th fsync returned
+            n = rng.randint(1, 6)
+            deadline = time.monotonic() + 10
+            while (log_path.read_bytes().count(b'"fsync"') < n
+                   and time.monotonic() < deadline and proc.poll() is None):
+                time.sleep(0.001)
+            how = f"after fsync #{n}"
+        else:
+            delay = rng.uniform(0.05, 2.5)
+            time.sleep(delay)
+            how = f"after {delay:.2f}s"
+        assert proc.poll() is None, \
+            f"iteration {it}: the writer failed before the crash:\n{proc.communicate()[1]}"
+        kill_daemon(volume)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        if not holder_alive(volume):
+            detach(volume.mnt)
+    return how
 
 
 if __name__ == "__main__":

@@ -19,20 +19,55 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
-from helpers import Volume, cdpfs, force_unmount
+from cdpfs.mount.control import holder_pid
+from helpers import Volume, cdpfs
 
 from cdpfs import codec
 
 BLOCK = 128 * 1024
 HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
+
+
+def mounts_under(base: Path) -> list[tuple[str, str, str]]:
+    """(source, mount point, type) of every mount at or below ``base``, deepest first."""
+    with open("/proc/mounts") as f:
+        rows = [tuple(line.split()[:3]) for line in f]
+    return sorted((r for r in rows if r[1] == str(base) or r[1].startswith(f"{base}/")),
+                  key=lambda r: -len(r[1]))  # type: ignore[return-value]
+
+
+def clear_mounts(base: Path) -> None:
+    """Kill mount daemons and detach every mount below ``base``, also dead ones.
+
+    ``Volume.cleanup()`` stats the mount point, which fails (ENOTCONN) on a
+    mount whose daemon died; this reads /proc/mounts instead.
+    """
+    for src, mnt, fstype in mounts_under(base):
+        if fstype == "fuse.cdpfs":
+            pid = holder_pid(Path(src))
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
+        else:
+            subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_mounts_left(tmp_path: Path) -> Iterator[None]:
+    yield
+    clear_mounts(tmp_path)
 
 
 def open_env(store: Path) -> lmdb.Environment:
@@ -92,6 +127,17 @@ def log_lines(store: Path) -> list[str]:
     return (store / "cdpfs.log").read_text(errors="replace").splitlines()
 
 
+def log_problems(store: Path, n: int = 12) -> str:
+    """The daemon's last error lines (with the line after each, often the cause)."""
+    lines = log_lines(store)
+    picked = [ln for i, ln in enumerate(lines)
+              if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("lmdb.")
+              or (i and " ERROR " in lines[i - 1])]
+    if len(picked) > n:
+        picked = [*picked[: n // 2], f"... ({len(picked) - n} more)", *picked[-n // 2 :]]
+    return "\n".join(picked)
+
+
 def verify_output(vol: Volume) -> tuple[int, list[str], str]:
     r = cdpfs("verify", vol.store, check=False)
     return r.returncode, r.stdout.splitlines(), r.stderr
@@ -101,8 +147,8 @@ def verify_output(vol: Volume) -> tuple[int, list[str], str]:
 
 
 def _content(kind: str) -> bytes:
-    if kind == "zstd":  # compressible but unique: stored zstd-compressed
-        return os.urandom(64) * (3 * BLOCK // 64) + os.urandom(1000)
+    if kind == "zstd":  # compressible, each block unique: stored zstd-compressed
+        return b"".join(os.urandom(64) * (BLOCK // 64) for _ in range(3)) + os.urandom(1000)
     return os.urandom(3 * BLOCK + 1000)  # incompressible: stored raw
 
 
@@ -199,11 +245,12 @@ FILLER = textwrap.dedent("""
     import hashlib, json, os, sys
     mnt = sys.argv[1]
     done, failure = [], None
-    i = 0
-    while failure is None and i < 10_000:
+    for i in range(10_000):
+        # First 100 MiB in one go (about half the free space dirty before one
+        # fsync), then 3 MiB files, each fsynced, until the disk is full.
         name = f"fill{i:04d}"
-        data = os.urandom(3 << 20)
-        step = "open"
+        data = os.urandom((100 if i == 0 else 3) << 20)
+        step = "create"
         try:
             fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT, 0o644)
             try:
@@ -212,13 +259,18 @@ FILLER = textwrap.dedent("""
                     os.pwrite(fd, data[off:off + (1 << 20)], off)
                 step = "fsync"
                 os.fsync(fd)
-            finally:
-                step = "close" if step == "fsync" else step
-                os.close(fd)
-            done.append([name, hashlib.sha256(data).hexdigest()])
+            except OSError:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                raise
+            step = "close"
+            os.close(fd)
         except OSError as exc:
             failure = [name, step, exc.errno, str(exc)]
-        i += 1
+            break
+        done.append([name, hashlib.sha256(data).hexdigest()])
     print(json.dumps({"done": done, "failure": failure}))
 """)
 
@@ -233,41 +285,62 @@ def test_full_disk_gives_clean_enospc(tmp_path: Path) -> None:
     try:
         vol.init()
         vol.mount()
+        spare = os.urandom(100_000)
+        with open(vol.mnt / "spare", "wb") as f:  # appended to once the disk is full
+            f.write(spare)
+            f.flush()
+            os.fsync(f.fileno())
         r = subprocess.run([sys.executable, "-c", FILLER, str(vol.mnt)], capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout)
         done: list[list[str]] = result["done"]
         failure = result["failure"]
+        print(f"{len(done)} files fsynced, then {failure}")
         assert failure is not None, "the 200 MiB disk never filled up"
-        assert failure[2] == errno.ENOSPC, f"writing to a full disk failed with {failure}"
-        assert done, "not even one file fitted"
+        assert failure[2] == errno.ENOSPC, (f"filling the disk failed with {failure}, not ENOSPC; "
+                                            f"daemon log:\n{log_problems(vol.store)}")
+        assert len(done) > 1, f"not even the first 3 MiB file fitted (failure: {failure})"
 
         # Still serving: reads of everything fsynced, listing, statfs.
-        def check_files() -> None:
+        def check_files(when: str) -> None:
             for name, digest in done:
                 data = (vol.mnt / name).read_bytes()
-                assert hashlib.sha256(data).hexdigest() == digest, f"{name} damaged"
+                assert hashlib.sha256(data).hexdigest() == digest, (
+                    f"{when}: {name} (size {len(data)}) differs from what was written and "
+                    f"fsynced before the disk filled; daemon log:\n{log_problems(vol.store)}")
 
-        check_files()
+        check_files("with the disk full")
         assert {n for n, _ in done} <= set(os.listdir(vol.mnt))
         os.statvfs(vol.mnt)
-        # Still full: more data is refused cleanly.
-        with pytest.raises(OSError) as exc, open(vol.mnt / "more", "wb") as f:
-            f.write(os.urandom(8 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        assert exc.value.errno == errno.ENOSPC, exc.value
+        # Still full: appending to an existing file is refused cleanly too.
+        fd = os.open(vol.mnt / "spare", os.O_WRONLY | os.O_APPEND)
+        step = "write"
+        try:
+            with pytest.raises(OSError) as exc:
+                os.write(fd, os.urandom(8 << 20))
+                step = "fsync"
+                os.fsync(fd)
+                step = "close"
+                os.close(fd)
+                fd = -1
+            print(f"append to spare: {step} failed with {exc.value}")
+            assert exc.value.errno == errno.ENOSPC, \
+                f"{step}: {exc.value}; daemon log:\n{log_problems(vol.store)}"
+        finally:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         vol.umount()
         vol.mount()
-        check_files()
+        check_files("after a remount")
+        assert (vol.mnt / "spare").read_bytes()[: len(spare)] == spare
         vol.umount()
         vol.verify()
     finally:
-        try:
-            vol.cleanup()
-        finally:
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        clear_mounts(small)  # the FUSE mount, then the tmpfs itself
 
 
 # --- command-line mistakes ---------------------------------------------------------------
@@ -311,4 +384,3 @@ def test_damaged_store_file_gives_one_line_error(make_volume: Callable[[str], Vo
     one_line_error(cdpfs("mount", vol.store, vol.mnt, check=False), str(vol.store))
     one_line_error(cdpfs("verify", vol.store, check=False), str(vol.store))
     assert not os.path.ismount(vol.mnt)
-    force_unmount(vol.mnt)
