@@ -305,20 +305,8 @@ def fuse_options() -> set[str]:
 
 
 def set_readahead(mountpoint: Path, kb: int) -> None:
-    """Set the readahead of the mount's backing device info, as cdpfs does."""
-    dev = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mountpoint):
-                dev = fields[2]
-    if dev is None:
-        log.warning("%s not in mountinfo: readahead left as it is", mountpoint)
-        return
-    try:
-        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(kb))
-    except OSError as exc:
-        log.warning("cannot set readahead of %s: %s", mountpoint, exc)
+    """Set the readahead of the mount as cdpfs does (its own function)."""
+    cdpfs_runner.set_readahead(mountpoint, kb)
 
 
 async def _tune_after_init(mountpoint: Path) -> None:

@@ -49,7 +49,7 @@ class Engine:
         self.interval = interval
         self.max_dirty = max_dirty
         self.reserve = reserve
-        self.max_posted = 32 << 20
+        self.max_posted = 256 << 20
         self._posted = 0  # bytes posted by trio tasks, not yet applied (trio thread only)
         self._drained: trio.Event | None = None
         self.txn: lmdb.Transaction | None = None
