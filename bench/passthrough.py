@@ -20,7 +20,6 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import stat
 import sys
 from collections import defaultdict
@@ -318,18 +317,10 @@ async def _tune_after_init(mountpoint: Path) -> None:
 
 async def _serve(mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(cdpfs_runner.stop_on_signal)
         nursery.start_soon(_tune_after_init, mountpoint)
         await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
-
-
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
 
 
 def serve(backing: str, mountpoint: str) -> None:

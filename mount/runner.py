@@ -112,7 +112,7 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
 
 async def _serve(ready: Callable[[], None] | None, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(stop_on_signal)
         nursery.start_soon(_tune_after_init, mountpoint, ready)
         await pyfuse3.main(min_tasks=4, max_tasks=32)
         nursery.cancel_scope.cancel()
@@ -127,7 +127,8 @@ async def _tune_after_init(mountpoint: Path, ready: Callable[[], None] | None) -
         ready()
 
 
-async def _stop_on_signal() -> None:
+async def stop_on_signal() -> None:
+    """End the FUSE main loop (and so unmount) on SIGINT or SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
