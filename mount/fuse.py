@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,14 +120,10 @@ class FuseOperations(pyfuse3.Operations):
                                             ctx.uid, ctx.gid, rdev))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        import stat
-
         return self._entry(await self._call(self.fs.mknod, parent_inode, name,
                                             stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        import stat
-
         return self._entry(await self._call(self.fs.mknod, parent_inode, name,
                                             stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, 0, target))
 
