@@ -100,10 +100,6 @@ def dirent_prefix(parent: int, name: bytes) -> bytes:
     return U64.pack(parent) + name + b"\0"
 
 
-def dirent_name(key: bytes) -> bytes:
-    return key[8 : len(key) - INV_LEN - 1]
-
-
 # --- xattrs: ino(8) + name + NUL + inv(seq) -> b"\x01" + value or b"" --------
 
 

@@ -192,10 +192,6 @@ class Store:
             log.info("growing LMDB map of %s from %d to %d MiB", self.path, size >> 20, new >> 20)
             self.env.set_mapsize(new)
 
-    def adopt_map_size(self) -> None:
-        """Follow a map grown by another process (after MapResizedError)."""
-        self.env.set_mapsize(0)
-
     def disk_free(self) -> int:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
@@ -260,8 +256,6 @@ class Store:
                                        "(hash mismatch)")
         return piece
 
-    def get_meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
-        return txn.get(key, db=self.db["meta"])
 
 
 def _round_up(n: int) -> int:

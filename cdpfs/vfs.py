@@ -15,7 +15,6 @@ import logging
 import os
 import stat
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -374,13 +373,3 @@ class FileSystem:
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.store.path)
-
-    def walk(self, ino: int = 1) -> Iterator[tuple[bytes, int, Inode]]:
-        """Every (name, ino, inode) below ``ino``, depth first (tools and tests)."""
-        for name, child in self.view.listdir(ino):
-            node = self.view.inode(child)
-            if node is None:
-                continue
-            yield name, child, node
-            if node.is_dir:
-                yield from self.walk(child)
