@@ -99,3 +99,13 @@ def decode_pack(stored: bytes | memoryview, pack: int) -> bytes:
         return decode(bytes(stored[:1]) + bytes(stored[1 + HASH_LEN :]), key)
     except CorruptBlock as exc:
         raise CorruptBlock(key, f"pack {pack} is corrupt: {exc}") from None
+
+
+def plain_size(stored: bytes | memoryview) -> int:
+    """The plaintext length of a stored block, from its header (no decompression)."""
+    if stored[0] == ZSTD:
+        size = zstandard.frame_content_size(bytes(stored[1:20]))
+        if size >= 0:
+            return int(size)
+        return len(decode(stored, b""))
+    return len(stored) - 1

@@ -267,3 +267,33 @@ class Engine:
         except Exception as exc:
             return exc
         return None
+
+
+class ReadEngine:
+    """The engine of a read-only (snapshot) mount: each call runs in a worker
+    thread inside a fresh read transaction (``txn`` in that thread), so reads run
+    in parallel and no transaction outlives a request. Nothing is ever written."""
+
+    posted = 0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._local = threading.local()
+
+    @property
+    def txn(self) -> lmdb.Transaction:
+        return self._local.txn
+
+    async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
+        return await trio.to_thread.run_sync(self._run, fn, args)
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with self.store.txn() as txn:
+            self._local.txn = txn
+            try:
+                return fn(*args)
+            finally:
+                self._local.txn = None
+
+    async def post(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> None:
+        await self.call(fn, *args)

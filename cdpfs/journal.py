@@ -63,14 +63,39 @@ def get(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> Record | None:
     return None if raw is None else Record.unpack(seq, raw)
 
 
+def ts_of(raw: bytes | memoryview) -> int:
+    """The timestamp of a packed record, without decoding the rest."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(raw)
+    unpacker.read_array_header()
+    return int(unpacker.unpack())
+
+
+def after(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> tuple[int, int] | None:
+    """(seq, ts) of the first record after ``seq``, or None."""
+    cur = txn.cursor(db=dbs["journal"])
+    if not cur.set_range(U64.pack(seq + 1)):
+        return None
+    return U64.unpack(cur.key())[0], ts_of(cur.value())
+
+
+def before(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> tuple[int, int]:
+    """(seq, ts) of the last record before ``seq``, or (0, 0)."""
+    cur = txn.cursor(db=dbs["journal"])
+    if cur.set_range(U64.pack(seq)):
+        if not cur.prev():
+            return 0, 0
+    elif not cur.last():
+        return 0, 0
+    return U64.unpack(cur.key())[0], ts_of(cur.value())
+
+
 def last(txn: lmdb.Transaction, dbs: dict[str, Any]) -> tuple[int, int]:
     """(seq, ts) of the newest record, or (0, 0) for an empty journal."""
     cur = txn.cursor(db=dbs["journal"])
     if not cur.last():
         return 0, 0
-    seq = U64.unpack(cur.key())[0]
-    ts = msgpack.unpackb(cur.value(), raw=False, strict_map_key=False)[0]
-    return seq, ts
+    return U64.unpack(cur.key())[0], ts_of(cur.value())
 
 
 def records(txn: lmdb.Transaction, dbs: dict[str, Any], start: int = 1) -> Iterator[Record]:
@@ -84,10 +109,16 @@ def records(txn: lmdb.Transaction, dbs: dict[str, Any], start: int = 1) -> Itera
 
 def seq_at(txn: lmdb.Transaction, dbs: dict[str, Any], ts_ns: int) -> int:
     """The newest seq whose timestamp is <= ts_ns (0 if none)."""
+    return point_at(txn, dbs, ts_ns)[0]
+
+
+def point_at(txn: lmdb.Transaction, dbs: dict[str, Any], ts_ns: int) -> tuple[int, int]:
+    """(seq, ts) of the newest record whose timestamp is <= ts_ns ((0, 0) if none)."""
     cur = txn.cursor(db=dbs["timeidx"])
-    if cur.set_range(U64.pack(ts_ns + 1)):
+    if cur.set_range(U64.pack(max(0, ts_ns + 1))):
         if not cur.prev():
-            return 0
+            return 0, 0
     elif not cur.last():
-        return 0
-    return U64.unpack(cur.key()[8:])[0]
+        return 0, 0
+    key = cur.key()
+    return U64.unpack(key[8:])[0], U64.unpack(key[:8])[0]

@@ -39,3 +39,88 @@ def store_stats(store: Store) -> StoreStats:
             packs=count("packs"), versions=versions, used_bytes=store.used_bytes(),
             map_bytes=store.env.info()["map_size"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceStats:
+    """What ``cdpfs stat`` prints: where the store's bytes go."""
+
+    live_files: int
+    live_bytes: int  # sum of the sizes of live regular files
+    live_stored: int  # stored bytes of the blocks and packs live files use
+    history_stored: int  # stored bytes only older versions use
+    stored_bytes: int  # all blocks and packs, as stored
+    file_bytes: int  # the LMDB file's used pages
+    dedup_ratio: float
+    compression_ratio: float
+    oldest_seq: int
+    oldest_ts: int | None
+    last_seq: int
+    last_ts: int
+    records: int
+    policy: str
+
+
+def space_stats(store: Store) -> SpaceStats:
+    """Scan the store (every inode, extent and block once) for ``cdpfs stat``."""
+    from . import codec
+    from .retention import load_policy
+    from .schema import U64, Extent, Inode
+
+    with store.txn() as txn:
+        live: dict[int, Inode] = {}
+        cur = txn.cursor(db=store.db["inodes"])
+        last_ino = None
+        for key, value in cur:
+            ino = U64.unpack_from(key)[0]
+            if ino != last_ino:  # the newest version comes first
+                last_ino = ino
+                if value:
+                    live[ino] = Inode.unpack(value)
+        blocks: dict[bytes, int] = {}  # live block -> references
+        packs: set[int] = set()
+        logical = 0
+        prefix = None
+        in_chain = False
+        for key, value in txn.cursor(db=store.db["extents"]):
+            if key[:16] != prefix:
+                prefix = key[:16]
+                in_chain = U64.unpack_from(key)[0] in live
+            if not in_chain:
+                continue
+            ext = Extent.unpack(value)
+            if ext.kind == "F":
+                blocks[ext.digest] = blocks.get(ext.digest, 0) + 1
+                logical += ext.length
+            elif ext.kind == "P":
+                packs.add(ext.pack)
+            if ext.is_base:
+                in_chain = False
+        stored = plain = live_stored = unique = 0
+        for key, value in txn.cursor(db=store.db["blocks"]):
+            stored += len(value)
+            size = codec.plain_size(value)
+            plain += size
+            if key in blocks:
+                live_stored += len(value)
+                unique += size
+        for key, value in txn.cursor(db=store.db["packs"]):
+            stored += len(value)
+            plain += len(value)
+            if U64.unpack(key)[0] in packs:
+                live_stored += len(value)
+        first = txn.cursor(db=store.db["journal"])
+        oldest_seq, oldest_ts = 0, None
+        if first.first():
+            oldest_seq = U64.unpack(first.key())[0]
+            oldest_ts = journal.ts_of(first.value())
+        last_seq, last_ts = journal.last(txn, store.db)
+        return SpaceStats(
+            live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),
+            live_bytes=sum(n.size for n in live.values() if n.is_reg and n.nlink),
+            live_stored=live_stored, history_stored=stored - live_stored, stored_bytes=stored,
+            file_bytes=store.used_bytes(), dedup_ratio=logical / unique if unique else 1.0,
+            compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
+            oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
+            records=int(txn.stat(store.db["journal"])["entries"]),
+            policy=load_policy(store, txn).describe())

@@ -8,12 +8,17 @@ stores, grows the LMDB map, and reads and writes content-addressed blocks.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -98,6 +103,8 @@ class Store:
             self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
             self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
         self.cache = BlockCache()
+        self._active = 0  # transactions begun by txn() and not yet ended
+        self._cond = threading.Condition()
         # The pack the writer is filling: in memory until sealed, which happens
         # before every commit, so no committed extent ever points into it.
         self.open_pack: tuple[int, bytearray] = (0, bytearray())
@@ -192,6 +199,47 @@ class Store:
             log.info("growing LMDB map of %s from %d to %d MiB", self.path, size >> 20, new >> 20)
             self.env.set_mapsize(new)
 
+    @contextmanager
+    def txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:
+        """A transaction for tools and read-only mounts, which share the store with a
+        running mount: when that mount has grown the LMDB map, adopt the new size
+        (LMDB allows this only while this process has no transaction open, so
+        transactions begun here are counted) and retry. Commits on success."""
+        while True:
+            with self._cond:
+                self._active += 1
+            try:
+                txn = self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                with self._cond:
+                    self._active -= 1
+                    self._cond.wait_for(lambda: self._active == 0)
+                    self.env.set_mapsize(0)
+                    self._cond.notify_all()
+                continue
+            except BaseException:
+                self._end_txn()
+                raise
+            break
+        try:
+            with txn:
+                yield txn
+        finally:
+            self._end_txn()
+
+    def _end_txn(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def config(self, txn: lmdb.Transaction, name: str) -> Any:
+        """A setting stored in the meta table as JSON (None if unset)."""
+        raw = txn.get(b"config." + name.encode(), db=self.db["meta"])
+        return None if raw is None else json.loads(raw)
+
+    def set_config(self, txn: lmdb.Transaction, name: str, value: Any) -> None:
+        txn.put(b"config." + name.encode(), json.dumps(value).encode(), db=self.db["meta"])
+
     def disk_free(self) -> int:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
@@ -199,6 +247,12 @@ class Store:
     def close(self) -> None:
         self.env.close()
         self.unlock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- blocks ----------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Entry:
 
     ino: int
     attr: Inode
+    ttl: float | None = None  # how long the kernel may cache the name (None: the default)
 
 
 class FileSystem:
@@ -362,6 +363,10 @@ class FileSystem:
             if node is not None:
                 out.append((i, name, Entry(ino, node)))
         return out
+
+    def listing_len(self, fh: int) -> int:
+        """Number of entries in the listing of directory handle ``fh``."""
+        return len(self._handle(fh).names)
 
     def count_lookups(self, inos: list[int]) -> None:
         """The kernel took a reference to each of ``inos`` through readdirplus."""

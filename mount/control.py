@@ -1,4 +1,5 @@
-"""Find and stop running mounts (used by ``cdpfs umount``)."""
+"""Find running mounts and stop them (``cdpfs umount``, and tools that need to know
+which store a path belongs to)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,44 @@ def canonical(mountpoint: Path) -> str:
     return os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
 
 
-def find_mount(mountpoint: Path) -> Path | None:
-    """The store mounted on ``mountpoint`` by cdpfs, if any."""
-    target = canonical(mountpoint)
+def _mounts() -> list[tuple[str, str, bool]]:
+    """(source, mount point, read-only) of every cdpfs mount."""
+    out = []
     with open("/proc/mounts") as f:
         for line in f:
-            src, mnt, fstype, *_ = line.split()
-            if fstype == "fuse.cdpfs" and _unescape(mnt) == target:
-                return Path(_unescape(src))
+            src, mnt, fstype, opts, *_ = line.split()
+            if fstype == "fuse.cdpfs":
+                out.append((_unescape(src), _unescape(mnt), "ro" in opts.split(",")))
+    return out
+
+
+def find_mount(mountpoint: Path) -> Path | None:
+    """The source of the cdpfs mount on ``mountpoint`` (``STORE``, or ``STORE#seq``
+    for a snapshot mount), if any."""
+    target = canonical(mountpoint)
+    for src, mnt, _ro in _mounts():
+        if mnt == target:
+            return Path(src)
+    return None
+
+
+def live_mount_of(store: Path) -> Path | None:
+    """Where ``store`` is mounted live (read-write), if it is."""
+    want = os.path.realpath(store)
+    for src, mnt, ro in _mounts():
+        if src == want and not ro:
+            return Path(mnt)
+    return None
+
+
+def mount_containing(path: Path) -> tuple[Path, Path] | None:
+    """(mount point, source) of the cdpfs mount holding ``path``, if any; the
+    path's last component is not followed."""
+    full = Path(canonical(path))
+    mounts = {Path(mnt): src for src, mnt, _ro in _mounts()}
+    for candidate in (full, *full.parents):
+        if candidate in mounts:
+            return candidate, Path(mounts[candidate])
     return None
 
 
@@ -66,6 +97,15 @@ def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
     store = find_mount(mountpoint)
     if store is None:
         raise StoreError(f"{mountpoint}: no cdpfs volume is mounted there")
+    if "#" in store.name:  # a snapshot mount: nothing to flush, the kernel ends it
+        proc = subprocess.run(["fusermount3", "-u", canonical(mountpoint)], check=False,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StoreError(f"{mountpoint}: {proc.stderr.strip() or 'cannot unmount'}")
+        deadline = time.monotonic() + timeout
+        while find_mount(mountpoint) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     pid = holder_pid(store)
     if pid is not None and _alive(pid):
         os.kill(pid, signal.SIGTERM)

@@ -15,10 +15,11 @@ from typing import Any
 
 import pyfuse3
 
-from cdpfs.engine import Engine
+from cdpfs.engine import Engine, ReadEngine
 from cdpfs.errors import CdpfsError
 from cdpfs.schema import Inode
-from cdpfs.vfs import Entry, FileSystem
+from cdpfs.timefs import Caller, TimeFS
+from cdpfs.vfs import Entry
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ TIMEOUT = 5.0  # kernel attribute and entry cache, seconds
 
 
 class FuseOperations(pyfuse3.Operations):
-    """pyfuse3 operations over one live volume."""
+    """pyfuse3 operations over one volume and its history (or one past state)."""
 
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: FileSystem, engine: Engine) -> None:
+    def __init__(self, fs: TimeFS, engine: Engine | ReadEngine) -> None:
         super().__init__()
         self.fs = fs
         self.engine = engine
@@ -73,13 +74,21 @@ class FuseOperations(pyfuse3.Operations):
         return a
 
     def _entry(self, e: Entry) -> pyfuse3.EntryAttributes:
-        return self._attrs(e.ino, e.attr)
+        a = self._attrs(e.ino, e.attr)
+        if e.ttl is not None:
+            a.entry_timeout = e.ttl
+        return a
+
+    @staticmethod
+    def _caller(ctx: Any) -> Caller | None:
+        return None if ctx is None else Caller(ctx.uid, ctx.gid, ctx.pid)
 
     # --- names ------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         try:
-            return self._entry(await self._call(self.fs.lookup, parent_inode, name))
+            return self._entry(await self._call(self.fs.lookup, parent_inode, name,
+                                                self._caller(ctx)))
         except pyfuse3.FUSEError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -144,7 +153,7 @@ class FuseOperations(pyfuse3.Operations):
     # --- files ------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        fh = await self._call(self.fs.open, inode, flags)
+        fh = await self._call(self.fs.open, inode, flags, self._caller(ctx))
         # Every change to live data passes through the kernel, so its page cache
         # stays valid across opens (changes made behind its back invalidate it).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -184,7 +193,7 @@ class FuseOperations(pyfuse3.Operations):
     # --- directories --------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: Any) -> int:
-        return await self._call(self.fs.opendir, inode)
+        return await self._call(self.fs.opendir, inode, self._caller(ctx))
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         while True:

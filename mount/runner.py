@@ -14,24 +14,34 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from cdpfs.engine import Engine
+from cdpfs import bookmarks, timespec
+from cdpfs.engine import Engine, ReadEngine
 from cdpfs.errors import StoreError
+from cdpfs.prune import Pruner
+from cdpfs.retention import Points
 from cdpfs.store import Store
+from cdpfs.timefs import TimeFS
 from cdpfs.vfs import FileSystem
+from cdpfs.view import View
 
 from .fuse import FuseOperations
 
 log = logging.getLogger(__name__)
 
 
-def fuse_options(store: Path, allow_other: bool) -> set[str]:
-    if "," in str(store):
-        raise StoreError(f"{store}: a store path must not contain a comma (FUSE options)")
-    opts = {f"fsname={store}", "subtype=cdpfs", "default_permissions", "noatime"}
+def fuse_options(store: Path, allow_other: bool, snapshot: int | None = None) -> set[str]:
+    """Mount options; a snapshot mount is read-only and named ``STORE#seq``."""
+    if "," in str(store) or "#" in str(store):
+        raise StoreError(f"{store}: a store path must not contain ',' or '#' (FUSE options)")
+    name = store if snapshot is None else f"{store}#{snapshot}"
+    opts = {f"fsname={name}", "subtype=cdpfs", "default_permissions", "noatime"}
+    if snapshot is not None:
+        opts.add("ro")
     if allow_other:
         opts.add("allow_other")
     return opts
@@ -77,10 +87,18 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
-                ready: Callable[[], None] | None = None) -> None:
-    """Mount ``store_path`` on ``mountpoint`` and serve until unmounted."""
+                ready: Callable[[], None] | None = None, at: str | None = None,
+                show_history: bool = True) -> None:
+    """Mount ``store_path`` on ``mountpoint`` and serve until unmounted.
+
+    With ``at`` (a moment), mount that past state alone, read-only, beside any
+    live mount of the same store.
+    """
     check_mountpoint(mountpoint)
     mountpoint = mountpoint.resolve()
+    if at is not None:
+        _mount_snapshot(store_path, mountpoint, at, allow_other, ready)
+        return
     # Two busy threads (trio, store) hand each request back and forth: a short
     # GIL switch interval keeps that hand-off from waiting the default 5 ms.
     sys.setswitchinterval(0.0002)
@@ -92,28 +110,114 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
         engine.start()
         try:
             engine.call_sync(fs.recover, durable=True)
-            ops = FuseOperations(fs, engine)
+            tfs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
+                         show_history=show_history, on_slot=_holder(store, fs))
+            ops = FuseOperations(tfs, engine)
             pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
             try:
                 log.info("mounted %s on %s", store.path, mountpoint)
                 try:
-                    trio.run(_serve, ready, mountpoint)
+                    trio.run(_serve, ready, mountpoint, _pruning(store, engine))
                 except BaseException:
                     log.exception("the FUSE main loop failed")
                     raise
             finally:
                 pyfuse3.close(unmount=True)
         finally:
-            engine.stop()
+            try:
+                engine.call_sync(_drop_holds, store, fs)
+            finally:
+                engine.stop()
             log.info("unmounted %s; %d commits", mountpoint, engine.commits)
     finally:
         store.close()
 
 
-async def _serve(ready: Callable[[], None] | None, mountpoint: Path) -> None:
+def _holder(store: Store, fs: FileSystem) -> Callable[[int, int | None], None]:
+    """Keep a hold on each past point the mount shows (runs on the store thread)."""
+
+    def on_slot(slot: int, seq: int | None) -> None:
+        name = bookmarks.hold_name(f"slot{slot}")
+        if seq is None:
+            fs.m.txn.delete(name.encode(), db=store.db["bookmarks"])
+        else:
+            bookmarks.put(fs.m.txn, store.db, name, seq, replace=True)
+        fs.engine.note_dirty(64)
+
+    return on_slot
+
+
+def _drop_holds(store: Store, fs: FileSystem) -> None:
+    mine = bookmarks.hold_name("")
+    for mark in bookmarks.all_points(fs.m.txn, store.db):
+        if mark.name.startswith(mine):
+            fs.m.txn.delete(mark.name.encode(), db=store.db["bookmarks"])
+            fs.engine.note_dirty(64)
+
+
+def _pruning(store: Store, engine: Engine) -> Callable[[], Any]:
+    """The mount's periodic prune: in small steps on the store thread, between requests."""
+
+    async def loop() -> None:
+        while True:
+            with store.txn() as txn:
+                every = store.config(txn, "prune_interval")
+            await trio.sleep(3600 if every is None else max(1, every))
+            try:
+                pruner = await engine.call(lambda: Pruner(store, engine.ensure_txn()))
+                while not await engine.call(_prune_step, pruner, engine):
+                    await trio.sleep(0)
+                r = pruner.result
+                log.info("pruned: %d versions, %d records, %d blocks, %d packs, %.1f MiB freed "
+                         "in %.1fs", r.versions, r.records, r.blocks, r.packs,
+                         r.bytes_freed / 2**20, r.seconds)
+            except Exception:
+                log.exception("periodic prune failed")
+
+    return loop
+
+
+def _prune_step(pruner: Pruner, engine: Engine) -> bool:
+    done = pruner.step(engine.ensure_txn())
+    engine.note_dirty(4096)
+    return done
+
+
+def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bool,
+                    ready: Callable[[], None] | None) -> None:
+    """Serve one past state, read-only, holding its point while mounted."""
+    store = Store(store_path)
+    hold = bookmarks.hold_name("snapshot")
+    try:
+        with store.txn(write=True) as txn:
+            seq = Points(store, txn).resolve(timespec.parse(at))
+            bookmarks.put(txn, store.db, hold, seq, replace=True)
+        try:
+            engine = ReadEngine(store)
+            tfs = TimeFS(store, lambda s: View(store, engine.txn, s), base_seq=seq)
+            ops = FuseOperations(tfs, engine)
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other, seq))
+            try:
+                log.info("mounted %s as of #%d (%s) on %s, read-only", store.path, seq, at,
+                         mountpoint)
+                trio.run(_serve, ready, mountpoint, None)
+            finally:
+                pyfuse3.close(unmount=True)
+        finally:
+            with store.txn(write=True) as txn:
+                txn.delete(hold.encode(), db=store.db["bookmarks"])
+            log.info("unmounted snapshot %s", mountpoint)
+    finally:
+        store.close()
+
+
+async def _serve(ready: Callable[[], None] | None, mountpoint: Path,
+                 background: Callable[[], Any] | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(_tune_after_init, mountpoint, ready)
+        if background is not None:
+            nursery.start_soon(background)
         await pyfuse3.main(min_tasks=4, max_tasks=32)
         nursery.cancel_scope.cancel()
 

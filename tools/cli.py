@@ -72,26 +72,49 @@ def init(store: Path, block_size: int) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
 @click.option("--log", "logfile", type=click.Path(path_type=Path),
               help="Log file of a background mount (default STORE/cdpfs.log).")
+@click.option("--at", "at", metavar="MOMENT",
+              help="Mount this past state alone, read-only (a time, -15m, #seq or bookmark).")
+@click.option("--history", type=click.Choice(["visible", "hidden"]), default="visible",
+              show_default=True, help="List @ entries in the root directory (lookups of "
+              "@ names work either way).")
 @click.pass_context
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
-          allow_other: bool, logfile: Path | None) -> None:
+          allow_other: bool, logfile: Path | None, at: str | None, history: str) -> None:
     """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
     store = store.resolve()
     probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
-    holder = probe.holder()
-    probe.close()
+    try:
+        holder = probe.holder()
+        if at is not None:
+            _resolve(probe, at)  # a bad moment fails here, with its reason
+    finally:
+        probe.close()
     check_mountpoint(mountpoint)
-    if holder:
+    if holder and at is None:
         raise StoreLocked(f"{store}: store is in use by {holder}")
+
+    def run(ready: object = None) -> None:
+        mount_store(store, mountpoint, allow_other=allow_other, ready=ready,  # type: ignore[arg-type]
+                    at=at, show_history=history == "visible")
+
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))
-        mount_store(store, mountpoint, allow_other=allow_other)
+        run()
         return
-    _daemonize(lambda ready: mount_store(store, mountpoint, allow_other=allow_other, ready=ready),
-               logfile or store / "cdpfs.log", ctx.obj["verbose"])
-    click.echo(f"mounted {store} on {mountpoint}")
+    default_log = store / ("cdpfs.log" if at is None else "cdpfs-snapshot.log")
+    _daemonize(run, logfile or default_log, ctx.obj["verbose"])
+    click.echo(f"mounted {store} on {mountpoint}" + (f" as of {at}, read-only" if at else ""))
+
+
+def _resolve(store: Store, moment: str) -> int:
+    """The kept point ``moment`` names in ``store`` (BadMoment, one line, if none)."""
+    from cdpfs import timespec
+    from cdpfs.retention import Points
+
+    with store.txn() as txn:
+        return Points(store, txn).resolve(timespec.parse(moment))
 
 
 def _daemonize(run: object, logfile: Path, verbose: int) -> None:
@@ -190,6 +213,16 @@ def status(store: Path) -> None:
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
 
+
+def _register() -> None:
+    from .timetravel import COMMANDS, stat_cmd
+
+    for command in COMMANDS:
+        main.add_command(command)
+    main.add_command(stat_cmd, "df")
+
+
+_register()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,96 @@
+"""Bookmarks (named points in history) and holds (points a running process reads).
+
+Both live in the ``bookmarks`` table, keyed by name, value ``seq(8) + created_ns(8)``.
+A bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
+named ``.hold.<pid>.<tag>`` that a mount writes while it shows a past state (an
+``@`` directory, a snapshot mount); retention keeps its point while the process
+lives and drops holds of dead processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from . import journal
+from .errors import CdpfsError
+from .schema import U64
+from .timespec import BadMoment, parse
+
+HOLD = ".hold."
+
+
+@dataclass(frozen=True, slots=True)
+class Bookmark:
+    """A named point: the journal sequence it names and when it was made."""
+
+    name: str
+    seq: int
+    created_ns: int
+
+    @property
+    def is_hold(self) -> bool:
+        return self.name.startswith(HOLD)
+
+    @property
+    def holder_alive(self) -> bool:
+        """For a hold: whether the process that wrote it still runs."""
+        try:
+            pid = int(self.name[len(HOLD):].split(".", 1)[0])
+        except ValueError:
+            return False
+        return os.path.exists(f"/proc/{pid}")
+
+
+def _decode(name: bytes, raw: bytes | memoryview) -> Bookmark:
+    return Bookmark(name.decode(), U64.unpack_from(raw)[0],
+                    U64.unpack_from(raw, 8)[0] if len(raw) >= 16 else 0)
+
+
+def all_points(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+    """Every bookmark and hold, by name."""
+    cur = txn.cursor(db=dbs["bookmarks"])
+    return [_decode(bytes(k), v) for k, v in cur.iternext()]
+
+
+def bookmarks(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+    """The user's bookmarks (holds left out), by name."""
+    return [b for b in all_points(txn, dbs) if not b.is_hold]
+
+
+def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> Bookmark | None:
+    raw = txn.get(name.encode(), db=dbs["bookmarks"])
+    return None if raw is None else _decode(name.encode(), raw)
+
+
+def put(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int, *,
+        replace: bool = False) -> Bookmark:
+    """Name point ``seq``; BadMoment for a bad or taken name or an unknown seq."""
+    if not name.startswith(HOLD):
+        try:
+            named = parse(name).kind == "bookmark"
+        except BadMoment:
+            named = False
+        if not named:
+            raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
+                            "(up to 100) and must not read as a time or #sequence")
+        if not replace and get(txn, dbs, name) is not None:
+            raise CdpfsError(f"bookmark {name!r} exists (delete it first)")
+    if journal.get(txn, dbs, seq) is None:
+        raise BadMoment(f"#{seq}: no such journal record")
+    mark = Bookmark(name, seq, time.time_ns())
+    txn.put(name.encode(), U64.pack(seq) + U64.pack(mark.created_ns), db=dbs["bookmarks"])
+    return mark
+
+
+def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
+    if not txn.delete(name.encode(), db=dbs["bookmarks"]):
+        raise BadMoment(f"{name!r}: no such bookmark")
+
+
+def hold_name(tag: str) -> str:
+    return f"{HOLD}{os.getpid()}.{tag}"

@@ -1,0 +1,326 @@
+"""The time-travel commands: log, diff, restore, rewind, bookmark(s), prune, stat, retention.
+
+Read-only commands open the store directly (after asking a live mount to commit);
+``restore`` and ``rewind`` copy from ``@#seq`` trees into the live tree through the
+mount, so every change they make is journaled and can itself be undone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cdpfs import bookmarks, timespec
+from cdpfs.errors import CdpfsError
+from cdpfs.history import diff as tree_diff
+from cdpfs.history import versions
+from cdpfs.retention import Points, Policy, load_policy, parse_duration, save_policy
+from cdpfs.store import Store
+
+from .locate import Target, locate
+from .scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+STORE_OPTION = click.option("--store", type=click.Path(path_type=Path),
+                            help="Read this store; PATH is then relative to its volume root.")
+
+
+def when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def resolve(store: Store, moment: str) -> tuple[int, int]:
+    """(seq, ts) of the kept point ``moment`` names."""
+    with store.txn() as txn:
+        points = Points(store, txn)
+        seq = points.resolve(timespec.parse(moment))
+        return seq, points.ts(seq) or 0
+
+
+def _args(op: str, args: dict[str, object]) -> str:
+    if op == "write":
+        return f"{args.get('len')} bytes at {args.get('off')}"
+    if op == "truncate":
+        return f"to {args.get('size')}"
+    if op == "rename":
+        return f"{_name(args.get('name'))} -> {_name(args.get('new_name'))}"
+    if "name" in args:
+        return _name(args["name"])
+    return ", ".join(f"{k}={v}" for k, v in args.items() if k != "kind")
+
+
+def _name(raw: object) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+@click.command("log")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--at", "at", metavar="MOMENT", help="The file that had this path then.")
+@click.option("-n", "limit", type=int, default=0, help="Show at most N versions.")
+@STORE_OPTION
+def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
+    """The versions of a file or directory: sequence, time, operation, size."""
+    target = locate(path, store)
+    st = target.open()
+    try:
+        upto = resolve(st, at)[0] if at else None
+        with st.txn() as txn:
+            from cdpfs.view import View
+
+            view = View(st, txn) if upto is None else View(st, txn, upto)
+            ino = view.resolve(target.rel)
+            click.echo(f"{'seq':>10}  {'time':<23}  {'op':<11} {'size':>12}  details")
+            for n, v in enumerate(versions(st, txn, ino, upto), 1):
+                size = "(gone)" if v.node is None else str(v.node.size)
+                click.echo(f"{v.seq:>10}  {when(v.ts):<23}  {v.op:<11} {size:>12}  "
+                           f"{_args(v.op, v.args)}")
+                if limit and n >= limit:
+                    break
+    finally:
+        st.close()
+
+
+@click.command("diff")
+@click.argument("t1")
+@click.argument("t2")
+@click.argument("path", type=click.Path(path_type=Path), default=".")
+@STORE_OPTION
+def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
+    """What was added (A), changed (M), removed (D) or renamed (R) between two moments.
+
+    T1 and T2 are moments (a time, -15m, #seq, a bookmark, or 'now')."""
+    target = locate(path, store)
+    st = target.open()
+    try:
+        seqs = [_now_or(st, t) for t in (t1, t2)]
+        with st.txn() as txn:
+            changes = tree_diff(st, txn, seqs[0], seqs[1], target.rel)
+    finally:
+        st.close()
+    for change in changes:
+        click.echo(str(change))
+    counts = {k: sum(c.kind == k for c in changes) for k in "AMDR"}
+    click.echo(f"#{seqs[0]} -> #{seqs[1]}: {counts['A']} added, {counts['M']} changed, "
+               f"{counts['D']} removed, {counts['R']} renamed", err=True)
+
+
+def _now_or(store: Store, moment: str) -> int:
+    if moment == "now":
+        with store.txn() as txn:
+            return Points(store, txn).last
+    return resolve(store, moment)[0]
+
+
+def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
+    from .restore import measure, restore_tree
+
+    live = target.live_path
+    st = target.open()
+    try:
+        seq, ts = resolve(st, at)
+    finally:
+        st.close()
+    mount = target.mount
+    assert mount is not None
+    src = mount / f"@#{seq}" / target.rel if target.rel else mount / f"@#{seq}"
+    parent = live.parent
+    if not rewind and os.path.realpath(parent) != str(parent):
+        raise CdpfsError(f"{live}: the path goes through a symbolic link; give the real path")
+    if not os.path.lexists(src):
+        raise CdpfsError(f"{target.rel or '/'}: did not exist at {at} (#{seq}, {when(ts)})")
+    entries, nbytes = measure(src)
+    skip = None if target.rel else (lambda name: name.startswith("@"))  # history at the root
+    started = time.monotonic()
+    from tqdm import tqdm
+
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc="restoring", leave=False,
+              disable=None, file=sys.stderr) as bar:
+        summary = restore_tree(src, live, delete=delete, skip_root=skip, progress=bar.update)
+    took = time.monotonic() - started
+    what = "volume" if rewind else (target.rel or "/")
+    click.echo(f"restored {what} to #{seq} ({when(ts)}): {entries} entries, "
+               f"{summary.files_written} files rewritten ({summary.bytes_written} bytes), "
+               f"{summary.created} created, {summary.replaced} replaced, "
+               f"{summary.removed} removed, {summary.unchanged} unchanged, "
+               f"{summary.attrs_set} with attributes reset in {took:.1f}s")
+    if summary.extras_kept:
+        click.echo(f"{summary.extras_kept} entries that did not exist then were kept "
+                   "(use --delete to remove them)")
+    for line in summary.warnings:
+        click.echo(f"cdpfs: warning: {line}", err=True)
+    if summary.warnings:
+        raise CdpfsError(f"{len(summary.warnings)} entries could not be restored")
+
+
+@click.command("restore")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--at", "at", required=True, metavar="MOMENT",
+              help="A time, -15m, #seq or bookmark.")
+@click.option("--delete", is_flag=True, help="Remove entries that did not exist then.")
+def restore_cmd(path: Path, at: str, delete: bool) -> None:
+    """Put PATH (a file or a directory tree in a mounted volume) back as it was AT."""
+    _restore(locate(path), at, delete, rewind=False)
+
+
+@click.command("rewind")
+@click.argument("volume", type=click.Path(path_type=Path))
+@click.option("--at", "at", required=True, metavar="MOMENT",
+              help="A time, -15m, #seq or bookmark.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def rewind_cmd(volume: Path, at: str, yes: bool) -> None:
+    """Put the whole mounted VOLUME back as it was AT (as new changes: undoable)."""
+    target = locate(volume)
+    target = Target(target.store, target.mount, "")
+    live = target.live_path
+    st = target.open()
+    try:
+        seq, ts = resolve(st, at)
+    finally:
+        st.close()
+    if not yes and not click.confirm(f"Rewind everything in {live} to #{seq} ({when(ts)})? "
+                                     "Files created since will be removed", err=True):
+        raise CdpfsError("rewind cancelled")
+    _restore(target, f"#{seq}", delete=True, rewind=True)
+
+
+@click.command("bookmark")
+@click.argument("name")
+@click.option("--at", "at", metavar="MOMENT", help="Name a past point instead of now.")
+@click.option("--delete", is_flag=True, help="Delete the bookmark NAME.")
+@click.option("--volume", type=click.Path(path_type=Path), default=".", show_default=True,
+              help="A store, or a path in a mounted volume.")
+@click.option("--scenario", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A TOML file of commands to run before and after (consistency hooks).")
+@click.option("--set", "variables", multiple=True, metavar="KEY=VALUE",
+              help="A variable for the scenario's commands (repeatable).")
+def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
+                 scenario: Path | None, variables: tuple[str, ...]) -> None:
+    """Name a point in history (now, or --at a moment); bookmarks are kept until deleted."""
+    target = locate(volume)
+    if delete:
+        with Store(target.store) as st, st.txn(write=True) as txn:
+            bookmarks.delete(txn, st.db, name)
+        click.echo(f"deleted bookmark {name}")
+        return
+    hooks = Scenario.load(scenario, variables) if scenario else None
+    if hooks and at:
+        raise CdpfsError("--scenario prepares the volume now; it cannot be used with --at")
+    cwd = target.mount or Path.cwd()
+    env = {"CDPFS_BOOKMARK": name, "CDPFS_STORE": str(target.store),
+           "CDPFS_MOUNT": str(target.mount or "")}
+    if hooks:
+        hooks.run("before", cwd, env)
+    try:
+        st = target.open()
+        try:
+            with st.txn(write=True) as txn:
+                points = Points(st, txn)
+                seq = points.resolve(timespec.parse(at)) if at else points.last
+                mark = bookmarks.put(txn, st.db, name, seq)
+                ts = points.ts(seq)
+        finally:
+            st.close()
+    finally:
+        if hooks:
+            hooks.run("after", cwd, env)
+    click.echo(f"bookmark {mark.name} -> #{seq} ({when(ts)})")
+
+
+@click.command("bookmarks")
+@click.option("--volume", type=click.Path(path_type=Path), default=".", show_default=True,
+              help="A store, or a path in a mounted volume.")
+def bookmarks_cmd(volume: Path) -> None:
+    """List the bookmarks of a volume."""
+    st = locate(volume).open()
+    try:
+        with st.txn() as txn:
+            points = Points(st, txn)
+            for mark in bookmarks.bookmarks(txn, st.db):
+                click.echo(f"{mark.name:<24} #{mark.seq:<10} {when(points.ts(mark.seq))}")
+    finally:
+        st.close()
+
+
+@click.command("prune")
+@click.argument("volume", type=click.Path(path_type=Path))
+def prune_cmd(volume: Path) -> None:
+    """Apply the retention policy now: free what no kept point needs."""
+    from cdpfs.prune import prune_store
+
+    target = locate(volume)
+    st = target.open()
+    try:
+        r = prune_store(st)
+    finally:
+        st.close()
+    click.echo(f"pruned {target.store}: {r.versions} versions, {r.records} journal records, "
+               f"{r.blocks} blocks and {r.packs} packs ({r.bytes_freed / 2**20:.1f} MiB of "
+               f"data) in {r.seconds:.1f}s; {r.kept_points} older points kept, "
+               f"everything from #{r.full_from} on")
+
+
+@click.command("stat")
+@click.argument("volume", type=click.Path(path_type=Path))
+def stat_cmd(volume: Path) -> None:
+    """Space and history of a volume: live data, history, dedup, compression."""
+    from cdpfs.stats import space_stats
+
+    st = locate(volume).open()
+    try:
+        s = space_stats(st)
+    finally:
+        st.close()
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:,.1f} MiB"
+
+    click.echo(f"live data        {mib(s.live_bytes)} in {s.live_files} files "
+               f"({mib(s.live_stored)} stored)")
+    click.echo(f"history          {mib(s.history_stored)} stored for older versions")
+    click.echo(f"stored           {mib(s.stored_bytes)} of blocks and packs; "
+               f"{mib(s.file_bytes)} store file")
+    click.echo(f"dedup            {s.dedup_ratio:.2f}x (live file bytes / unique block bytes)")
+    click.echo(f"compression      {s.compression_ratio:.2f}x (block bytes / stored bytes)")
+    click.echo(f"oldest point     {when(s.oldest_ts)} (#{s.oldest_seq})")
+    click.echo(f"journal          {s.records} records, newest #{s.last_seq} at {when(s.last_ts)}")
+    click.echo(f"retention        {s.policy}")
+
+
+@click.command("retention")
+@click.argument("volume", type=click.Path(path_type=Path))
+@click.option("--keep-all", help="Keep every write for this long (e.g. 24h).")
+@click.option("--minutely", help="Then one point per minute up to this age (e.g. 7d).")
+@click.option("--hourly", help="Then one point per hour up to this age (e.g. 30d).")
+@click.option("--daily", help="Then one point per day up to this age (e.g. 1y).")
+@click.option("--prune-interval", help="How often a mount prunes (e.g. 1h).")
+def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
+                  hourly: str | None, daily: str | None, prune_interval: str | None) -> None:
+    """Show or set the retention policy of a volume."""
+    target = locate(volume)
+    with Store(target.store) as st, st.txn(write=True) as txn:
+        old = load_policy(st, txn)
+        try:
+            new = Policy(*(parse_duration(v) if v else getattr(old, k) for k, v in (
+                ("keep_all", keep_all), ("minutely", minutely), ("hourly", hourly),
+                ("daily", daily))))
+            if new != old:
+                save_policy(st, txn, new)
+            if prune_interval:
+                st.set_config(txn, "prune_interval", parse_duration(prune_interval))
+        except ValueError as exc:
+            raise CdpfsError(str(exc)) from None
+        every = st.config(txn, "prune_interval") or 3600
+    click.echo(f"retention: {new.describe()}; a mount prunes every {every}s")
+
+
+COMMANDS = [log_cmd, diff_cmd, restore_cmd, rewind_cmd, bookmark_cmd, bookmarks_cmd,
+            prune_cmd, stat_cmd, retention_cmd]
