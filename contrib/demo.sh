@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set up, create a demo volume,
-# mount it, use it like any disk, unmount, remount, verify the store.
+# mount it, use it like any disk, travel back in time (an @ path, log, diff,
+# bookmark, restore, a snapshot mount), unmount, remount, verify the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
@@ -36,6 +37,28 @@ step "unmount, mount again: everything is still there"
 cat "$MNT/hello.txt"
 sqlite3 "$MNT/app.db" "select count(*) from t;"
 [ "$(sha256sum "$MNT/random.bin" | cut -d' ' -f1)" = "$sum_before" ] && echo "random.bin: same sha256"
+
+step "time travel: every write is kept"
+echo "version 1" > "$MNT/notes.txt"; sleep 0.1
+T1=$(date +%Y-%m-%dT%H:%M:%S.%N); sleep 1
+echo "version 2" > "$MNT/notes.txt"; sleep 1.1
+echo "version 3, oops" > "$MNT/notes.txt"
+echo "now:           $(cat "$MNT/notes.txt")"
+echo "@-1s:          $(cat "$MNT/@-1s/notes.txt")"
+echo "@-2s:          $(cat "$MNT/@-2s/notes.txt")"
+"$CDPFS" log "$MNT/notes.txt"
+"$CDPFS" bookmark before-cleanup --volume "$MNT"
+rm -rf "$MNT/docs" "$MNT/hello.txt"
+echo "after rm -rf:  $(ls "$MNT" | tr '\n' ' ')"
+"$CDPFS" diff before-cleanup now "$MNT" | tail -3
+"$CDPFS" restore "$MNT/docs" --at before-cleanup
+"$CDPFS" restore "$MNT/hello.txt" --at before-cleanup
+echo "restored:      $(cat "$MNT/hello.txt"), $(find "$MNT/docs" -type f | wc -l) files in docs"
+mkdir -p "$DEMO/snap"
+"$CDPFS" mount --at "$T1" "$STORE" "$DEMO/snap"
+echo "snapshot mount of $T1 (read-only, beside the live one): $(cat "$DEMO/snap/notes.txt")"
+"$CDPFS" umount "$DEMO/snap"
+"$CDPFS" stat "$MNT"
 
 step "every write was journaled"
 "$CDPFS" umount "$MNT"

@@ -160,8 +160,7 @@ def _pruning(store: Store, engine: Engine) -> Callable[[], Any]:
 
     async def loop() -> None:
         while True:
-            with store.txn() as txn:
-                every = store.config(txn, "prune_interval")
+            every = await engine.call(lambda: store.config(engine.ensure_txn(), "prune_interval"))
             await trio.sleep(3600 if every is None else max(1, every))
             try:
                 pruner = await engine.call(lambda: Pruner(store, engine.ensure_txn()))

@@ -30,6 +30,11 @@ def cdpfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 30
     return proc
 
 
+def live_names(root: Path) -> list[str]:
+    """The names in a volume's root directory, without the @ entries of history."""
+    return sorted(n for n in os.listdir(root) if not n.startswith("@"))
+
+
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Volume, cdpfs, wait_until
+from helpers import Volume, cdpfs, live_names, wait_until
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -230,7 +230,7 @@ def plausible(actual: bytes, states: State) -> str | None:
 
 def check_after_crash(mnt: Path, states: dict[str, State]) -> dict[str, bytes]:
     """Check every file against what it may hold; return what each one holds."""
-    found = set(os.listdir(mnt))
+    found = set(live_names(mnt))
     unexpected = found - set(states)
     assert not unexpected, f"names that were never created: {sorted(unexpected)}"
     problems = []
