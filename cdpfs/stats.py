@@ -64,7 +64,7 @@ class SpaceStats:
 def space_stats(store: Store) -> SpaceStats:
     """Scan the store (every inode, extent and block once) for ``cdpfs stat``."""
     from . import codec
-    from .retention import load_policy
+    from .retention import Points, load_policy
     from .schema import U64, Extent, Inode
 
     with store.txn() as txn:
@@ -109,11 +109,13 @@ def space_stats(store: Store) -> SpaceStats:
             plain += len(value)
             if U64.unpack(key)[0] in packs:
                 live_stored += len(value)
-        first = txn.cursor(db=store.db["journal"])
+        points = Points(store, txn)
         oldest_seq, oldest_ts = 0, None
-        if first.first():
-            oldest_seq = U64.unpack(first.key())[0]
-            oldest_ts = journal.ts_of(first.value())
+        for key, raw in txn.cursor(db=store.db["journal"]):
+            seq = U64.unpack(key)[0]  # records kept only to date kept versions come first
+            if points.is_kept(seq, journal.ts_of(raw)):
+                oldest_seq, oldest_ts = seq, journal.ts_of(raw)
+                break
         last_seq, last_ts = journal.last(txn, store.db)
         return SpaceStats(
             live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),

@@ -61,12 +61,18 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
             except CorruptBlock as exc:
                 yield f"bad piece: {exc}: {where}"
 
+    # A name must lead to an inode for as long as it shows: checked at the last
+    # seq before its next version (pruning keeps what kept points show, not
+    # necessarily the inode's version from the seq the name was made).
+    prefix, newer = b"", MAX_SEQ + 1
     for key, value in txn.cursor(db=store.db["dirents"]):
+        seq = seq_of(key)
+        until = newer - 1 if key[:-8] == prefix else MAX_SEQ
+        prefix, newer = key[:-8], seq
         if not value:
             continue
-        seq = seq_of(key)
         child = U64.unpack(value)[0]
-        if View(store, txn, seq).inode(child) is None:
+        if View(store, txn, until).inode(child) is None:
             parent = U64.unpack_from(key, 0)[0]
             name = key[8:-9].decode(errors="replace")
             yield f"dangling name: {name!r} in directory {parent} -> inode {child} at seq {seq}"
