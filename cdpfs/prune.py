@@ -161,8 +161,11 @@ class Pruner:
         for group in self._groups(txn, "inodes", ino):
             hi = INF
             for _key, seq, value in group:
-                if value:
-                    alive.append((seq, hi))
+                if value:  # back-to-back versions make one interval: one per lifetime
+                    if alive and alive[-1][0] == hi:
+                        alive[-1] = (seq, alive[-1][1])
+                    else:
+                        alive.append((seq, hi))
                 hi = seq
             seen += self._decide(txn, "inodes", group, [(0, INF)])
         for table in ("dirents", "xattrs", "extents"):
