@@ -70,16 +70,28 @@ def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> Bookmark | Non
 def put(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int, *,
         replace: bool = False) -> Bookmark:
     """Name point ``seq``; BadMoment for a bad or taken name or an unknown seq."""
-    if not name.startswith(HOLD):
-        try:
-            named = parse(name).kind == "bookmark"
-        except BadMoment:
-            named = False
-        if not named:
-            raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
-                            "(up to 100) and must not read as a time or #sequence")
-        if not replace and get(txn, dbs, name) is not None:
-            raise CdpfsError(f"bookmark {name!r} exists (delete it first)")
+    try:
+        named = name[:1] not in "@." and parse(name).kind == "bookmark"
+    except BadMoment:
+        named = False
+    if not named:
+        raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
+                        "(up to 100, no leading @) and must not read as a time or #sequence")
+    if not replace and get(txn, dbs, name) is not None:
+        raise CdpfsError(f"bookmark {name!r} exists (delete it first)")
+    return _write(txn, dbs, name, seq)
+
+
+def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Bookmark:
+    """Hold point ``seq`` for this process (``tag`` names the holder within it)."""
+    return _write(txn, dbs, hold_name(tag), seq)
+
+
+def release(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str) -> None:
+    txn.delete(hold_name(tag).encode(), db=dbs["bookmarks"])
+
+
+def _write(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> Bookmark:
     if journal.get(txn, dbs, seq) is None:
         raise BadMoment(f"#{seq}: no such journal record")
     mark = Bookmark(name, seq, time.time_ns())

@@ -394,10 +394,13 @@ class Mutator:
     # --- data -----------------------------------------------------------------
 
     def write(self, ino: int, off: int, data: bytes,
-              prepared: dict[int, tuple[bytes, bytes]] | None = None) -> Inode:
+              prepared: dict[int, tuple[bytes, bytes]] | None = None,
+              touch: bool = True) -> Inode:
         """Write ``data`` at ``off``; returns the inode with its new size.
 
         ``prepared`` holds blocks hashed and encoded ahead (codec.prepare).
+        ``touch=False`` leaves mtime alone, for a front end whose kernel keeps
+        mtime itself and sends it as a setattr (FUSE's writeback cache).
         """
         ready = prepared or {}
 
@@ -414,7 +417,8 @@ class Mutator:
                 self._write_piece(op, ino, index, boff, mv[:n], node.size, ready.get(pos))
                 mv = mv[n:]
                 pos += n
-            node = node.with_(size=max(node.size, off + len(data)), mtime=op.ts, ctime=op.ts)
+            node = node.with_(size=max(node.size, off + len(data)), ctime=op.ts,
+                              mtime=op.ts if touch else node.mtime)
             op.inode(ino, node)
             return node
 

@@ -182,7 +182,7 @@ class Points:
         nxt = journal.after(self.txn, self.dbs, seq)
         ceil = -(-ts // 10**9) * 10**9
         local = dt.datetime.fromtimestamp(ceil / 1e9)
-        if nxt is None or nxt[1] > ceil:
+        if ceil <= self.now and (nxt is None or nxt[1] > ceil):
             return local.isoformat(timespec="seconds")
         return dt.datetime.fromtimestamp(ts // 10**9).isoformat(timespec="seconds") + \
             f".{ts % 10**9:09d}"

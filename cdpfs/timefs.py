@@ -55,7 +55,7 @@ def join(slot: int, ino: int) -> int:
     return slot << SLOT_SHIFT | ino
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Caller:
     """Who makes a request: ids as the kernel reports them."""
 
@@ -228,6 +228,13 @@ class TimeFS:
             entry = Entry(join(slot, child), node)
         self._ref(split(entry.ino)[0], 1)
         return entry
+
+    def miss_ttl(self, parent: int, name: bytes) -> float | None:
+        """How long the kernel may cache that ``name`` is missing (None: the default).
+        An @ name can start to exist at any time (a new bookmark, time passing)."""
+        if parent == ROOT_INO and name[:1] == b"@" and self._past(parent) is None:
+            return MOMENT_TTL
+        return None
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         live = []

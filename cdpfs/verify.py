@@ -12,7 +12,7 @@ import lmdb
 
 from . import codec
 from .errors import CorruptBlock
-from .schema import MAX_SEQ, U64, Extent, seq_of
+from .schema import MAX_SEQ, U64, Extent, inv, seq_of
 from .store import Store
 from .view import View
 
@@ -61,10 +61,13 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
             except CorruptBlock as exc:
                 yield f"bad piece: {exc}: {where}"
 
-    # A name must lead to an inode for as long as it shows: checked at the last
-    # seq before its next version (pruning keeps what kept points show, not
-    # necessarily the inode's version from the seq the name was made).
+    # A name must lead to an inode that existed while the name showed. Pruning
+    # keeps what kept points show, so the inode's version from the seq the name
+    # was made may be gone, and so may the removal of a name in a directory
+    # since deleted: the check is that some version of the inode up to the
+    # name's next version exists.
     prefix, newer = b"", MAX_SEQ + 1
+    inodes = txn.cursor(db=store.db["inodes"])
     for key, value in txn.cursor(db=store.db["dirents"]):
         seq = seq_of(key)
         until = newer - 1 if key[:-8] == prefix else MAX_SEQ
@@ -72,10 +75,23 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
         if not value:
             continue
         child = U64.unpack(value)[0]
-        if View(store, txn, until).inode(child) is None:
+        if not _existed(inodes, child, until):
             parent = U64.unpack_from(key, 0)[0]
             name = key[8:-9].decode(errors="replace")
             yield f"dangling name: {name!r} in directory {parent} -> inode {child} at seq {seq}"
+
+
+def _existed(cur: lmdb.Cursor, ino: int, until: int) -> bool:
+    """Whether inode ``ino`` has a (non-freed) version at or before ``until``."""
+    prefix = U64.pack(ino)
+    if not cur.set_range(prefix + inv(until)):
+        return False
+    for key, value in cur:
+        if not key.startswith(prefix) or len(key) != 16:
+            return False
+        if value:
+            return True
+    return False
 
 
 def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[str]:

@@ -60,9 +60,13 @@ class FileSystem:
         mutator: applies journaled operations (valid inside the writer txn).
     """
 
-    def __init__(self, store: Store, engine: Engine) -> None:
+    def __init__(self, store: Store, engine: Engine, *, kernel_mtime: bool = False) -> None:
         self.store = store
         self.engine = engine
+        # With FUSE's writeback cache the kernel stamps mtime on write(2) and sends
+        # it in a setattr; stamping writes again here would make the stored mtime
+        # differ from what the kernel showed (a WRITE arrives a clock tick later).
+        self.kernel_mtime = kernel_mtime
         self.mutator: Mutator | None = None
         self._lookups: dict[int, int] = defaultdict(int)
         self._opens: dict[int, int] = defaultdict(int)
@@ -294,7 +298,8 @@ class FileSystem:
         h = self._handle(fh)
         self.engine.need_space(len(data))
         before = self.m.stored_bytes
-        self.m.write(h.ino, off, data, prepared.result() if prepared else None)
+        self.m.write(h.ino, off, data, prepared.result() if prepared else None,
+                     touch=not self.kernel_mtime)
         self._changed(self.m.stored_bytes - before)
         return len(data)
 

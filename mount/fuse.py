@@ -94,7 +94,8 @@ class FuseOperations(pyfuse3.Operations):
                 raise
             negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
             negative.st_ino = 0
-            negative.entry_timeout = TIMEOUT
+            ttl = self.fs.miss_ttl(parent_inode, name)
+            negative.entry_timeout = TIMEOUT if ttl is None else ttl
             return negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

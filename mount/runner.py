@@ -106,7 +106,7 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
     try:
         store.lock(f"mount on {mountpoint}")
         engine = Engine(store)
-        fs = FileSystem(store, engine)
+        fs = FileSystem(store, engine, kernel_mtime=FuseOperations.enable_writeback_cache)
         engine.start()
         try:
             engine.call_sync(fs.recover, durable=True)
@@ -137,11 +137,10 @@ def _holder(store: Store, fs: FileSystem) -> Callable[[int, int | None], None]:
     """Keep a hold on each past point the mount shows (runs on the store thread)."""
 
     def on_slot(slot: int, seq: int | None) -> None:
-        name = bookmarks.hold_name(f"slot{slot}")
         if seq is None:
-            fs.m.txn.delete(name.encode(), db=store.db["bookmarks"])
+            bookmarks.release(fs.m.txn, store.db, f"slot{slot}")
         else:
-            bookmarks.put(fs.m.txn, store.db, name, seq, replace=True)
+            bookmarks.hold(fs.m.txn, store.db, f"slot{slot}", seq)
         fs.engine.note_dirty(64)
 
     return on_slot
@@ -186,11 +185,10 @@ def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bo
                     ready: Callable[[], None] | None) -> None:
     """Serve one past state, read-only, holding its point while mounted."""
     store = Store(store_path)
-    hold = bookmarks.hold_name("snapshot")
     try:
         with store.txn(write=True) as txn:
             seq = Points(store, txn).resolve(timespec.parse(at))
-            bookmarks.put(txn, store.db, hold, seq, replace=True)
+            bookmarks.hold(txn, store.db, "snapshot", seq)
         try:
             engine = ReadEngine(store)
             tfs = TimeFS(store, lambda s: View(store, engine.txn, s), base_seq=seq)
@@ -204,7 +202,7 @@ def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bo
                 pyfuse3.close(unmount=True)
         finally:
             with store.txn(write=True) as txn:
-                txn.delete(hold.encode(), db=store.db["bookmarks"])
+                bookmarks.release(txn, store.db, "snapshot")
             log.info("unmounted snapshot %s", mountpoint)
     finally:
         store.close()
