@@ -65,6 +65,8 @@ from run import (
     cdpfs_command,
     drop_caches,
     fmt,
+    format_markdown,
+    format_text,
     fs_type,
     git_version,
     is_mounted,
@@ -319,24 +321,11 @@ def cells(rows: list[Row]) -> list[tuple[str, ...]]:
 
 
 def text_table(rows: list[Row]) -> str:
-    table = [HEADER, *cells(rows)]
-    widths = [max(len(c[i]) for c in table) for i in range(len(HEADER))]
-    right = {3, 4, 5}
-    lines = []
-    for n, c in enumerate(table):
-        lines.append("  ".join(s.rjust(w) if i in right else s.ljust(w)
-                               for i, (s, w) in enumerate(zip(c, widths, strict=True))).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_text(HEADER, cells(rows), {3, 4, 5})
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join("---:" if i in {3, 4, 5} else "---" for i in range(len(HEADER)))
-             + "|"]
-    lines += ["| " + " | ".join(c) + " |" for c in cells(rows)]
-    return "\n".join(lines)
+    return format_markdown(HEADER, cells(rows), {3, 4, 5})
 
 
 # --- data --------------------------------------------------------------------------------

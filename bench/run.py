@@ -45,7 +45,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -654,12 +654,12 @@ def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
     return out
 
 
-def text_table(rows: list[Row]) -> str:
-    cells = [HEADER, *table_cells(rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    right = {3, 4, 5, 6, 7, 8}
+def format_text(header: Sequence[str], cells: Sequence[Sequence[str]], right: set[int]) -> str:
+    """A plain-text table; columns in ``right`` are right-aligned."""
+    table = [header, *cells]
+    widths = [max(len(c[i]) for c in table) for i in range(len(header))]
     lines = []
-    for n, c in enumerate(cells):
+    for n, c in enumerate(table):
         lines.append("  ".join(s.rjust(w) if i in right else s.ljust(w)
                                for i, (s, w) in enumerate(zip(c, widths, strict=True))).rstrip())
         if n == 0:
@@ -667,12 +667,23 @@ def text_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join("---:" if i in {3, 4, 5, 6, 7, 8} else "---"
-                            for i in range(len(HEADER))) + "|"]
-    lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
+def format_markdown(header: Sequence[str], cells: Sequence[Sequence[str]],
+                    right: set[int]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
+
+
+_RIGHT = {3, 4, 5, 6, 7, 8}
+
+
+def text_table(rows: list[Row]) -> str:
+    return format_text(HEADER, table_cells(rows), _RIGHT)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    return format_markdown(HEADER, table_cells(rows), _RIGHT)
 
 
 # --- profiling ---------------------------------------------------------------------------

@@ -35,6 +35,25 @@ def live_names(root: Path) -> list[str]:
     return sorted(n for n in os.listdir(root) if not n.startswith("@"))
 
 
+def settle(mnt: Path) -> None:
+    """Make the mount commit everything it has applied (an fsync of its root)."""
+    fd = os.open(mnt, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_seq(vol: Volume) -> int:
+    """The newest journal sequence number of a mounted volume, read through the library."""
+    from cdpfs import journal
+    from cdpfs.store import Store
+
+    settle(vol.mnt)
+    with Store(vol.store, readonly=True) as st, st.txn() as txn:
+        return journal.last(txn, st.db)[0]
+
+
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():

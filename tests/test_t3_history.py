@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 from conftest import HAVE_FUSE
-from helpers import Volume, cdpfs, force_unmount
+from helpers import Volume, cdpfs, force_unmount, last_seq, settle
 
-from cdpfs import journal, timespec
+from cdpfs import timespec
 from cdpfs.retention import Points
 from cdpfs.store import Store
 
@@ -35,15 +35,6 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def settle(mnt: Path) -> None:
-    """Make the mount commit everything it has applied."""
-    fd = os.open(mnt, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def moment() -> int:
@@ -75,17 +66,6 @@ def sleep_until(t: float) -> None:
     delay = t - time.time()
     if delay > 0:
         time.sleep(delay)
-
-
-def last_seq(vol: Volume) -> int:
-    """The newest journal sequence number, read through the library."""
-    settle(vol.mnt)
-    st = Store(vol.store, readonly=True)
-    try:
-        with st.txn() as txn:
-            return journal.last(txn, st.db)[0]
-    finally:
-        st.close()
 
 
 def put(path: Path, data: bytes) -> None:

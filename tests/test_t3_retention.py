@@ -9,23 +9,12 @@ import re
 import time
 
 import pytest
-from helpers import Volume, cdpfs, wait_until
+from helpers import Volume, cdpfs, last_seq, wait_until
 
 
 def _stored_mib(vol: Volume) -> float:
     out = cdpfs("stat", vol.store).stdout
     return float(re.search(r"stored\s+([\d,.]+) MiB", out)[1].replace(",", ""))  # type: ignore[index]
-
-
-def _seq(vol: Volume) -> int:
-    from cdpfs import journal
-    from cdpfs.store import Store
-
-    fd = os.open(vol.mnt, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    with Store(vol.store) as st, st.txn() as txn:
-        return journal.last(txn, st.db)[0]
 
 
 def test_mount_prunes_periodically_and_keeps_bookmarks(make_volume: type[Volume]) -> None:
@@ -37,7 +26,7 @@ def test_mount_prunes_periodically_and_keeps_bookmarks(make_volume: type[Volume]
         seqs = []
         for data in versions:
             (vol.mnt / "f").write_bytes(data)
-            seqs.append(_seq(vol))
+            seqs.append(last_seq(vol))
         cdpfs("bookmark", "third", "--at", f"#{seqs[2]}", "--volume", vol.mnt)
         before = _stored_mib(vol)
         assert before > 4  # 15 versions of 300 kB of random data

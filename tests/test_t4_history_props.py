@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import Volume, cdpfs
+from helpers import Volume, cdpfs, settle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -390,15 +390,6 @@ class Moment:
     seq: int
     t_ns: int
     tree: Tree
-
-
-def settle(mnt: Path) -> None:
-    """Make the mount commit everything applied so far."""
-    fd = os.open(mnt, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def record(mnt: Path, store: Store, model: Model) -> Moment:

@@ -46,6 +46,12 @@ def resolve(store: Store, moment: str) -> tuple[int, int]:
         return seq, points.ts(seq) or 0
 
 
+def _point(target: Target, moment: str) -> tuple[int, int]:
+    """(seq, ts) of the kept point ``moment`` names in the target's store."""
+    with target.open() as st:
+        return resolve(st, moment)
+
+
 def _args(op: str, args: dict[str, object]) -> str:
     if op == "write":
         return f"{args.get('len')} bytes at {args.get('off')}"
@@ -124,11 +130,7 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
     from .restore import measure, restore_tree
 
     live = target.live_path
-    st = target.open()
-    try:
-        seq, ts = resolve(st, at)
-    finally:
-        st.close()
+    seq, ts = _point(target, at)
     mount = target.mount
     assert mount is not None
     src = mount / f"@#{seq}" / target.rel if target.rel else mount / f"@#{seq}"
@@ -181,11 +183,7 @@ def rewind_cmd(volume: Path, at: str, yes: bool) -> None:
     target = locate(volume)
     target = Target(target.store, target.mount, "")
     live = target.live_path
-    st = target.open()
-    try:
-        seq, ts = resolve(st, at)
-    finally:
-        st.close()
+    seq, ts = _point(target, at)
     if not yes and not click.confirm(f"Rewind everything in {live} to #{seq} ({when(ts)})? "
                                      "Files created since will be removed", err=True):
         raise CdpfsError("rewind cancelled")
