@@ -109,3 +109,8 @@ def plain_size(stored: bytes | memoryview) -> int:
             return int(size)
         return len(decode(stored, b""))
     return len(stored) - 1
+
+
+def unzstd(payload: bytes | memoryview) -> bytes:
+    """Decompress a zstd frame (raises zstandard.ZstdError if it is damaged)."""
+    return _decompressor().decompress(payload)

@@ -48,14 +48,18 @@ def append(txn: lmdb.Transaction, dbs: dict[str, Any], rec: Record) -> None:
     txn.put(U64.pack(rec.ts) + U64.pack(rec.seq), b"", db=dbs["timeidx"])
 
 
-def apply(txn: lmdb.Transaction, dbs: dict[str, Any], rec: Record) -> None:
-    """Make the versioned puts of ``rec`` (used by replicas) and append it."""
+def apply(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int, raw: bytes) -> Record:
+    """Make the versioned puts of a packed record (a replica receiving it) and
+    keep the record as it came, byte for byte."""
     from .schema import TABLE_NAMES
 
-    suffix = inv(rec.seq)
+    rec = Record.unpack(seq, raw)
+    suffix = inv(seq)
     for table, prefix, value in rec.changes:
         txn.put(prefix + suffix, value, db=dbs[TABLE_NAMES[table].decode()])
-    append(txn, dbs, rec)
+    txn.put(U64.pack(seq), raw, db=dbs["journal"])
+    txn.put(U64.pack(rec.ts) + U64.pack(seq), b"", db=dbs["timeidx"])
+    return rec
 
 
 def get(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> Record | None:

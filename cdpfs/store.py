@@ -37,6 +37,7 @@ DB_NAMES = (
     b"bookmarks", b"replicas",  # used by time travel and replication
 )
 LOCK_NAME = "cdpfs.lock"
+_ALLOWED_BEFORE = {"tls", "cdpfs.log", "replica.log", LOCK_NAME}  # may predate the store
 
 
 class BlockCache:
@@ -123,17 +124,19 @@ class Store:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, block_size: int = DEFAULT_BLOCK_SIZE,
-               ) -> Store:
-        """Create the LMDB environment of a new store at ``path`` (missing or empty dir).
+               volume_uuid: str | None = None) -> Store:
+        """Create the LMDB environment of a new store at ``path`` (missing or empty dir;
+        a TLS identity made beforehand may be there).
 
-        The volume inside is made by ``mutate.init_volume``, which calls this.
+        The volume inside is made by ``mutate.init_volume``, which calls this; a
+        replica store takes the primary's ``volume_uuid``.
         """
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p}: exists and is not a directory")
         if p.is_dir() and is_store(p):
             raise StoreError(f"{p}: is already a cdpfs store")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and any(e.name not in _ALLOWED_BEFORE for e in p.iterdir()):
             raise StoreError(f"{p}: directory is not empty and is not a cdpfs store")
         if block_size < 4096 or block_size & (block_size - 1):
             raise StoreError(f"block size {block_size} must be a power of two >= 4096")
@@ -144,7 +147,7 @@ class Store:
             with env.begin(write=True) as txn:
                 meta = dbs[b"meta"]
                 txn.put(b"format", FORMAT, db=meta)
-                txn.put(b"uuid", str(uuid.uuid4()).encode(), db=meta)
+                txn.put(b"uuid", (volume_uuid or str(uuid.uuid4())).encode(), db=meta)
                 txn.put(b"block_size", str(block_size).encode(), db=meta)
                 txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
         finally:
@@ -197,7 +200,9 @@ class Store:
             new *= 2
         if new != size:
             log.info("growing LMDB map of %s from %d to %d MiB", self.path, size >> 20, new >> 20)
-            self.env.set_mapsize(new)
+            with self._cond:  # LMDB: only while this process has no transaction open
+                self._cond.wait_for(lambda: self._active == 0)
+                self.env.set_mapsize(new)
 
     @contextmanager
     def txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:

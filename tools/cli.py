@@ -174,9 +174,25 @@ def umount(mountpoint: Path) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-def verify(store: Path) -> None:
-    """Rehash every block and check every reference of every version."""
+@click.argument("replica", type=click.Path(path_type=Path), required=False)
+@click.option("--compare", is_flag=True,
+              help="STORE REPLICA: check both hold identical state (whole-tree hash).")
+@click.option("--at", "at", type=int, help="With --compare: the sequence number to compare "
+              "(default: the newest both have).")
+def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> None:
+    """Rehash every block and check every reference of every version.
+
+    With --compare PRIMARY REPLICA, check instead that both stores show the same
+    tree at one sequence number."""
     from cdpfs.verify import verify as run_verify
+
+    if compare or replica is not None:
+        from .replication import compare as run_compare
+
+        if replica is None:
+            raise CdpfsError("--compare needs two stores: PRIMARY REPLICA")
+        run_compare(store, replica, at)
+        return
 
     st = Store(store, readonly=True)
     try:
@@ -197,12 +213,14 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
+    from cdpfs.shipper import load_states
     from cdpfs.stats import store_stats
 
     st = Store(store, readonly=True)
     try:
         s = store_stats(st)
         holder = st.holder()
+        replicas = load_states(st)
     finally:
         st.close()
     when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
@@ -212,12 +230,21 @@ def status(store: Path) -> None:
     click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
+    for r in replicas:
+        lag = s.last_seq - r.acked
+        behind = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
+        click.echo(f"replica      {r.name} ({r.address}, {r.mode}): "
+                   f"{'connected' if r.connected else 'not connected'}, acked #{r.acked}, "
+                   f"lag {lag} records / {behind:.1f}s, sent {r.records_sent} records "
+                   f"{r.bytes_sent / 2**20:.1f} MiB"
+                   + (f", last error: {r.last_error}" if r.last_error else ""))
 
 
 def _register() -> None:
+    from .replication import COMMANDS as REPLICATION
     from .timetravel import COMMANDS, stat_cmd
 
-    for command in COMMANDS:
+    for command in COMMANDS + REPLICATION:
         main.add_command(command)
     main.add_command(stat_cmd, "df")
 

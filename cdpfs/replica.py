@@ -1,0 +1,200 @@
+"""The replica side of replication: accept a primary, apply its records in order, durably.
+
+``serve`` listens for TLS connections (credentials.server_context: only trusted
+certificates get in). For each batch the primary offers the block hashes and
+pack ids its records reference; the replica answers with those it lacks; the
+primary sends them, then the records. The replica checks every block against
+its hash, applies blocks and records in one synced LMDB transaction, and only
+then acknowledges the batch's last seq: an acknowledged record is on disk. Its
+position is simply the newest record in its journal, so a restart of either
+side resumes there. The replica store is created from the primary's first
+HELLO (same volume uuid and block size) and can be mounted read-only at any
+moment (``cdpfs mount --at``) while it receives.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import codec, journal, wire
+from .errors import CdpfsError, CorruptBlock
+from .schema import U64
+from .store import Store, is_store
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 1
+
+
+class Replica:
+    """A replica store receiving from one primary at a time.
+
+    Attributes:
+        path: the replica store directory.
+        store: the open store (None until the first primary created it).
+        applied: records applied since start; bytes_in: bytes received.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.store: Store | None = Store(path) if is_store(self.path) else None
+        if self.store is not None:
+            self.store.lock("replica serve")
+        self._one = trio.Lock()
+        self.applied = 0
+        self.bytes_in = 0
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _open(self, hello: dict[str, Any]) -> Store:
+        if self.store is None:
+            self.store = Store.create(self.path, block_size=int(hello["block_size"]),
+                                      volume_uuid=str(hello["uuid"]))
+            self.store.lock("replica serve")
+            log.info("created replica store %s of volume %s", self.path, hello["uuid"])
+        if self.store.uuid != hello["uuid"]:
+            raise CdpfsError(f"this replica holds volume {self.store.uuid}, not {hello['uuid']}")
+        if self.store.block_size != int(hello["block_size"]):
+            raise CdpfsError("block size differs from the primary's")
+        return self.store
+
+    def position(self) -> int:
+        assert self.store is not None
+        with self.store.txn() as txn:
+            return journal.last(txn, self.store.db)[0]
+
+    async def handle(self, conn: wire.Connection, peer: str) -> None:
+        """Serve one connected primary until it goes away."""
+        _, hello = await conn.recv(wire.HELLO)
+        if hello.get("proto") != PROTOCOL:
+            await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
+            return
+        if self._one.locked():
+            log.warning("%s: refused, another primary is connected", peer)
+            await conn.send(wire.ERROR, {"message": "another primary is connected"})
+            return
+        async with self._one:
+            try:
+                store = await trio.to_thread.run_sync(self._open, hello)
+            except CdpfsError as exc:
+                log.warning("%s: refused: %s", peer, exc)
+                await conn.send(wire.ERROR, {"message": str(exc)})
+                return
+            acked = await trio.to_thread.run_sync(self.position)
+            log.info("%s (%s) connected; resuming after #%d", peer, hello.get("name"), acked)
+            await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid})
+            while True:
+                _, offer = await conn.recv(wire.OFFER)
+                want = await trio.to_thread.run_sync(self._missing, store, offer)
+                await conn.send(wire.WANT, want)
+                _, data = await conn.recv(wire.DATA)
+                _, batch = await conn.recv(wire.RECORDS)
+                acked = await trio.to_thread.run_sync(self._apply, store, acked, want, data,
+                                                      batch)
+                self.bytes_in = conn.received
+                await conn.send(wire.ACK, {"seq": acked})
+
+    @staticmethod
+    def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
+        with store.txn() as txn:
+            blocks = [h for h in offer["blocks"] if txn.get(h, db=store.db["blocks"]) is None]
+            packs = [p for p in offer["packs"]
+                     if txn.get(U64.pack(p), db=store.db["packs"]) is None]
+        return {"blocks": blocks, "packs": packs}
+
+    def _apply(self, store: Store, acked: int, want: dict[str, Any], data: dict[str, Any],
+               batch: list[list[Any]]) -> int:
+        blocks, packs = data["blocks"], data["packs"]
+        missing = set(want["blocks"]) - set(blocks) or set(want["packs"]) - set(packs)
+        if missing:
+            raise wire.WireError(f"the primary did not send {len(missing)} wanted objects")
+        for digest, stored in blocks.items():  # never keep a block that is not what it claims
+            try:
+                codec.decode(stored, digest)
+            except CorruptBlock as exc:
+                raise wire.WireError(f"received a damaged block: {exc}") from None
+        for pack, stored in packs.items():
+            codec.decode_pack(stored, pack)
+        size = sum(map(len, blocks.values())) + sum(map(len, packs.values())) + \
+            sum(len(raw) for _, raw in batch)
+        store.grow_if_needed(2 * size + (64 << 20))
+        with store.txn(write=True) as txn:
+            for digest, stored in blocks.items():
+                txn.put(digest, stored, db=store.db["blocks"])
+            for pack, stored in packs.items():
+                txn.put(U64.pack(pack), stored, db=store.db["packs"])
+            for seq, raw in batch:
+                if seq != acked + 1:
+                    raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
+                journal.apply(txn, store.db, seq, raw)
+                acked = seq
+        self.applied += len(batch)
+        return acked
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [addr]:port) to (host, port); CdpfsError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise CdpfsError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
+                ready: Any = None) -> None:
+    """Run a replica of the store at ``path`` on address ``listen`` until cancelled."""
+    host, port = parse_address(listen)
+    replica = Replica(path)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+
+        async def handler(stream: trio.SocketStream) -> None:
+            peer = _peer(stream)
+            tls = trio.SSLStream(stream, ctx, server_side=True)
+            try:
+                await tls.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                log.warning("%s: refused TLS connection: %s", peer, _cause(exc))
+                await trio.aclose_forcefully(stream)
+                return
+            conn = wire.Connection(tls)
+            try:
+                await replica.handle(conn, peer)
+            except wire.Closed:
+                log.info("%s: disconnected", peer)
+            except (wire.WireError, wire.PeerError, trio.BrokenResourceError,
+                    ssl.SSLError, OSError) as exc:
+                log.warning("%s: connection dropped: %s", peer, _cause(exc))
+            except CdpfsError as exc:
+                log.error("%s: %s", peer, exc)
+            finally:
+                await trio.aclose_forcefully(tls)
+
+        log.info("replica %s listening on %s", path, listen)
+        if ready is not None:
+            ready()
+        await trio.serve_listeners(handler, listeners)
+    finally:
+        replica.close()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _cause(exc: BaseException) -> str:
+    """The root cause of a (possibly wrapped) network error, in one line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"

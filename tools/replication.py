@@ -1,0 +1,142 @@
+"""The replication commands: replica keygen/trust/serve/add, replicate, and verify --compare."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+import trio
+
+from cdpfs import credentials, journal
+from cdpfs.errors import CdpfsError
+from cdpfs.replica import parse_address, serve
+from cdpfs.shipper import ReplicaState, Shipper
+from cdpfs.store import Store, is_store
+from cdpfs.treehash import tree_hash
+
+log = logging.getLogger(__name__)
+
+
+@click.group("replica")
+def replica() -> None:
+    """Replica stores: credentials, serving, registration."""
+
+
+@replica.command("keygen")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--name", help="A name for this side in its certificate (default: the host).")
+@click.option("--force", is_flag=True, help="Replace an existing identity.")
+def keygen_cmd(store: Path, name: str | None, force: bool) -> None:
+    """Make STORE's TLS identity (STORE may not exist yet: a future replica)."""
+    import socket
+
+    store.mkdir(parents=True, exist_ok=True)
+    cert = credentials.keygen(store, name or socket.gethostname(), force=force)
+    click.echo(f"{cert}  {credentials.fingerprint(cert.read_bytes())}")
+    click.echo(f"give {cert} to the other side: cdpfs replica trust THEIR_STORE {cert.name} "
+               "--name NAME")
+
+
+@replica.command("trust")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.argument("cert", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="The peer's name (a replica name on a primary).")
+def trust_cmd(store: Path, cert: Path, name: str) -> None:
+    """Let the peer whose certificate is CERT connect to (or serve) STORE."""
+    click.echo(f"{store} trusts {name}: {credentials.trust(store, cert, name)}")
+
+
+@replica.command("serve")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Address to listen on.")
+def serve_cmd(store: Path, listen: str) -> None:
+    """Receive a primary's changes into STORE (created on first contact); runs until stopped."""
+    parse_address(listen)
+    ctx = credentials.server_context(store)
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(2, 15) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve, store, listen, ctx)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@replica.command("add")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.argument("name")
+@click.option("--address", required=True, metavar="HOST:PORT")
+@click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True)
+def add_cmd(store: Path, name: str, address: str, mode: str) -> None:
+    """Register replica NAME of STORE (its certificate must be trusted under NAME)."""
+    parse_address(address)
+    with Store(store) as st, st.txn(write=True) as txn:
+        old = txn.get(name.encode(), db=st.db["replicas"])
+        state = ReplicaState.unpack(bytes(old)) if old else ReplicaState(name, address)
+        state.address, state.mode = address, mode
+        txn.put(name.encode(), state.pack(), db=st.db["replicas"])
+    click.echo(f"replica {name} of {store}: {address}, {mode}")
+
+
+@click.command("replicate")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.option("--to", "address", metavar="HOST:PORT", help="The replica's address.")
+@click.option("--name", help="The replica's name (as trusted / added).")
+@click.option("--follow", is_flag=True, help="Keep shipping new changes until stopped.")
+@click.option("--attempts", default=5, show_default=True,
+              help="Give up after this many failed connections in a row (0: never).")
+def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bool,
+                  attempts: int) -> None:
+    """Ship STORE's changes to a replica, without a mount (until it has everything)."""
+    st = Store(store)
+    try:
+        if address is None:
+            states = {s.name: s for s in _states(st)}
+            if not name or name not in states:
+                raise CdpfsError("give --to HOST:PORT, or --name of a replica added with "
+                                 f"'cdpfs replica add' (known: {', '.join(states) or 'none'})")
+            address = states[name].address
+        shipper = Shipper(st, name or address, address, credentials.client_context(store))
+        started = time.monotonic()
+        first = shipper.state.acked
+        trio.run(shipper.run, follow, attempts)
+        s = shipper.state
+        click.echo(f"replica {s.name} at #{s.acked}: {s.records_sent} records "
+                   f"(from #{first + 1 if s.records_sent else s.acked}), "
+                   f"{s.bytes_sent / 2**20:.1f} MiB sent in {time.monotonic() - started:.1f}s")
+    finally:
+        st.close()
+
+
+def _states(st: Store) -> list[ReplicaState]:
+    from cdpfs.shipper import load_states
+
+    return load_states(st)
+
+
+def compare(primary: Path, replica_path: Path, at: int | None) -> None:
+    """Check that two stores hold the same volume state at one seq (whole-tree hash)."""
+    for p in (primary, replica_path):
+        if not is_store(p):
+            raise CdpfsError(f"{p}: not a cdpfs store")
+    with Store(primary) as a, Store(replica_path) as b, a.txn() as ta, b.txn() as tb:
+        if a.uuid != b.uuid:
+            raise CdpfsError(f"{replica_path} holds volume {b.uuid}, not {a.uuid}")
+        last = min(journal.last(ta, a.db)[0], journal.last(tb, b.db)[0])
+        seq = last if at is None else at
+        if seq > last:
+            raise CdpfsError(f"#{seq}: both stores have records only up to #{last}")
+        ha, n = tree_hash(a, ta, seq)
+        hb, _ = tree_hash(b, tb, seq)
+    if ha != hb:
+        raise CdpfsError(f"differ at #{seq}: {primary} {ha[:16]}, {replica_path} {hb[:16]}")
+    click.echo(f"identical at #{seq}: {n} entries, tree hash {ha[:16]}")
+
+
+COMMANDS = [replica, replicate_cmd]
