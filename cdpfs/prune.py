@@ -69,6 +69,12 @@ class Pruner:
         self.sparse = points.kept_sparse(self.full_from)
         self._sparse_set = set(self.sparse)
         self.stale_holds = [b.name for b in points.marks if b.is_hold and not b.holder_alive]
+        # Records (and the blocks they reference) a replica has not acknowledged yet
+        # stay, so it can still be sent them.
+        from .shipper import min_acked
+
+        acked = min_acked(txn, self.db)
+        self.keep_after = journal.last(txn, self.db)[0] if acked is None else acked
         self.survivors: set[int] = set()  # seqs < full_from of versions kept
         self.blocks: set[bytes] = set()
         self.packs: set[int] = set()
@@ -208,7 +214,7 @@ class Pruner:
             return True
         for n, (key, raw) in enumerate(cur):
             seq = U64.unpack(key)[0]
-            if seq >= self.full_from:
+            if seq >= self.full_from or seq > self.keep_after:
                 return True
             if n >= self.step_keys:
                 self.cursor = bytes(key)
@@ -233,7 +239,7 @@ class Pruner:
 
     def _mark(self, txn: lmdb.Transaction) -> bool:
         if not self.cursor:
-            self.mark_seq = journal.last(txn, self.db)[0]
+            self.mark_seq = min(journal.last(txn, self.db)[0], self.keep_after)
         cur = txn.cursor(db=self.db["extents"])
         if not cur.set_range(self.cursor or b"\0"):
             return True

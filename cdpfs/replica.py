@@ -195,6 +195,10 @@ def _peer(stream: trio.SocketStream) -> str:
 
 def _cause(exc: BaseException) -> str:
     """The root cause of a (possibly wrapped) network error, in one line."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
+    while True:
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            return f"{type(exc).__name__}: {exc}"

@@ -83,6 +83,11 @@ class Shipper:
             self.state = ReplicaState.unpack(bytes(raw))
             self.state.address, self.state.connected = address, False
         self.caught_up = trio.Event()
+        self._wake = trio.Event()
+
+    def poke(self) -> None:
+        """New records are committed: look for them now instead of at the next poll."""
+        self._wake.set()
 
     def _save(self) -> None:
         self.state.updated_ns = time.time_ns()
@@ -102,11 +107,12 @@ class Shipper:
                 raise CdpfsError(f"replica {self.state.name} refused: {exc}") from None
             except (OSError, ssl.SSLError, trio.BrokenResourceError, wire.WireError) as exc:
                 failures += 1
-                self.state.connected = False
-                self.state.last_error = _cause(exc)
+                error = _cause(exc)
+                log.log(logging.WARNING if error != self.state.last_error else logging.DEBUG,
+                        "replica %s at %s:%d: %s; retrying", self.state.name, self.host,
+                        self.port, error)
+                self.state.connected, self.state.last_error = False, error
                 await trio.to_thread.run_sync(self._save)
-                log.warning("replica %s at %s:%d: %s; retrying", self.state.name, self.host,
-                            self.port, self.state.last_error)
                 if attempts and failures >= attempts:
                     raise CdpfsError(f"replica {self.state.name}: {self.state.last_error}") \
                         from None
@@ -137,7 +143,9 @@ class Shipper:
                         await trio.to_thread.run_sync(self._save)
                         await tls.aclose()  # a clean end: close_notify, not a drop
                         return
-                    await trio.sleep(0.05)
+                    with trio.move_on_after(0.05):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
                     continue
                 sent = conn.sent
                 await conn.send(wire.OFFER, refs)

@@ -425,11 +425,14 @@ class TimeFS:
         if self.live is not None and not fh & PAST_FH:
             self.live.check_write_errors(fh)
 
-    def fsync(self, fh: int) -> None:
-        self.check_write_errors(fh)
+    def fsync(self, fh: int) -> int:
+        if self.live is None or fh & PAST_FH:
+            return 0
+        return self.live.fsync(fh)
 
-    def sync(self) -> None:
+    def sync(self) -> int:
         """Run with ``durable=True`` (live mounts): everything before is committed."""
+        return self.live.sync() if self.live is not None else 0
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.store.path)

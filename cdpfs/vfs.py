@@ -331,9 +331,11 @@ class FileSystem:
         if h is not None and h.ino in self.write_errors:
             raise self.write_errors.pop(h.ino)
 
-    def fsync(self, fh: int) -> None:
-        """Run with ``durable=True``: everything before is committed when it returns."""
+    def fsync(self, fh: int) -> int:
+        """Run with ``durable=True``: everything before is committed when it returns.
+        Returns the newest seq (committed by then: what sync replicas must have)."""
         self.check_write_errors(fh)
+        return self.m.last_seq
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -346,8 +348,10 @@ class FileSystem:
             self._opens.pop(h.ino, None)
             self._maybe_free(h.ino)
 
-    def sync(self) -> None:
-        """A no-op run with ``durable=True``: returns once all prior work is committed."""
+    def sync(self) -> int:
+        """Run with ``durable=True``: returns (the newest seq) once all prior work is
+        committed."""
+        return self.m.last_seq
 
     # --- directories --------------------------------------------------------------
 

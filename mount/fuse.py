@@ -17,6 +17,7 @@ import pyfuse3
 
 from cdpfs.engine import Engine, ReadEngine
 from cdpfs.errors import CdpfsError
+from cdpfs.replicator import Replicator
 from cdpfs.schema import Inode
 from cdpfs.timefs import Caller, TimeFS
 from cdpfs.vfs import Entry
@@ -32,10 +33,12 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: TimeFS, engine: Engine | ReadEngine) -> None:
+    def __init__(self, fs: TimeFS, engine: Engine | ReadEngine,
+                 replicator: Replicator | None = None) -> None:
         super().__init__()
         self.fs = fs
         self.engine = engine
+        self.replicator = replicator
         self.block_size = fs.store.block_size
 
     async def _call(self, fn: Callable[..., Any], *args: Any, durable: bool = False,
@@ -189,7 +192,9 @@ class FuseOperations(pyfuse3.Operations):
         await self._call(self.fs.release, fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._call(self.fs.fsync, fh, durable=True)
+        seq = await self._call(self.fs.fsync, fh, durable=True)
+        if self.replicator is not None:
+            await self.replicator.synced(seq)
 
     # --- directories --------------------------------------------------------------
 
@@ -217,7 +222,9 @@ class FuseOperations(pyfuse3.Operations):
         await self._call(self.fs.releasedir, fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._call(self.fs.sync, durable=True)
+        seq = await self._call(self.fs.sync, durable=True)
+        if self.replicator is not None:
+            await self.replicator.synced(seq)
 
     async def statfs(self, ctx: Any) -> Any:
         st: os.statvfs_result = await self._call(self.fs.statfs)

@@ -23,6 +23,7 @@ from cdpfs import bookmarks, timespec
 from cdpfs.engine import Engine, ReadEngine
 from cdpfs.errors import StoreError
 from cdpfs.prune import Pruner
+from cdpfs.replicator import Replicator
 from cdpfs.retention import Points
 from cdpfs.store import Store
 from cdpfs.timefs import TimeFS
@@ -112,12 +113,13 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
             engine.call_sync(fs.recover, durable=True)
             tfs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
                          show_history=show_history, on_slot=_holder(store, fs))
-            ops = FuseOperations(tfs, engine)
+            replicator = Replicator(store)
+            ops = FuseOperations(tfs, engine, replicator)
             pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
             try:
                 log.info("mounted %s on %s", store.path, mountpoint)
                 try:
-                    trio.run(_serve, ready, mountpoint, _pruning(store, engine))
+                    trio.run(_serve, ready, mountpoint, _pruning(store, engine), replicator.run)
                 except BaseException:
                     log.exception("the FUSE main loop failed")
                     raise
@@ -197,7 +199,7 @@ def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bo
             try:
                 log.info("mounted %s as of #%d (%s) on %s, read-only", store.path, seq, at,
                          mountpoint)
-                trio.run(_serve, ready, mountpoint, None)
+                trio.run(_serve, ready, mountpoint)
             finally:
                 pyfuse3.close(unmount=True)
         finally:
@@ -209,12 +211,12 @@ def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bo
 
 
 async def _serve(ready: Callable[[], None] | None, mountpoint: Path,
-                 background: Callable[[], Any] | None) -> None:
+                 *background: Callable[[], Any]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(_tune_after_init, mountpoint, ready)
-        if background is not None:
-            nursery.start_soon(background)
+        for task in background:
+            nursery.start_soon(task)
         await pyfuse3.main(min_tasks=4, max_tasks=32)
         nursery.cancel_scope.cancel()
 

@@ -1,0 +1,97 @@
+"""Replication from a running mount: one shipper per registered replica, and sync mode.
+
+The mount starts a ``Replicator`` beside its FUSE loop. It ships to every replica
+registered in the store (``cdpfs replica add``), picking up new ones as they are
+added, each in ``async`` mode (writes never wait: records queue in the journal,
+on disk, while a replica is slow or away) or ``sync`` mode (an fsync returns
+only once every sync replica has acknowledged everything committed before it).
+A sync replica that does not answer within ``config.sync_timeout`` seconds is
+reported and, by ``config.sync_dead`` ("degrade", the default, or "block"),
+either stops being waited for until it catches up or keeps fsync waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from . import credentials
+from .errors import CdpfsError
+from .shipper import Shipper, load_states
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Replicator:
+    """The shippers of one mounted store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.shippers: dict[str, Shipper] = {}
+        self.degraded: set[str] = set()
+        self.sync_timeout = 10.0
+        self.block_when_dead = False
+
+    async def run(self, check_every: float = 2.0) -> None:
+        """Start a shipper for each registered replica, now and as they are added."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.to_thread.run_sync(self._load_config)
+                for state in await trio.to_thread.run_sync(load_states, self.store):
+                    if state.name in self.shippers:
+                        self.shippers[state.name].state.mode = state.mode
+                        continue
+                    try:
+                        ctx = credentials.client_context(self.store.path)
+                    except CdpfsError as exc:
+                        log.error("cannot ship to replica %s: %s", state.name, exc)
+                        continue
+                    shipper = Shipper(self.store, state.name, state.address, ctx)
+                    self.shippers[state.name] = shipper
+                    log.info("shipping to replica %s at %s (%s)", state.name, state.address,
+                             state.mode)
+                    nursery.start_soon(self._ship, shipper)
+                await trio.sleep(check_every)
+
+    def _load_config(self) -> None:
+        with self.store.txn() as txn:
+            self.sync_timeout = float(self.store.config(txn, "sync_timeout") or 10.0)
+            self.block_when_dead = self.store.config(txn, "sync_dead") == "block"
+
+    async def _ship(self, shipper: Shipper) -> None:
+        try:
+            await shipper.run(follow=True, attempts=0)
+        except CdpfsError as exc:  # refused, or the journal it needs is gone
+            log.error("replication to %s stopped: %s", shipper.state.name, exc)
+
+    def committed(self) -> None:
+        """New records are committed: wake the shippers."""
+        for shipper in self.shippers.values():
+            shipper.poke()
+
+    async def synced(self, seq: int) -> None:
+        """Return once every sync replica has acknowledged ``seq`` (see the module doc)."""
+        waiting = [s for s in self.shippers.values()
+                   if s.state.mode == "sync" and s.state.acked < seq]
+        if not waiting:
+            return
+        self.committed()
+        deadline = time.monotonic() + self.sync_timeout
+        for shipper in waiting:
+            name = shipper.state.name
+            if name in self.degraded and not self.block_when_dead:
+                if shipper.state.acked >= seq:
+                    self.degraded.discard(name)
+                    log.warning("sync replica %s caught up: fsync waits for it again", name)
+                continue
+            while shipper.state.acked < seq:
+                if time.monotonic() > deadline and not self.block_when_dead:
+                    self.degraded.add(name)
+                    log.warning("sync replica %s did not acknowledge #%d within %.0fs (%s): "
+                                "fsync no longer waits for it until it catches up", name, seq,
+                                self.sync_timeout, shipper.state.last_error or "no answer")
+                    break
+                await trio.sleep(0.002)
