@@ -9,7 +9,8 @@ then acknowledges the batch's last seq: an acknowledged record is on disk. Its
 position is simply the newest record in its journal, so a restart of either
 side resumes there. The replica store is created from the primary's first
 HELLO (same volume uuid and block size) and can be mounted read-only at any
-moment (``cdpfs mount --at``) while it receives.
+moment (``cdpfs mount --at``) while it receives. Replicas registered in the
+replica's own store get what it receives (a chain).
 """
 
 from __future__ import annotations
@@ -180,9 +181,21 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
         log.info("replica %s listening on %s", path, listen)
         if ready is not None:
             ready()
-        await trio.serve_listeners(handler, listeners)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_forward, replica)
+            await trio.serve_listeners(handler, listeners)
     finally:
         replica.close()
+
+
+async def _forward(replica: Replica) -> None:
+    """Ship what this replica receives to the replicas registered in its own store
+    (a chain: primary -> this replica -> the next)."""
+    from .replicator import Replicator
+
+    while replica.store is None:
+        await trio.sleep(0.5)
+    await Replicator(replica.store).run()
 
 
 def _peer(stream: trio.SocketStream) -> str:

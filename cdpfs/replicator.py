@@ -41,8 +41,9 @@ class Replicator:
             while True:
                 await trio.to_thread.run_sync(self._load_config)
                 for state in await trio.to_thread.run_sync(load_states, self.store):
-                    if state.name in self.shippers:
-                        self.shippers[state.name].state.mode = state.mode
+                    if state.name in self.shippers:  # settings may change while it runs
+                        current = self.shippers[state.name].state
+                        current.mode, current.limit = state.mode, state.limit
                         continue
                     try:
                         ctx = credentials.client_context(self.store.path)

@@ -48,6 +48,7 @@ class ReplicaState:
     records_sent: int = 0
     last_error: str = ""
     updated_ns: int = 0
+    limit: int = 0  # bytes per second on the wire, 0: no limit
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -84,6 +85,7 @@ class Shipper:
             self.state.address, self.state.connected = address, False
         self.caught_up = trio.Event()
         self._wake = trio.Event()
+        self._budget_at = 0.0  # trio time until which the bandwidth budget is spent
 
     def poke(self) -> None:
         """New records are committed: look for them now instead of at the next poll."""
@@ -151,8 +153,8 @@ class Shipper:
                 await conn.send(wire.OFFER, refs)
                 _, want = await conn.recv(wire.WANT)
                 data = await trio.to_thread.run_sync(self._read_data, want)
-                await conn.send(wire.DATA, data, compress=False)
-                await conn.send(wire.RECORDS, batch)
+                await self._throttle(await conn.send(wire.DATA, data, compress=False))
+                await self._throttle(await conn.send(wire.RECORDS, batch))
                 _, ack = await conn.recv(wire.ACK)
                 acked = int(ack["seq"])
                 self.state.acked = acked
@@ -164,38 +166,16 @@ class Shipper:
             await trio.aclose_forcefully(tls)
 
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
-        """Records after ``acked`` (contiguous) and the blocks and packs they reference."""
-        batch: list[list[Any]] = []
-        blocks: dict[bytes, None] = {}
-        packs: dict[int, None] = {}
-        size = 0
         with self.store.txn() as txn:
-            cur = txn.cursor(db=self.store.db["journal"])
-            if not cur.set_range(U64.pack(acked + 1)):
-                return [], {}
-            for key, raw in cur:
-                seq = U64.unpack(key)[0]
-                if seq != acked + 1 + len(batch):
-                    if not batch:
-                        raise CdpfsError(
-                            f"replica {self.state.name} is at #{acked} but the journal "
-                            f"continues at #{seq}: records were pruned before it got them "
-                            "(a full resync is needed: not built yet)")
-                    break
-                raw = bytes(raw)
-                batch.append([seq, raw])
-                for table, _prefix, value in journal.Record.unpack(seq, raw).changes:
-                    if table == T_EXTENT and value:
-                        ext = Extent.unpack(value)
-                        if ext.kind == "F":
-                            blocks[ext.digest] = None
-                        elif ext.kind == "P":
-                            packs[ext.pack] = None
-                size += len(raw)
-                if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES or \
-                        len(blocks) * self.store.block_size >= 4 * BATCH_BYTES:
-                    break
-        return batch, {"blocks": list(blocks), "packs": list(packs)}
+            return read_batch(self.store, txn, acked, self.state.name)
+
+    async def _throttle(self, nbytes: int) -> None:
+        """Keep to the replica's bandwidth limit (bytes per second), if it has one."""
+        if not self.state.limit:
+            return
+        now = trio.current_time()
+        self._budget_at = max(self._budget_at, now) + nbytes / self.state.limit
+        await trio.sleep_until(self._budget_at)
 
     def _read_data(self, want: dict[str, list[Any]]) -> dict[str, dict[Any, bytes]]:
         out: dict[str, dict[Any, bytes]] = {"blocks": {}, "packs": {}}
@@ -211,3 +191,39 @@ class Shipper:
                     raise CdpfsError(f"pack {pack} is missing on the primary")
                 out["packs"][pack] = bytes(stored)
         return out
+
+
+def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
+               ) -> tuple[list[list[Any]], dict[str, list[Any]]]:
+    """The next batch after ``acked``: contiguous records, and the blocks and packs
+    they reference (what OFFER lists)."""
+    batch: list[list[Any]] = []
+    blocks: dict[bytes, None] = {}
+    packs: dict[int, None] = {}
+    size = 0
+    cur = txn.cursor(db=store.db["journal"])
+    if not cur.set_range(U64.pack(acked + 1)):
+        return [], {}
+    for key, raw in cur:
+        seq = U64.unpack(key)[0]
+        if seq != acked + 1 + len(batch):
+            if not batch:
+                raise CdpfsError(
+                    f"replica {name} is at #{acked} but the journal continues at #{seq}: "
+                    "records were pruned before it got them (a full resync is needed: "
+                    "not built yet)")
+            break
+        raw = bytes(raw)
+        batch.append([seq, raw])
+        for table, _prefix, value in journal.Record.unpack(seq, raw).changes:
+            if table == T_EXTENT and value:
+                ext = Extent.unpack(value)
+                if ext.kind == "F":
+                    blocks[ext.digest] = None
+                elif ext.kind == "P":
+                    packs[ext.pack] = None
+        size += len(raw)
+        if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES or \
+                len(blocks) * store.block_size >= 4 * BATCH_BYTES:
+            break
+    return batch, {"blocks": list(blocks), "packs": list(packs)}

@@ -73,15 +73,31 @@ def serve_cmd(store: Path, listen: str) -> None:
 @click.argument("name")
 @click.option("--address", required=True, metavar="HOST:PORT")
 @click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True)
-def add_cmd(store: Path, name: str, address: str, mode: str) -> None:
-    """Register replica NAME of STORE (its certificate must be trusted under NAME)."""
+@click.option("--limit", default="0", show_default=True,
+              help="Bandwidth limit on the wire, bytes per second (k, M, G suffixes); 0: none.")
+def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None:
+    """Register (or change) replica NAME of STORE; a mount ships to it while it runs
+    (STORE must trust NAME's certificate: cdpfs replica trust STORE CERT --name NAME)."""
     parse_address(address)
+    rate = parse_rate(limit)
     with Store(store) as st, st.txn(write=True) as txn:
         old = txn.get(name.encode(), db=st.db["replicas"])
         state = ReplicaState.unpack(bytes(old)) if old else ReplicaState(name, address)
-        state.address, state.mode = address, mode
+        state.address, state.mode, state.limit = address, mode, rate
         txn.put(name.encode(), state.pack(), db=st.db["replicas"])
-    click.echo(f"replica {name} of {store}: {address}, {mode}")
+    click.echo(f"replica {name} of {store}: {address}, {mode}"
+               + (f", limited to {rate} bytes/s" if rate else ""))
+
+
+def parse_rate(text: str) -> int:
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+    t = text.strip().lower().removesuffix("b/s").removesuffix("/s")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "kmg" else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise CdpfsError(f"{text!r}: a rate is a number of bytes per second, "
+                         "optionally with k, M or G") from None
 
 
 @click.command("replicate")
@@ -104,12 +120,13 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
             address = states[name].address
         shipper = Shipper(st, name or address, address, credentials.client_context(store))
         started = time.monotonic()
-        first = shipper.state.acked
-        trio.run(shipper.run, follow, attempts)
         s = shipper.state
-        click.echo(f"replica {s.name} at #{s.acked}: {s.records_sent} records "
-                   f"(from #{first + 1 if s.records_sent else s.acked}), "
-                   f"{s.bytes_sent / 2**20:.1f} MiB sent in {time.monotonic() - started:.1f}s")
+        before = (s.records_sent, s.bytes_sent)
+        trio.run(shipper.run, follow, attempts)
+        records, sent = s.records_sent - before[0], s.bytes_sent - before[1]
+        click.echo(f"replica {s.name} at #{s.acked}: {records} records "
+                   f"(from #{s.acked - records + 1 if records else s.acked}), "
+                   f"{sent / 2**20:.1f} MiB sent in {time.monotonic() - started:.1f}s")
     finally:
         st.close()
 
@@ -139,4 +156,25 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
     click.echo(f"identical at #{seq}: {n} entries, tree hash {ha[:16]}")
 
 
-COMMANDS = [replica, replicate_cmd]
+@click.command("assess")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.option("--since", default="1h", show_default=True,
+              help="The period to assess, back from now (30m, 24h, 7d ...).")
+@click.option("--lag", default="1s", show_default=True,
+              help="The most a replica may fall behind, for the bandwidth figure.")
+def assess_cmd(store: Path, since: str, lag: str) -> None:
+    """Measure what replication would send, without sending anything."""
+    from cdpfs.assess import assess
+    from cdpfs.retention import parse_duration
+
+    try:
+        period, max_lag = parse_duration(since), parse_duration(lag)
+    except ValueError as exc:
+        raise CdpfsError(str(exc)) from None
+    with Store(store) as st:
+        result = assess(st, time.time_ns() - period * 10**9, max(1, max_lag))
+    for line in result.lines():
+        click.echo(line)
+
+
+COMMANDS = [replica, replicate_cmd, assess_cmd]
