@@ -4,7 +4,7 @@ Accepted (after the leading ``@``, which is optional here):
 ISO times at any precision, local or UTC (``2026-11-25T10:00``,
 ``2026-11-25T10:00:00.250Z``, ``2026-11-25 10:00+01:00``), the same with ``-``
 for ``:`` in the time (``2026-11-25T10-00-00``, safe in Windows names),
-relative times (``-30s``, ``-15m``, ``-2h``, ``-3d``, ``-1w``), a journal
+relative times (``-30s``, ``-15m``, ``-2h``, ``-3d``, ``-1w``), ``now``, a journal
 sequence number (``#12345``) and bookmark names (anything else that is a
 valid bookmark name). A time names the state after every record stamped at
 or before it.
@@ -57,6 +57,8 @@ def parse(spec: str, now_ns: int | None = None) -> Moment:
     now_ns = time.time_ns() if now_ns is None else now_ns
     if not text:
         raise BadMoment(f"{spec!r}: empty moment")
+    if text == "now":
+        return Moment("time", now_ns, spec)
     if text.startswith("#"):
         if not text[1:].isdigit():
             raise BadMoment(f"{spec!r}: a sequence number is '#' and digits")

@@ -107,7 +107,7 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
     target = locate(path, store)
     st = target.open()
     try:
-        seqs = [_now_or(st, t) for t in (t1, t2)]
+        seqs = [resolve(st, t)[0] for t in (t1, t2)]
         with st.txn() as txn:
             changes = tree_diff(st, txn, seqs[0], seqs[1], target.rel)
     finally:
@@ -117,13 +117,6 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
     counts = {k: sum(c.kind == k for c in changes) for k in "AMDR"}
     click.echo(f"#{seqs[0]} -> #{seqs[1]}: {counts['A']} added, {counts['M']} changed, "
                f"{counts['D']} removed, {counts['R']} renamed", err=True)
-
-
-def _now_or(store: Store, moment: str) -> int:
-    if moment == "now":
-        with store.txn() as txn:
-            return Points(store, txn).last
-    return resolve(store, moment)[0]
 
 
 def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
