@@ -47,6 +47,7 @@ class Replica:
         if self.store is not None:
             self.store.lock("replica serve")
         self._one = trio.Lock()
+        self._session: trio.CancelScope | None = None
         self.applied = 0
         self.bytes_in = 0
 
@@ -77,30 +78,37 @@ class Replica:
         if hello.get("proto") != PROTOCOL:
             await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
             return
-        if self._one.locked():
-            log.warning("%s: refused, another primary is connected", peer)
-            await conn.send(wire.ERROR, {"message": "another primary is connected"})
-            return
+        if self._session is not None:  # a reconnect: the old link is dead or dying
+            log.info("%s: replaces the connection of the previous primary session", peer)
+            self._session.cancel()
         async with self._one:
-            try:
-                store = await trio.to_thread.run_sync(self._open, hello)
-            except CdpfsError as exc:
-                log.warning("%s: refused: %s", peer, exc)
-                await conn.send(wire.ERROR, {"message": str(exc)})
-                return
-            acked = await trio.to_thread.run_sync(self.position)
-            log.info("%s (%s) connected; resuming after #%d", peer, hello.get("name"), acked)
-            await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid})
-            while True:
-                _, offer = await conn.recv(wire.OFFER)
-                want = await trio.to_thread.run_sync(self._missing, store, offer)
-                await conn.send(wire.WANT, want)
-                _, data = await conn.recv(wire.DATA)
-                _, batch = await conn.recv(wire.RECORDS)
-                acked = await trio.to_thread.run_sync(self._apply, store, acked, want, data,
-                                                      batch)
-                self.bytes_in = conn.received
-                await conn.send(wire.ACK, {"seq": acked})
+            scope = self._session = trio.CancelScope()
+            with scope:
+                await self._receive(conn, peer, hello)
+            if self._session is scope:
+                self._session = None
+
+    async def _receive(self, conn: wire.Connection, peer: str, hello: dict[str, Any]) -> None:
+        """One primary session: batches in, acknowledgements out."""
+        try:
+            store = await trio.to_thread.run_sync(self._open, hello)
+        except CdpfsError as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            await conn.send(wire.ERROR, {"message": str(exc)})
+            return
+        acked = await trio.to_thread.run_sync(self.position)
+        log.info("%s (%s) connected; resuming after #%d", peer, hello.get("name"), acked)
+        await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid})
+        while True:
+            _, offer = await conn.recv(wire.OFFER)
+            want = await trio.to_thread.run_sync(self._missing, store, offer)
+            await conn.send(wire.WANT, want)
+            _, data = await conn.recv(wire.DATA)
+            _, batch = await conn.recv(wire.RECORDS)
+            acked = await trio.to_thread.run_sync(self._apply, store, acked, want, data,
+                                                  batch)
+            self.bytes_in = conn.received
+            await conn.send(wire.ACK, {"seq": acked})
 
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ class Points:
     def resolve(self, moment: Moment) -> int:
         """The kept point a moment names (BadMoment if none)."""
         seq = resolve_raw(moment, self.txn, self.dbs, self.now)
-        if moment.kind == "bookmark":
+        if moment.kind in ("bookmark", "now"):
             return seq
         if moment.kind == "seq":
             if self.ts(seq) is None or not self.is_kept(seq):

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 2000
 BATCH_BYTES = 8 << 20
+ANSWER_TIMEOUT = 30.0  # seconds a replica may take to answer a frame before the link is dropped
 
 
 @dataclass(slots=True)
@@ -107,7 +108,8 @@ class Shipper:
                 return
             except wire.PeerError as exc:
                 raise CdpfsError(f"replica {self.state.name} refused: {exc}") from None
-            except (OSError, ssl.SSLError, trio.BrokenResourceError, wire.WireError) as exc:
+            except (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError,
+                    wire.WireError) as exc:
                 failures += 1
                 error = _cause(exc)
                 log.log(logging.WARNING if error != self.state.last_error else logging.DEBUG,
@@ -150,12 +152,14 @@ class Shipper:
                     self._wake = trio.Event()
                     continue
                 sent = conn.sent
-                await conn.send(wire.OFFER, refs)
-                _, want = await conn.recv(wire.WANT)
+                with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
+                    await conn.send(wire.OFFER, refs)
+                    _, want = await conn.recv(wire.WANT)
                 data = await trio.to_thread.run_sync(self._read_data, want)
                 await self._throttle(await conn.send(wire.DATA, data, compress=False))
                 await self._throttle(await conn.send(wire.RECORDS, batch))
-                _, ack = await conn.recv(wire.ACK)
+                with trio.fail_after(ANSWER_TIMEOUT):
+                    _, ack = await conn.recv(wire.ACK)
                 acked = int(ack["seq"])
                 self.state.acked = acked
                 self.state.acked_ts = journal.ts_of(batch[-1][1])

@@ -34,7 +34,8 @@ class BadMoment(CdpfsError):
 
 @dataclass(frozen=True, slots=True)
 class Moment:
-    """A parsed moment: ``kind`` is "time" (ns since the epoch), "seq" or "bookmark"."""
+    """A parsed moment: ``kind`` is "time" (ns since the epoch), "seq", "bookmark" or
+    "now" (the newest record)."""
 
     kind: str
     value: int | str
@@ -58,7 +59,7 @@ def parse(spec: str, now_ns: int | None = None) -> Moment:
     if not text:
         raise BadMoment(f"{spec!r}: empty moment")
     if text == "now":
-        return Moment("time", now_ns, spec)
+        return Moment("now", 0, spec)
     if text.startswith("#"):
         if not text[1:].isdigit():
             raise BadMoment(f"{spec!r}: a sequence number is '#' and digits")
@@ -105,6 +106,8 @@ def resolve(moment: Moment, txn: lmdb.Transaction, dbs: dict[str, Any],
     """The sequence number a moment names in the store of ``dbs``."""
     last, _ = journal.last(txn, dbs)
     now_ns = time.time_ns() if now_ns is None else now_ns
+    if moment.kind == "now":
+        return last
     if moment.kind == "seq":
         seq = int(moment.value)
         if not 1 <= seq <= last:
