@@ -71,10 +71,12 @@ class Pruner:
         self.stale_holds = [b.name for b in points.marks if b.is_hold and not b.holder_alive]
         # Records (and the blocks they reference) a replica has not acknowledged yet
         # stay, so it can still be sent them.
-        from .shipper import min_acked
+        from .shipper import MAX_LAG_RECORDS, min_acked
 
-        acked = min_acked(txn, self.db)
-        self.keep_after = journal.last(txn, self.db)[0] if acked is None else acked
+        last = journal.last(txn, self.db)[0]
+        acked = min_acked(txn, self.db, last,
+                          store.config(txn, "replica_max_lag") or MAX_LAG_RECORDS)
+        self.keep_after = last if acked is None else acked
         self.survivors: set[int] = set()  # seqs < full_from of versions kept
         self.blocks: set[bytes] = set()
         self.packs: set[int] = set()

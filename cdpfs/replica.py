@@ -30,6 +30,8 @@ from .store import Store, is_store
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under way
+BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
 
 
 class Replica:
@@ -67,10 +69,28 @@ class Replica:
             raise CdpfsError("block size differs from the primary's")
         return self.store
 
-    def position(self) -> int:
+    def position(self) -> tuple[int, bool]:
+        """(acknowledged seq, whether a full resync was cut short)."""
         assert self.store is not None
         with self.store.txn() as txn:
-            return journal.last(txn, self.store.db)[0]
+            if txn.get(BASE_PENDING, db=self.store.db["meta"]) is not None:
+                return 0, True
+            return journal.last(txn, self.store.db)[0], False
+
+    def _base_mark(self, store: Store, msg: dict[str, Any]) -> int:
+        """Begin a full resync (clear the history tables) or end one (its seq)."""
+        with store.txn(write=True) as txn:
+            if msg.get("begin"):
+                for name in BASE_TABLES:
+                    txn.drop(store.db[name], delete=False)
+                txn.put(BASE_PENDING, U64.pack(int(msg["seq"])), db=store.db["meta"])
+                log.info("full resync to #%d begins: history tables cleared", msg["seq"])
+                return 0
+            if txn.get(BASE_PENDING, db=store.db["meta"]) is None:
+                raise wire.WireError("end of a full resync that never began")
+            txn.delete(BASE_PENDING, db=store.db["meta"])
+            log.info("full resync to #%d done", msg["seq"])
+            return int(msg["seq"])
 
     async def handle(self, conn: wire.Connection, peer: str) -> None:
         """Serve one connected primary until it goes away."""
@@ -96,17 +116,24 @@ class Replica:
             log.warning("%s: refused: %s", peer, exc)
             await conn.send(wire.ERROR, {"message": str(exc)})
             return
-        acked = await trio.to_thread.run_sync(self.position)
-        log.info("%s (%s) connected; resuming after #%d", peer, hello.get("name"), acked)
-        await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid})
+        acked, pending = await trio.to_thread.run_sync(self.position)
+        log.info("%s (%s) connected; resuming after #%d%s", peer, hello.get("name"), acked,
+                 " (a full resync was cut: it starts again)" if pending else "")
+        await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid,
+                                       "base_pending": pending})
         while True:
-            _, offer = await conn.recv(wire.OFFER)
+            kind, offer = await conn.recv(wire.OFFER, wire.BASE)
+            if kind == wire.BASE:  # the start or the end of a full resync
+                acked = await trio.to_thread.run_sync(self._base_mark, store, offer)
+                await conn.send(wire.ACK, {"seq": acked})
+                continue
             want = await trio.to_thread.run_sync(self._missing, store, offer)
             await conn.send(wire.WANT, want)
             _, data = await conn.recv(wire.DATA)
-            _, batch = await conn.recv(wire.RECORDS)
+            kind, batch = await conn.recv(wire.RECORDS, wire.BASE)
             acked = await trio.to_thread.run_sync(self._apply, store, acked, want, data,
-                                                  batch)
+                                                  batch if kind == wire.RECORDS else [],
+                                                  batch if kind == wire.BASE else None)
             self.bytes_in = conn.received
             await conn.send(wire.ACK, {"seq": acked})
 
@@ -119,7 +146,7 @@ class Replica:
         return {"blocks": blocks, "packs": packs}
 
     def _apply(self, store: Store, acked: int, want: dict[str, Any], data: dict[str, Any],
-               batch: list[list[Any]]) -> int:
+               batch: list[list[Any]], base: dict[str, Any] | None = None) -> int:
         blocks, packs = data["blocks"], data["packs"]
         missing = set(want["blocks"]) - set(blocks) or set(want["packs"]) - set(packs)
         if missing:
@@ -132,13 +159,20 @@ class Replica:
         for pack, stored in packs.items():
             codec.decode_pack(stored, pack)
         size = sum(map(len, blocks.values())) + sum(map(len, packs.values())) + \
-            sum(len(raw) for _, raw in batch)
+            sum(len(raw) for _, raw in batch) + \
+            sum(len(k) + len(v) for k, v in (base or {}).get("items", []))
         store.grow_if_needed(2 * size + (64 << 20))
         with store.txn(write=True) as txn:
             for digest, stored in blocks.items():
                 txn.put(digest, stored, db=store.db["blocks"])
             for pack, stored in packs.items():
                 txn.put(U64.pack(pack), stored, db=store.db["packs"])
+            if base is not None:  # a piece of a full resync: table entries as they are
+                if base["table"] not in BASE_TABLES:
+                    raise wire.WireError(f"full resync of unknown table {base['table']!r}")
+                db = store.db[base["table"]]
+                for key, value in base["items"]:
+                    txn.put(key, value, db=db)
             for seq, raw in batch:
                 if seq != acked + 1:
                     raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")

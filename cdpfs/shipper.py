@@ -24,8 +24,8 @@ import trio
 
 from . import journal, wire
 from .errors import CdpfsError
-from .replica import PROTOCOL, _cause, parse_address
-from .schema import T_EXTENT, U64, Extent
+from .replica import BASE_TABLES, PROTOCOL, _cause, parse_address
+from .schema import T_EXTENT, U64, Extent, seq_of
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,16 @@ def load_states(store: Store) -> list[ReplicaState]:
         return [ReplicaState.unpack(bytes(v)) for _, v in txn.cursor(db=store.db["replicas"])]
 
 
-def min_acked(txn: Any, dbs: dict[str, Any]) -> int | None:
-    """The lowest position any registered replica acknowledged (None: no replica)."""
+MAX_LAG_RECORDS = 10_000_000  # default of config.replica_max_lag
+
+
+def min_acked(txn: Any, dbs: dict[str, Any], last: int, cap: int = MAX_LAG_RECORDS,
+              ) -> int | None:
+    """The lowest position a registered replica acknowledged, among those less than
+    ``cap`` records behind ``last`` (None: none): retention keeps the journal after it.
+    A replica further behind gets a full resync when it comes back."""
     acks = [ReplicaState.unpack(bytes(v)).acked for _, v in txn.cursor(db=dbs["replicas"])]
+    acks = [a for a in acks if last - a <= cap]
     return min(acks) if acks else None
 
 
@@ -138,6 +145,10 @@ class Shipper:
                 log.info("replica %s is at #%d", self.state.name, acked)
             self.state.acked = acked
             await trio.to_thread.run_sync(self._save)
+            if welcome.get("base_pending") or await trio.to_thread.run_sync(self._gap, acked):
+                sent = conn.sent
+                acked = await self._full_resync(conn)
+                self.state.bytes_sent += conn.sent - sent
             while True:
                 batch, refs = await trio.to_thread.run_sync(self._read_batch, acked)
                 if not batch:
@@ -152,15 +163,7 @@ class Shipper:
                     self._wake = trio.Event()
                     continue
                 sent = conn.sent
-                with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
-                    await conn.send(wire.OFFER, refs)
-                    _, want = await conn.recv(wire.WANT)
-                data = await trio.to_thread.run_sync(self._read_data, want)
-                await self._throttle(await conn.send(wire.DATA, data, compress=False))
-                await self._throttle(await conn.send(wire.RECORDS, batch))
-                with trio.fail_after(ANSWER_TIMEOUT):
-                    _, ack = await conn.recv(wire.ACK)
-                acked = int(ack["seq"])
+                acked = await self._exchange(conn, refs, wire.RECORDS, batch)
                 self.state.acked = acked
                 self.state.acked_ts = journal.ts_of(batch[-1][1])
                 self.state.records_sent += len(batch)
@@ -172,6 +175,57 @@ class Shipper:
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
         with self.store.txn() as txn:
             return read_batch(self.store, txn, acked, self.state.name)
+
+    def _gap(self, acked: int) -> bool:
+        """Whether the records after ``acked`` are no longer in the journal (pruned)."""
+        with self.store.txn() as txn:
+            last, _ = journal.last(txn, self.store.db)
+            if acked > last:
+                raise CdpfsError(f"replica {self.state.name} is at #{acked}, ahead of this "
+                                 f"volume (#{last}): it was fed from elsewhere")
+            return acked < last and journal.get(txn, self.store.db, acked + 1) is None
+
+    async def _exchange(self, conn: wire.Connection, refs: dict[str, list[Any]], kind: int,
+                        body: Any) -> int:
+        """Offer what ``body`` references, send what is missing, then ``body``; the ack."""
+        with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
+            await conn.send(wire.OFFER, refs)
+            _, want = await conn.recv(wire.WANT)
+        data = await trio.to_thread.run_sync(self._read_data, want)
+        await self._throttle(await conn.send(wire.DATA, data, compress=False))
+        await self._throttle(await conn.send(kind, body))
+        with trio.fail_after(ANSWER_TIMEOUT):
+            _, ack = await conn.recv(wire.ACK)
+        return int(ack["seq"])
+
+    async def _full_resync(self, conn: wire.Connection) -> int:
+        """Send the whole retained history (blocks only where the replica lacks them),
+        for a replica whose position is no longer in the journal."""
+        with self.store.txn() as txn:
+            top, _ = journal.last(txn, self.store.db)
+        log.warning("replica %s needs a full resync (its records were pruned here): sending "
+                    "the history up to #%d, blocks only where it lacks them", self.state.name,
+                    top)
+        await conn.send(wire.BASE, {"begin": True, "seq": top})
+        with trio.fail_after(ANSWER_TIMEOUT):
+            await conn.recv(wire.ACK)
+        self.state.acked = top  # retention keeps what comes after, from now on
+        await trio.to_thread.run_sync(self._save)
+        for table in BASE_TABLES:
+            after = b""
+            while True:
+                items, refs, after = await trio.to_thread.run_sync(
+                    read_base_chunk, self.store, table, after, top)
+                if after is None:
+                    break
+                if items:
+                    await self._exchange(conn, refs, wire.BASE, {"table": table,
+                                                                 "items": items})
+        await conn.send(wire.BASE, {"end": True, "seq": top})
+        with trio.fail_after(ANSWER_TIMEOUT):
+            _, ack = await conn.recv(wire.ACK)
+        log.info("replica %s: full resync to #%d done", self.state.name, top)
+        return int(ack["seq"])
 
     async def _throttle(self, nbytes: int) -> None:
         """Keep to the replica's bandwidth limit (bytes per second), if it has one."""
@@ -231,3 +285,45 @@ def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
                 len(blocks) * store.block_size >= 4 * BATCH_BYTES:
             break
     return batch, {"blocks": list(blocks), "packs": list(packs)}
+
+
+def read_base_chunk(store: Store, table: str, after: bytes, top: int,
+                    ) -> tuple[list[list[bytes]], dict[str, list[Any]], bytes | None]:
+    """Entries of ``table`` after key ``after`` that belong to history up to ``top``,
+    the blocks and packs they reference, and the key to go on from (None: done)."""
+    items: list[list[bytes]] = []
+    blocks: dict[bytes, None] = {}
+    packs: dict[int, None] = {}
+    size = 0
+    last: bytes | None = None
+    with store.txn() as txn:
+        cur = txn.cursor(db=store.db[table])
+        if not cur.set_range(after):
+            return [], {}, None
+        for key, value in cur:
+            key = bytes(key)
+            if key == after:
+                continue
+            last = key
+            if table == "journal":
+                seq = U64.unpack(key)[0]
+            elif table == "timeidx":
+                seq = U64.unpack_from(key, 8)[0]
+            else:
+                seq = seq_of(key)
+            if seq > top:  # newer: comes with the records after the resync
+                continue
+            value = bytes(value)
+            items.append([key, value])
+            size += len(key) + len(value)
+            if table == "extents" and value:
+                ext = Extent.unpack(value)
+                if ext.kind == "F":
+                    blocks[ext.digest] = None
+                elif ext.kind == "P":
+                    packs[ext.pack] = None
+            if len(items) >= BATCH_RECORDS * 4 or size >= BATCH_BYTES or \
+                    len(blocks) * store.block_size >= 4 * BATCH_BYTES:
+                break
+    return items, {"blocks": list(blocks), "packs": list(packs)}, last
+

@@ -293,8 +293,12 @@ def stat_cmd(volume: Path) -> None:
 @click.option("--hourly", help="Then one point per hour up to this age (e.g. 30d).")
 @click.option("--daily", help="Then one point per day up to this age (e.g. 1y).")
 @click.option("--prune-interval", help="How often a mount prunes (e.g. 1h).")
+@click.option("--replica-max-lag", type=int, metavar="RECORDS",
+              help="Keep journal for a replica at most this many records behind; one "
+              "further behind gets a full resync when it comes back.")
 def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
-                  hourly: str | None, daily: str | None, prune_interval: str | None) -> None:
+                  hourly: str | None, daily: str | None, prune_interval: str | None,
+                  replica_max_lag: int | None) -> None:
     """Show or set the retention policy of a volume."""
     target = locate(volume)
     with Store(target.store) as st, st.txn(write=True) as txn:
@@ -307,6 +311,10 @@ def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
                 save_policy(st, txn, new)
             if prune_interval:
                 st.set_config(txn, "prune_interval", parse_duration(prune_interval))
+            if replica_max_lag is not None:
+                if replica_max_lag < 0:
+                    raise ValueError("--replica-max-lag must not be negative")
+                st.set_config(txn, "replica_max_lag", replica_max_lag)
         except ValueError as exc:
             raise CdpfsError(str(exc)) from None
         every = st.config(txn, "prune_interval") or 3600
