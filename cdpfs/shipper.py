@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class ReplicaState:
     last_error: str = ""
     updated_ns: int = 0
     limit: int = 0  # bytes per second on the wire, 0: no limit
+    rate: float = 0.0  # bytes per second sent lately (moving average while shipping)
+    record_rate: float = 0.0  # records per second shipped lately
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -92,6 +95,7 @@ class Shipper:
             self.state = ReplicaState.unpack(bytes(raw))
             self.state.address, self.state.connected = address, False
         self.caught_up = trio.Event()
+        self.on_batch: Callable[[ReplicaState], None] | None = None  # progress reports
         self._wake = trio.Event()
         self._budget_at = 0.0  # trio time until which the bandwidth budget is spent
 
@@ -162,13 +166,18 @@ class Shipper:
                         await self._wake.wait()
                     self._wake = trio.Event()
                     continue
-                sent = conn.sent
+                sent, started = conn.sent, trio.current_time()
                 acked = await self._exchange(conn, refs, wire.RECORDS, batch)
+                took = max(1e-3, trio.current_time() - started)
+                self.state.rate = 0.7 * self.state.rate + 0.3 * (conn.sent - sent) / took
+                self.state.record_rate = 0.7 * self.state.record_rate + 0.3 * len(batch) / took
                 self.state.acked = acked
                 self.state.acked_ts = journal.ts_of(batch[-1][1])
                 self.state.records_sent += len(batch)
                 self.state.bytes_sent += conn.sent - sent
                 await trio.to_thread.run_sync(self._save)
+                if self.on_batch is not None:
+                    self.on_batch(self.state)
         finally:
             await trio.aclose_forcefully(tls)
 

@@ -233,10 +233,11 @@ def status(store: Path) -> None:
     for r in replicas:
         lag = s.last_seq - r.acked
         behind = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
+        eta = f", ETA {lag / r.record_rate:.0f}s" if lag and r.connected and r.record_rate else ""
         click.echo(f"replica      {r.name} ({r.address}, {r.mode}): "
                    f"{'connected' if r.connected else 'not connected'}, acked #{r.acked}, "
-                   f"lag {lag} records / {behind:.1f}s, sent {r.records_sent} records "
-                   f"{r.bytes_sent / 2**20:.1f} MiB"
+                   f"lag {lag} records / {behind:.1f}s{eta}, sent {r.records_sent} records "
+                   f"{r.bytes_sent / 2**20:.1f} MiB, {r.rate / 1e6:.1f} MB/s lately"
                    + (f", last error: {r.last_error}" if r.last_error else ""))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,21 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
         started = time.monotonic()
         s = shipper.state
         before = (s.records_sent, s.bytes_sent)
-        trio.run(shipper.run, follow, attempts)
+        with st.txn() as txn:
+            last = journal.last(txn, st.db)[0]
+        from tqdm import tqdm
+
+        with tqdm(total=max(0, last - s.acked), unit="records", desc=f"to {s.name}",
+                  leave=False, disable=None, file=sys.stderr) as bar:
+            done = s.acked
+
+            def progress(state: ReplicaState) -> None:
+                nonlocal done
+                bar.update(max(0, state.acked - done))
+                done = state.acked
+
+            shipper.on_batch = progress
+            trio.run(shipper.run, follow, attempts)
         records, sent = s.records_sent - before[0], s.bytes_sent - before[1]
         click.echo(f"replica {s.name} at #{s.acked}: {records} records "
                    f"(from #{s.acked - records + 1 if records else s.acked}), "
