@@ -225,9 +225,29 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
             ready()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_forward, replica)
+            nursery.start_soon(_prune_loop, replica)
             await trio.serve_listeners(handler, listeners)
     finally:
         replica.close()
+
+
+async def _prune_loop(replica: Replica) -> None:
+    """The replica's own retention (it may keep more history than the primary)."""
+    from .prune import prune_store
+
+    while True:
+        every = 3600
+        if replica.store is not None:
+            with replica.store.txn() as txn:
+                every = replica.store.config(txn, "prune_interval") or 3600
+        await trio.sleep(max(1, every))
+        store = replica.store
+        if store is None or (await trio.to_thread.run_sync(replica.position))[1]:
+            continue  # nothing yet, or a full resync under way
+        try:
+            await trio.to_thread.run_sync(prune_store, store)
+        except CdpfsError as exc:
+            log.error("prune of replica %s failed: %s", replica.path, exc)
 
 
 async def _forward(replica: Replica) -> None:
