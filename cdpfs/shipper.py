@@ -112,6 +112,15 @@ class Shipper:
         """Ship until cancelled (``follow``) or until the replica has everything.
         Retries dropped connections; gives up after ``attempts`` failures in a row
         (0: never)."""
+        try:
+            await self._run(follow, attempts)
+        finally:
+            if self.state.connected:  # stopped (unmount, signal): say so in status
+                self.state.connected = False
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._save)
+
+    async def _run(self, follow: bool, attempts: int) -> None:
         failures = 0
         while True:
             try:
