@@ -89,9 +89,19 @@ def trust(store: Path, cert_file: Path, name: str) -> str:
     return fp
 
 
-def _context(store: Path, purpose: ssl.Purpose) -> ssl.SSLContext:
+def trusted_names(store: Path) -> list[str]:
+    d = tls_dir(store) / "trusted"
+    return sorted(p.stem for p in d.glob("*.crt")) if d.is_dir() else []
+
+
+def _context(store: Path, purpose: ssl.Purpose, peer: str | None = None) -> ssl.SSLContext:
     d = tls_dir(store)
     trusted = sorted((d / "trusted").glob("*.crt")) if (d / "trusted").is_dir() else []
+    if peer is not None:
+        trusted = [p for p in trusted if p.stem == peer]
+        if not trusted:
+            raise CdpfsError(f"{store} trusts no certificate named {peer!r} (run 'cdpfs "
+                             f"replica trust {store} CERT --name {peer}')")
     if not (d / "node.key").exists():
         raise CdpfsError(f"{store}: no TLS identity (run 'cdpfs replica keygen {store}')")
     if not trusted:
@@ -112,6 +122,7 @@ def server_context(store: Path) -> ssl.SSLContext:
     return _context(store, ssl.Purpose.CLIENT_AUTH)
 
 
-def client_context(store: Path) -> ssl.SSLContext:
-    """TLS for the side that connects: requires a trusted server certificate."""
-    return _context(store, ssl.Purpose.SERVER_AUTH)
+def client_context(store: Path, peer: str) -> ssl.SSLContext:
+    """TLS for the side that connects to replica ``peer``: requires exactly the
+    certificate trusted under that name."""
+    return _context(store, ssl.Purpose.SERVER_AUTH, peer)

@@ -53,3 +53,14 @@ class NoSpace(CdpfsError):
     """The disk under the store is (nearly) full: the write is refused, nothing lost."""
 
     errno = _errno.ENOSPC
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause of a (possibly wrapped or grouped) error, in one line."""
+    while True:
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            return f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from . import codec, journal, wire
-from .errors import CdpfsError, CorruptBlock
+from .errors import CdpfsError, CorruptBlock, root_cause
 from .schema import U64
 from .store import Store, is_store
 
@@ -98,15 +98,23 @@ class Replica:
         if hello.get("proto") != PROTOCOL:
             await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
             return
+        if self.store is not None and self.store.uuid != hello.get("uuid"):
+            log.warning("%s: refused: this replica holds volume %s, not %s", peer,
+                        self.store.uuid, hello.get("uuid"))
+            await conn.send(wire.ERROR, {"message": f"this replica holds volume "
+                                                    f"{self.store.uuid}, not {hello.get('uuid')}"})
+            return
         if self._session is not None:  # a reconnect: the old link is dead or dying
             log.info("%s: replaces the connection of the previous primary session", peer)
             self._session.cancel()
         async with self._one:
             scope = self._session = trio.CancelScope()
-            with scope:
-                await self._receive(conn, peer, hello)
-            if self._session is scope:
-                self._session = None
+            try:
+                with scope:
+                    await self._receive(conn, peer, hello)
+            finally:
+                if self._session is scope:
+                    self._session = None
 
     async def _receive(self, conn: wire.Connection, peer: str, hello: dict[str, Any]) -> None:
         """One primary session: batches in, acknowledgements out."""
@@ -185,8 +193,8 @@ class Replica:
 def parse_address(text: str) -> tuple[str, int]:
     """HOST:PORT (IPv6 as [addr]:port) to (host, port); CdpfsError if malformed."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise CdpfsError(f"{text!r}: expected HOST:PORT")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise CdpfsError(f"{text!r}: expected HOST:PORT (a port from 1 to 65535)")
     return host.strip("[]"), int(port)
 
 
@@ -204,7 +212,7 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                log.warning("%s: refused TLS connection: %s", peer, _cause(exc))
+                log.warning("%s: refused TLS connection: %s", peer, root_cause(exc))
                 await trio.aclose_forcefully(stream)
                 return
             conn = wire.Connection(tls)
@@ -214,7 +222,7 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
                 log.info("%s: disconnected", peer)
             except (wire.WireError, wire.PeerError, trio.BrokenResourceError,
                     ssl.SSLError, OSError) as exc:
-                log.warning("%s: connection dropped: %s", peer, _cause(exc))
+                log.warning("%s: connection dropped: %s", peer, root_cause(exc))
             except CdpfsError as exc:
                 log.error("%s: %s", peer, exc)
             finally:
@@ -266,14 +274,3 @@ def _peer(stream: trio.SocketStream) -> str:
         return f"{host}:{port}"
     except OSError:
         return "?"
-
-
-def _cause(exc: BaseException) -> str:
-    """The root cause of a (possibly wrapped) network error, in one line."""
-    while True:
-        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        elif exc.__cause__ is not None:
-            exc = exc.__cause__
-        else:
-            return f"{type(exc).__name__}: {exc}"

@@ -2,9 +2,10 @@
 
 The mount starts a ``Replicator`` beside its FUSE loop. It ships to every replica
 registered in the store (``cdpfs replica add``), picking up new ones as they are
-added, each in ``async`` mode (writes never wait: records queue in the journal,
-on disk, while a replica is slow or away) or ``sync`` mode (an fsync returns
-only once every sync replica has acknowledged everything committed before it).
+added (except ``manual`` ones, fed only by ``cdpfs replicate``), each in
+``async`` mode (writes never wait: records queue in the journal, on disk, while
+a replica is slow or away) or ``sync`` mode (an fsync returns only once every
+sync replica has acknowledged everything committed before it).
 A sync replica that does not answer within ``config.sync_timeout`` seconds is
 reported and, by ``config.sync_dead`` ("degrade", the default, or "block"),
 either stops being waited for until it catches up or keeps fsync waiting.
@@ -41,12 +42,14 @@ class Replicator:
             while True:
                 await trio.to_thread.run_sync(self._load_config)
                 for state in await trio.to_thread.run_sync(load_states, self.store):
+                    if state.mode == "manual":  # shipped only by 'cdpfs replicate'
+                        continue
                     if state.name in self.shippers:  # settings may change while it runs
                         current = self.shippers[state.name].state
                         current.mode, current.limit = state.mode, state.limit
                         continue
                     try:
-                        ctx = credentials.client_context(self.store.path)
+                        ctx = credentials.client_context(self.store.path, state.name)
                     except CdpfsError as exc:
                         log.error("cannot ship to replica %s: %s", state.name, exc)
                         continue

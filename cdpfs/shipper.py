@@ -24,8 +24,8 @@ import msgpack
 import trio
 
 from . import journal, wire
-from .errors import CdpfsError
-from .replica import BASE_TABLES, PROTOCOL, _cause, parse_address
+from .errors import CdpfsError, root_cause
+from .replica import BASE_TABLES, PROTOCOL, parse_address
 from .schema import T_EXTENT, U64, Extent, seq_of
 from .store import Store
 
@@ -91,6 +91,7 @@ class Shipper:
         self.state = ReplicaState(name, address)
         with store.txn() as txn:
             raw = txn.get(name.encode(), db=store.db["replicas"])
+        self._registered = raw is not None  # saved in ``replicas`` once it answered
         if raw is not None:  # keep what was registered and counted before
             self.state = ReplicaState.unpack(bytes(raw))
             self.state.address, self.state.connected = address, False
@@ -104,6 +105,8 @@ class Shipper:
         self._wake.set()
 
     def _save(self) -> None:
+        if not self._registered:  # a replica never reached is not registered
+            return
         self.state.updated_ns = time.time_ns()
         with self.store.txn(write=True) as txn:
             txn.put(self.state.name.encode(), self.state.pack(), db=self.store.db["replicas"])
@@ -121,7 +124,7 @@ class Shipper:
                     await trio.to_thread.run_sync(self._save)
 
     async def _run(self, follow: bool, attempts: int) -> None:
-        failures = 0
+        self._failures = 0  # in a row: a session that got as far as WELCOME resets it
         while True:
             try:
                 await self._session(follow)
@@ -130,8 +133,9 @@ class Shipper:
                 raise CdpfsError(f"replica {self.state.name} refused: {exc}") from None
             except (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError,
                     wire.WireError) as exc:
-                failures += 1
-                error = _cause(exc)
+                self._failures += 1
+                failures = self._failures
+                error = root_cause(exc)
                 log.log(logging.WARNING if error != self.state.last_error else logging.DEBUG,
                         "replica %s at %s:%d: %s; retrying", self.state.name, self.host,
                         self.port, error)
@@ -152,6 +156,8 @@ class Shipper:
                                          "block_size": self.store.block_size,
                                          "name": self.state.name})
             _, welcome = await conn.recv(wire.WELCOME)
+            self._failures = 0
+            self._registered = True
             acked = int(welcome["acked"])
             self.state.connected, self.state.last_error = True, ""
             if acked != self.state.acked:

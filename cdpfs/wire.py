@@ -19,7 +19,7 @@ import trio
 import zstandard
 
 from . import codec
-from .errors import CdpfsError
+from .errors import CdpfsError, root_cause
 
 MAGIC = b"CD"
 _HEAD = struct.Struct(">2sBBI")
@@ -77,8 +77,8 @@ class Connection:
         while len(self._buf) < n:
             try:
                 chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
-            except trio.BrokenResourceError:
-                chunk = b""
+            except trio.BrokenResourceError as exc:  # e.g. a TLS record failing its MAC
+                raise WireError(f"link broken: {root_cause(exc)}") from None
             if not chunk:
                 if not self._buf and self._at_frame_start:
                     raise Closed("connection closed by the peer")

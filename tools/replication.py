@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import trio
+from cdpfs.mount.control import live_mount_of
 
 from cdpfs import credentials, journal
 from cdpfs.errors import CdpfsError
@@ -73,7 +74,9 @@ def serve_cmd(store: Path, listen: str) -> None:
 @click.argument("store", type=click.Path(path_type=Path, exists=True))
 @click.argument("name")
 @click.option("--address", required=True, metavar="HOST:PORT")
-@click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True)
+@click.option("--mode", type=click.Choice(["async", "sync", "manual"]), default="async",
+              show_default=True, help="manual: a mount does not ship to it; only "
+              "'cdpfs replicate' does.")
 @click.option("--limit", default="0", show_default=True,
               help="Bandwidth limit on the wire, bytes per second (k, M, G suffixes); 0: none.")
 def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None:
@@ -113,13 +116,23 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
     """Ship STORE's changes to a replica, without a mount (until it has everything)."""
     st = Store(store)
     try:
+        states = {s.name: s for s in _states(st)}
+        if name is None:
+            names = credentials.trusted_names(store)
+            if address is None or len(names) != 1:
+                raise CdpfsError("give --name NAME (the name the replica's certificate is "
+                                 f"trusted under: {', '.join(names) or 'none yet'})")
+            name = names[0]
         if address is None:
-            states = {s.name: s for s in _states(st)}
-            if not name or name not in states:
-                raise CdpfsError("give --to HOST:PORT, or --name of a replica added with "
-                                 f"'cdpfs replica add' (known: {', '.join(states) or 'none'})")
+            if name not in states:
+                raise CdpfsError(f"replica {name!r} has no address yet: give --to HOST:PORT "
+                                 "or add it with 'cdpfs replica add'")
             address = states[name].address
-        shipper = Shipper(st, name or address, address, credentials.client_context(store))
+        mount = live_mount_of(store.resolve())
+        if mount is not None and name in states and states[name].mode != "manual":
+            raise CdpfsError(f"{store} is mounted on {mount}, which ships to {name} itself "
+                             "(see cdpfs status)")
+        shipper = Shipper(st, name, address, credentials.client_context(store, name))
         started = time.monotonic()
         s = shipper.state
         before = (s.records_sent, s.bytes_sent)
