@@ -1,0 +1,189 @@
+"""Replication topologies and wire budgets on loopback: fan-out from a mount to two
+replicas, a chain through a replica, a bandwidth limit, and the assessment's
+prediction against the bytes counted on the wire."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import CLI, Volume, cdpfs, last_seq, wait_until
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Servers:
+    """``cdpfs replica serve`` processes, all killed at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, store: Path) -> str:
+        address = f"127.0.0.1:{_port()}"
+        log = self.tmp / f"{store.name}.log"
+        with open(log, "ab") as err:
+            self.procs.append(subprocess.Popen([*CLI, "replica", "serve", str(store),
+                                                "--listen", address], stderr=err))
+        wait_until(lambda: "listening" in log.read_text(), what=f"{store.name} to listen")
+        return address
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    s = Servers(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _link(upstream: Path, downstream: Path, up_name: str, down_name: str) -> None:
+    """Identities for both and trust both ways."""
+    for store, name in ((upstream, up_name), (downstream, down_name)):
+        if not (store / "tls" / "node.key").exists():
+            cdpfs("replica", "keygen", store, "--name", name)
+    cdpfs("replica", "trust", upstream, downstream / "tls" / "node.crt", "--name", down_name)
+    cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up_name)
+
+
+def _seq(store: Path) -> int:
+    from cdpfs import journal
+    from cdpfs.store import Store
+
+    if not (store / "data.mdb").exists():
+        return 0
+    with Store(store, readonly=True) as st, st.txn() as txn:
+        return journal.last(txn, st.db)[0]
+
+
+def _identical(a: Path, b: Path) -> None:
+    assert "identical" in cdpfs("verify", "--compare", a, b).stdout
+
+
+def test_fan_out_and_chain(make_volume: type[Volume], servers: Servers,
+                           tmp_path: Path) -> None:
+    vol = make_volume("primary").init()
+    r1, r2, r3 = (tmp_path / f"r{i}.store" for i in (1, 2, 3))
+    _link(vol.store, r1, "primary", "r1")
+    _link(vol.store, r2, "primary", "r2")
+    _link(r1, r3, "r1", "r3")  # r1 forwards to r3: a chain
+    a1, a2, a3 = servers.start(r1), servers.start(r2), servers.start(r3)
+    cdpfs("replica", "add", vol.store, "r1", "--address", a1)
+    cdpfs("replica", "add", vol.store, "r2", "--address", a2, "--mode", "sync")
+    vol.mount()
+    try:
+        for i in range(30):
+            (vol.mnt / f"f{i}").write_bytes(os.urandom(30_000 + i))
+        wait_until(lambda: (_seq(r1) > 0 and _seq(r1) == _seq(r2)), timeout=30,
+                   what="both replicas to start receiving")
+        cdpfs("replica", "add", r1, "r3", "--address", a3)  # the chain's next link
+        for i in range(30):
+            with open(vol.mnt / f"g{i}", "wb") as f:
+                f.write(os.urandom(10_000))
+                f.flush()
+                os.fsync(f.fileno())
+        last = last_seq(vol)
+        for r in (r1, r2, r3):
+            wait_until(lambda r=r: _seq(r) >= last, timeout=60, what=f"{r.name} to converge")
+        vol.umount()
+    finally:
+        vol.cleanup()
+    for r in (r1, r2, r3):
+        _identical(vol.store, r)
+        cdpfs("verify", r)
+
+
+class CountingProxy:
+    """Forwards one TCP port to another and counts the bytes the client sends."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.upstream = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if count:
+                    with self._lock:
+                        self.upstream += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_assessment_predicts_the_wire_and_the_limit_holds(make_volume: type[Volume],
+                                                          servers: Servers,
+                                                          tmp_path: Path) -> None:
+    vol = make_volume("primary").init()
+    vol.mount()
+    try:
+        for i in range(12):
+            (vol.mnt / f"bin{i}").write_bytes(os.urandom(500_000))
+            (vol.mnt / f"text{i}").write_text(f"line {i}\n" * 20_000)
+        vol.umount()
+    finally:
+        vol.cleanup()
+    out = cdpfs("assess", vol.store, "--since", "1h", "--lag", "5s").stdout
+    predicted = float(re.search(r"([\d.,]+) MB on the wire", out)[1].replace(",", ""))  # type: ignore[index]
+    assert re.search(r"per minute \(wire\): median", out) and "Mbit/s" in out, out
+    replica = tmp_path / "r.store"
+    _link(vol.store, replica, "primary", "r1")
+    proxy = CountingProxy(servers.start(replica))
+    try:
+        limit = 2_000_000
+        cdpfs("replica", "add", vol.store, "r1", "--address", proxy.address, "--mode",
+              "manual", "--limit", str(limit))
+        started = time.monotonic()
+        cdpfs("replicate", vol.store, "--name", "r1")
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    measured = proxy.upstream / 1e6
+    assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)
+    # The limit: the bytes could not have crossed faster than 2 MB/s (with a little slack
+    # for the first burst before the pacing starts).
+    assert took >= 0.8 * (proxy.upstream / limit), (took, proxy.upstream)
+    _identical(vol.store, replica)
