@@ -60,6 +60,7 @@ class Engine:
         self._free = 0
         self._rebase: list[Callable[[lmdb.Transaction], None]] = []
         self._before_commit: list[Callable[[], None]] = []
+        self._after_commit: list[Callable[[], None]] = []
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="cdpfs-store", daemon=True)
         self._broken: BaseException | None = None
@@ -79,6 +80,11 @@ class Engine:
     def on_txn(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Call ``fn(txn)`` (on the store thread) whenever a new writer txn begins."""
         self._rebase.append(fn)
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (on the store thread, no transaction open) after each commit
+        that wrote something."""
+        self._after_commit.append(fn)
 
     def before_commit(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` (on the store thread, in the writer txn) before each commit."""
@@ -260,6 +266,8 @@ class Engine:
         if dirty:
             self.commits += 1
             self.store.grow_if_needed(4 * self.max_dirty)
+            for fn in self._after_commit:
+                fn()
 
     def _commit_logged(self) -> BaseException | None:
         try:

@@ -88,7 +88,9 @@ class Shipper:
         self.store = store
         self.host, self.port = parse_address(address)
         self.ctx = ctx
-        self.state = ReplicaState(name, address)
+        # A replica first met here (not added with 'cdpfs replica add') is registered
+        # as manual: a one-off 'cdpfs replicate' must not make later mounts ship to it.
+        self.state = ReplicaState(name, address, mode="manual")
         with store.txn() as txn:
             raw = txn.get(name.encode(), db=store.db["replicas"])
         self._registered = raw is not None  # saved in ``replicas`` once it answered
@@ -144,7 +146,7 @@ class Shipper:
                 if attempts and failures >= attempts:
                     raise CdpfsError(f"replica {self.state.name}: {self.state.last_error}") \
                         from None
-                await trio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                await trio.sleep(min(2.0, 0.2 * 2 ** min(failures, 4)))
 
     async def _session(self, follow: bool) -> None:
         stream = await trio.open_tcp_stream(self.host, self.port)

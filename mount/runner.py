@@ -119,7 +119,8 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
             try:
                 log.info("mounted %s on %s", store.path, mountpoint)
                 try:
-                    trio.run(_serve, ready, mountpoint, _pruning(store, engine), replicator.run)
+                    trio.run(_serve, ready, mountpoint, _pruning(store, engine), replicator.run,
+                             _wake_on_commit(engine, replicator))
                 except BaseException:
                     log.exception("the FUSE main loop failed")
                     raise
@@ -208,6 +209,23 @@ def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bo
             log.info("unmounted snapshot %s", mountpoint)
     finally:
         store.close()
+
+
+def _wake_on_commit(engine: Engine, replicator: Replicator) -> Callable[[], Any]:
+    """Let the shippers look for new records as soon as they are committed."""
+
+    async def hook() -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def committed() -> None:  # on the store thread
+            try:
+                token.run_sync_soon(replicator.committed)
+            except trio.RunFinishedError:
+                pass
+
+        engine.after_commit(committed)
+
+    return hook
 
 
 async def _serve(ready: Callable[[], None] | None, mountpoint: Path,
