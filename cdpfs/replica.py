@@ -30,6 +30,7 @@ from .store import Store, is_store
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+PIPELINE = 2  # batches received ahead of the one being applied
 BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under way
 BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
 
@@ -129,21 +130,48 @@ class Replica:
                  " (a full resync was cut: it starts again)" if pending else "")
         await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid,
                                        "base_pending": pending})
-        while True:
-            kind, offer = await conn.recv(wire.OFFER, wire.BASE)
-            if kind == wire.BASE:  # the start or the end of a full resync
-                acked = await trio.to_thread.run_sync(self._base_mark, store, offer)
-                await conn.send(wire.ACK, {"seq": acked})
-                continue
-            want = await trio.to_thread.run_sync(self._missing, store, offer)
-            await conn.send(wire.WANT, want)
-            _, data = await conn.recv(wire.DATA)
-            kind, batch = await conn.recv(wire.RECORDS, wire.BASE)
-            acked = await trio.to_thread.run_sync(self._apply, store, acked, want, data,
-                                                  batch if kind == wire.RECORDS else [],
-                                                  batch if kind == wire.BASE else None)
-            self.bytes_in = conn.received
-            await conn.send(wire.ACK, {"seq": acked})
+        # Receiving and applying overlap: the next batch is offered and received while
+        # the one before is verified and committed; acknowledgements go out in order.
+        lock = trio.Lock()
+        inflight: dict[object, int] = {}  # blocks and ("p", pack) received, not applied yet
+        send_q, recv_q = trio.open_memory_channel[tuple[Any, ...]](PIPELINE)
+
+        async def reply(kind: int, body: Any) -> None:
+            async with lock:
+                await conn.send(kind, body)
+
+        async def applier() -> None:
+            nonlocal acked
+            async for mark, want, data, batch, base in recv_q:
+                if mark is not None:
+                    acked = await trio.to_thread.run_sync(self._base_mark, store, mark)
+                else:
+                    acked = await trio.to_thread.run_sync(self._apply, store, acked, want,
+                                                          data, batch, base)
+                    for key in (*data["blocks"], *(("p", p) for p in data["packs"])):
+                        left = inflight.pop(key, 1) - 1
+                        if left:
+                            inflight[key] = left
+                self.bytes_in = conn.received
+                await reply(wire.ACK, {"seq": acked})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(applier)
+            while True:
+                kind, offer = await conn.recv(wire.OFFER, wire.BASE)
+                if kind == wire.BASE:  # the start or the end of a full resync
+                    await send_q.send((offer, None, None, None, None))
+                    continue
+                want = await trio.to_thread.run_sync(self._missing, store, offer)
+                want = {"blocks": [h for h in want["blocks"] if h not in inflight],
+                        "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
+                for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
+                    inflight[key] = inflight.get(key, 0) + 1
+                await reply(wire.WANT, want)
+                _, data = await conn.recv(wire.DATA)
+                kind, batch = await conn.recv(wire.RECORDS, wire.BASE)
+                await send_q.send((None, want, data, batch if kind == wire.RECORDS else [],
+                                   batch if kind == wire.BASE else None))
 
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +248,8 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
                 await replica.handle(conn, peer)
             except wire.Closed:
                 log.info("%s: disconnected", peer)
+            except BaseExceptionGroup as group:  # from the receive/apply pair of a session
+                log.warning("%s: connection dropped: %s", peer, root_cause(group))
             except (wire.WireError, wire.PeerError, trio.BrokenResourceError,
                     ssl.SSLError, OSError) as exc:
                 log.warning("%s: connection dropped: %s", peer, root_cause(exc))

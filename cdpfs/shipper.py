@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 2000
 BATCH_BYTES = 8 << 20
+PIPELINE = 3  # batches sent ahead of the replica's acknowledgement
 ANSWER_TIMEOUT = 30.0  # seconds a replica may take to answer a frame before the link is dropped
 
 
@@ -170,33 +171,71 @@ class Shipper:
                 sent = conn.sent
                 acked = await self._full_resync(conn)
                 self.state.bytes_sent += conn.sent - sent
-            while True:
-                batch, refs = await trio.to_thread.run_sync(self._read_batch, acked)
-                if not batch:
-                    self.caught_up.set()
-                    if not follow:
-                        self.state.connected = False
-                        await trio.to_thread.run_sync(self._save)
-                        await tls.aclose()  # a clean end: close_notify, not a drop
-                        return
-                    with trio.move_on_after(0.05):
-                        await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
+            try:
+                async with trio.open_nursery() as nursery:
+                    wants_in, wants = trio.open_memory_channel[Any](PIPELINE + 1)
+                    acks_in, acks = trio.open_memory_channel[Any](PIPELINE + 1)
+
+                    async def reader() -> None:  # WANTs and ACKs come back interleaved
+                        while True:
+                            kind, body = await conn.recv(wire.WANT, wire.ACK)
+                            await (wants_in if kind == wire.WANT else acks_in).send(body)
+
+                    nursery.start_soon(reader)
+                    await self._pipeline(conn, acked, follow, wants, acks)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            self.state.connected = False
+            await trio.to_thread.run_sync(self._save)
+            await tls.aclose()  # a clean end: close_notify, not a drop
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def _pipeline(self, conn: wire.Connection, acked: int, follow: bool, wants: Any,
+                        acks: Any) -> None:
+        """Send batches with up to PIPELINE unacknowledged, until caught up (or forever
+        with ``follow``)."""
+        sent_upto = acked
+        inflight: list[tuple[int, int, int, float, int]] = []  # seq, records, bytes, t0, ts
+        while True:
+            batch: list[list[Any]] = []
+            if len(inflight) < PIPELINE:
+                batch, refs = await trio.to_thread.run_sync(self._read_batch, sent_upto)
+            if batch:
                 sent, started = conn.sent, trio.current_time()
-                acked = await self._exchange(conn, refs, wire.RECORDS, batch)
+                await conn.send(wire.OFFER, refs)
+                with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
+                    want = await wants.receive()
+                data = await trio.to_thread.run_sync(self._read_data, want)
+                await self._throttle(await conn.send(wire.DATA, data, compress=False))
+                await self._throttle(await conn.send(wire.RECORDS, batch))
+                sent_upto = batch[-1][0]
+                inflight.append((sent_upto, len(batch), conn.sent - sent, started,
+                                 journal.ts_of(batch[-1][1])))
+                continue
+            if inflight:
+                with trio.fail_after(ANSWER_TIMEOUT):
+                    ack = await acks.receive()
+                last, count, nbytes, started, ts = inflight.pop(0)
+                if int(ack["seq"]) != last:
+                    raise wire.WireError(f"acknowledged #{ack['seq']}, expected #{last}")
                 took = max(1e-3, trio.current_time() - started)
-                self.state.rate = 0.7 * self.state.rate + 0.3 * (conn.sent - sent) / took
-                self.state.record_rate = 0.7 * self.state.record_rate + 0.3 * len(batch) / took
-                self.state.acked = acked
-                self.state.acked_ts = journal.ts_of(batch[-1][1])
-                self.state.records_sent += len(batch)
-                self.state.bytes_sent += conn.sent - sent
+                self.state.rate = 0.7 * self.state.rate + 0.3 * nbytes / took
+                self.state.record_rate = 0.7 * self.state.record_rate + 0.3 * count / took
+                self.state.acked, self.state.acked_ts = last, ts
+                self.state.records_sent += count
+                self.state.bytes_sent += nbytes
                 await trio.to_thread.run_sync(self._save)
                 if self.on_batch is not None:
                     self.on_batch(self.state)
-        finally:
-            await trio.aclose_forcefully(tls)
+                continue
+            self.caught_up.set()
+            if not follow:
+                return
+            with trio.move_on_after(0.05):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
         with self.store.txn() as txn:
@@ -352,4 +391,16 @@ def read_base_chunk(store: Store, table: str, after: bytes, top: int,
                     len(blocks) * store.block_size >= 4 * BATCH_BYTES:
                 break
     return items, {"blocks": list(blocks), "packs": list(packs)}, last
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error in a group that is not a cancellation (the group itself if all are)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = first_error(exc)
+            if inner is not exc:
+                return inner
+        elif not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
 
