@@ -48,9 +48,8 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +69,11 @@ from run import (
     fs_type,
     git_version,
     is_mounted,
+    raise_interrupt,
     settle_readahead,
+    work_dir,
     write_all,
+    write_markdown,
 )
 
 from cdpfs import journal
@@ -817,32 +819,7 @@ def report(bench: Bench, markdown: Path | None) -> None:
         for e in bench.errors:
             print(f"  {e}")
     if markdown is not None:
-        md = ["```", desc, "```", "", markdown_table(bench.rows), ""]
-        md += [f"- {n}" for n in notes]
-        if verdicts:
-            md += ["", "Targets:", ""] + [f"- {v}" for v in verdicts]
-        if bench.errors:
-            md += ["", "Errors:", ""] + [f"- {e}" for e in bench.errors]
-        markdown.write_text("\n".join(md) + "\n")
-        log.info("markdown written to %s", markdown)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def work_dir(base: Path, keep: bool) -> Iterator[Path]:
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cdpfs-history-", dir=base)).resolve()
-    log.info("work directory %s", work)
-    try:
-        yield work
-    finally:
-        if keep:
-            log.info("kept %s", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        write_markdown(markdown, desc, markdown_table(bench.rows), notes, verdicts, bench.errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -853,9 +830,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("not root: mounting and dropping the page cache will fail")
     if fs_type(args.dir) in ("tmpfs", "ramfs"):
         log.warning("%s is on %s: figures will not reflect a disk", args.dir, fs_type(args.dir))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.perf_counter()
-    with work_dir(args.dir, args.keep) as work:
+    with work_dir(args.dir, args.keep, "cdpfs-history-") as work:
         bench = Bench(cfg, work)
         try:
             bench.run()

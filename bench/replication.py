@@ -66,10 +66,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -87,7 +86,10 @@ from run import (
     fs_type,
     git_version,
     make_text,
+    raise_interrupt,
     seq_write,
+    work_dir,
+    write_markdown,
 )
 
 from cdpfs import journal
@@ -1113,32 +1115,8 @@ def report(bench: Bench, markdown: Path | None) -> None:
         for e in bench.errors:
             print(f"  {e}")
     if markdown is not None:
-        md = ["```", desc, "```", "", format_markdown(HEADER, cells(rows), {3, 4, 5}), ""]
-        md += [f"- {n}" for n in notes]
-        if verdicts:
-            md += ["", "Targets:", ""] + [f"- {v}" for v in verdicts]
-        if bench.errors:
-            md += ["", "Errors:", ""] + [f"- {e}" for e in bench.errors]
-        markdown.write_text("\n".join(md) + "\n")
-        log.info("markdown written to %s", markdown)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def work_dir(base: Path, keep: bool) -> Iterator[Path]:
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cdpfs-replication-", dir=base)).resolve()
-    log.info("work directory %s", work)
-    try:
-        yield work
-    finally:
-        if keep:
-            log.info("kept %s", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        write_markdown(markdown, desc, format_markdown(HEADER, cells(rows), {3, 4, 5}), notes,
+                       verdicts, bench.errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1149,9 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("not root: mounting and dropping the page cache will fail")
     if fs_type(args.dir) in ("tmpfs", "ramfs"):
         log.warning("%s is on %s: figures will not reflect a disk", args.dir, fs_type(args.dir))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.monotonic()
-    with work_dir(args.dir, args.keep) as work:
+    with work_dir(args.dir, args.keep, "cdpfs-replication-") as work:
         bench = Bench(cfg, work, keep=args.keep)
         try:
             bench.run()

@@ -1147,8 +1147,37 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     return cfg, a
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop like Ctrl-C, so every benchmark cleans up."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def work_dir(base: Path, keep: bool, prefix: str) -> Iterator[Path]:
+    """A fresh work directory under ``base``, removed at the end unless ``keep``."""
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=base)).resolve()
+    log.info("work directory %s", work)
+    try:
+        yield work
+    finally:
+        if keep:
+            log.info("kept %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_markdown(path: Path, desc: str, table: str, notes: list[str], verdicts: list[str],
+                   errors: list[str]) -> None:
+    """The report of a benchmark run: setup, table, notes, targets, errors."""
+    md = ["```", desc, "```", "", table, ""]
+    md += [f"- {n}" for n in notes]
+    if verdicts:
+        md += ["", "Targets:", ""] + [f"- {v}" for v in verdicts]
+    if errors:
+        md += ["", "Errors:", ""] + [f"- {e}" for e in errors]
+    path.write_text("\n".join(md) + "\n")
+    log.info("markdown written to %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1159,7 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("not root: dropping the page cache will fail")
     if fs_type(cfg.base) in ("tmpfs", "ramfs"):
         log.warning("%s is on %s: figures will not reflect a disk", cfg.base, fs_type(cfg.base))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     work = Path(tempfile.mkdtemp(prefix="cdpfs-bench-", dir=cfg.base)).resolve()
     log.info("work directory %s", work)
     bench = Bench(cfg, work)
