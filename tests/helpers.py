@@ -54,6 +54,29 @@ def last_seq(vol: Volume) -> int:
         return journal.last(txn, st.db)[0]
 
 
+def pair_stores(upstream: Path, downstream: Path, down: str = "r1",
+                up: str = "primary") -> None:
+    """Give both stores a replication identity (if they lack one) and make each
+    trust the other: ``downstream`` under the name ``down``, ``upstream`` as ``up``."""
+    for store, name in ((upstream, up), (downstream, down)):
+        if not (store / "tls" / "node.key").exists():
+            cdpfs("replica", "keygen", store, "--name", name)
+    cdpfs("replica", "trust", upstream, downstream / "tls" / "node.crt", "--name", down)
+    cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up)
+
+
+def store_seq(store: Path) -> int:
+    """The newest committed record of a store (0 if it does not exist yet), read
+    from outside the process writing it."""
+    from cdpfs import journal
+    from cdpfs.store import Store
+
+    if not (store / "data.mdb").exists():
+        return 0
+    with Store(store, readonly=True) as st, st.txn() as txn:
+        return journal.last(txn, st.db)[0]
+
+
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():

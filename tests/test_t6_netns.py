@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, last_seq, settle, wait_until
+from helpers import CLI, Volume, cdpfs, last_seq, pair_stores, settle, store_seq, wait_until
 
 _ids = itertools.count(os.getpid() % 200)
 
@@ -74,10 +74,7 @@ def replica(link: Link, make_volume: type[Volume], tmp_path: Path) -> Iterator[R
     from inside the namespace."""
     vol = make_volume("primary").init()
     rstore = tmp_path / "replica.store"
-    cdpfs("replica", "keygen", vol.store, "--name", "primary")
-    cdpfs("replica", "keygen", rstore, "--name", "r1")
-    cdpfs("replica", "trust", vol.store, rstore / "tls" / "node.crt", "--name", "r1")
-    cdpfs("replica", "trust", rstore, vol.store / "tls" / "node.crt", "--name", "primary")
+    pair_stores(vol.store, rstore)
     address = f"{link.peer}:7400"
     log = tmp_path / "replica.log"
     with open(log, "wb") as err:
@@ -89,17 +86,6 @@ def replica(link: Link, make_volume: type[Volume], tmp_path: Path) -> Iterator[R
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-
-
-def _store_seq(store: Path) -> int:
-    """The newest committed record of a store, read from outside its process."""
-    from cdpfs import journal
-    from cdpfs.store import Store
-
-    if not (store / "data.mdb").exists():
-        return 0
-    with Store(store, readonly=True) as st, st.txn() as txn:
-        return journal.last(txn, st.db)[0]
 
 
 def _status(vol: Volume) -> str:
@@ -116,7 +102,7 @@ def test_partition_keeps_writes_flowing_then_converges(replica: Replica, link: L
         (vol.mnt / "before").write_bytes(os.urandom(1 << 20))
         settle(vol.mnt)
         seq = last_seq(vol)
-        wait_until(lambda: _store_seq(replica.store) >= seq, timeout=30,
+        wait_until(lambda: store_seq(replica.store) >= seq, timeout=30,
                    what="the replica to catch up before the partition")
         slowest = 0.0
         stop = threading.Event()
@@ -154,7 +140,7 @@ def test_partition_keeps_writes_flowing_then_converges(replica: Replica, link: L
         assert slowest < 2.0, f"an async write+fsync took {slowest:.1f}s during the partition"
         settle(vol.mnt)
         seq = last_seq(vol)
-        wait_until(lambda: _store_seq(replica.store) >= seq, timeout=60,
+        wait_until(lambda: store_seq(replica.store) >= seq, timeout=60,
                    what="the replica to converge after the partition")
         vol.umount()
     finally:
@@ -184,8 +170,8 @@ def test_sync_mode_fsync_is_on_the_replica(replica: Replica, make_volume: type[V
                 os.fsync(f.fileno())
                 # Right after fsync returned, everything the primary committed is in the
                 # replica's own store (durably: it acknowledges only after its commit).
-                committed = _store_seq(vol.store)
-                assert _store_seq(replica.store) >= committed, f"file {i}"
+                committed = store_seq(vol.store)
+                assert store_seq(replica.store) >= committed, f"file {i}"
             contents[f"s{i:02d}"] = data
         vol.kill()  # the primary dies: everything fsynced must be on the replica
     finally:

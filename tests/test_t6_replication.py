@@ -40,7 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, force_unmount, last_seq, settle, wait_until
+from helpers import (
+    CLI,
+    Volume,
+    cdpfs,
+    force_unmount,
+    last_seq,
+    pair_stores,
+    settle,
+    wait_until,
+)
 
 MIB = 1 << 20
 ROUNDS = int(os.environ.get("CDPFS_REPL_ROUNDS", "20"))
@@ -186,16 +195,6 @@ def keygen(store: Path, name: str) -> Path:
 
 def trust(store: Path, peer_store: Path, name: str) -> None:
     cdpfs("replica", "trust", store, peer_store / "tls" / "node.crt", "--name", name)
-
-
-def pair(primary: Path, replica: Path, name: str = "r1") -> None:
-    """Give both stores an identity and make each trust the other."""
-    if not (primary / "tls" / "node.key").exists():
-        keygen(primary, "primary")
-    if not (replica / "tls" / "node.key").exists():
-        keygen(replica, name)
-    trust(primary, replica, name)
-    trust(replica, primary, "primary")
 
 
 @dataclass
@@ -634,7 +633,7 @@ class Pair:
 def repl(volume: Volume, procs: Procs, proxies: Callable[[int], Proxy],
          tmp_path: Path) -> Iterator[Pair]:
     replica = tmp_path / "replica.store"
-    pair(volume.store, replica)
+    pair_stores(volume.store, replica)
     server = Server(procs, replica).start()
     proxy = proxies(server.port)
     # Only the tests' own 'cdpfs replicate' runs ship to it, not the mount.
@@ -894,7 +893,7 @@ def test_a_damaged_byte_on_the_link_is_never_applied(repl: Pair) -> None:
 
 def test_an_untrusted_primary_is_refused(volume: Volume, procs: Procs, tmp_path: Path) -> None:
     primary, replica, stranger = volume.store, tmp_path / "replica.store", tmp_path / "x.store"
-    pair(primary, replica)
+    pair_stores(primary, replica)
     cdpfs("init", stranger)
     keygen(stranger, "stranger")
     trust(stranger, replica, "r1")  # the stranger trusts the replica, not the other way
@@ -923,7 +922,7 @@ def test_an_untrusted_primary_is_refused(volume: Volume, procs: Procs, tmp_path:
 def test_an_untrusted_replica_gets_nothing(volume: Volume, procs: Procs,
                                            tmp_path: Path) -> None:
     primary, trusted, other = volume.store, tmp_path / "r1.store", tmp_path / "r2.store"
-    pair(primary, trusted)
+    pair_stores(primary, trusted)
     keygen(other, "r2")
     trust(other, primary, "primary")  # it would accept the primary; the primary says no
     (volume.mnt / "f").write_text("secret")
@@ -944,7 +943,7 @@ def test_an_untrusted_replica_gets_nothing(volume: Volume, procs: Procs,
 def test_a_replayed_handshake_is_refused(volume: Volume, procs: Procs, tmp_path: Path,
                                          proxies: Callable[[int], Proxy]) -> None:
     primary, replica = volume.store, tmp_path / "replica.store"
-    pair(primary, replica)
+    pair_stores(primary, replica)
     (volume.mnt / "f").write_text("first")
     volume.umount()
     server = Server(procs, replica).start()
@@ -985,7 +984,7 @@ def test_a_replica_of_another_volume_refuses(volume: Volume, procs: Procs, tmp_p
                                              proxies: Callable[[int], Proxy]) -> None:
     primary, replica, other = volume.store, tmp_path / "replica.store", tmp_path / "o.store"
     cdpfs("init", other)
-    pair(primary, replica)
+    pair_stores(primary, replica)
     keygen(other, "other")
     trust(other, replica, "r1")
     trust(replica, other, "other")
@@ -1050,7 +1049,7 @@ def test_attempts_count_failures_in_a_row(repl: Pair) -> None:
 def test_bad_addresses_are_one_line_errors(tmp_path: Path) -> None:
     primary, replica = tmp_path / "p.store", tmp_path / "r.store"
     cdpfs("init", primary)
-    pair(primary, replica)
+    pair_stores(primary, replica)
     for addr in ("nonsense", "127.0.0.1", ":80", "127.0.0.1:http"):
         line = one_line_error(cdpfs("replicate", primary, "--to", addr, check=False))
         assert "HOST:PORT" in line, line
@@ -1079,7 +1078,7 @@ def test_bad_addresses_are_one_line_errors(tmp_path: Path) -> None:
 def test_a_port_out_of_range_is_refused(tmp_path: Path) -> None:
     primary, replica = tmp_path / "p.store", tmp_path / "r.store"
     cdpfs("init", primary)
-    pair(primary, replica)
+    pair_stores(primary, replica)
     r = cdpfs("replicate", primary, "--to", "127.0.0.1:99999", "--attempts", "1", check=False)
     line = one_line_error(r)
     assert "99999" in line and "retrying" not in r.stderr and "Errno" not in line, \
@@ -1099,7 +1098,7 @@ def test_a_failed_first_contact_registers_no_replica(tmp_path: Path) -> None:
     replica that never acknowledges anything would keep prune from removing history)."""
     primary, replica = tmp_path / "p.store", tmp_path / "r.store"
     cdpfs("init", primary)
-    pair(primary, replica)
+    pair_stores(primary, replica)
     port = free_port()
     one_line_error(cdpfs("replicate", primary, "--to", f"127.0.0.1:{port}", "--attempts",
                          "1", check=False))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, wait_until
+from helpers import CLI, Volume, cdpfs, pair_stores, wait_until
 
 
 def _free_port() -> int:
@@ -57,10 +57,7 @@ class Server:
 def pair(make_volume: type[Volume], tmp_path: Path) -> Iterator[tuple[Volume, Server]]:
     vol = make_volume("primary").init()
     rstore = tmp_path / "replica.store"
-    cdpfs("replica", "keygen", vol.store, "--name", "primary")
-    cdpfs("replica", "keygen", rstore, "--name", "r1")
-    cdpfs("replica", "trust", vol.store, rstore / "tls" / "node.crt", "--name", "r1")
-    cdpfs("replica", "trust", rstore, vol.store / "tls" / "node.crt", "--name", "primary")
+    pair_stores(vol.store, rstore)
     server = Server(rstore, tmp_path / "replica.log")
     try:
         server.restart()

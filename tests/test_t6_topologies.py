@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, last_seq, wait_until
+from helpers import CLI, Volume, cdpfs, last_seq, pair_stores, store_seq, wait_until
 
 
 def _port() -> int:
@@ -55,25 +55,6 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
         s.stop()
 
 
-def _link(upstream: Path, downstream: Path, up_name: str, down_name: str) -> None:
-    """Identities for both and trust both ways."""
-    for store, name in ((upstream, up_name), (downstream, down_name)):
-        if not (store / "tls" / "node.key").exists():
-            cdpfs("replica", "keygen", store, "--name", name)
-    cdpfs("replica", "trust", upstream, downstream / "tls" / "node.crt", "--name", down_name)
-    cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up_name)
-
-
-def _seq(store: Path) -> int:
-    from cdpfs import journal
-    from cdpfs.store import Store
-
-    if not (store / "data.mdb").exists():
-        return 0
-    with Store(store, readonly=True) as st, st.txn() as txn:
-        return journal.last(txn, st.db)[0]
-
-
 def _identical(a: Path, b: Path) -> None:
     assert "identical" in cdpfs("verify", "--compare", a, b).stdout
 
@@ -82,9 +63,9 @@ def test_fan_out_and_chain(make_volume: type[Volume], servers: Servers,
                            tmp_path: Path) -> None:
     vol = make_volume("primary").init()
     r1, r2, r3 = (tmp_path / f"r{i}.store" for i in (1, 2, 3))
-    _link(vol.store, r1, "primary", "r1")
-    _link(vol.store, r2, "primary", "r2")
-    _link(r1, r3, "r1", "r3")  # r1 forwards to r3: a chain
+    pair_stores(vol.store, r1, "r1", "primary")
+    pair_stores(vol.store, r2, "r2", "primary")
+    pair_stores(r1, r3, "r3", "r1")  # r1 forwards to r3: a chain
     a1, a2, a3 = servers.start(r1), servers.start(r2), servers.start(r3)
     cdpfs("replica", "add", vol.store, "r1", "--address", a1)
     cdpfs("replica", "add", vol.store, "r2", "--address", a2, "--mode", "sync")
@@ -92,7 +73,7 @@ def test_fan_out_and_chain(make_volume: type[Volume], servers: Servers,
     try:
         for i in range(30):
             (vol.mnt / f"f{i}").write_bytes(os.urandom(30_000 + i))
-        wait_until(lambda: (_seq(r1) > 0 and _seq(r1) == _seq(r2)), timeout=30,
+        wait_until(lambda: (store_seq(r1) > 0 and store_seq(r1) == store_seq(r2)), timeout=30,
                    what="both replicas to start receiving")
         cdpfs("replica", "add", r1, "r3", "--address", a3)  # the chain's next link
         for i in range(30):
@@ -102,7 +83,7 @@ def test_fan_out_and_chain(make_volume: type[Volume], servers: Servers,
                 os.fsync(f.fileno())
         last = last_seq(vol)
         for r in (r1, r2, r3):
-            wait_until(lambda r=r: _seq(r) >= last, timeout=60, what=f"{r.name} to converge")
+            wait_until(lambda r=r: store_seq(r) >= last, timeout=60, what=f"{r.name} to converge")
         vol.umount()
     finally:
         vol.cleanup()
@@ -170,7 +151,7 @@ def test_assessment_predicts_the_wire_and_the_limit_holds(make_volume: type[Volu
     predicted = float(re.search(r"([\d.,]+) MB on the wire", out)[1].replace(",", ""))  # type: ignore[index]
     assert re.search(r"per minute \(wire\): median", out) and "Mbit/s" in out, out
     replica = tmp_path / "r.store"
-    _link(vol.store, replica, "primary", "r1")
+    pair_stores(vol.store, replica, "r1", "primary")
     proxy = CountingProxy(servers.start(replica))
     try:
         limit = 2_000_000
