@@ -35,30 +35,41 @@ class Replicator:
         self.degraded: set[str] = set()
         self.sync_timeout = 10.0
         self.block_when_dead = False
+        # Known before the mount serves its first request, so an fsync in the first
+        # moments already waits for the sync replicas.
+        self._new = self._discover()
+
+    def _discover(self) -> list[Shipper]:
+        """Shippers for the replicas registered since the last look (and settings)."""
+        self._load_config()
+        found = []
+        for state in load_states(self.store):
+            if state.mode == "manual":  # shipped only by 'cdpfs replicate'
+                continue
+            if state.name in self.shippers:  # settings may change while it runs
+                current = self.shippers[state.name].state
+                current.mode, current.limit = state.mode, state.limit
+                continue
+            try:
+                ctx = credentials.client_context(self.store.path, state.name)
+            except CdpfsError as exc:
+                log.error("cannot ship to replica %s: %s", state.name, exc)
+                continue
+            shipper = self.shippers[state.name] = Shipper(self.store, state.name,
+                                                          state.address, ctx)
+            found.append(shipper)
+        return found
 
     async def run(self, check_every: float = 2.0) -> None:
-        """Start a shipper for each registered replica, now and as they are added."""
+        """Run a shipper for each registered replica, now and as they are added."""
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.to_thread.run_sync(self._load_config)
-                for state in await trio.to_thread.run_sync(load_states, self.store):
-                    if state.mode == "manual":  # shipped only by 'cdpfs replicate'
-                        continue
-                    if state.name in self.shippers:  # settings may change while it runs
-                        current = self.shippers[state.name].state
-                        current.mode, current.limit = state.mode, state.limit
-                        continue
-                    try:
-                        ctx = credentials.client_context(self.store.path, state.name)
-                    except CdpfsError as exc:
-                        log.error("cannot ship to replica %s: %s", state.name, exc)
-                        continue
-                    shipper = Shipper(self.store, state.name, state.address, ctx)
-                    self.shippers[state.name] = shipper
-                    log.info("shipping to replica %s at %s (%s)", state.name, state.address,
-                             state.mode)
+                for shipper in self._new:
+                    log.info("shipping to replica %s at %s (%s)", shipper.state.name,
+                             shipper.state.address, shipper.state.mode)
                     nursery.start_soon(self._ship, shipper)
                 await trio.sleep(check_every)
+                self._new = await trio.to_thread.run_sync(self._discover)
 
     def _load_config(self) -> None:
         with self.store.txn() as txn:
