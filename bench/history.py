@@ -69,8 +69,9 @@ from run import (
     fs_type,
     git_version,
     is_mounted,
-    raise_interrupt,
+    print_report,
     settle_readahead,
+    start_run,
     work_dir,
     write_all,
     write_markdown,
@@ -801,36 +802,14 @@ def report(bench: Bench, markdown: Path | None) -> None:
     desc = bench.description()
     notes = [f"{r.section}, {r.figure}: {r.note}" for r in bench.rows if r.note] + bench.notes
     verdicts = [f"{r.section}, {r.figure}: {r.verdict()}" for r in bench.rows if r.target_max]
-    print()
-    print(desc)
-    print()
-    print(text_table(bench.rows))
-    print()
-    for n in notes:
-        print(f"  {n}")
-    if verdicts:
-        print()
-        print("targets:")
-        for v in verdicts:
-            print(f"  {v}")
-    if bench.errors:
-        print()
-        print("ERRORS:")
-        for e in bench.errors:
-            print(f"  {e}")
+    print_report(desc, text_table(bench.rows), notes, verdicts, bench.errors)
     if markdown is not None:
         write_markdown(markdown, desc, markdown_table(bench.rows), notes, verdicts, bench.errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if os.geteuid() != 0:
-        log.warning("not root: mounting and dropping the page cache will fail")
-    if fs_type(args.dir) in ("tmpfs", "ramfs"):
-        log.warning("%s is on %s: figures will not reflect a disk", args.dir, fs_type(args.dir))
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    start_run(args.verbose, args.dir)
     started = time.perf_counter()
     with work_dir(args.dir, args.keep, "cdpfs-history-") as work:
         bench = Bench(cfg, work)

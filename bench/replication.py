@@ -86,8 +86,9 @@ from run import (
     fs_type,
     git_version,
     make_text,
-    raise_interrupt,
+    print_report,
     seq_write,
+    start_run,
     work_dir,
     write_markdown,
 )
@@ -1097,23 +1098,7 @@ def report(bench: Bench, markdown: Path | None) -> None:
     rows = sorted(bench.rows, key=lambda r: r.section[0])  # stable: in order within each
     notes = [f"{r.section}, {r.figure}: {r.note}" for r in rows if r.note] + bench.notes
     verdicts = [f"{r.section}, {r.figure}: {r.verdict()}" for r in rows if r.has_target]
-    print()
-    print(desc)
-    print()
-    print(format_text(HEADER, cells(rows), {3, 4, 5}))
-    print()
-    for n in notes:
-        print(f"  {n}")
-    if verdicts:
-        print()
-        print("targets:")
-        for v in verdicts:
-            print(f"  {v}")
-    if bench.errors:
-        print()
-        print("ERRORS:")
-        for e in bench.errors:
-            print(f"  {e}")
+    print_report(desc, format_text(HEADER, cells(rows), {3, 4, 5}), notes, verdicts, bench.errors)
     if markdown is not None:
         write_markdown(markdown, desc, format_markdown(HEADER, cells(rows), {3, 4, 5}), notes,
                        verdicts, bench.errors)
@@ -1121,13 +1106,7 @@ def report(bench: Bench, markdown: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if os.geteuid() != 0:
-        log.warning("not root: mounting and dropping the page cache will fail")
-    if fs_type(args.dir) in ("tmpfs", "ramfs"):
-        log.warning("%s is on %s: figures will not reflect a disk", args.dir, fs_type(args.dir))
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    start_run(args.verbose, args.dir)
     started = time.monotonic()
     with work_dir(args.dir, args.keep, "cdpfs-replication-") as work:
         bench = Bench(cfg, work, keep=args.keep)

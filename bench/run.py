@@ -1167,6 +1167,33 @@ def work_dir(base: Path, keep: bool, prefix: str) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def start_run(verbose: bool, base: Path) -> None:
+    """Logging, warnings about the environment, and a SIGTERM that cleans up."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if os.geteuid() != 0:
+        log.warning("not root: mounting and dropping the page cache will fail")
+    if fs_type(base) in ("tmpfs", "ramfs"):
+        log.warning("%s is on %s: figures will not reflect a disk", base, fs_type(base))
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+def print_report(desc: str, table: str, notes: list[str], verdicts: list[str],
+                 errors: list[str]) -> None:
+    """The report of a benchmark run on standard output."""
+    print(f"\n{desc}\n\n{table}\n")
+    for n in notes:
+        print(f"  {n}")
+    if verdicts:
+        print("\ntargets:")
+        for v in verdicts:
+            print(f"  {v}")
+    if errors:
+        print("\nERRORS:")
+        for e in errors:
+            print(f"  {e}")
+
+
 def write_markdown(path: Path, desc: str, table: str, notes: list[str], verdicts: list[str],
                    errors: list[str]) -> None:
     """The report of a benchmark run: setup, table, notes, targets, errors."""
@@ -1182,13 +1209,7 @@ def write_markdown(path: Path, desc: str, table: str, notes: list[str], verdicts
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if os.geteuid() != 0:
-        log.warning("not root: dropping the page cache will fail")
-    if fs_type(cfg.base) in ("tmpfs", "ramfs"):
-        log.warning("%s is on %s: figures will not reflect a disk", cfg.base, fs_type(cfg.base))
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    start_run(args.verbose, cfg.base)
     work = Path(tempfile.mkdtemp(prefix="cdpfs-bench-", dir=cfg.base)).resolve()
     log.info("work directory %s", work)
     bench = Bench(cfg, work)

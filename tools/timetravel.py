@@ -28,6 +28,8 @@ from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
+AT_OPTION = click.option("--at", "at", required=True, metavar="MOMENT",
+                         help="A time, -15m, #seq, bookmark or now.")
 STORE_OPTION = click.option("--store", type=click.Path(path_type=Path),
                             help="Read this store; PATH is then relative to its volume root.")
 
@@ -158,8 +160,7 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
 
 @click.command("restore")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--at", "at", required=True, metavar="MOMENT",
-              help="A time, -15m, #seq or bookmark.")
+@AT_OPTION
 @click.option("--delete", is_flag=True, help="Remove entries that did not exist then.")
 def restore_cmd(path: Path, at: str, delete: bool) -> None:
     """Put PATH (a file or a directory tree in a mounted volume) back as it was AT."""
@@ -168,8 +169,7 @@ def restore_cmd(path: Path, at: str, delete: bool) -> None:
 
 @click.command("rewind")
 @click.argument("volume", type=click.Path(path_type=Path))
-@click.option("--at", "at", required=True, metavar="MOMENT",
-              help="A time, -15m, #seq or bookmark.")
+@AT_OPTION
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def rewind_cmd(volume: Path, at: str, yes: bool) -> None:
     """Put the whole mounted VOLUME back as it was AT (as new changes: undoable)."""
