@@ -69,11 +69,16 @@ def store_seq(store: Path) -> int:
     """The newest committed record of a store (0 if it does not exist yet), read
     from outside the process writing it."""
     from cdpfs import journal
+    from cdpfs.errors import StoreError
     from cdpfs.store import Store
 
     if not (store / "data.mdb").exists():
         return 0
-    with Store(store, readonly=True) as st, st.txn() as txn:
+    try:
+        st = Store(store, readonly=True)
+    except StoreError:  # a replica store being created right now: nothing in it yet
+        return 0
+    with st, st.txn() as txn:
         return journal.last(txn, st.db)[0]
 
 
