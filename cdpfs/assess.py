@@ -1,7 +1,7 @@
 """Assessment: what replication would send, measured from the journal, sending nothing.
 
 ``assess`` walks the records of a period in the batches the shipper would make
-(``shipper.read_batch``) and encodes the frames it would send (``wire.encode``):
+(``shipper.read_batch``) and builds the frames it would send (``shipper.data_frame``):
 the offer of hashes, the blocks and packs a replica that was current at the
 start would lack (each once), and the records, compressed as on the wire. The
 bytes are spread over seconds by record time; the result gives bytes per minute
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import codec, journal, wire
 from .schema import U64
-from .shipper import read_batch
+from .shipper import data_frame, read_batch
 from .store import Store
 
 
@@ -79,15 +79,11 @@ def assess(store: Store, since_ns: int, lag: float) -> Assessment:
                     "packs": [p for p in refs["packs"] if p not in seen_packs]}
             seen_blocks.update(want["blocks"])
             seen_packs.update(want["packs"])
-            data = {"blocks": {h: bytes(txn.get(h, db=store.db["blocks"]) or b"")
-                               for h in want["blocks"]},
-                    "packs": {p: bytes(txn.get(U64.pack(p), db=store.db["packs"]) or b"")
-                              for p in want["packs"]}}
-            wire_size = sum(len(wire.encode(kind, body, compress)) for kind, body, compress in (
-                (wire.OFFER, refs, True), (wire.DATA, data, False), (wire.RECORDS, batch, True)))
+            wire_size = wire.frame_size(wire.frame(wire.OFFER, refs)) + \
+                wire.frame_size(data_frame(store, txn, want, {"records": batch}))
             plain = sum(len(raw) for _, raw in batch) + \
-                sum(codec.plain_size(v) for v in data["blocks"].values() if v) + \
-                sum(len(v) for v in data["packs"].values())
+                sum(codec.plain_size(txn.get(h, db=store.db["blocks"])) for h in want["blocks"]) + \
+                sum(len(txn.get(U64.pack(p), db=store.db["packs"])) for p in want["packs"])
             # spread the batch over the seconds its records were stamped in
             stamps = [journal.ts_of(raw) // 10**9 for _, raw in batch]
             first_ts = first_ts or stamps[0]

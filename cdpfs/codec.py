@@ -83,6 +83,16 @@ def decode(stored: bytes | memoryview, key: bytes) -> bytes:
     return data
 
 
+def check(stored: bytes | memoryview, key: bytes) -> None:
+    """Raise CorruptBlock unless ``stored`` decodes to data hashing to ``key``
+    (a raw block is hashed in place, not copied)."""
+    if len(stored) and stored[0] == RAW:
+        if digest(memoryview(stored)[1:]) != key:
+            raise CorruptBlock(key)
+        return
+    decode(stored, key)
+
+
 # A pack holds many small writes one after the other, stored as
 # tag + blake3(plaintext) + payload (raw or zstd).
 

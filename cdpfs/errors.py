@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno as _errno
 
+import trio
+
 
 class CdpfsError(Exception):
     """Base of all cdpfs errors: ``errno`` for the kernel, ``str()`` for people."""
@@ -64,3 +66,16 @@ def root_cause(exc: BaseException) -> str:
             exc = exc.__cause__
         else:
             return f"{type(exc).__name__}: {exc}"
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error in a group that is not a cancellation (the group itself if all are)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = first_error(exc)
+            if inner is not exc:
+                return inner
+        elif not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+

@@ -17,22 +17,92 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import codec, journal, wire
-from .errors import CdpfsError, CorruptBlock, root_cause
+from .errors import CdpfsError, CorruptBlock, first_error, root_cause
 from .schema import U64
 from .store import Store, is_store
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
-PIPELINE = 2  # batches received ahead of the one being applied
+PROTOCOL = 2
+PIPELINE = 4  # batches received ahead of the ones being applied
+GROUP_MAX = 8  # batches committed in one transaction at most
 BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under way
 BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
+
+
+class _Incoming:
+    """A batch received and waiting to be applied, or (``mark``) the start or the end
+    of a full resync."""
+
+    def __init__(self, offer: dict[str, Any] | None = None, want: dict[str, Any] | None = None,
+                 body: dict[str, Any] | None = None, pieces: Sequence[bytes] = (),
+                 mark: dict[str, Any] | None = None) -> None:
+        self.mark = mark
+        self.offer = offer or {"blocks": [], "packs": []}
+        self.want = want or {"blocks": [], "packs": []}
+        body = body or {}
+        self.records: list[list[Any]] = body.get("records") or []
+        self.base: dict[str, Any] | None = body.get("base")
+        # the pieces are the wanted blocks, then the wanted packs, in order
+        nblocks = len(self.want["blocks"])
+        if len(pieces) != nblocks + len(self.want["packs"]):
+            raise wire.WireError(f"the primary sent {len(pieces)} blocks and packs, "
+                                 f"{nblocks + len(self.want['packs'])} were wanted")
+        self.blocks = dict(zip(map(bytes, self.want["blocks"]), pieces[:nblocks], strict=True))
+        self.packs = dict(zip(map(int, self.want["packs"]), pieces[nblocks:], strict=True))
+
+    def wanted(self) -> list[object]:
+        """What was wanted for it (the replica's ``inflight`` keys)."""
+        return [*self.want["blocks"], *(("p", p) for p in self.want["packs"])]
+
+    def size(self) -> int:
+        return sum(map(len, self.blocks.values())) + sum(map(len, self.packs.values())) + \
+            sum(len(raw) for _, raw in self.records) + \
+            sum(len(k) + len(v) for k, v in (self.base or {}).get("items", []))
+
+    def check(self) -> None:
+        """WireError unless each block and pack is what its hash says."""
+        try:  # never keep a block that is not what it claims
+            for digest, stored in self.blocks.items():
+                codec.check(stored, digest)
+            for pack, stored in self.packs.items():
+                codec.decode_pack(stored, pack)
+        except CorruptBlock as exc:
+            raise wire.WireError(f"received a damaged block: {exc}") from None
+
+    def apply(self, txn: Any, store: Store, acked: int) -> int:
+        """Write it in ``txn``; the seq the replica is at after it."""
+        for digest in self.offer["blocks"]:  # had when offered: still here (prune)?
+            if digest not in self.blocks and txn.get(digest, db=store.db["blocks"]) is None:
+                raise wire.WireError(f"block {bytes(digest).hex()} went away since it was "
+                                     "offered (pruned meanwhile): the batch is sent again")
+        for pack in self.offer["packs"]:
+            if pack not in self.packs and txn.get(U64.pack(pack), db=store.db["packs"]) is None:
+                raise wire.WireError(f"pack {pack} went away since it was offered")
+        for digest, stored in self.blocks.items():
+            txn.put(digest, stored, db=store.db["blocks"])
+        for pack, stored in self.packs.items():
+            txn.put(U64.pack(pack), stored, db=store.db["packs"])
+        if self.base is not None:  # a piece of a full resync: table entries as they are
+            if self.base.get("table") not in BASE_TABLES:
+                raise wire.WireError(f"full resync of unknown table {self.base.get('table')!r}")
+            db = store.db[self.base["table"]]
+            for key, value in self.base["items"]:
+                txn.put(key, value, db=db)
+        for seq, raw in self.records:
+            if seq != acked + 1:
+                raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
+            journal.apply(txn, store.db, seq, raw)
+            acked = seq
+        return acked
 
 
 class Replica:
@@ -130,11 +200,13 @@ class Replica:
                  " (a full resync was cut: it starts again)" if pending else "")
         await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid,
                                        "base_pending": pending})
-        # Receiving and applying overlap: the next batch is offered and received while
-        # the one before is verified and committed; acknowledgements go out in order.
+        # Receiving and applying overlap: offers are answered and batches received
+        # while the ones before are verified and committed (those waiting are
+        # committed together); acknowledgements go out in order.
         lock = trio.Lock()
-        inflight: dict[object, int] = {}  # blocks and ("p", pack) received, not applied yet
-        send_q, recv_q = trio.open_memory_channel[tuple[Any, ...]](PIPELINE)
+        inflight: dict[object, int] = {}  # blocks and ("p", pack) wanted, not applied yet
+        offers: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # (offer, want)
+        send_q, recv_q = trio.open_memory_channel[_Incoming](PIPELINE)
 
         async def reply(kind: int, body: Any) -> None:
             async with lock:
@@ -142,36 +214,62 @@ class Replica:
 
         async def applier() -> None:
             nonlocal acked
-            async for mark, want, data, batch, base in recv_q:
-                if mark is not None:
-                    acked = await trio.to_thread.run_sync(self._base_mark, store, mark)
-                else:
-                    acked = await trio.to_thread.run_sync(self._apply, store, acked, want,
-                                                          data, batch, base)
-                    for key in (*data["blocks"], *(("p", p) for p in data["packs"])):
+            async for first in recv_q:
+                if first.mark is not None:
+                    acked = await trio.to_thread.run_sync(self._base_mark, store, first.mark)
+                    await reply(wire.ACK, {"seq": acked})
+                    continue
+                group = [first]  # group commit: whatever else has arrived meanwhile
+                while len(group) < GROUP_MAX:
+                    try:
+                        group.append(recv_q.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    if group[-1].mark is not None:
+                        break
+                mark = group.pop() if group[-1].mark is not None else None
+                marks = await trio.to_thread.run_sync(self._apply, store, acked, group)
+                for item in group:
+                    for key in item.wanted():
                         left = inflight.pop(key, 1) - 1
                         if left:
                             inflight[key] = left
                 self.bytes_in = conn.received
-                await reply(wire.ACK, {"seq": acked})
+                for seq in marks:
+                    await reply(wire.ACK, {"seq": seq})
+                acked = marks[-1]
+                if mark is not None:
+                    acked = await trio.to_thread.run_sync(self._base_mark, store, mark.mark)
+                    await reply(wire.ACK, {"seq": acked})
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(applier)
-            while True:
-                kind, offer = await conn.recv(wire.OFFER, wire.BASE)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(applier)
+                await self._frames(conn, store, inflight, offers, send_q, reply)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+    async def _frames(self, conn: wire.Connection, store: Store, inflight: dict[object, int],
+                      offers: deque[tuple[dict[str, Any], dict[str, Any]]],
+                      send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
+        """Take frames from the primary: answer offers, queue batches for the applier."""
+        while True:
+                kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE)
                 if kind == wire.BASE:  # the start or the end of a full resync
-                    await send_q.send((offer, None, None, None, None))
-                    continue
-                want = await trio.to_thread.run_sync(self._missing, store, offer)
-                want = {"blocks": [h for h in want["blocks"] if h not in inflight],
-                        "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
-                for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
-                    inflight[key] = inflight.get(key, 0) + 1
-                await reply(wire.WANT, want)
-                _, data = await conn.recv(wire.DATA)
-                kind, batch = await conn.recv(wire.RECORDS, wire.BASE)
-                await send_q.send((None, want, data, batch if kind == wire.RECORDS else [],
-                                   batch if kind == wire.BASE else None))
+                    await send_q.send(_Incoming(mark=body))
+                elif kind == wire.OFFER:
+                    want = await trio.to_thread.run_sync(self._missing, store, body)
+                    want = {"blocks": [h for h in want["blocks"] if h not in inflight],
+                            "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
+                    for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
+                        inflight[key] = inflight.get(key, 0) + 1
+                    offers.append((body, want))
+                    await reply(wire.WANT, want)
+                else:
+                    if not offers:
+                        raise wire.WireError("DATA frame without an offer before it")
+                    offer, want = offers.popleft()
+                    await send_q.send(_Incoming(offer, want, body, pieces))
 
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
@@ -181,41 +279,18 @@ class Replica:
                      if txn.get(U64.pack(p), db=store.db["packs"]) is None]
         return {"blocks": blocks, "packs": packs}
 
-    def _apply(self, store: Store, acked: int, want: dict[str, Any], data: dict[str, Any],
-               batch: list[list[Any]], base: dict[str, Any] | None = None) -> int:
-        blocks, packs = data["blocks"], data["packs"]
-        missing = set(want["blocks"]) - set(blocks) or set(want["packs"]) - set(packs)
-        if missing:
-            raise wire.WireError(f"the primary did not send {len(missing)} wanted objects")
-        for digest, stored in blocks.items():  # never keep a block that is not what it claims
-            try:
-                codec.decode(stored, digest)
-            except CorruptBlock as exc:
-                raise wire.WireError(f"received a damaged block: {exc}") from None
-        for pack, stored in packs.items():
-            codec.decode_pack(stored, pack)
-        size = sum(map(len, blocks.values())) + sum(map(len, packs.values())) + \
-            sum(len(raw) for _, raw in batch) + \
-            sum(len(k) + len(v) for k, v in (base or {}).get("items", []))
-        store.grow_if_needed(2 * size + (64 << 20))
+    def _apply(self, store: Store, acked: int, group: list[_Incoming]) -> list[int]:
+        """Verify and commit batches in one synced transaction; the seq each ends at."""
+        for item in group:
+            item.check()
+        store.grow_if_needed(2 * sum(item.size() for item in group) + (64 << 20))
+        marks = []
         with store.txn(write=True) as txn:
-            for digest, stored in blocks.items():
-                txn.put(digest, stored, db=store.db["blocks"])
-            for pack, stored in packs.items():
-                txn.put(U64.pack(pack), stored, db=store.db["packs"])
-            if base is not None:  # a piece of a full resync: table entries as they are
-                if base["table"] not in BASE_TABLES:
-                    raise wire.WireError(f"full resync of unknown table {base['table']!r}")
-                db = store.db[base["table"]]
-                for key, value in base["items"]:
-                    txn.put(key, value, db=db)
-            for seq, raw in batch:
-                if seq != acked + 1:
-                    raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
-                journal.apply(txn, store.db, seq, raw)
-                acked = seq
-        self.applied += len(batch)
-        return acked
+            for item in group:
+                acked = item.apply(txn, store, acked)
+                marks.append(acked)
+        self.applied += sum(len(item.records) for item in group)
+        return marks
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -236,7 +311,7 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
 
         async def handler(stream: trio.SocketStream) -> None:
             peer = _peer(stream)
-            tls = trio.SSLStream(stream, ctx, server_side=True)
+            tls = wire.tls_stream(stream, ctx, server_side=True)
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
@@ -248,8 +323,6 @@ async def serve(path: Path, listen: str, ctx: ssl.SSLContext,
                 await replica.handle(conn, peer)
             except wire.Closed:
                 log.info("%s: disconnected", peer)
-            except BaseExceptionGroup as group:  # from the receive/apply pair of a session
-                log.warning("%s: connection dropped: %s", peer, root_cause(group))
             except (wire.WireError, wire.PeerError, trio.BrokenResourceError,
                     ssl.SSLError, OSError) as exc:
                 log.warning("%s: connection dropped: %s", peer, root_cause(exc))

@@ -2,9 +2,10 @@
 
 A ``Shipper`` connects to one replica (TLS, credentials.client_context), learns
 its acknowledged position, and sends batches in seq order: the block hashes and
-pack ids the batch references (OFFER), then only those the replica asks for
-(DATA, already compressed as stored), then the records (RECORDS, compressed on
-the wire). The replica acknowledges each batch once it is durable. Every
+pack ids the batch references (OFFER), then one DATA frame with the records
+(compressed on the wire) and only the blocks and packs the replica asked for
+(as stored, compressed already). Up to PIPELINE batches are on the way
+at once. The replica acknowledges each batch once it is durable. Every
 failure (refused connection, dropped link, damaged frame) ends the connection;
 the shipper waits and resumes from the replica's position, so nothing is lost
 or applied twice. Its state for ``cdpfs status`` is kept in the ``replicas``
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ import msgpack
 import trio
 
 from . import journal, wire
-from .errors import CdpfsError, root_cause
+from .errors import CdpfsError, first_error, root_cause
 from .replica import BASE_TABLES, PROTOCOL, parse_address
 from .schema import T_EXTENT, U64, Extent, seq_of
 from .store import Store
@@ -33,8 +35,20 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 2000
 BATCH_BYTES = 8 << 20
-PIPELINE = 3  # batches sent ahead of the replica's acknowledgement
+PIPELINE = 4  # batches offered or sent ahead of the replica's acknowledgement
+SAVE_EVERY = 0.2  # seconds between saves of a replica's state while it is acknowledging
 ANSWER_TIMEOUT = 30.0  # seconds a replica may take to answer a frame before the link is dropped
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A batch offered or sent, not yet acknowledged."""
+
+    seq: int  # its last record
+    count: int  # records
+    ts: int  # timestamp of its last record
+    started: float  # trio time of its OFFER
+    nbytes: int = 0  # frames sent for it
 
 
 @dataclass(slots=True)
@@ -102,12 +116,15 @@ class Shipper:
         self.on_batch: Callable[[ReplicaState], None] | None = None  # progress reports
         self._wake = trio.Event()
         self._budget_at = 0.0  # trio time until which the bandwidth budget is spent
+        self._dirty = False  # state changed since it was last saved
+        self._saved_at = 0.0
 
     def poke(self) -> None:
         """New records are committed: look for them now instead of at the next poll."""
         self._wake.set()
 
     def _save(self) -> None:
+        self._dirty = False
         if not self._registered:  # a replica never reached is not registered
             return
         self.state.updated_ns = time.time_ns()
@@ -151,7 +168,7 @@ class Shipper:
 
     async def _session(self, follow: bool) -> None:
         stream = await trio.open_tcp_stream(self.host, self.port)
-        tls = trio.SSLStream(stream, self.ctx, server_side=False)
+        tls = wire.tls_stream(stream, self.ctx, server_side=False)
         try:
             await tls.do_handshake()
             conn = wire.Connection(tls)
@@ -172,18 +189,7 @@ class Shipper:
                 acked = await self._full_resync(conn)
                 self.state.bytes_sent += conn.sent - sent
             try:
-                async with trio.open_nursery() as nursery:
-                    wants_in, wants = trio.open_memory_channel[Any](PIPELINE + 1)
-                    acks_in, acks = trio.open_memory_channel[Any](PIPELINE + 1)
-
-                    async def reader() -> None:  # WANTs and ACKs come back interleaved
-                        while True:
-                            kind, body = await conn.recv(wire.WANT, wire.ACK)
-                            await (wants_in if kind == wire.WANT else acks_in).send(body)
-
-                    nursery.start_soon(reader)
-                    await self._pipeline(conn, acked, follow, wants, acks)
-                    nursery.cancel_scope.cancel()
+                await self._pipeline(conn, acked, follow)
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             self.state.connected = False
@@ -192,50 +198,97 @@ class Shipper:
         finally:
             await trio.aclose_forcefully(tls)
 
-    async def _pipeline(self, conn: wire.Connection, acked: int, follow: bool, wants: Any,
-                        acks: Any) -> None:
-        """Send batches with up to PIPELINE unacknowledged, until caught up (or forever
-        with ``follow``)."""
-        sent_upto = acked
-        inflight: list[tuple[int, int, int, float, int]] = []  # seq, records, bytes, t0, ts
-        while True:
-            batch: list[list[Any]] = []
-            if len(inflight) < PIPELINE:
-                batch, refs = await trio.to_thread.run_sync(self._read_batch, sent_upto)
-            if batch:
-                sent, started = conn.sent, trio.current_time()
-                await conn.send(wire.OFFER, refs)
-                with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
-                    want = await wants.receive()
-                data = await trio.to_thread.run_sync(self._read_data, want)
-                await self._throttle(await conn.send(wire.DATA, data, compress=False))
-                await self._throttle(await conn.send(wire.RECORDS, batch))
-                sent_upto = batch[-1][0]
-                inflight.append((sent_upto, len(batch), conn.sent - sent, started,
-                                 journal.ts_of(batch[-1][1])))
-                continue
-            if inflight:
-                with trio.fail_after(ANSWER_TIMEOUT):
-                    ack = await acks.receive()
-                last, count, nbytes, started, ts = inflight.pop(0)
-                if int(ack["seq"]) != last:
-                    raise wire.WireError(f"acknowledged #{ack['seq']}, expected #{last}")
-                took = max(1e-3, trio.current_time() - started)
-                self.state.rate = 0.7 * self.state.rate + 0.3 * nbytes / took
-                self.state.record_rate = 0.7 * self.state.record_rate + 0.3 * count / took
-                self.state.acked, self.state.acked_ts = last, ts
-                self.state.records_sent += count
-                self.state.bytes_sent += nbytes
-                await trio.to_thread.run_sync(self._save)
-                if self.on_batch is not None:
-                    self.on_batch(self.state)
-                continue
-            self.caught_up.set()
-            if not follow:
-                return
-            with trio.move_on_after(0.05):
-                await self._wake.wait()
-            self._wake = trio.Event()
+    async def _pipeline(self, conn: wire.Connection, acked: int, follow: bool) -> None:
+        """Ship batches until caught up (or forever with ``follow``), up to PIPELINE
+        of them offered or sent but not yet acknowledged.
+
+        Three tasks share the link: this one reads batches and sends their OFFERs
+        ahead; ``sender`` pairs each with its WANT, reads the wanted blocks and sends
+        the DATA frame; ``reader`` takes WANTs and ACKs as they come back. So the
+        replica answers the next offer while the data before it is still on the way,
+        and neither side waits for a round trip between batches."""
+        slots = trio.Semaphore(PIPELINE)
+        send_lock = trio.Lock()
+        offered_in, offered = trio.open_memory_channel[tuple[list[list[Any]], _Sent]](PIPELINE)
+        wants_in, wants = trio.open_memory_channel[dict[str, list[Any]]](PIPELINE)
+        inflight: deque[_Sent] = deque()  # sent, waiting for their ACK, in order
+        pending = 0  # frames that expect an answer (OFFER: WANT, DATA: ACK)
+
+        async def sender() -> None:
+            nonlocal pending
+            async for batch, sent in offered:
+                want = await wants.receive()
+                parts = await trio.to_thread.run_sync(self._data_frame, want, {"records": batch})
+                async with send_lock:
+                    pending += 1
+                    sent.nbytes += await conn.send_frame(parts, pace=self._throttle)
+
+        async def reader() -> None:
+            nonlocal pending
+            while True:
+                kind, body = await conn.recv(wire.WANT, wire.ACK)
+                pending -= 1
+                if kind == wire.WANT:
+                    await wants_in.send(body)
+                    continue
+                if not inflight or int(body["seq"]) != inflight[0].seq:
+                    raise wire.WireError(f"acknowledged #{body['seq']}, expected "
+                                         f"#{inflight[0].seq if inflight else 'nothing'}")
+                await self._acked(inflight.popleft())
+                slots.release()
+
+        async def watchdog() -> None:  # a dead link or replica: reconnect
+            while True:
+                await trio.sleep(1)
+                if pending and trio.current_time() - conn.active > ANSWER_TIMEOUT:
+                    raise trio.TooSlowError(f"no answer from the replica for "
+                                            f"{ANSWER_TIMEOUT:.0f}s")
+
+        async with trio.open_nursery() as nursery:
+            for task in (sender, reader, watchdog):
+                nursery.start_soon(task)
+            upto = acked
+            while True:
+                await slots.acquire()
+                batch, refs = await trio.to_thread.run_sync(self._read_batch, upto)
+                if batch:
+                    sent = _Sent(batch[-1][0], len(batch), journal.ts_of(batch[-1][1]),
+                                 trio.current_time())
+                    inflight.append(sent)
+                    async with send_lock:
+                        pending += 1
+                        sent.nbytes += await conn.send(wire.OFFER, refs)
+                    await offered_in.send((batch, sent))
+                    upto = batch[-1][0]
+                    continue
+                slots.release()
+                if not inflight:
+                    if self._dirty:
+                        await trio.to_thread.run_sync(self._save)
+                    self.caught_up.set()
+                    if not follow:
+                        break
+                with trio.move_on_after(0.05):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            nursery.cancel_scope.cancel()
+
+    async def _acked(self, sent: _Sent) -> None:
+        """Account for a batch the replica acknowledged (saved now and then: retention
+        keeps the journal from the saved position, so a late save only keeps more)."""
+        took = max(1e-3, trio.current_time() - sent.started)
+        state = self.state
+        state.rate = 0.7 * state.rate + 0.3 * sent.nbytes / took
+        state.record_rate = 0.7 * state.record_rate + 0.3 * sent.count / took
+        state.acked, state.acked_ts = sent.seq, sent.ts
+        state.records_sent += sent.count
+        state.bytes_sent += sent.nbytes
+        self._dirty = True
+        if trio.current_time() - self._saved_at >= SAVE_EVERY:
+            self._saved_at = trio.current_time()
+            await trio.to_thread.run_sync(self._save)
+        if self.on_batch is not None:
+            self.on_batch(state)
 
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
         with self.store.txn() as txn:
@@ -250,15 +303,14 @@ class Shipper:
                                  f"volume (#{last}): it was fed from elsewhere")
             return acked < last and journal.get(txn, self.store.db, acked + 1) is None
 
-    async def _exchange(self, conn: wire.Connection, refs: dict[str, list[Any]], kind: int,
-                        body: Any) -> int:
-        """Offer what ``body`` references, send what is missing, then ``body``; the ack."""
+    async def _exchange(self, conn: wire.Connection, refs: dict[str, list[Any]],
+                        body: dict[str, Any]) -> int:
+        """Offer what ``body`` references, then send it with what is missing; the ack."""
         with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
             await conn.send(wire.OFFER, refs)
             _, want = await conn.recv(wire.WANT)
-        data = await trio.to_thread.run_sync(self._read_data, want)
-        await self._throttle(await conn.send(wire.DATA, data, compress=False))
-        await self._throttle(await conn.send(kind, body))
+        parts = await trio.to_thread.run_sync(self._data_frame, want, body)
+        await conn.send_frame(parts, pace=self._throttle)
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
         return int(ack["seq"])
@@ -284,8 +336,8 @@ class Shipper:
                 if after is None:
                     break
                 if items:
-                    await self._exchange(conn, refs, wire.BASE, {"table": table,
-                                                                 "items": items})
+                    await self._exchange(conn, refs, {"base": {"table": table,
+                                                               "items": items}})
         await conn.send(wire.BASE, {"end": True, "seq": top})
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
@@ -300,20 +352,27 @@ class Shipper:
         self._budget_at = max(self._budget_at, now) + nbytes / self.state.limit
         await trio.sleep_until(self._budget_at)
 
-    def _read_data(self, want: dict[str, list[Any]]) -> dict[str, dict[Any, bytes]]:
-        out: dict[str, dict[Any, bytes]] = {"blocks": {}, "packs": {}}
+    def _data_frame(self, want: dict[str, list[Any]], body: dict[str, Any]) -> list[wire.Part]:
         with self.store.txn() as txn:
-            for digest in want["blocks"]:
-                stored = txn.get(digest, db=self.store.db["blocks"])
-                if stored is None:
-                    raise CdpfsError(f"block {bytes(digest).hex()} is missing on the primary")
-                out["blocks"][digest] = bytes(stored)
-            for pack in want["packs"]:
-                stored = txn.get(U64.pack(pack), db=self.store.db["packs"])
-                if stored is None:
-                    raise CdpfsError(f"pack {pack} is missing on the primary")
-                out["packs"][pack] = bytes(stored)
-        return out
+            return data_frame(self.store, txn, want, body)
+
+
+def data_frame(store: Store, txn: Any, want: dict[str, list[Any]], body: dict[str, Any],
+               ) -> list[wire.Part]:
+    """The DATA frame of ``body`` (records, or a piece of a full resync): the wanted
+    blocks and packs as pieces, as stored (compressed already), the rest compressed."""
+    pieces: list[bytes] = []
+    for digest in want["blocks"]:
+        stored = txn.get(digest, db=store.db["blocks"])
+        if stored is None:
+            raise CdpfsError(f"block {bytes(digest).hex()} is missing on the primary")
+        pieces.append(stored)
+    for pack in want["packs"]:
+        stored = txn.get(U64.pack(pack), db=store.db["packs"])
+        if stored is None:
+            raise CdpfsError(f"pack {pack} is missing on the primary")
+        pieces.append(stored)
+    return wire.frame(wire.DATA, body, pieces=pieces)
 
 
 def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
@@ -347,7 +406,7 @@ def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
                     packs[ext.pack] = None
         size += len(raw)
         if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES or \
-                len(blocks) * store.block_size >= 4 * BATCH_BYTES:
+                len(blocks) * store.block_size >= BATCH_BYTES:
             break
     return batch, {"blocks": list(blocks), "packs": list(packs)}
 
@@ -388,19 +447,6 @@ def read_base_chunk(store: Store, table: str, after: bytes, top: int,
                 elif ext.kind == "P":
                     packs[ext.pack] = None
             if len(items) >= BATCH_RECORDS * 4 or size >= BATCH_BYTES or \
-                    len(blocks) * store.block_size >= 4 * BATCH_BYTES:
+                    len(blocks) * store.block_size >= BATCH_BYTES:
                 break
     return items, {"blocks": list(blocks), "packs": list(packs)}, last
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first error in a group that is not a cancellation (the group itself if all are)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = first_error(exc)
-            if inner is not exc:
-                return inner
-        elif not isinstance(exc, trio.Cancelled):
-            return exc
-    return group
-

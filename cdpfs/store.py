@@ -11,6 +11,8 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -37,6 +39,7 @@ DB_NAMES = (
     b"bookmarks", b"replicas",  # used by time travel and replication
 )
 LOCK_NAME = "cdpfs.lock"
+_CREATING = ".creating-"  # prefix of the directory a new store is made in
 _ALLOWED_BEFORE = {"tls", "cdpfs.log", "replica.log", LOCK_NAME}  # may predate the store
 
 
@@ -136,22 +139,32 @@ class Store:
             raise StoreError(f"{p}: exists and is not a directory")
         if p.is_dir() and is_store(p):
             raise StoreError(f"{p}: is already a cdpfs store")
-        if p.is_dir() and any(e.name not in _ALLOWED_BEFORE for e in p.iterdir()):
+        if p.is_dir() and any(e.name not in _ALLOWED_BEFORE and not e.name.startswith(_CREATING)
+                              for e in p.iterdir()):
             raise StoreError(f"{p}: directory is not empty and is not a cdpfs store")
         if block_size < 4096 or block_size & (block_size - 1):
             raise StoreError(f"block size {block_size} must be a power of two >= 4096")
         p.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(p), map_size=MIN_MAP, max_dbs=len(DB_NAMES) + 2)
+        for left in p.glob(_CREATING + "*"):  # from a creation cut short
+            shutil.rmtree(left)
+        # Made aside and moved in whole: a reader never sees a store without its tables.
+        tmp = Path(tempfile.mkdtemp(prefix=_CREATING, dir=p))
         try:
-            dbs = {name: env.open_db(name) for name in DB_NAMES}
-            with env.begin(write=True) as txn:
-                meta = dbs[b"meta"]
-                txn.put(b"format", FORMAT, db=meta)
-                txn.put(b"uuid", (volume_uuid or str(uuid.uuid4())).encode(), db=meta)
-                txn.put(b"block_size", str(block_size).encode(), db=meta)
-                txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+            env = lmdb.open(str(tmp), map_size=MIN_MAP, max_dbs=len(DB_NAMES) + 2)
+            try:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name, txn=txn) for name in DB_NAMES}
+                    meta = dbs[b"meta"]
+                    txn.put(b"format", FORMAT, db=meta)
+                    txn.put(b"uuid", (volume_uuid or str(uuid.uuid4())).encode(), db=meta)
+                    txn.put(b"block_size", str(block_size).encode(), db=meta)
+                    txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+            finally:
+                env.close()
+            os.rename(tmp / "data.mdb", p / "data.mdb")
+            _fsync_dir(p)
         finally:
-            env.close()
+            shutil.rmtree(tmp, ignore_errors=True)
         return cls(p)
 
     # --- locking and map size -------------------------------------------------
@@ -322,3 +335,12 @@ def _round_up(n: int) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
