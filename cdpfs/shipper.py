@@ -202,9 +202,10 @@ class Shipper:
         """Ship batches until caught up (or forever with ``follow``), up to PIPELINE
         of them offered or sent but not yet acknowledged.
 
-        Three tasks share the link: this one reads batches and sends their OFFERs
-        ahead; ``sender`` pairs each with its WANT, reads the wanted blocks and sends
-        the DATA frame; ``reader`` takes WANTs and ACKs as they come back. So the
+        Tasks share the link: this one reads batches and sends their OFFERs ahead;
+        ``loader`` pairs each with its WANT and reads the wanted blocks while
+        ``sender`` sends the DATA frame before; ``reader`` takes WANTs and ACKs as
+        they come back. So the
         replica answers the next offer while the data before it is still on the way,
         and neither side waits for a round trip between batches."""
         slots = trio.Semaphore(PIPELINE)
@@ -214,11 +215,17 @@ class Shipper:
         inflight: deque[_Sent] = deque()  # sent, waiting for their ACK, in order
         pending = 0  # frames that expect an answer (OFFER: WANT, DATA: ACK)
 
-        async def sender() -> None:
-            nonlocal pending
+        ready_in, ready = trio.open_memory_channel[tuple[list[wire.Part], _Sent]](1)
+
+        async def loader() -> None:  # reads the next frame's blocks while one is sent
             async for batch, sent in offered:
                 want = await wants.receive()
                 parts = await trio.to_thread.run_sync(self._data_frame, want, {"records": batch})
+                await ready_in.send((parts, sent))
+
+        async def sender() -> None:
+            nonlocal pending
+            async for parts, sent in ready:
                 async with send_lock:
                     pending += 1
                     sent.nbytes += await conn.send_frame(parts, pace=self._throttle)
@@ -245,7 +252,7 @@ class Shipper:
                                             f"{ANSWER_TIMEOUT:.0f}s")
 
         async with trio.open_nursery() as nursery:
-            for task in (sender, reader, watchdog):
+            for task in (loader, sender, reader, watchdog):
                 nursery.start_soon(task)
             upto = acked
             while True:
