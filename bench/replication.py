@@ -18,7 +18,7 @@ issue names a target:
 2. **lag at half load**: on that mount, a writer appends 128 KiB writes at half the
    local write rate of 1 with an fsync every ~50 ms, for 30 s. After each fsync (time
    t) it reads the newest seq S (``journal.last``); a thread polls the primary's
-   replica state (``shipper.load_states``) every 5 ms and notes the first time the
+   replica state (``replicas.load_states``) every 5 ms and notes the first time the
    replica's acknowledged seq is >= S: lag = that time - t. p50/p99/max in ms, beside
    the writer's own fsync latency. Target: p99 < 1000 ms. The lag measured by
    polling the replica store's own journal is given in a note. For comparison, the
@@ -94,7 +94,7 @@ from run import (
 )
 
 from cdpfs import journal
-from cdpfs.shipper import ReplicaState, load_states
+from cdpfs.replicas import ReplicaState, load_states
 from cdpfs.store import Store
 
 log = logging.getLogger("replication")

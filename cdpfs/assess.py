@@ -1,7 +1,7 @@
 """Assessment: what replication would send, measured from the journal, sending nothing.
 
 ``assess`` walks the records of a period in the batches the shipper would make
-(``shipper.read_batch``) and builds the frames it would send (``shipper.data_frame``):
+(``batches.read_batch``) and builds the frames it would send (``batches.data_frame``):
 the offer of hashes, the blocks and packs a replica that was current at the
 start would lack (each once), and the records, compressed as on the wire. The
 bytes are spread over seconds by record time; the result gives bytes per minute
@@ -16,8 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from . import codec, journal, wire
+from .batches import data_frame, read_batch
 from .schema import U64
-from .shipper import data_frame, read_batch
 from .store import Store
 
 

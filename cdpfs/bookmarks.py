@@ -104,5 +104,24 @@ def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
         raise BadMoment(f"{name!r}: no such bookmark")
 
 
+def mirror(txn: lmdb.Transaction, dbs: dict[str, Any], marks: dict[str, list[int]]) -> int:
+    """Make the user's bookmarks those of ``marks`` ({name: [seq, created_ns]}, a
+    primary's, on its replica), leaving holds alone and skipping points not in the
+    journal here. The number of bookmarks changed."""
+    changed = 0
+    for mark in bookmarks(txn, dbs):
+        if mark.name not in marks:
+            txn.delete(mark.name.encode(), db=dbs["bookmarks"])
+            changed += 1
+    for name, (seq, created_ns) in marks.items():
+        value = U64.pack(seq) + U64.pack(created_ns)
+        if name.startswith(HOLD) or journal.get(txn, dbs, seq) is None:
+            continue
+        if txn.get(name.encode(), db=dbs["bookmarks"]) != value:
+            txn.put(name.encode(), value, db=dbs["bookmarks"])
+            changed += 1
+    return changed
+
+
 def hold_name(tag: str) -> str:
     return f"{HOLD}{os.getpid()}.{tag}"

@@ -71,7 +71,7 @@ class Pruner:
         self.stale_holds = [b.name for b in points.marks if b.is_hold and not b.holder_alive]
         # Records (and the blocks they reference) a replica has not acknowledged yet
         # stay, so it can still be sent them.
-        from .shipper import MAX_LAG_RECORDS, min_acked
+        from .replicas import MAX_LAG_RECORDS, min_acked
 
         last = journal.last(txn, self.db)[0]
         acked = min_acked(txn, self.db, last,

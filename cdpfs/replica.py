@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from . import codec, journal, wire
+from . import bookmarks, codec, journal, wire
 from .errors import CdpfsError, CorruptBlock, first_error, root_cause
 from .schema import U64
 from .store import Store, is_store
@@ -39,13 +39,13 @@ BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
 
 
 class _Incoming:
-    """A batch received and waiting to be applied, or (``mark``) the start or the end
-    of a full resync."""
+    """A batch received and waiting to be applied; or, with ``control``, the start or
+    the end of a full resync (BASE) or the primary's bookmarks (MARKS)."""
 
     def __init__(self, offer: dict[str, Any] | None = None, want: dict[str, Any] | None = None,
                  body: dict[str, Any] | None = None, pieces: Sequence[bytes] = (),
-                 mark: dict[str, Any] | None = None) -> None:
-        self.mark = mark
+                 control: tuple[int, Any] | None = None) -> None:
+        self.control = control
         self.offer = offer or {"blocks": [], "packs": []}
         self.want = want or {"blocks": [], "packs": []}
         body = body or {}
@@ -132,6 +132,8 @@ class Replica:
         if self.store is None:
             self.store = Store.create(self.path, block_size=int(hello["block_size"]),
                                       volume_uuid=str(hello["uuid"]))
+            with self.store.txn(write=True) as txn:  # a live mount refuses it (see mount)
+                self.store.set_config(txn, "role", "replica")
             self.store.lock("replica serve")
             log.info("created replica store %s of volume %s", self.path, hello["uuid"])
         if self.store.uuid != hello["uuid"]:
@@ -140,13 +142,22 @@ class Replica:
             raise CdpfsError("block size differs from the primary's")
         return self.store
 
-    def position(self) -> tuple[int, bool]:
-        """(acknowledged seq, whether a full resync was cut short)."""
+    def position(self) -> tuple[int, bool, bytes]:
+        """(acknowledged seq, whether a full resync was cut short, the check of the
+        record at that seq: the primary compares it with its own)."""
         assert self.store is not None
         with self.store.txn() as txn:
             if txn.get(BASE_PENDING, db=self.store.db["meta"]) is not None:
-                return 0, True
-            return journal.last(txn, self.store.db)[0], False
+                return 0, True, b""
+            seq = journal.last(txn, self.store.db)[0]
+            return seq, False, record_check(txn, self.store, seq)
+
+    @staticmethod
+    def _bookmarks(store: Store, marks: dict[str, list[int]]) -> None:
+        with store.txn(write=True) as txn:
+            changed = bookmarks.mirror(txn, store.db, marks)
+        if changed:
+            log.info("bookmarks now as on the primary (%d changed)", changed)
 
     def _base_mark(self, store: Store, msg: dict[str, Any]) -> int:
         """Begin a full resync (clear the history tables) or end one (its seq)."""
@@ -195,11 +206,11 @@ class Replica:
             log.warning("%s: refused: %s", peer, exc)
             await conn.send(wire.ERROR, {"message": str(exc)})
             return
-        acked, pending = await trio.to_thread.run_sync(self.position)
+        acked, pending, check = await trio.to_thread.run_sync(self.position)
         log.info("%s (%s) connected; resuming after #%d%s", peer, hello.get("name"), acked,
                  " (a full resync was cut: it starts again)" if pending else "")
         await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid,
-                                       "base_pending": pending})
+                                       "base_pending": pending, "check": check})
         # Receiving and applying overlap: offers are answered and batches received
         # while the ones before are verified and committed (those waiting are
         # committed together); acknowledgements go out in order.
@@ -215,32 +226,31 @@ class Replica:
         async def applier() -> None:
             nonlocal acked
             async for first in recv_q:
-                if first.mark is not None:
-                    acked = await trio.to_thread.run_sync(self._base_mark, store, first.mark)
-                    await reply(wire.ACK, {"seq": acked})
-                    continue
-                group = [first]  # group commit: whatever else has arrived meanwhile
-                while len(group) < GROUP_MAX:
+                group = [first]  # group commit: batches that arrived meanwhile go along
+                while first.control is None and len(group) < GROUP_MAX:
                     try:
                         group.append(recv_q.receive_nowait())
                     except trio.WouldBlock:
                         break
-                    if group[-1].mark is not None:
+                    if group[-1].control is not None:
                         break
-                mark = group.pop() if group[-1].mark is not None else None
-                marks = await trio.to_thread.run_sync(self._apply, store, acked, group)
-                for item in group:
-                    for key in item.wanted():
-                        left = inflight.pop(key, 1) - 1
-                        if left:
-                            inflight[key] = left
-                self.bytes_in = conn.received
-                for seq in marks:
-                    await reply(wire.ACK, {"seq": seq})
-                acked = marks[-1]
-                if mark is not None:
-                    acked = await trio.to_thread.run_sync(self._base_mark, store, mark.mark)
+                control = group.pop().control if group[-1].control is not None else None
+                if group:
+                    ends = await trio.to_thread.run_sync(self._apply, store, acked, group)
+                    for item in group:
+                        for key in item.wanted():
+                            left = inflight.pop(key, 1) - 1
+                            if left:
+                                inflight[key] = left
+                    self.bytes_in = conn.received
+                    acked = ends[-1]
+                    for seq in ends:
+                        await reply(wire.ACK, {"seq": seq})
+                if control is not None and control[0] == wire.BASE:
+                    acked = await trio.to_thread.run_sync(self._base_mark, store, control[1])
                     await reply(wire.ACK, {"seq": acked})
+                elif control is not None:
+                    await trio.to_thread.run_sync(self._bookmarks, store, control[1])
 
         try:
             async with trio.open_nursery() as nursery:
@@ -254,9 +264,10 @@ class Replica:
                       send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
         """Take frames from the primary: answer offers, queue batches for the applier."""
         while True:
-                kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE)
-                if kind == wire.BASE:  # the start or the end of a full resync
-                    await send_q.send(_Incoming(mark=body))
+                kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE,
+                                                           wire.MARKS)
+                if kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
+                    await send_q.send(_Incoming(control=(kind, body)))
                 elif kind == wire.OFFER:
                     want = await trio.to_thread.run_sync(self._missing, store, body)
                     want = {"blocks": [h for h in want["blocks"] if h not in inflight],
@@ -291,6 +302,13 @@ class Replica:
                 marks.append(acked)
         self.applied += sum(len(item.records) for item in group)
         return marks
+
+
+def record_check(txn: Any, store: Store, seq: int) -> bytes:
+    """A short hash of the record at ``seq`` (empty if there is none): equal on two
+    stores when they hold the same history up to there."""
+    raw = txn.get(U64.pack(seq), db=store.db["journal"])
+    return b"" if raw is None else codec.digest(raw)[:16]
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -20,7 +20,8 @@ import trio
 
 from . import credentials
 from .errors import CdpfsError
-from .shipper import Shipper, load_states
+from .replicas import load_states
+from .shipper import Shipper
 from .store import Store
 
 log = logging.getLogger(__name__)

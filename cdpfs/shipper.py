@@ -19,22 +19,20 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import trio
 
-from . import journal, wire
+from . import bookmarks, journal, wire
+from .batches import data_frame, read_base_chunk, read_batch
 from .errors import CdpfsError, first_error, root_cause
-from .replica import BASE_TABLES, PROTOCOL, parse_address
-from .schema import T_EXTENT, U64, Extent, seq_of
+from .replica import BASE_TABLES, PROTOCOL, parse_address, record_check
+from .replicas import ReplicaState
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-BATCH_RECORDS = 2000
-BATCH_BYTES = 8 << 20
 PIPELINE = 4  # batches offered or sent ahead of the replica's acknowledgement
 SAVE_EVERY = 0.2  # seconds between saves of a replica's state while it is acknowledging
 ANSWER_TIMEOUT = 30.0  # seconds a replica may take to answer a frame before the link is dropped
@@ -49,51 +47,6 @@ class _Sent:
     ts: int  # timestamp of its last record
     started: float  # trio time of its OFFER
     nbytes: int = 0  # frames sent for it
-
-
-@dataclass(slots=True)
-class ReplicaState:
-    """What the primary knows of one replica (kept in the ``replicas`` table)."""
-
-    name: str
-    address: str
-    mode: str = "async"
-    acked: int = 0
-    acked_ts: int = 0  # timestamp of the acknowledged record
-    connected: bool = False
-    bytes_sent: int = 0
-    records_sent: int = 0
-    last_error: str = ""
-    updated_ns: int = 0
-    limit: int = 0  # bytes per second on the wire, 0: no limit
-    rate: float = 0.0  # bytes per second sent lately (moving average while shipping)
-    record_rate: float = 0.0  # records per second shipped lately
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def pack(self) -> bytes:
-        return msgpack.packb(asdict(self), use_bin_type=True)
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> ReplicaState:
-        return cls(**msgpack.unpackb(raw, raw=False))
-
-
-def load_states(store: Store) -> list[ReplicaState]:
-    with store.txn() as txn:
-        return [ReplicaState.unpack(bytes(v)) for _, v in txn.cursor(db=store.db["replicas"])]
-
-
-MAX_LAG_RECORDS = 10_000_000  # default of config.replica_max_lag
-
-
-def min_acked(txn: Any, dbs: dict[str, Any], last: int, cap: int = MAX_LAG_RECORDS,
-              ) -> int | None:
-    """The lowest position a registered replica acknowledged, among those less than
-    ``cap`` records behind ``last`` (None: none): retention keeps the journal after it.
-    A replica further behind gets a full resync when it comes back."""
-    acks = [ReplicaState.unpack(bytes(v)).acked for _, v in txn.cursor(db=dbs["replicas"])]
-    acks = [a for a in acks if last - a <= cap]
-    return min(acks) if acks else None
 
 
 class Shipper:
@@ -150,6 +103,7 @@ class Shipper:
                 await self._session(follow)
                 return
             except wire.PeerError as exc:
+                await self._stopped(f"refused: {exc}")
                 raise CdpfsError(f"replica {self.state.name} refused: {exc}") from None
             except (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError,
                     wire.WireError) as exc:
@@ -165,6 +119,14 @@ class Shipper:
                     raise CdpfsError(f"replica {self.state.name}: {self.state.last_error}") \
                         from None
                 await trio.sleep(min(2.0, 0.2 * 2 ** min(failures, 4)))
+            except CdpfsError as exc:  # not the link: e.g. its history parted from this one
+                await self._stopped(str(exc))
+                raise
+
+    async def _stopped(self, error: str) -> None:
+        """Shipping to this replica ends on ``error``: keep it for status."""
+        self.state.connected, self.state.last_error = False, error
+        await trio.to_thread.run_sync(self._save)
 
     async def _session(self, follow: bool) -> None:
         stream = await trio.open_tcp_stream(self.host, self.port)
@@ -179,12 +141,18 @@ class Shipper:
             self._failures = 0
             self._registered = True
             acked = int(welcome["acked"])
+            try:
+                gap = await trio.to_thread.run_sync(self._gap, acked,
+                                                    bytes(welcome.get("check") or b""))
+            except CdpfsError as exc:
+                await conn.send(wire.ERROR, {"message": str(exc)})  # for the replica's log
+                raise
             self.state.connected, self.state.last_error = True, ""
             if acked != self.state.acked:
                 log.info("replica %s is at #%d", self.state.name, acked)
             self.state.acked = acked
             await trio.to_thread.run_sync(self._save)
-            if welcome.get("base_pending") or await trio.to_thread.run_sync(self._gap, acked):
+            if welcome.get("base_pending") or gap:
                 sent = conn.sent
                 acked = await self._full_resync(conn)
                 self.state.bytes_sent += conn.sent - sent
@@ -205,9 +173,10 @@ class Shipper:
         Tasks share the link: this one reads batches and sends their OFFERs ahead;
         ``loader`` pairs each with its WANT and reads the wanted blocks while
         ``sender`` sends the DATA frame before; ``reader`` takes WANTs and ACKs as
-        they come back. So the
-        replica answers the next offer while the data before it is still on the way,
-        and neither side waits for a round trip between batches."""
+        they come back. So the replica answers the next offer while the data before
+        it is still on the way, and neither side waits for a round trip between
+        batches. Whenever the replica has everything, the volume's bookmarks follow
+        if they changed (MARKS)."""
         slots = trio.Semaphore(PIPELINE)
         send_lock = trio.Lock()
         offered_in, offered = trio.open_memory_channel[tuple[list[list[Any]], _Sent]](PIPELINE)
@@ -255,6 +224,7 @@ class Shipper:
             for task in (loader, sender, reader, watchdog):
                 nursery.start_soon(task)
             upto = acked
+            marks_sent: dict[str, list[int]] | None = None
             while True:
                 await slots.acquire()
                 batch, refs = await trio.to_thread.run_sync(self._read_batch, upto)
@@ -270,6 +240,11 @@ class Shipper:
                     continue
                 slots.release()
                 if not inflight:
+                    marks = await trio.to_thread.run_sync(self._bookmarks)
+                    if marks != marks_sent:  # bookmarks made or deleted: the replica's follow
+                        async with send_lock:
+                            await conn.send(wire.MARKS, marks)
+                        marks_sent = marks
                     if self._dirty:
                         await trio.to_thread.run_sync(self._save)
                     self.caught_up.set()
@@ -297,17 +272,28 @@ class Shipper:
         if self.on_batch is not None:
             self.on_batch(state)
 
+    def _bookmarks(self) -> dict[str, list[int]]:
+        """The user's bookmarks the replica can hold (their records acknowledged)."""
+        with self.store.txn() as txn:
+            return {b.name: [b.seq, b.created_ns] for b in bookmarks.bookmarks(txn, self.store.db)
+                    if b.seq <= self.state.acked}
+
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
         with self.store.txn() as txn:
             return read_batch(self.store, txn, acked, self.state.name)
 
-    def _gap(self, acked: int) -> bool:
-        """Whether the records after ``acked`` are no longer in the journal (pruned)."""
+    def _gap(self, acked: int, check: bytes) -> bool:
+        """Whether the records after ``acked`` are no longer in the journal (pruned).
+        CdpfsError if the replica's history is not this volume's."""
         with self.store.txn() as txn:
             last, _ = journal.last(txn, self.store.db)
-            if acked > last:
-                raise CdpfsError(f"replica {self.state.name} is at #{acked}, ahead of this "
-                                 f"volume (#{last}): it was fed from elsewhere")
+            mine = record_check(txn, self.store, acked)
+            if acked > last or (check and mine and check != mine):
+                held = f"records up to #{acked} (this volume is at #{last})" if acked > last \
+                    else f"another record #{acked} than this volume"
+                raise CdpfsError(f"replica {self.state.name} holds {held}: its history has "
+                                 "parted from this volume's (written to, or fed from "
+                                 "elsewhere); nothing was sent")
             return acked < last and journal.get(txn, self.store.db, acked + 1) is None
 
     async def _exchange(self, conn: wire.Connection, refs: dict[str, list[Any]],
@@ -362,98 +348,3 @@ class Shipper:
     def _data_frame(self, want: dict[str, list[Any]], body: dict[str, Any]) -> list[wire.Part]:
         with self.store.txn() as txn:
             return data_frame(self.store, txn, want, body)
-
-
-def data_frame(store: Store, txn: Any, want: dict[str, list[Any]], body: dict[str, Any],
-               ) -> list[wire.Part]:
-    """The DATA frame of ``body`` (records, or a piece of a full resync): the wanted
-    blocks and packs as pieces, as stored (compressed already), the rest compressed."""
-    pieces: list[bytes] = []
-    for digest in want["blocks"]:
-        stored = txn.get(digest, db=store.db["blocks"])
-        if stored is None:
-            raise CdpfsError(f"block {bytes(digest).hex()} is missing on the primary")
-        pieces.append(stored)
-    for pack in want["packs"]:
-        stored = txn.get(U64.pack(pack), db=store.db["packs"])
-        if stored is None:
-            raise CdpfsError(f"pack {pack} is missing on the primary")
-        pieces.append(stored)
-    return wire.frame(wire.DATA, body, pieces=pieces)
-
-
-def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
-               ) -> tuple[list[list[Any]], dict[str, list[Any]]]:
-    """The next batch after ``acked``: contiguous records, and the blocks and packs
-    they reference (what OFFER lists)."""
-    batch: list[list[Any]] = []
-    blocks: dict[bytes, None] = {}
-    packs: dict[int, None] = {}
-    size = 0
-    cur = txn.cursor(db=store.db["journal"])
-    if not cur.set_range(U64.pack(acked + 1)):
-        return [], {}
-    for key, raw in cur:
-        seq = U64.unpack(key)[0]
-        if seq != acked + 1 + len(batch):
-            if not batch:
-                raise CdpfsError(
-                    f"replica {name} is at #{acked} but the journal continues at #{seq}: "
-                    "records were pruned before it got them (a full resync is needed: "
-                    "not built yet)")
-            break
-        raw = bytes(raw)
-        batch.append([seq, raw])
-        for table, _prefix, value in journal.Record.unpack(seq, raw).changes:
-            if table == T_EXTENT and value:
-                ext = Extent.unpack(value)
-                if ext.kind == "F":
-                    blocks[ext.digest] = None
-                elif ext.kind == "P":
-                    packs[ext.pack] = None
-        size += len(raw)
-        if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES or \
-                len(blocks) * store.block_size >= BATCH_BYTES:
-            break
-    return batch, {"blocks": list(blocks), "packs": list(packs)}
-
-
-def read_base_chunk(store: Store, table: str, after: bytes, top: int,
-                    ) -> tuple[list[list[bytes]], dict[str, list[Any]], bytes | None]:
-    """Entries of ``table`` after key ``after`` that belong to history up to ``top``,
-    the blocks and packs they reference, and the key to go on from (None: done)."""
-    items: list[list[bytes]] = []
-    blocks: dict[bytes, None] = {}
-    packs: dict[int, None] = {}
-    size = 0
-    last: bytes | None = None
-    with store.txn() as txn:
-        cur = txn.cursor(db=store.db[table])
-        if not cur.set_range(after):
-            return [], {}, None
-        for key, value in cur:
-            key = bytes(key)
-            if key == after:
-                continue
-            last = key
-            if table == "journal":
-                seq = U64.unpack(key)[0]
-            elif table == "timeidx":
-                seq = U64.unpack_from(key, 8)[0]
-            else:
-                seq = seq_of(key)
-            if seq > top:  # newer: comes with the records after the resync
-                continue
-            value = bytes(value)
-            items.append([key, value])
-            size += len(key) + len(value)
-            if table == "extents" and value:
-                ext = Extent.unpack(value)
-                if ext.kind == "F":
-                    blocks[ext.digest] = None
-                elif ext.kind == "P":
-                    packs[ext.pack] = None
-            if len(items) >= BATCH_RECORDS * 4 or size >= BATCH_BYTES or \
-                    len(blocks) * store.block_size >= BATCH_BYTES:
-                break
-    return items, {"blocks": list(blocks), "packs": list(packs)}, last

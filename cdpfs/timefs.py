@@ -15,6 +15,12 @@ past tree are those of the moment, checked by the kernel, and in addition a
 caller must have the same access to the file as it is now, if it still exists:
 history never opens what the owner has since closed.
 
+A *following* mount (``follow``: a read-only mount of a store another process
+writes, typically a replica receiving) shows as slot 0 the newest state, which
+moves: the kernel may cache its names and attributes for FOLLOW_TTL only, a file
+opened reads the version of its open (one consistent state), and ``@`` names at
+its root show history as in a live mount.
+
 Methods run where the caller's ``view_at`` is valid: on the store thread for a
 live mount, in a thread holding a read transaction for a snapshot mount.
 """
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from . import bookmarks, timespec
+from . import bookmarks, journal, timespec
 from .errors import CdpfsError, CorruptBlock, FsError
 from .retention import Points
 from .schema import MAX_SEQ, ROOT_INO, Inode
@@ -43,6 +49,7 @@ SLOT_SHIFT = 40
 INO_MASK = (1 << SLOT_SHIFT) - 1
 PAST_FH = 1 << 62  # file handle numbers of past trees
 MOMENT_TTL = 1.0  # seconds the kernel may cache an @ name (what it names can move)
+FOLLOW_TTL = 1.0  # seconds the kernel may cache names and attributes of a following mount
 
 
 def split(kino: int) -> tuple[int, int]:
@@ -99,6 +106,7 @@ class PastHandle:
     ino: int
     size: int
     names: list[tuple[bytes, int]] = field(default_factory=list)
+    seq: int | None = None  # the point read, when not the slot's (a following mount)
 
 
 def _reserved(name: bytes) -> FsError:
@@ -117,15 +125,20 @@ class TimeFS:
         live: the live filesystem, or None for a snapshot mount.
         base_seq: the point shown as slot 0 when there is no live tree.
         show_history: list @ entries in the root directory.
+        follow: slot 0 is the newest state of a store written elsewhere (base_seq
+            is then MAX_SEQ).
     """
 
     def __init__(self, store: Store, view_at: Callable[[int], View], *,
                  live: FileSystem | None = None, base_seq: int | None = None,
-                 show_history: bool = True,
+                 show_history: bool = True, follow: bool = False,
                  on_slot: Callable[[int, int | None], None] | None = None) -> None:
+        if follow:
+            base_seq = MAX_SEQ
         assert (live is None) != (base_seq is None)
         self.store = store
         self.live = live
+        self.follow = follow
         self.base_seq = base_seq
         self.show_history = show_history
         self._view_at = view_at
@@ -215,6 +228,8 @@ class TimeFS:
                 entry = self._moment(name)
             else:
                 return self.live.lookup(parent, name)
+        elif self._at_moving_root(parent, name):
+            entry = self._moment(name)
         else:
             slot, ino = past
             view = self._view(slot)
@@ -229,12 +244,28 @@ class TimeFS:
         self._ref(split(entry.ino)[0], 1)
         return entry
 
+    def _at_moving_root(self, parent: int, name: bytes) -> bool:
+        """Whether ``name`` is an @ name at the root of the live or followed tree."""
+        return parent == ROOT_INO and name[:1] == b"@" and (
+            self._past(parent) is None or self.follow)
+
     def miss_ttl(self, parent: int, name: bytes) -> float | None:
         """How long the kernel may cache that ``name`` is missing (None: the default).
-        An @ name can start to exist at any time (a new bookmark, time passing)."""
-        if parent == ROOT_INO and name[:1] == b"@" and self._past(parent) is None:
+        An @ name can start to exist at any time (a new bookmark, time passing); any
+        name of a following mount too."""
+        if self._at_moving_root(parent, name):
             return MOMENT_TTL
-        return None
+        return self.attr_ttl(parent)
+
+    def attr_ttl(self, kino: int) -> float | None:
+        """How long the kernel may cache the attributes of ``kino`` and the names in
+        it (None: the front end's default)."""
+        return FOLLOW_TTL if self.follow and split(kino)[0] == 0 else None
+
+    def keep_cache(self, kino: int) -> bool:
+        """Whether the kernel may keep the pages of ``kino`` across opens (not when
+        the file can change behind its back)."""
+        return not (self.follow and split(kino)[0] == 0)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         live = []
@@ -376,7 +407,12 @@ class TimeFS:
             raise READONLY
         node = self.getattr(kino)
         self._check_now(past[1], who, os.R_OK)
-        return self._new_handle(PastHandle(past[0], past[1], node.size))
+        seq = None
+        if self.follow and past[0] == 0:  # read the file as it is now, while open
+            view = self._view(0)
+            seq = journal.last(view.txn, self.store.db)[0]
+            node = view.inode(past[1]) or node
+        return self._new_handle(PastHandle(past[0], past[1], node.size, seq=seq))
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         if not fh & PAST_FH:
@@ -384,7 +420,8 @@ class TimeFS:
             return self.live.read(fh, off, size)
         h = self._handle(fh)
         try:
-            return self._view(h.slot).read(h.ino, off, size, h.size)
+            view = self._view(h.slot) if h.seq is None else self._view_at(h.seq)
+            return view.read(h.ino, off, size, h.size)
         except CorruptBlock as exc:
             log.error("I/O error reading inode %d at #%d, offset %d: %s", h.ino,
                       self._seqs.get(h.slot, 0), off, exc)
@@ -453,7 +490,10 @@ class TimeFS:
             raise FsError(errno.ENOTDIR)
         self._check_now(ino, who, os.R_OK)
         names = [(name, join(slot, child)) for name, child in self._view(slot).listdir(ino)]
-        return self._new_handle(PastHandle(slot, ino, 0, names))
+        fh = self._new_handle(PastHandle(slot, ino, 0, names))
+        if self.follow and kino == ROOT_INO and self.show_history:
+            self._moments[fh] = self._listed_moments()
+        return fh
 
     def _listed_moments(self) -> list[tuple[bytes, int]]:
         """The @ entries of the root: bookmarks, then the latest change of recent
@@ -467,19 +507,20 @@ class TimeFS:
         return list(out.items())
 
     def readdir(self, fh: int, start: int, count: int = 256) -> list[tuple[int, bytes, Entry]]:
+        moments = self._moments.get(fh)
         if fh & PAST_FH:
             h = self._handle(fh)
             view = self._view(h.slot)
+            n = len(h.names)
             out = []
             for i, (name, kino) in enumerate(h.names[start : start + count], start + 1):
                 node = view.inode(split(kino)[1])
                 if node is not None:
                     out.append((i, name, Entry(kino, node)))
-            return out
-        assert self.live is not None
-        moments = self._moments.get(fh)
-        n = self.live.listing_len(fh) if moments else 0
-        out = self.live.readdir(fh, start, count)
+        else:
+            assert self.live is not None
+            n = self.live.listing_len(fh) if moments else 0
+            out = self.live.readdir(fh, start, count)
         if moments and len(out) < count:
             first = max(start, n) - n
             for i, (name, seq) in enumerate(moments[first : first + count - len(out)],

@@ -40,9 +40,9 @@ COMPRESS_MIN = 512
 READ_SIZE = 1 << 20  # bytes asked of the socket per read
 
 # Frame types
-HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE = range(1, 9)
+HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS = range(1, 10)
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", OFFER: "OFFER", WANT: "WANT", DATA: "DATA",
-         ACK: "ACK", ERROR: "ERROR", BASE: "BASE"}
+         ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS"}
 
 Part = bytes | memoryview
 

@@ -61,8 +61,8 @@ class FuseOperations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
+        ttl = self.fs.attr_ttl(ino)
+        a.entry_timeout = a.attr_timeout = TIMEOUT if ttl is None else ttl
         a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid
@@ -159,8 +159,9 @@ class FuseOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fh = await self._call(self.fs.open, inode, flags, self._caller(ctx))
         # Every change to live data passes through the kernel, so its page cache
-        # stays valid across opens (changes made behind its back invalidate it).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # stays valid across opens (changes made behind its back invalidate it);
+        # not so in a following mount, whose store another process writes.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.fs.keep_cache(inode))
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:

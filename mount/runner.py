@@ -35,8 +35,9 @@ from .fuse import FuseOperations
 log = logging.getLogger(__name__)
 
 
-def fuse_options(store: Path, allow_other: bool, snapshot: int | None = None) -> set[str]:
-    """Mount options; a snapshot mount is read-only and named ``STORE#seq``."""
+def fuse_options(store: Path, allow_other: bool, snapshot: int | str | None = None) -> set[str]:
+    """Mount options; a snapshot mount is read-only and named ``STORE#seq`` (a
+    following one ``STORE#follow``)."""
     if "," in str(store) or "#" in str(store):
         raise StoreError(f"{store}: a store path must not contain ',' or '#' (FUSE options)")
     name = store if snapshot is None else f"{store}#{snapshot}"
@@ -89,16 +90,17 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
                 ready: Callable[[], None] | None = None, at: str | None = None,
-                show_history: bool = True) -> None:
+                show_history: bool = True, follow: bool = False) -> None:
     """Mount ``store_path`` on ``mountpoint`` and serve until unmounted.
 
     With ``at`` (a moment), mount that past state alone, read-only, beside any
-    live mount of the same store.
+    live mount of the same store. With ``follow``, mount the newest state read-only
+    as another process (a replica server, a live mount) changes it.
     """
     check_mountpoint(mountpoint)
     mountpoint = mountpoint.resolve()
-    if at is not None:
-        _mount_snapshot(store_path, mountpoint, at, allow_other, ready)
+    if at is not None or follow:
+        _mount_snapshot(store_path, mountpoint, at, allow_other, ready, show_history)
         return
     # Two busy threads (trio, store) hand each request back and forth: a short
     # GIL switch interval keeps that hand-off from waiting the default 5 ms.
@@ -106,6 +108,11 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
     store = Store(store_path)
     try:
         store.lock(f"mount on {mountpoint}")
+        with store.txn() as txn:
+            if store.config(txn, "role") == "replica":
+                raise StoreError(f"{store.path} is a replica: mount it with --follow or --at "
+                                 "to read it (writing would part its history from the "
+                                 "primary's; failover is not built yet)", errno.EROFS)
         engine = Engine(store)
         fs = FileSystem(store, engine, kernel_mtime=FuseOperations.enable_writeback_cache)
         engine.start()
@@ -184,29 +191,36 @@ def _prune_step(pruner: Pruner, engine: Engine) -> bool:
     return done
 
 
-def _mount_snapshot(store_path: Path, mountpoint: Path, at: str, allow_other: bool,
-                    ready: Callable[[], None] | None) -> None:
-    """Serve one past state, read-only, holding its point while mounted."""
+def _mount_snapshot(store_path: Path, mountpoint: Path, at: str | None, allow_other: bool,
+                    ready: Callable[[], None] | None, show_history: bool) -> None:
+    """Serve one past state (``at``), read-only, holding its point while mounted; or
+    (``at`` None) follow the newest state, read-only."""
     store = Store(store_path)
     try:
-        with store.txn(write=True) as txn:
-            seq = Points(store, txn).resolve(timespec.parse(at))
-            bookmarks.hold(txn, store.db, "snapshot", seq)
+        seq = None
+        if at is not None:
+            with store.txn(write=True) as txn:
+                seq = Points(store, txn).resolve(timespec.parse(at))
+                bookmarks.hold(txn, store.db, "snapshot", seq)
         try:
             engine = ReadEngine(store)
-            tfs = TimeFS(store, lambda s: View(store, engine.txn, s), base_seq=seq)
+            tfs = TimeFS(store, lambda s: View(store, engine.txn, s), base_seq=seq,
+                         follow=seq is None, show_history=show_history)
             ops = FuseOperations(tfs, engine)
-            pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other, seq))
+            pyfuse3.init(ops, str(mountpoint),
+                         fuse_options(store.path, allow_other, "follow" if seq is None else seq))
             try:
-                log.info("mounted %s as of #%d (%s) on %s, read-only", store.path, seq, at,
+                log.info("mounted %s %s on %s, read-only", store.path,
+                         "following its newest state" if seq is None else f"as of #{seq} ({at})",
                          mountpoint)
                 trio.run(_serve, ready, mountpoint)
             finally:
                 pyfuse3.close(unmount=True)
         finally:
-            with store.txn(write=True) as txn:
-                bookmarks.release(txn, store.db, "snapshot")
-            log.info("unmounted snapshot %s", mountpoint)
+            if seq is not None:
+                with store.txn(write=True) as txn:
+                    bookmarks.release(txn, store.db, "snapshot")
+            log.info("unmounted %s", mountpoint)
     finally:
         store.close()
 

@@ -239,3 +239,29 @@ def test_map_grows_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             assert view.read(ino, 0, len(data), len(data)) == data
     finally:
         vol.close()
+
+
+def test_a_store_being_created_is_never_seen_half_made(tmp_path: Path) -> None:
+    """A reader that finds data.mdb (``is_store``) can open the store: a replica server
+    creates its store while ``cdpfs status`` or a test may be looking at it."""
+    import threading
+
+    from cdpfs.store import is_store
+
+    seen = 0
+    for i in range(30):
+        path = tmp_path / f"s{i}"
+        path.mkdir()
+        (path / "tls").mkdir()  # made beforehand by 'cdpfs replica keygen'
+        maker = threading.Thread(target=lambda p=path: Store.create(p).close())
+        maker.start()
+        while maker.is_alive() or not seen:
+            if is_store(path):
+                with Store(path, readonly=True) as st:  # StoreError if half made
+                    assert st.block_size > 0
+                seen += 1
+                break
+        maker.join()
+        assert is_store(path) and sorted(p.name for p in path.iterdir()) == \
+            ["data.mdb", "lock.mdb", "tls"]
+    assert seen

@@ -74,12 +74,16 @@ def init(store: Path, block_size: int) -> None:
               help="Log file of a background mount (default STORE/cdpfs.log).")
 @click.option("--at", "at", metavar="MOMENT",
               help="Mount this past state alone, read-only (a time, -15m, #seq or bookmark).")
+@click.option("--follow", is_flag=True,
+              help="Mount the newest state read-only and follow it as another process "
+              "changes the store (a replica receiving, a live mount).")
 @click.option("--history", type=click.Choice(["visible", "hidden"]), default="visible",
               show_default=True, help="List @ entries in the root directory (lookups of "
               "@ names work either way).")
 @click.pass_context
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
-          allow_other: bool, logfile: Path | None, at: str | None, history: str) -> None:
+          allow_other: bool, logfile: Path | None, at: str | None, follow: bool,
+          history: str) -> None:
     """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
@@ -92,20 +96,24 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     finally:
         probe.close()
     check_mountpoint(mountpoint)
-    if holder and at is None:
-        raise StoreLocked(f"{store}: store is in use by {holder}")
+    if at is not None and follow:
+        raise click.UsageError("--at and --follow exclude each other")
+    if holder and at is None and not follow:
+        hint = " (mount it with --follow or --at to read it)" if "replica" in holder else ""
+        raise StoreLocked(f"{store}: store is in use by {holder}{hint}")
 
     def run(ready: object = None) -> None:
         mount_store(store, mountpoint, allow_other=allow_other, ready=ready,  # type: ignore[arg-type]
-                    at=at, show_history=history == "visible")
+                    at=at, show_history=history == "visible", follow=follow)
 
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))
         run()
         return
-    default_log = store / ("cdpfs.log" if at is None else "cdpfs-snapshot.log")
+    default_log = store / ("cdpfs.log" if at is None and not follow else "cdpfs-snapshot.log")
     _daemonize(run, logfile or default_log, ctx.obj["verbose"])
-    click.echo(f"mounted {store} on {mountpoint}" + (f" as of {at}, read-only" if at else ""))
+    how = f" as of {at}, read-only" if at else ", read-only, following" if follow else ""
+    click.echo(f"mounted {store} on {mountpoint}{how}")
 
 
 def _resolve(store: Store, moment: str) -> int:
@@ -213,7 +221,7 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
-    from cdpfs.shipper import load_states
+    from cdpfs.replicas import load_states
     from cdpfs.stats import store_stats
 
     st = Store(store, readonly=True)

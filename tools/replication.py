@@ -14,7 +14,8 @@ from cdpfs.mount.control import live_mount_of
 from cdpfs import credentials, journal
 from cdpfs.errors import CdpfsError
 from cdpfs.replica import parse_address, serve
-from cdpfs.shipper import ReplicaState, Shipper
+from cdpfs.replicas import ReplicaState
+from cdpfs.shipper import Shipper
 from cdpfs.store import Store, is_store
 from cdpfs.treehash import tree_hash
 
@@ -160,7 +161,7 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
 
 
 def _states(st: Store) -> list[ReplicaState]:
-    from cdpfs.shipper import load_states
+    from cdpfs.replicas import load_states
 
     return load_states(st)
 
