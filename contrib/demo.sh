@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set up, create a demo volume,
 # mount it, use it like any disk, travel back in time (an @ path, log, diff,
-# bookmark, restore, a snapshot mount), unmount, remount, verify the store.
+# bookmark, restore, a snapshot mount), ship it to a local replica and read the
+# replica while it receives, unmount, remount, verify the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
@@ -10,7 +11,9 @@ DEMO=${CDPFS_DEMO_DIR:-/var/tmp/cdpfs-demo}
 STORE="$DEMO/store"
 MNT="$DEMO/mnt"
 
-if mountpoint -q "$MNT" 2>/dev/null; then "$CDPFS" umount "$MNT"; fi
+for m in "$MNT" "$DEMO/replica-view" "$DEMO/snap"; do
+  if mountpoint -q "$m" 2>/dev/null; then "$CDPFS" umount "$m"; fi
+done
 rm -rf "$DEMO"
 mkdir -p "$MNT"
 
@@ -70,24 +73,35 @@ PORT=${CDPFS_DEMO_PORT:-7390}
 "$CDPFS" replica trust "$REPLICA" "$STORE/tls/node.crt" --name primary
 "$CDPFS" replica serve "$REPLICA" --listen "127.0.0.1:$PORT" 2>"$DEMO/replica.log" &
 SERVE=$!
-trap '"$CDPFS" umount "$MNT" 2>/dev/null || true; kill $SERVE 2>/dev/null || true' EXIT
+VIEW="$DEMO/replica-view"
+mkdir -p "$VIEW"
+trap '"$CDPFS" umount "$VIEW" 2>/dev/null || true; "$CDPFS" umount "$MNT" 2>/dev/null || true; kill $SERVE 2>/dev/null || true' EXIT
 "$CDPFS" replica add "$STORE" replica --address "127.0.0.1:$PORT"
 "$CDPFS" assess "$STORE" --since 1h --lag 1s
+for _ in $(seq 1 100); do  # the replica store exists once the first changes arrived
+  [ -e "$REPLICA/data.mdb" ] && break
+  sleep 0.1
+done
+"$CDPFS" mount --follow "$REPLICA" "$VIEW"  # read-only, shows what arrives
 dd if=/dev/urandom of="$MNT/more.bin" bs=1M count=8 status=none
 echo "a change made after the replica was added" > "$MNT/late.txt"
+"$CDPFS" bookmark replicated --volume "$MNT"
 for _ in $(seq 1 100); do  # the mount ships within moments
   "$CDPFS" status "$STORE" | grep -q 'lag 0 records' && break
   sleep 0.2
 done
 "$CDPFS" status "$STORE" | grep replica
+for _ in $(seq 1 50); do  # the following mount shows changes within a second
+  [ -e "$VIEW/late.txt" ] && [ -e "$VIEW/@replicated" ] && break
+  sleep 0.2
+done
+echo "on the replica, while it receives: $(cat "$VIEW/late.txt")"
+echo "bookmarks travel too: ls $VIEW/@replicated -> $(ls "$VIEW/@replicated" | tr '\n' ' ')"
+"$CDPFS" umount "$VIEW"
 "$CDPFS" umount "$MNT"
 "$CDPFS" verify --compare "$STORE" "$REPLICA"
 kill $SERVE; wait $SERVE 2>/dev/null || true
 trap - EXIT
-mkdir -p "$DEMO/replica-view"
-"$CDPFS" mount --at now "$REPLICA" "$DEMO/replica-view"
-echo "on the replica: $(cat "$DEMO/replica-view/late.txt")"
-"$CDPFS" umount "$DEMO/replica-view"
 
 step "every write was journaled"
 "$CDPFS" status "$STORE"
