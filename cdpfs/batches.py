@@ -55,23 +55,48 @@ def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
             if not batch:
                 raise CdpfsError(
                     f"replica {name} is at #{acked} but the journal continues at #{seq}: "
-                    "records were pruned before it got them (a full resync is needed: "
-                    "not built yet)")
+                    "records were pruned before it got them (it needs a full resync)")
             break
         raw = bytes(raw)
         batch.append([seq, raw])
-        for table, _prefix, value in journal.Record.unpack(seq, raw).changes:
-            if table == T_EXTENT and value:
-                ext = Extent.unpack(value)
-                if ext.kind == "F":
-                    blocks[ext.digest] = None
-                elif ext.kind == "P":
-                    packs[ext.pack] = None
+        _references(seq, raw, blocks, packs)
         size += len(raw)
         if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES or \
                 len(blocks) * store.block_size >= BATCH_BYTES:
             break
     return batch, {"blocks": list(blocks), "packs": list(packs)}
+
+
+def _references(seq: int, raw: bytes, blocks: dict[bytes, None],
+                packs: dict[int, None]) -> None:
+    """Note the blocks and packs the record ``raw`` references."""
+    for table, _prefix, value in journal.Record.unpack(seq, raw).changes:
+        if table == T_EXTENT and value:
+            ext = Extent.unpack(value)
+            if ext.kind == "F":
+                blocks[ext.digest] = None
+            elif ext.kind == "P":
+                packs[ext.pack] = None
+
+
+def backlog(store: Store, txn: Any, acked: int, limit: int = 100_000) -> tuple[int, bool]:
+    """The bytes still to send to a replica at ``acked``, at most: the records after
+    it and every block and pack they reference, as stored (the replica may have some
+    already); and whether that is all (False: only ``limit`` records were counted)."""
+    blocks: dict[bytes, None] = {}
+    packs: dict[int, None] = {}
+    size, complete = 0, True
+    cur = txn.cursor(db=store.db["journal"])
+    if cur.set_range(U64.pack(acked + 1)):
+        for n, (key, raw) in enumerate(cur):
+            if n == limit:
+                complete = False
+                break
+            size += len(raw)
+            _references(U64.unpack(key)[0], bytes(raw), blocks, packs)
+    size += sum(len(txn.get(h, db=store.db["blocks"]) or b"") for h in blocks)
+    size += sum(len(txn.get(U64.pack(p), db=store.db["packs"]) or b"") for p in packs)
+    return size, complete
 
 
 def read_base_chunk(store: Store, table: str, after: bytes, top: int,

@@ -264,23 +264,23 @@ class Replica:
                       send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
         """Take frames from the primary: answer offers, queue batches for the applier."""
         while True:
-                kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE,
-                                                           wire.MARKS)
-                if kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
-                    await send_q.send(_Incoming(control=(kind, body)))
-                elif kind == wire.OFFER:
-                    want = await trio.to_thread.run_sync(self._missing, store, body)
-                    want = {"blocks": [h for h in want["blocks"] if h not in inflight],
-                            "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
-                    for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
-                        inflight[key] = inflight.get(key, 0) + 1
-                    offers.append((body, want))
-                    await reply(wire.WANT, want)
-                else:
-                    if not offers:
-                        raise wire.WireError("DATA frame without an offer before it")
-                    offer, want = offers.popleft()
-                    await send_q.send(_Incoming(offer, want, body, pieces))
+            kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE,
+                                                       wire.MARKS)
+            if kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
+                await send_q.send(_Incoming(control=(kind, body)))
+            elif kind == wire.OFFER:
+                want = await trio.to_thread.run_sync(self._missing, store, body)
+                want = {"blocks": [h for h in want["blocks"] if h not in inflight],
+                        "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
+                for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
+                    inflight[key] = inflight.get(key, 0) + 1
+                offers.append((body, want))
+                await reply(wire.WANT, want)
+            else:
+                if not offers:
+                    raise wire.WireError("DATA frame without an offer before it")
+                offer, want = offers.popleft()
+                await send_q.send(_Incoming(offer, want, body, pieces))
 
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:

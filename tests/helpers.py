@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,49 @@ def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:  #
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (bound once to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ReplicaServer:
+    """``cdpfs replica serve STORE --listen 127.0.0.1:PORT`` as a child process, its
+    stderr collected in ``log``; ``start()`` after ``kill()`` restarts it on the same
+    address. Kill it in the test's teardown."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        self.store, self.log = store, log
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def start(self) -> ReplicaServer:
+        before = self.text().count(" listening on ")
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen([*CLI, "replica", "serve", str(self.store),
+                                          "--listen", self.address], stderr=err)
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"replica server exited ({self.proc.returncode}):\n"
+                                     + self.text()[-3000:])
+            return self.text().count(" listening on ") > before
+
+        wait_until(listening, what="the replica server to listen")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
 
 
 def force_unmount(mnt: Path) -> None:

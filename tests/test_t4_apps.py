@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Volume
+from helpers import Volume, free_port
 
 HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
 
@@ -546,10 +545,6 @@ def test_rsync_roundtrip(volume: Volume, tmp_path: Path) -> None:
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Postgres:

@@ -12,15 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
-    CLI,
+    ReplicaServer,
     Volume,
     cdpfs,
     force_unmount,
@@ -32,43 +29,16 @@ from helpers import (
 )
 
 MIB = 1 << 20
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``cdpfs replica serve`` of one store on one loopback address; killed at the end."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
-        self.address = f"127.0.0.1:{_port()}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        before = self.log.read_text().count("listening") if self.log.exists() else 0
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen([*CLI, "replica", "serve", str(self.store),
-                                          "--listen", self.address], stderr=err)
-        wait_until(lambda: self.log.read_text().count("listening") > before,
-                   what="the replica server to listen")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+Served = tuple[Volume, Path, ReplicaServer]
 
 
 @pytest.fixture
-def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[tuple[Volume, Path, Server]]:
+def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[Served]:
     """A mounted primary shipping (async) to a replica server on loopback."""
     vol = make_volume("primary").init()
     replica = tmp_path / "replica.store"
     pair_stores(vol.store, replica)
-    server = Server(replica, tmp_path / "serve.log")
+    server = ReplicaServer(replica, tmp_path / "serve.log")
     try:
         server.start()
         cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
@@ -108,7 +78,7 @@ def _reads(path: Path, want: bytes, timeout: float = 10) -> None:
     wait_until(ok, timeout=timeout, what=f"{path} to read {want[:20]!r}...")
 
 
-def test_a_replica_mounted_with_follow_shows_what_arrives(served: tuple[Volume, Path, Server],
+def test_a_replica_mounted_with_follow_shows_what_arrives(served: Served,
                                                           tmp_path: Path) -> None:
     vol, replica, _ = served
     m = vol.mnt
@@ -160,7 +130,7 @@ def test_a_replica_mounted_with_follow_shows_what_arrives(served: tuple[Volume, 
     assert "identical" in cdpfs("verify", "--compare", vol.store, replica).stdout
 
 
-def test_bookmarks_follow_to_the_replica(served: tuple[Volume, Path, Server],
+def test_bookmarks_follow_to_the_replica(served: Served,
                                          tmp_path: Path) -> None:
     vol, replica, _ = served
     m = vol.mnt
@@ -192,7 +162,7 @@ def test_bookmarks_follow_to_the_replica(served: tuple[Volume, Path, Server],
 
 
 def test_a_replica_is_not_mounted_for_writing_and_a_parted_one_gets_nothing(
-        served: tuple[Volume, Path, Server], tmp_path: Path) -> None:
+        served: Served, tmp_path: Path) -> None:
     vol, replica, server = served
     (vol.mnt / "f").write_bytes(b"primary's")
     at = _synced(vol, replica)

@@ -45,6 +45,7 @@ from helpers import (
     Volume,
     cdpfs,
     force_unmount,
+    free_port,
     last_seq,
     pair_stores,
     settle,
@@ -66,11 +67,6 @@ Tree = dict[str, tuple[object, ...]]
 # --- processes ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (bound once to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:

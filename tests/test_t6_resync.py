@@ -6,61 +6,23 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, pair_stores, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A ``cdpfs replica serve`` process on a loopback port."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen([*CLI, "replica", "serve", str(self.store),
-                                          "--listen", self.address], stderr=err)
-        wait_until(lambda: self.log.read_text().count("listening") >= self.starts,
-                   what="the replica to listen")
-
-    @property
-    def starts(self) -> int:
-        return getattr(self, "_starts", 0)
-
-    def restart(self) -> None:
-        self._starts = self.starts + 1
-        self.start()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
+from helpers import CLI, ReplicaServer, Volume, cdpfs, pair_stores, wait_until
 
 
 @pytest.fixture
-def pair(make_volume: type[Volume], tmp_path: Path) -> Iterator[tuple[Volume, Server]]:
+def pair(make_volume: type[Volume], tmp_path: Path) -> Iterator[tuple[Volume, ReplicaServer]]:
     vol = make_volume("primary").init()
     rstore = tmp_path / "replica.store"
     pair_stores(vol.store, rstore)
-    server = Server(rstore, tmp_path / "replica.log")
+    server = ReplicaServer(rstore, tmp_path / "replica.log")
     try:
-        server.restart()
+        server.start()
         yield vol, server
     finally:
         server.kill()
@@ -77,7 +39,7 @@ def _history(vol: Volume, rounds: int, size: int) -> None:
         vol.cleanup()
 
 
-def test_replica_of_a_pruned_volume_gets_a_full_resync(pair: tuple[Volume, Server]) -> None:
+def test_replica_of_a_pruned_volume_gets_a_full_resync(pair: tuple[Volume, ReplicaServer]) -> None:
     vol, server = pair
     _history(vol, 40, 200_000)
     cdpfs("bookmark", "early", "--at", "#5", "--volume", vol.store)
@@ -100,7 +62,7 @@ def test_replica_of_a_pruned_volume_gets_a_full_resync(pair: tuple[Volume, Serve
 
 
 def test_cut_resync_starts_again_and_sends_only_missing_blocks(
-        pair: tuple[Volume, Server]) -> None:
+        pair: tuple[Volume, ReplicaServer]) -> None:
     vol, server = pair
     _history(vol, 60, 1_000_000)
     cdpfs("retention", vol.store, "--keep-all", "1s")
@@ -114,7 +76,7 @@ def test_cut_resync_starts_again_and_sends_only_missing_blocks(
         time.sleep(0.3)
         server.kill()  # cut it short
         time.sleep(1)
-        server.restart()
+        server.start()
         _, err = shipper.communicate(timeout=120)
     finally:
         shipper.kill()
@@ -126,7 +88,7 @@ def test_cut_resync_starts_again_and_sends_only_missing_blocks(
 
 
 def test_resync_after_pruned_absence_sends_only_what_differs(
-        pair: tuple[Volume, Server]) -> None:
+        pair: tuple[Volume, ReplicaServer]) -> None:
     vol, server = pair
     _history(vol, 20, 1_000_000)
     cdpfs("replicate", vol.store, "--to", server.address, "--name", "r1")
@@ -135,7 +97,7 @@ def test_resync_after_pruned_absence_sends_only_what_differs(
     cdpfs("retention", vol.store, "--keep-all", "1s", "--replica-max-lag", "1")
     time.sleep(1.5)
     cdpfs("prune", vol.store)
-    server.restart()
+    server.start()
     out = cdpfs("replicate", vol.store, "--name", "r1").stdout
     assert "full resync" in server.log.read_text()
     sent = float(re.search(r"([\d.]+) MiB sent", out)[1])  # type: ignore[index]

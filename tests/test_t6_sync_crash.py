@@ -8,22 +8,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-from helpers import CLI, Volume, cdpfs, pair_stores, wait_until
+from helpers import ReplicaServer, Volume, cdpfs, pair_stores
 
 ROUNDS = 20
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_every_fsynced_write_survives_primary_crashes(make_volume: type[Volume],
@@ -32,22 +23,11 @@ def test_every_fsynced_write_survives_primary_crashes(make_volume: type[Volume],
     vol = make_volume("primary").init()
     rstore, log = tmp_path / "replica.store", tmp_path / "replica.log"
     pair_stores(vol.store, rstore)
-    address = f"127.0.0.1:{_port()}"
-    server: subprocess.Popen[bytes] | None = None
-
-    def start_server() -> subprocess.Popen[bytes]:
-        starts = log.read_text().count("listening") if log.exists() else 0
-        with open(log, "ab") as err:
-            proc = subprocess.Popen([*CLI, "replica", "serve", str(rstore), "--listen",
-                                     address], stderr=err)
-        wait_until(lambda: log.read_text().count("listening") > starts,
-                   what="the replica to listen")
-        return proc
-
-    cdpfs("replica", "add", vol.store, "r1", "--address", address, "--mode", "sync")
+    server = ReplicaServer(rstore, log)
+    cdpfs("replica", "add", vol.store, "r1", "--address", server.address, "--mode", "sync")
     synced: dict[str, bytes] = {}  # name -> content, for every write whose fsync returned
     try:
-        server = start_server()
+        server.start()
         for rnd in range(ROUNDS):
             vol.mount()
             stop = threading.Event()
@@ -75,9 +55,8 @@ def test_every_fsynced_write_survives_primary_crashes(make_volume: type[Volume],
             stop.set()
             t.join()
             if both:
-                server.send_signal(signal.SIGKILL)
-                server.wait()
-                server = start_server()
+                server.kill()
+                server.start()
         assert len(synced) > 5 * ROUNDS, f"only {len(synced)} confirmed writes"
         vol.mount()  # the last state reaches the replica before the check
         fd = os.open(vol.mnt, os.O_RDONLY)
@@ -86,9 +65,7 @@ def test_every_fsynced_write_survives_primary_crashes(make_volume: type[Volume],
         vol.umount()
     finally:
         vol.cleanup()
-        if server is not None:
-            server.send_signal(signal.SIGKILL)
-            server.wait()
+        server.kill()
     snap = tmp_path / "snap"
     snap.mkdir()
     cdpfs("mount", "--at", "now", rstore, snap)

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, last_seq, pair_stores, store_seq, wait_until
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import (
+    ReplicaServer,
+    Volume,
+    cdpfs,
+    last_seq,
+    pair_stores,
+    store_seq,
+    wait_until,
+)
 
 
 class Servers:
@@ -29,21 +29,15 @@ class Servers:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.all: list[ReplicaServer] = []
 
     def start(self, store: Path) -> str:
-        address = f"127.0.0.1:{_port()}"
-        log = self.tmp / f"{store.name}.log"
-        with open(log, "ab") as err:
-            self.procs.append(subprocess.Popen([*CLI, "replica", "serve", str(store),
-                                                "--listen", address], stderr=err))
-        wait_until(lambda: "listening" in log.read_text(), what=f"{store.name} to listen")
-        return address
+        self.all.append(ReplicaServer(store, self.tmp / f"{store.name}.log").start())
+        return self.all[-1].address
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        for server in self.all:
+            server.kill()
 
 
 @pytest.fixture

@@ -221,6 +221,7 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
+    from cdpfs.batches import backlog
     from cdpfs.replicas import load_states
     from cdpfs.stats import store_stats
 
@@ -229,6 +230,8 @@ def status(store: Path) -> None:
         s = store_stats(st)
         holder = st.holder()
         replicas = load_states(st)
+        with st.txn() as txn:
+            behind = {r.name: backlog(st, txn, r.acked) for r in replicas}
     finally:
         st.close()
     when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
@@ -240,11 +243,14 @@ def status(store: Path) -> None:
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
     for r in replicas:
         lag = s.last_seq - r.acked
-        behind = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
-        eta = f", ETA {lag / r.record_rate:.0f}s" if lag and r.connected and r.record_rate else ""
+        seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
+        nbytes, complete = behind[r.name]
+        size = f"{'' if complete else '>'}{nbytes / 2**20:.1f} MiB"
+        eta = f", ETA {nbytes / r.rate:.0f}s" if lag and r.connected and r.rate else ""
         click.echo(f"replica      {r.name} ({r.address}, {r.mode}): "
                    f"{'connected' if r.connected else 'not connected'}, acked #{r.acked}, "
-                   f"lag {lag} records / {behind:.1f}s{eta}, sent {r.records_sent} records "
+                   f"lag {lag} records / {size} / {seconds:.1f}s{eta}, "
+                   f"sent {r.records_sent} records "
                    f"{r.bytes_sent / 2**20:.1f} MiB, {r.rate / 1e6:.1f} MB/s lately"
                    + (f", last error: {r.last_error}" if r.last_error else ""))
 

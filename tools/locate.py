@@ -69,8 +69,8 @@ def locate(path: Path, store: Path | None = None) -> Target:
         if path.name else ""
     rel = "" if rel == "." else rel
     if "#" in src.name:
-        raise CdpfsError(f"{path}: is in a read-only snapshot mount; give a path in the "
-                         f"live volume, or --store {str(src).rsplit('#', 1)[0]}")
+        raise CdpfsError(f"{path}: is in a read-only (snapshot or following) mount; give a "
+                         f"path in the live volume, or --store {str(src).rsplit('#', 1)[0]}")
     if rel.split("/", 1)[0].startswith("@"):
         raise CdpfsError(f"{path}: is inside history; give the live path and --at MOMENT")
     return Target(src, mnt, rel)
