@@ -3,14 +3,17 @@
 ``serve`` listens for TLS connections (credentials.server_context: only trusted
 certificates get in). For each batch the primary offers the block hashes and
 pack ids its records reference; the replica answers with those it lacks; the
-primary sends them, then the records. The replica checks every block against
-its hash, applies blocks and records in one synced LMDB transaction, and only
-then acknowledges the batch's last seq: an acknowledged record is on disk. Its
-position is simply the newest record in its journal, so a restart of either
-side resumes there. The replica store is created from the primary's first
-HELLO (same volume uuid and block size) and can be mounted read-only at any
-moment (``cdpfs mount --at``) while it receives. Replicas registered in the
-replica's own store get what it receives (a chain).
+primary sends the records with them (DATA). The replica checks every block
+against its hash, applies the batches that arrived in one synced LMDB
+transaction, and only then acknowledges each batch's last seq: an acknowledged
+record is on disk. Its position is simply the newest record in its journal
+(WELCOME also carries a hash of that record, so a primary can tell a replica
+whose history parted from its own), and a restart of either side resumes there.
+The replica store is created from the primary's first HELLO (same volume uuid
+and block size), is marked ``role = replica`` (a read-write mount refuses it),
+and can be mounted read-only while it receives (``cdpfs mount --follow`` or
+``--at``). Bookmarks arrive as MARKS and are mirrored. Replicas registered in
+the replica's own store get what it receives (a chain).
 """
 
 from __future__ import annotations
