@@ -64,18 +64,16 @@ from run import (
     cdpfs_command,
     drop_caches,
     fmt,
-    format_markdown,
-    format_text,
     fs_type,
     git_version,
     is_mounted,
-    print_report,
+    report_figures,
     settle_readahead,
     start_run,
     work_dir,
     write_all,
-    write_markdown,
 )
+from run import Figure as Row  # one row of the figures table
 
 from cdpfs import journal
 from cdpfs.store import Store
@@ -275,60 +273,10 @@ def take_moment(vol: Volume) -> str:
 
 # --- results -----------------------------------------------------------------------------
 
-@dataclass
-class Row:
-    """One figure, its baseline from the same run, their ratio and the target."""
-
-    section: str
-    figure: str
-    unit: str
-    value: float | None
-    baseline: float | None = None
-    baseline_name: str = ""
-    ratio_name: str = ""  # what value/baseline means, e.g. "past/live"
-    target_max: float | None = None  # PASS when the ratio is at most this
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if self.value is None or not self.baseline:
-            return None
-        return self.value / self.baseline
-
-    def verdict(self) -> str:
-        if self.target_max is None:
-            return ""
-        r = self.ratio
-        head = f"{self.ratio_name} <= {self.target_max:g}"
-        if r is None:
-            return f"{head}: n/a"
-        return f"{head}: {'PASS' if r <= self.target_max else 'MISS'} ({r:.2f})"
-
-
 def fmt_small(v: float | None) -> str:
     if v is not None and 0 < abs(v) < 0.1:
         return f"{v:.4f}"
     return fmt(v)
-
-
-HEADER = ("measurement", "figure", "unit", "value", "baseline", "ratio", "target")
-
-
-def cells(rows: list[Row]) -> list[tuple[str, ...]]:
-    out = []
-    for r in rows:
-        base = f"{fmt(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
-        ratio = f"{fmt_small(r.ratio)} {r.ratio_name}" if r.ratio is not None else "-"
-        out.append((r.section, r.figure, r.unit, fmt_small(r.value), base, ratio, r.verdict()))
-    return out
-
-
-def text_table(rows: list[Row]) -> str:
-    return format_text(HEADER, cells(rows), {3, 4, 5})
-
-
-def markdown_table(rows: list[Row]) -> str:
-    return format_markdown(HEADER, cells(rows), {3, 4, 5})
 
 
 # --- data --------------------------------------------------------------------------------
@@ -532,7 +480,7 @@ class Bench:
         sec = "1 listing"
         n = f"{cfg.files:,}"
         self.rows.append(Row(sec, f"ls -l of a {n}-entry dir, cold", "s", t_past, t_live,
-                             "live", "past/live", 2.0,
+                             "live", "past/live", ratio_max=2.0,
                              note=f"listdir + lstat of each entry after umount, drop_caches, "
                                   f"mount; past = {moment}/dir (T before {cfg.churn:,} creates "
                                   f"and {cfg.churn:,} deletes); best of {cfg.repeat}"))
@@ -799,12 +747,8 @@ class Bench:
 
 
 def report(bench: Bench, markdown: Path | None) -> None:
-    desc = bench.description()
-    notes = [f"{r.section}, {r.figure}: {r.note}" for r in bench.rows if r.note] + bench.notes
-    verdicts = [f"{r.section}, {r.figure}: {r.verdict()}" for r in bench.rows if r.target_max]
-    print_report(desc, text_table(bench.rows), notes, verdicts, bench.errors)
-    if markdown is not None:
-        write_markdown(markdown, desc, markdown_table(bench.rows), notes, verdicts, bench.errors)
+    report_figures(bench.description(), bench.rows, bench.notes, bench.errors, markdown,
+                   fmt_small)
 
 
 def main(argv: list[str] | None = None) -> int:

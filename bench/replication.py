@@ -81,17 +81,15 @@ from run import (
     cdpfs_command,
     drop_caches,
     fmt,
-    format_markdown,
-    format_text,
     fs_type,
     git_version,
     make_text,
-    print_report,
+    report_figures,
     seq_write,
     start_run,
     work_dir,
-    write_markdown,
 )
+from run import Figure as Row  # one row of the figures table
 
 from cdpfs import journal
 from cdpfs.replicas import ReplicaState, load_states
@@ -594,65 +592,6 @@ class MixedWriter:
 
 # --- results -----------------------------------------------------------------------------
 
-@dataclass
-class Row:
-    """One figure, its baseline from the same run, their ratio and the target."""
-
-    section: str
-    figure: str
-    unit: str
-    value: float | None
-    baseline: float | None = None
-    baseline_name: str = ""
-    ratio_name: str = ""  # what value/baseline means, e.g. "repl/local"
-    ratio_min: float | None = None  # PASS when ratio >= this
-    ratio_max: float | None = None  # PASS when ratio <= this
-    value_below: float | None = None  # PASS when value < this (an absolute target)
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if self.value is None or not self.baseline:
-            return None
-        return self.value / self.baseline
-
-    @property
-    def has_target(self) -> bool:
-        return any(t is not None for t in (self.ratio_min, self.ratio_max, self.value_below))
-
-    def verdict(self) -> str:
-        r = self.ratio
-        if self.value_below is not None:
-            head = f"{self.figure} < {self.value_below:g} {self.unit}"
-            if self.value is None:
-                return f"{head}: n/a"
-            return f"{head}: {'PASS' if self.value < self.value_below else 'MISS'} " \
-                   f"({fmt(self.value)})"
-        if self.ratio_min is not None:
-            head = f"{self.ratio_name} >= {self.ratio_min:g}"
-            ok = r is not None and r >= self.ratio_min
-        elif self.ratio_max is not None:
-            head = f"{self.ratio_name} <= {self.ratio_max:g}"
-            ok = r is not None and r <= self.ratio_max
-        else:
-            return ""
-        if r is None:
-            return f"{head}: n/a"
-        return f"{head}: {'PASS' if ok else 'MISS'} ({r:.2f})"
-
-
-HEADER = ("measurement", "figure", "unit", "value", "baseline", "ratio", "target")
-
-
-def cells(rows: list[Row]) -> list[tuple[str, ...]]:
-    out = []
-    for r in rows:
-        base = f"{fmt(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
-        ratio = f"{fmt(r.ratio)} {r.ratio_name}" if r.ratio is not None else "-"
-        out.append((r.section, r.figure, r.unit, fmt(r.value), base, ratio, r.verdict()))
-    return out
-
-
 # --- the bench ---------------------------------------------------------------------------
 
 @dataclass
@@ -1094,14 +1033,8 @@ class Bench:
 
 
 def report(bench: Bench, markdown: Path | None) -> None:
-    desc = bench.description()
     rows = sorted(bench.rows, key=lambda r: r.section[0])  # stable: in order within each
-    notes = [f"{r.section}, {r.figure}: {r.note}" for r in rows if r.note] + bench.notes
-    verdicts = [f"{r.section}, {r.figure}: {r.verdict()}" for r in rows if r.has_target]
-    print_report(desc, format_text(HEADER, cells(rows), {3, 4, 5}), notes, verdicts, bench.errors)
-    if markdown is not None:
-        write_markdown(markdown, desc, format_markdown(HEADER, cells(rows), {3, 4, 5}), notes,
-                       verdicts, bench.errors)
+    report_figures(bench.description(), rows, bench.notes, bench.errors, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -686,6 +686,83 @@ def markdown_table(rows: list[Row]) -> str:
     return format_markdown(HEADER, table_cells(rows), _RIGHT)
 
 
+# --- figures beside a baseline (history.py, replication.py) ------------------------------
+
+@dataclass
+class Figure:
+    """One figure, its baseline from the same run, their ratio and the target."""
+
+    section: str
+    figure: str
+    unit: str
+    value: float | None
+    baseline: float | None = None
+    baseline_name: str = ""
+    ratio_name: str = ""  # what value/baseline means, e.g. "repl/local"
+    ratio_min: float | None = None  # PASS when ratio >= this
+    ratio_max: float | None = None  # PASS when ratio <= this
+    value_below: float | None = None  # PASS when value < this (an absolute target)
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.baseline:
+            return None
+        return self.value / self.baseline
+
+    @property
+    def has_target(self) -> bool:
+        return any(t is not None for t in (self.ratio_min, self.ratio_max, self.value_below))
+
+    def verdict(self) -> str:
+        r = self.ratio
+        if self.value_below is not None:
+            head = f"{self.figure} < {self.value_below:g} {self.unit}"
+            if self.value is None:
+                return f"{head}: n/a"
+            return f"{head}: {'PASS' if self.value < self.value_below else 'MISS'} " \
+                   f"({fmt(self.value)})"
+        if self.ratio_min is not None:
+            head = f"{self.ratio_name} >= {self.ratio_min:g}"
+            ok = r is not None and r >= self.ratio_min
+        elif self.ratio_max is not None:
+            head = f"{self.ratio_name} <= {self.ratio_max:g}"
+            ok = r is not None and r <= self.ratio_max
+        else:
+            return ""
+        if r is None:
+            return f"{head}: n/a"
+        return f"{head}: {'PASS' if ok else 'MISS'} ({r:.2f})"
+
+
+FIGURE_HEADER = ("measurement", "figure", "unit", "value", "baseline", "ratio", "target")
+_FIGURE_RIGHT = {3, 4, 5}
+
+
+def figure_cells(rows: list[Figure], value: Callable[[float | None], str] = fmt,
+                 ) -> list[tuple[str, ...]]:
+    out = []
+    for r in rows:
+        base = f"{fmt(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
+        ratio = f"{value(r.ratio)} {r.ratio_name}" if r.ratio is not None else "-"
+        out.append((r.section, r.figure, r.unit, value(r.value), base, ratio, r.verdict()))
+    return out
+
+
+def report_figures(desc: str, rows: list[Figure], notes: list[str], errors: list[str],
+                   markdown: Path | None, value: Callable[[float | None], str] = fmt) -> None:
+    """Print the figures with their notes (each row's, then ``notes``), targets and
+    errors; also as markdown to ``markdown`` if given."""
+    notes = [f"{r.section}, {r.figure}: {r.note}" for r in rows if r.note] + notes
+    verdicts = [f"{r.section}, {r.figure}: {r.verdict()}" for r in rows if r.has_target]
+    cells = figure_cells(rows, value)
+    print_report(desc, format_text(FIGURE_HEADER, cells, _FIGURE_RIGHT), notes, verdicts,
+                 errors)
+    if markdown is not None:
+        write_markdown(markdown, desc, format_markdown(FIGURE_HEADER, cells, _FIGURE_RIGHT),
+                       notes, verdicts, errors)
+
+
 # --- profiling ---------------------------------------------------------------------------
 
 PROFILE_MODES = {
