@@ -88,7 +88,6 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self._buf = b""
         self._at_frame_start = False
         self.sent = 0
         self.received = 0
@@ -110,9 +109,9 @@ class Connection:
         return frame_size(parts)
 
     async def _exactly(self, n: int) -> bytes:
-        parts, have = [], 0
-        if self._buf:
-            parts, have, self._buf = [self._buf], len(self._buf), b""
+        """The next ``n`` bytes (never more is asked of the stream: no buffer)."""
+        parts: list[bytes | bytearray] = []
+        have = 0
         while have < n:
             try:
                 chunk = await self.stream.receive_some(n - have)
@@ -125,11 +124,8 @@ class Connection:
             parts.append(chunk)
             have += len(chunk)
             self.active = trio.current_time()
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) > n:
-            data, self._buf = data[:n], data[n:]
         self.received += n
-        return bytes(data)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     async def recv(self, *expect: int) -> tuple[int, Any]:
         """The next frame's (type, body); WireError if damaged, if not one of
