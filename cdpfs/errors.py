@@ -1,50 +1,131 @@
 """The one error hierarchy of cdpfs.
 
-Every error a user can cause carries an errno (so front ends map it without
-knowing the cause) and a one-line message fit to print as is.
+Every error a user can cause is a ``CdpfsError`` whose ``str()`` is one line fit
+to print as is. The class says what went wrong (``NotFound``, ``ReadOnly``,
+``Corrupt``, ...); the library never chooses an errno or an NTSTATUS: each front
+end maps the classes to its own codes (``cdpfs.mount.errnos`` for FUSE), and the
+command line prints the message.
 """
 
 from __future__ import annotations
-
-import errno as _errno
 
 import trio
 
 
 class CdpfsError(Exception):
-    """Base of all cdpfs errors: ``errno`` for the kernel, ``str()`` for people."""
+    """Base of all cdpfs errors: ``str()`` is one line for people. Raised as is, it
+    is an error with no more precise class (a front end reports it as an I/O error)."""
 
-    errno: int = _errno.EIO
+    default = "error"
 
-    def __init__(self, message: str = "", errno: int | None = None) -> None:
-        super().__init__(message or _errno.errorcode.get(errno or self.errno, "error"))
-        if errno is not None:
-            self.errno = errno
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.default)
+
+
+# --- refusals of a filesystem request ------------------------------------------------
 
 
 class FsError(CdpfsError):
-    """A filesystem operation refused with a plain errno (ENOENT, EEXIST, ...)."""
+    """A filesystem request refused for a reason its class names."""
 
-    def __init__(self, errno: int, message: str = "") -> None:
-        super().__init__(message or _errno.errorcode.get(errno, str(errno)), errno)
+
+class NotFound(FsError):
+    """No such file, name, inode, attribute holder or moment."""
+
+    default = "no such file or directory"
+
+
+class Exists(FsError):
+    default = "file exists"
+
+
+class NotEmpty(FsError):
+    default = "directory not empty"
+
+
+class NotADirectory(FsError):
+    default = "not a directory"
+
+
+class IsADirectory(FsError):
+    default = "is a directory"
+
+
+class InvalidArgument(FsError):
+    default = "invalid argument"
+
+
+class NameTooLong(FsError):
+    default = "file name too long"
+
+
+class NotPermitted(FsError):
+    """The operation is never allowed on this object (a hard link to a directory)."""
+
+    default = "operation not permitted"
+
+
+class Reserved(NotPermitted):
+    """A name reserved for history (``@...`` at the volume root)."""
+
+    default = "name reserved for history"
+
+
+class AccessDenied(FsError):
+    """The caller lacks the permission the request needs."""
+
+    default = "permission denied"
+
+
+class ReadOnly(FsError):
+    """A change to something read-only: history, a snapshot or following mount."""
+
+    default = "read-only"
+
+
+class CrossDevice(FsError):
+    """A link or rename between history and the live tree."""
+
+    default = "cross-device link"
+
+
+class NoAttribute(FsError):
+    """No extended attribute of that name."""
+
+    default = "no such attribute"
+
+
+class BadHandle(FsError):
+    """A file handle that is not open."""
+
+    default = "bad file handle"
+
+
+class Stale(FsError):
+    """A handle or inode of a past point that is no longer shown."""
+
+    default = "stale file handle"
+
+
+class Unsupported(FsError):
+    """A request the volume does not support (POSIX ACLs, say)."""
+
+    default = "operation not supported"
+
+
+# --- the store and its data ------------------------------------------------------------
 
 
 class StoreError(CdpfsError):
     """The store directory is missing, not a store, of another format, or locked."""
 
-    errno = _errno.EINVAL
-
 
 class StoreLocked(StoreError):
     """Another process holds the store's write lock (a mount or a writing tool)."""
 
-    errno = _errno.EBUSY
 
-
-class CorruptBlock(CdpfsError):
-    """A stored block's bytes do not hash to its key: never served, always reported."""
-
-    errno = _errno.EIO
+class Corrupt(CdpfsError):
+    """Stored bytes that do not hash to their name: never served, always reported."""
 
     def __init__(self, digest: bytes, message: str = "") -> None:
         super().__init__(message or f"block {digest.hex()} is corrupt (hash mismatch)")
@@ -52,9 +133,9 @@ class CorruptBlock(CdpfsError):
 
 
 class NoSpace(CdpfsError):
-    """The disk under the store is (nearly) full: the write is refused, nothing lost."""
+    """The disk under the store is (nearly) full: the change is refused, nothing lost."""
 
-    errno = _errno.ENOSPC
+    default = "no space left for the store"
 
 
 def root_cause(exc: BaseException) -> str:
@@ -78,4 +159,3 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
         elif not isinstance(exc, trio.Cancelled):
             return exc
     return group
-

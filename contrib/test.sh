@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
 .venv/bin/ruff check .
-(cd /tmp && "$OLDPWD/.venv/bin/lint-imports" --config "$OLDPWD/pyproject.toml")
+.venv/bin/lint-imports  # from the checkout: cdpfs/mount and cdpfs/tools lead to the front ends
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

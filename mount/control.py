@@ -3,15 +3,16 @@ which store a path belongs to)."""
 
 from __future__ import annotations
 
-import fcntl
 import os
+import select
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from cdpfs.errors import StoreError
-from cdpfs.store import LOCK_NAME
+from cdpfs.store.lock import holder
+from cdpfs.system import pid_alive
 
 
 def _unescape(field: str) -> str:
@@ -67,29 +68,24 @@ def mount_containing(path: Path) -> tuple[Path, Path] | None:
 
 def holder_pid(store: Path) -> int | None:
     """The pid of the process holding the store's writer lock, if one holds it now."""
+    who = holder(store)
+    return who.pid if who is not None and who.pid else None
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has ended (or is a zombie); False on timeout."""
     try:
-        fd = os.open(store / LOCK_NAME, os.O_RDONLY)
-    except OSError:
-        return None
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already (or no pidfd on this kernel: look now and then)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not pid_alive(pid)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it: the pid written there is stale
-    except BlockingIOError:
-        text = os.read(fd, 200).decode(errors="replace")
+        select.select([fd], [], [], timeout)  # readable when the process ends
     finally:
         os.close(fd)
-    if "(pid " not in text:
-        return None
-    return int(text.rsplit("(pid ", 1)[1].split(")")[0])
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return not pid_alive(pid)
 
 
 def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
@@ -107,12 +103,10 @@ def unmount(mountpoint: Path, timeout: float = 120.0) -> None:
             time.sleep(0.05)
         return
     pid = holder_pid(store)
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
+        if not wait_exit(pid, timeout):
             raise StoreError(f"{mountpoint}: mount process {pid} did not stop in {timeout:.0f}s")
+
     if find_mount(mountpoint) is not None:  # the process died without unmounting
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)

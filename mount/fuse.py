@@ -1,26 +1,28 @@
-"""FUSE adapter: translates pyfuse3 requests into ``cdpfs.vfs.FileSystem`` calls.
+"""FUSE adapter: translates pyfuse3 requests into calls of the volume service.
 
-Nothing here knows filesystem rules; it converts arguments, runs each call on
-the store thread through the engine, and turns cdpfs errors into errno.
+Nothing here knows filesystem rules; it converts arguments, hands each request
+to the volume (``cdpfs.volume.Volume``: its ``fs`` is a ``TimeFS``), and turns
+cdpfs errors into errno (``errnos.py``).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyfuse3
 
-from cdpfs.engine import Engine, ReadEngine
 from cdpfs.errors import CdpfsError
-from cdpfs.replicator import Replicator
-from cdpfs.schema import Inode
-from cdpfs.timefs import Caller, TimeFS
-from cdpfs.vfs import Entry
+from cdpfs.fs.timefs import Caller
+from cdpfs.fs.vfs import Entry
+from cdpfs.store.schema import Inode
+from cdpfs.system import DiskStats
+from cdpfs.volume import Volume
+
+from .errnos import QUIET, errno_of
 
 log = logging.getLogger(__name__)
 
@@ -33,29 +35,43 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: TimeFS, engine: Engine | ReadEngine,
-                 replicator: Replicator | None = None) -> None:
+    def __init__(self, volume: Volume) -> None:
         super().__init__()
-        self.fs = fs
-        self.engine = engine
-        self.replicator = replicator
-        self.block_size = fs.store.block_size
+        assert volume.fs is not None, "the volume is not served as a filesystem"
+        self.volume = volume
+        self.fs = volume.fs
+        self.block_size = self.fs.store.block_size
 
     async def _call(self, fn: Callable[..., Any], *args: Any, durable: bool = False,
                     **kw: Any) -> Any:
+        what = getattr(fn, "__name__", "op")
         try:
             if kw:
-                return await self.engine.call(lambda: fn(*args, **kw), durable=durable)
-            return await self.engine.call(fn, *args, durable=durable)
+                return await self.volume.call(lambda: fn(*args, **kw), durable=durable)
+            return await self.volume.call(fn, *args, durable=durable)
         except CdpfsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA):
-                log.info("%s: %s", getattr(fn, "__name__", "op"), exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise self._error(what, exc) from None
         except pyfuse3.FUSEError:
             raise
         except Exception:
-            log.exception("internal error in %s", getattr(fn, "__name__", "op"))
+            log.exception("internal error in %s", what)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _request(self, what: str, coro: Any) -> Any:
+        """Await one of the volume's own request methods, errors mapped."""
+        try:
+            return await coro
+        except CdpfsError as exc:
+            raise self._error(what, exc) from None
+        except Exception:
+            log.exception("internal error in %s", what)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    @staticmethod
+    def _error(what: str, exc: CdpfsError) -> pyfuse3.FUSEError:
+        if not isinstance(exc, QUIET):
+            log.info("%s: %s", what, exc)
+        return pyfuse3.FUSEError(errno_of(exc))
 
     def _attrs(self, ino: int, node: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -173,29 +189,17 @@ class FuseOperations(pyfuse3.Operations):
         return await self._call(self.fs.read, fh, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        try:
-            prepared = self.fs.prepare_write(off, buf)  # hashing starts on codec threads
-            if self.fs.may_write_behind(fh):
-                await self.engine.post(self.fs.write_behind, fh, off, buf, prepared,
-                                       nbytes=len(buf))
-                return len(buf)
-        except Exception:
-            log.exception("internal error preparing a write")
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        return await self._call(self.fs.write, fh, off, buf, prepared)
+        return await self._request("write", self.volume.write(fh, off, buf))
 
     async def flush(self, fh: int) -> None:
         # close() reports a failed write-behind: wait for queued writes, if any.
-        if self.engine.posted or self.fs.write_errors:
-            await self._call(self.fs.check_write_errors, fh)
+        await self._request("flush", self.volume.flush(fh))
 
     async def release(self, fh: int) -> None:
         await self._call(self.fs.release, fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        seq = await self._call(self.fs.fsync, fh, durable=True)
-        if self.replicator is not None:
-            await self.replicator.synced(seq)
+        await self._request("fsync", self.volume.fsync(fh))
 
     # --- directories --------------------------------------------------------------
 
@@ -223,21 +227,19 @@ class FuseOperations(pyfuse3.Operations):
         await self._call(self.fs.releasedir, fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        seq = await self._call(self.fs.sync, durable=True)
-        if self.replicator is not None:
-            await self.replicator.synced(seq)
+        await self._request("fsyncdir", self.volume.fsyncdir())
 
     async def statfs(self, ctx: Any) -> Any:
-        st: os.statvfs_result = await self._call(self.fs.statfs)
+        st: DiskStats = await self._call(self.fs.statfs)
         out = pyfuse3.StatvfsData()
-        out.f_bsize = st.f_bsize
-        out.f_frsize = st.f_frsize
-        out.f_blocks = st.f_blocks
-        out.f_bfree = st.f_bfree
-        out.f_bavail = st.f_bavail
-        out.f_files = st.f_files
-        out.f_ffree = st.f_ffree
-        out.f_favail = st.f_favail
+        out.f_bsize = st.bsize
+        out.f_frsize = st.frsize
+        out.f_blocks = st.blocks
+        out.f_bfree = st.bfree
+        out.f_bavail = st.bavail
+        out.f_files = st.files
+        out.f_ffree = st.ffree
+        out.f_favail = st.favail
         out.f_namemax = 255
         return out
 

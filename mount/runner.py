@@ -1,8 +1,10 @@
-"""Run a FUSE mount of a store: lock, recover, serve until unmounted or signalled.
+"""Run a FUSE mount of a store: serve the volume until unmounted or signalled.
 
-``mount_store`` does the whole life of a mount in the calling process (the
-CLI forks first for background mode). On SIGINT/SIGTERM, or when the kernel
-unmounts, everything applied is committed before the store is closed.
+``mount_store`` does the whole life of a mount in the calling process (the CLI
+forks first for background mode): it starts the volume service
+(``cdpfs.volume.Volume``, which opens, locks, recovers and serves the store),
+mounts it with pyfuse3, and on SIGINT/SIGTERM, or when the kernel unmounts,
+stops it, which commits everything applied before the store is closed.
 """
 
 from __future__ import annotations
@@ -14,21 +16,12 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
-from cdpfs import bookmarks, timespec
-from cdpfs.engine import Engine, ReadEngine
-from cdpfs.errors import StoreError
-from cdpfs.prune import Pruner
-from cdpfs.replicator import Replicator
-from cdpfs.retention import Points
-from cdpfs.store import Store
-from cdpfs.timefs import TimeFS
-from cdpfs.vfs import FileSystem
-from cdpfs.view import View
+from cdpfs.errors import StoreError, first_error
+from cdpfs.volume import Mode, Volume
 
 from .fuse import FuseOperations
 
@@ -80,12 +73,11 @@ def check_mountpoint(mountpoint: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise StoreError(f"{mountpoint}: a dead mount is still there (its process died); "
-                             f"run 'cdpfs umount {mountpoint}' first", errno.EBUSY) from None
+                             f"run 'cdpfs umount {mountpoint}' first") from None
     if not mountpoint.is_dir():
-        raise StoreError(f"{mountpoint}: mount point does not exist or is not a directory",
-                         errno.ENOENT)
+        raise StoreError(f"{mountpoint}: mount point does not exist or is not a directory")
     if os.path.ismount(mountpoint):
-        raise StoreError(f"{mountpoint}: something is already mounted there", errno.EBUSY)
+        raise StoreError(f"{mountpoint}: something is already mounted there")
 
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
@@ -95,168 +87,59 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
 
     With ``at`` (a moment), mount that past state alone, read-only, beside any
     live mount of the same store. With ``follow``, mount the newest state read-only
-    as another process (a replica server, a live mount) changes it.
+    as another process (a replica server, a live mount) changes it. ``ready`` is
+    called once the mount answers.
     """
     check_mountpoint(mountpoint)
     mountpoint = mountpoint.resolve()
-    if at is not None or follow:
-        _mount_snapshot(store_path, mountpoint, at, allow_other, ready, show_history)
-        return
-    # Two busy threads (trio, store) hand each request back and forth: a short
-    # GIL switch interval keeps that hand-off from waiting the default 5 ms.
-    sys.setswitchinterval(0.0002)
-    store = Store(store_path)
+    mode = Mode.SNAPSHOT if at is not None else Mode.FOLLOW if follow else Mode.LIVE
+    if mode is Mode.LIVE:
+        # Two busy threads (trio, store) hand each request back and forth: a short
+        # GIL switch interval keeps that hand-off from waiting the default 5 ms.
+        sys.setswitchinterval(0.0002)
+    volume = Volume(store_path, mode, at=at, show_history=show_history,
+                    kernel_mtime=FuseOperations.enable_writeback_cache,
+                    owner=f"mount on {mountpoint}")
     try:
-        store.lock(f"mount on {mountpoint}")
-        with store.txn() as txn:
-            if store.config(txn, "role") == "replica":
-                raise StoreError(f"{store.path} is a replica: mount it with --follow or --at "
-                                 "to read it (writing would part its history from the "
-                                 "primary's; failover is not built yet)", errno.EROFS)
-        engine = Engine(store)
-        fs = FileSystem(store, engine, kernel_mtime=FuseOperations.enable_writeback_cache)
-        engine.start()
-        try:
-            engine.call_sync(fs.recover, durable=True)
-            tfs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
-                         show_history=show_history, on_slot=_holder(store, fs))
-            replicator = Replicator(store)
-            ops = FuseOperations(tfs, engine, replicator)
-            pyfuse3.init(ops, str(mountpoint), fuse_options(store.path, allow_other))
-            try:
-                log.info("mounted %s on %s", store.path, mountpoint)
-                try:
-                    trio.run(_serve, ready, mountpoint, _pruning(store, engine), replicator.run,
-                             _wake_on_commit(engine, replicator))
-                except BaseException:
-                    log.exception("the FUSE main loop failed")
-                    raise
-            finally:
-                pyfuse3.close(unmount=True)
-        finally:
-            try:
-                engine.call_sync(_drop_holds, store, fs)
-            finally:
-                engine.stop()
-            log.info("unmounted %s; %d commits", mountpoint, engine.commits)
-    finally:
-        store.close()
+        trio.run(_serve, volume, mountpoint, allow_other, ready)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
 
 
-def _holder(store: Store, fs: FileSystem) -> Callable[[int, int | None], None]:
-    """Keep a hold on each past point the mount shows (runs on the store thread)."""
-
-    def on_slot(slot: int, seq: int | None) -> None:
-        if seq is None:
-            bookmarks.release(fs.m.txn, store.db, f"slot{slot}")
-        else:
-            bookmarks.hold(fs.m.txn, store.db, f"slot{slot}", seq)
-        fs.engine.note_dirty(64)
-
-    return on_slot
-
-
-def _drop_holds(store: Store, fs: FileSystem) -> None:
-    mine = bookmarks.hold_name("")
-    for mark in bookmarks.all_points(fs.m.txn, store.db):
-        if mark.name.startswith(mine):
-            fs.m.txn.delete(mark.name.encode(), db=store.db["bookmarks"])
-            fs.engine.note_dirty(64)
-
-
-def _pruning(store: Store, engine: Engine) -> Callable[[], Any]:
-    """The mount's periodic prune: in small steps on the store thread, between requests."""
-
-    async def loop() -> None:
-        while True:
-            every = await engine.call(lambda: store.config(engine.ensure_txn(), "prune_interval"))
-            await trio.sleep(3600 if every is None else max(1, every))
-            try:
-                pruner = await engine.call(lambda: Pruner(store, engine.ensure_txn()))
-                while not await engine.call(_prune_step, pruner, engine):
-                    await trio.sleep(0)
-                r = pruner.result
-                log.info("pruned: %d versions, %d records, %d blocks, %d packs, %.1f MiB freed "
-                         "in %.1fs", r.versions, r.records, r.blocks, r.packs,
-                         r.bytes_freed / 2**20, r.seconds)
-            except Exception:
-                log.exception("periodic prune failed")
-
-    return loop
-
-
-def _prune_step(pruner: Pruner, engine: Engine) -> bool:
-    done = pruner.step(engine.ensure_txn())
-    engine.note_dirty(4096)
-    return done
-
-
-def _mount_snapshot(store_path: Path, mountpoint: Path, at: str | None, allow_other: bool,
-                    ready: Callable[[], None] | None, show_history: bool) -> None:
-    """Serve one past state (``at``), read-only, holding its point while mounted; or
-    (``at`` None) follow the newest state, read-only."""
-    store = Store(store_path)
-    try:
-        seq = None
-        if at is not None:
-            with store.txn(write=True) as txn:
-                seq = Points(store, txn).resolve(timespec.parse(at))
-                bookmarks.hold(txn, store.db, "snapshot", seq)
-        try:
-            engine = ReadEngine(store)
-            tfs = TimeFS(store, lambda s: View(store, engine.txn, s), base_seq=seq,
-                         follow=seq is None, show_history=show_history)
-            ops = FuseOperations(tfs, engine)
-            pyfuse3.init(ops, str(mountpoint),
-                         fuse_options(store.path, allow_other, "follow" if seq is None else seq))
-            try:
-                log.info("mounted %s %s on %s, read-only", store.path,
-                         "following its newest state" if seq is None else f"as of #{seq} ({at})",
-                         mountpoint)
-                trio.run(_serve, ready, mountpoint)
-            finally:
-                pyfuse3.close(unmount=True)
-        finally:
-            if seq is not None:
-                with store.txn(write=True) as txn:
-                    bookmarks.release(txn, store.db, "snapshot")
-            log.info("unmounted %s", mountpoint)
-    finally:
-        store.close()
-
-
-def _wake_on_commit(engine: Engine, replicator: Replicator) -> Callable[[], Any]:
-    """Let the shippers look for new records as soon as they are committed."""
-
-    async def hook() -> None:
-        token = trio.lowlevel.current_trio_token()
-
-        def committed() -> None:  # on the store thread
-            try:
-                token.run_sync_soon(replicator.committed)
-            except trio.RunFinishedError:
-                pass
-
-        engine.after_commit(committed)
-
-    return hook
-
-
-async def _serve(ready: Callable[[], None] | None, mountpoint: Path,
-                 *background: Callable[[], Any]) -> None:
+async def _serve(volume: Volume, mountpoint: Path, allow_other: bool,
+                 ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_on_signal)
-        nursery.start_soon(_tune_after_init, mountpoint, ready)
-        for task in background:
-            nursery.start_soon(task)
-        await pyfuse3.main(min_tasks=4, max_tasks=32)
+        await nursery.start(volume.run)
+        store = volume.store
+        assert store is not None
+        tag = {Mode.SNAPSHOT: volume.seq, Mode.FOLLOW: "follow"}.get(volume.mode)
+        pyfuse3.init(FuseOperations(volume), str(mountpoint),
+                     fuse_options(store.path, allow_other, tag))
+        try:
+            if volume.mode is Mode.LIVE:
+                log.info("mounted %s on %s", store.path, mountpoint)
+            else:
+                log.info("mounted %s %s on %s, read-only", store.path,
+                         "following its newest state" if volume.mode is Mode.FOLLOW
+                         else f"as of #{volume.seq} ({volume.at})", mountpoint)
+            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(_announce, mountpoint, ready)
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=32)
+            except BaseException:
+                log.exception("the FUSE main loop failed")
+                raise
+        finally:
+            pyfuse3.close(unmount=True)
         nursery.cancel_scope.cancel()
+    log.info("unmounted %s", mountpoint)
 
 
-async def _tune_after_init(mountpoint: Path, ready: Callable[[], None] | None) -> None:
-    # The kernel resets readahead when the FUSE INIT reply arrives, which is
-    # sent once pyfuse3.main() runs: set it after that, then report ready.
-    await trio.sleep(0.2)
+async def _announce(mountpoint: Path, ready: Callable[[], None] | None) -> None:
+    """Widen readahead and report ready once the kernel has the FUSE INIT reply: it
+    resets readahead when the reply arrives, and holds every request until then, so
+    a stat of the mount point (from a thread: this process serves it) returns after."""
+    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     await trio.to_thread.run_sync(set_readahead, mountpoint)
     if ready is not None:
         ready()

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cdpfs.errors import CdpfsError, StoreLocked
-from cdpfs.store import Store
+from cdpfs.store.lmdb import Store
 
 log = logging.getLogger("cdpfs")
 
@@ -59,7 +59,7 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Logical block size in bytes (a power of two).")
 def init(store: Path, block_size: int) -> None:
     """Create a new, empty store in STORE (a missing or empty directory)."""
-    from cdpfs.mutate import init_volume
+    from cdpfs.fs.mutate import init_volume
 
     init_volume(store, block_size=block_size).close()
     click.echo(f"initialised cdpfs store {store}")
@@ -90,9 +90,14 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     store = store.resolve()
     probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
     try:
-        holder = probe.holder()
+        who = probe.holder()
+        holder = str(who) if who else None
         if at is not None:
-            _resolve(probe, at)  # a bad moment fails here, with its reason
+            from cdpfs.history.points import resolve
+
+            with probe.txn() as txn:
+                resolve(probe, txn, at)  # a bad moment fails here, with its reason
+
     finally:
         probe.close()
     check_mountpoint(mountpoint)
@@ -115,14 +120,6 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     how = f" as of {at}, read-only" if at else ", read-only, following" if follow else ""
     click.echo(f"mounted {store} on {mountpoint}{how}")
 
-
-def _resolve(store: Store, moment: str) -> int:
-    """The kept point ``moment`` names in ``store`` (BadMoment, one line, if none)."""
-    from cdpfs import timespec
-    from cdpfs.retention import Points
-
-    with store.txn() as txn:
-        return Points(store, txn).resolve(timespec.parse(moment))
 
 
 def _daemonize(run: object, logfile: Path, verbose: int) -> None:
@@ -192,7 +189,7 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
     With --compare PRIMARY REPLICA, check instead that both stores show the same
     tree at one sequence number."""
-    from cdpfs.verify import verify as run_verify
+    from cdpfs.history.verify import verify as run_verify
 
     if compare or replica is not None:
         from .replication import compare as run_compare
@@ -221,9 +218,10 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
-    from cdpfs.batches import backlog
-    from cdpfs.replicas import load_states
-    from cdpfs.stats import store_stats
+    from cdpfs.history.stats import store_stats
+    from cdpfs.replication.batches import backlog
+    from cdpfs.replication.registry import load_states
+
 
     st = Store(store, readonly=True)
     try:

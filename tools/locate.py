@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdpfs.mount.control import live_mount_of, mount_containing
-
 from cdpfs.errors import CdpfsError
-from cdpfs.store import Store, is_store
+from cdpfs.mount.control import live_mount_of, mount_containing
+from cdpfs.store.lmdb import Store, is_store
 
 
 @dataclass(frozen=True, slots=True)

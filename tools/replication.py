@@ -6,18 +6,21 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
-from cdpfs.mount.control import live_mount_of
 
-from cdpfs import credentials, journal
-from cdpfs.errors import CdpfsError
-from cdpfs.replica import parse_address, serve
-from cdpfs.replicas import ReplicaState
-from cdpfs.shipper import Shipper
-from cdpfs.store import Store, is_store
-from cdpfs.treehash import tree_hash
+from cdpfs.errors import CdpfsError, first_error
+from cdpfs.history.treehash import tree_hash
+from cdpfs.mount.control import live_mount_of
+from cdpfs.replication import credentials, registry
+from cdpfs.replication.protocol import parse_address
+from cdpfs.replication.registry import ReplicaState
+from cdpfs.replication.sender import tls_connect
+from cdpfs.store import journal
+from cdpfs.store.lmdb import Store, is_store
+from cdpfs.volume import Mode, Volume
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,20 @@ def serve_cmd(store: Path, listen: str) -> None:
     async def main() -> None:
         with trio.open_signal_receiver(2, 15) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve, store, listen, ctx)
+                await nursery.start(Volume(store, Mode.REPLICA, listen=listen,
+                                           server_ctx=ctx).run)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    _run(main)
+
+
+def _run(main: Any, *args: Any) -> Any:
+    """trio.run, with the first real error of a nursery raised as itself."""
+    try:
+        return trio.run(main, *args)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
 
 
 @replica.command("add")
@@ -86,10 +98,9 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
     parse_address(address)
     rate = parse_rate(limit)
     with Store(store) as st, st.txn(write=True) as txn:
-        old = txn.get(name.encode(), db=st.db["replicas"])
-        state = ReplicaState.unpack(bytes(old)) if old else ReplicaState(name, address)
+        state = registry.get(txn, st.db, name) or ReplicaState(name, address)
         state.address, state.mode, state.limit = address, mode, rate
-        txn.put(name.encode(), state.pack(), db=st.db["replicas"])
+        registry.put(txn, st.db, state)
     click.echo(f"replica {name} of {store}: {address}, {mode}"
                + (f", limited to {rate} bytes/s" if rate else ""))
 
@@ -115,55 +126,52 @@ def parse_rate(text: str) -> int:
 def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bool,
                   attempts: int) -> None:
     """Ship STORE's changes to a replica, without a mount (until it has everything)."""
-    st = Store(store)
-    try:
-        states = {s.name: s for s in _states(st)}
-        if name is None:
-            names = credentials.trusted_names(store)
-            if address is None or len(names) != 1:
-                raise CdpfsError("give --name NAME (the name the replica's certificate is "
-                                 f"trusted under: {', '.join(names) or 'none yet'})")
-            name = names[0]
-        if address is None:
-            if name not in states:
-                raise CdpfsError(f"replica {name!r} has no address yet: give --to HOST:PORT "
-                                 "or add it with 'cdpfs replica add'")
-            address = states[name].address
-        mount = live_mount_of(store.resolve())
-        if mount is not None and name in states and states[name].mode != "manual":
-            raise CdpfsError(f"{store} is mounted on {mount}, which ships to {name} itself "
-                             "(see cdpfs status)")
-        shipper = Shipper(st, name, address, credentials.client_context(store, name))
-        started = time.monotonic()
-        s = shipper.state
-        before = (s.records_sent, s.bytes_sent)
+    with Store(store) as st:
+        states = {s.name: s for s in registry.load_states(st)}
         with st.txn() as txn:
             last = journal.last(txn, st.db)[0]
-        from tqdm import tqdm
+    if name is None:
+        names = credentials.trusted_names(store)
+        if address is None or len(names) != 1:
+            raise CdpfsError("give --name NAME (the name the replica's certificate is "
+                             f"trusted under: {', '.join(names) or 'none yet'})")
+        name = names[0]
+    if address is None:
+        if name not in states:
+            raise CdpfsError(f"replica {name!r} has no address yet: give --to HOST:PORT "
+                             "or add it with 'cdpfs replica add'")
+        address = states[name].address
+    mount = live_mount_of(store.resolve())
+    if mount is not None and name in states and states[name].mode != "manual":
+        raise CdpfsError(f"{store} is mounted on {mount}, which ships to {name} itself "
+                         "(see cdpfs status)")
+    connect = tls_connect(address, credentials.client_context(store, name))
+    known = states.get(name) or ReplicaState(name, address)
+    started = time.monotonic()
+    from tqdm import tqdm
 
-        with tqdm(total=max(0, last - s.acked), unit="records", desc=f"to {s.name}",
-                  leave=False, disable=None, file=sys.stderr) as bar:
-            done = s.acked
+    with tqdm(total=max(0, last - known.acked), unit="records", desc=f"to {name}",
+              leave=False, disable=None, file=sys.stderr) as bar:
+        done = known.acked
 
-            def progress(state: ReplicaState) -> None:
-                nonlocal done
-                bar.update(max(0, state.acked - done))
-                done = state.acked
+        def progress(state: ReplicaState) -> None:
+            nonlocal done
+            bar.update(max(0, state.acked - done))
+            done = state.acked
 
-            shipper.on_batch = progress
-            trio.run(shipper.run, follow, attempts)
-        records, sent = s.records_sent - before[0], s.bytes_sent - before[1]
-        click.echo(f"replica {s.name} at #{s.acked}: {records} records "
-                   f"(from #{s.acked - records + 1 if records else s.acked}), "
-                   f"{sent / 2**20:.1f} MiB sent in {time.monotonic() - started:.1f}s")
-    finally:
-        st.close()
+        async def main() -> ReplicaState:
+            async with trio.open_nursery() as nursery:
+                volume = await nursery.start(Volume(store, Mode.SOURCE).run)
+                sender = await volume.ship(name, address, connect, follow=follow,
+                                           attempts=attempts, on_batch=progress)
+                nursery.cancel_scope.cancel()
+            return sender.state
 
-
-def _states(st: Store) -> list[ReplicaState]:
-    from cdpfs.replicas import load_states
-
-    return load_states(st)
+        s = _run(main)
+    records, sent = s.records_sent - known.records_sent, s.bytes_sent - known.bytes_sent
+    click.echo(f"replica {s.name} at #{s.acked}: {records} records "
+               f"(from #{s.acked - records + 1 if records else s.acked}), "
+               f"{sent / 2**20:.1f} MiB sent in {time.monotonic() - started:.1f}s")
 
 
 def compare(primary: Path, replica_path: Path, at: int | None) -> None:
@@ -193,8 +201,8 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
               help="The most a replica may fall behind, for the bandwidth figure.")
 def assess_cmd(store: Path, since: str, lag: str) -> None:
     """Measure what replication would send, without sending anything."""
-    from cdpfs.assess import assess
-    from cdpfs.retention import parse_duration
+    from cdpfs.history.retention import parse_duration
+    from cdpfs.replication.assess import assess
 
     try:
         period, max_lag = parse_duration(since), parse_duration(lag)

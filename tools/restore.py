@@ -102,7 +102,8 @@ def restore_tree(src: Path, dst: Path, *, delete: bool = False,
         for fd in fds:
             os.close(fd)
         where = exc.filename if os.path.isabs(str(exc.filename)) else src
-        raise CdpfsError(f"{where}: {exc.strerror}", exc.errno) from exc
+        raise CdpfsError(f"{where}: {exc.strerror}") from exc
+
     try:
         run = _Restore(fds[1], delete, skip_root, progress)
         run.entry(fds[0], src.name, fds[1], [dst.name], top=True)

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import click
 
-from cdpfs import bookmarks, timespec
 from cdpfs.errors import CdpfsError
-from cdpfs.history import diff as tree_diff
-from cdpfs.history import versions
-from cdpfs.retention import Points, Policy, load_policy, parse_duration, save_policy
-from cdpfs.store import Store
+from cdpfs.history import bookmarks
+from cdpfs.history.points import Points
+from cdpfs.history.points import resolve as resolve_point
+from cdpfs.history.retention import Policy, load_policy, parse_duration, save_policy
+from cdpfs.history.versions import diff as tree_diff
+from cdpfs.history.versions import versions
+from cdpfs.store.lmdb import Store
+from cdpfs.store.view import View
 
 from .locate import Target, locate
 from .scenario import Scenario
@@ -43,9 +46,8 @@ def when(ts: int | None) -> str:
 def resolve(store: Store, moment: str) -> tuple[int, int]:
     """(seq, ts) of the kept point ``moment`` names."""
     with store.txn() as txn:
-        points = Points(store, txn)
-        seq = points.resolve(timespec.parse(moment))
-        return seq, points.ts(seq) or 0
+        point = resolve_point(store, txn, moment)
+        return point.seq, point.ts
 
 
 def _point(target: Target, moment: str) -> tuple[int, int]:
@@ -82,9 +84,8 @@ def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
     try:
         upto = resolve(st, at)[0] if at else None
         with st.txn() as txn:
-            from cdpfs.view import View
-
             view = View(st, txn) if upto is None else View(st, txn, upto)
+
             ino = view.resolve(target.rel)
             click.echo(f"{'seq':>10}  {'time':<23}  {'op':<11} {'size':>12}  details")
             for n, v in enumerate(versions(st, txn, ino, upto), 1):
@@ -214,10 +215,9 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
         st = target.open()
         try:
             with st.txn(write=True) as txn:
-                points = Points(st, txn)
-                seq = points.resolve(timespec.parse(at)) if at else points.last
+                point = resolve_point(st, txn, at or "now")
+                seq, ts = point.seq, point.ts
                 mark = bookmarks.put(txn, st.db, name, seq)
-                ts = points.ts(seq)
         finally:
             st.close()
     finally:
@@ -245,12 +245,12 @@ def bookmarks_cmd(volume: Path) -> None:
 @click.argument("volume", type=click.Path(path_type=Path))
 def prune_cmd(volume: Path) -> None:
     """Apply the retention policy now: free what no kept point needs."""
-    from cdpfs.prune import prune_store
+    from cdpfs.volume import prune
 
     target = locate(volume)
     st = target.open()
     try:
-        r = prune_store(st)
+        r = prune(st)
     finally:
         st.close()
     click.echo(f"pruned {target.store}: {r.versions} versions, {r.records} journal records, "
@@ -263,7 +263,8 @@ def prune_cmd(volume: Path) -> None:
 @click.argument("volume", type=click.Path(path_type=Path))
 def stat_cmd(volume: Path) -> None:
     """Space and history of a volume: live data, history, dedup, compression."""
-    from cdpfs.stats import space_stats
+    from cdpfs.history.stats import space_stats
+
 
     st = locate(volume).open()
     try:

@@ -1,0 +1,138 @@
+"""Bookmarks (named points in history) and holds (points a running process reads).
+
+Both live in the ``bookmarks`` table, keyed by name, value ``seq(8) + created_ns(8)``.
+A bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
+named ``.hold.<pid>.<tag>`` that a mount writes while it shows a past state (an
+``@`` directory, a snapshot mount); retention keeps its point while the process
+lives and drops holds of dead processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from .. import system
+from ..errors import Exists
+from ..store import journal
+from ..store.schema import U64
+from .moments import BadMoment, parse
+
+HOLD = ".hold."
+
+
+@dataclass(frozen=True, slots=True)
+class Bookmark:
+    """A named point: the journal sequence it names and when it was made."""
+
+    name: str
+    seq: int
+    created_ns: int
+
+    @property
+    def is_hold(self) -> bool:
+        return self.name.startswith(HOLD)
+
+    @property
+    def holder_alive(self) -> bool:
+        """For a hold: whether the process that wrote it still runs."""
+        try:
+            pid = int(self.name[len(HOLD):].split(".", 1)[0])
+        except ValueError:
+            return False
+        return system.pid_alive(pid)
+
+
+def _decode(name: bytes, raw: bytes | memoryview) -> Bookmark:
+    return Bookmark(name.decode(), U64.unpack_from(raw)[0],
+                    U64.unpack_from(raw, 8)[0] if len(raw) >= 16 else 0)
+
+
+def all_points(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+    """Every bookmark and hold, by name."""
+    cur = txn.cursor(db=dbs["bookmarks"])
+    return [_decode(bytes(k), v) for k, v in cur.iternext()]
+
+
+def bookmarks(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+    """The user's bookmarks (holds left out), by name."""
+    return [b for b in all_points(txn, dbs) if not b.is_hold]
+
+
+def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> Bookmark | None:
+    raw = txn.get(name.encode(), db=dbs["bookmarks"])
+    return None if raw is None else _decode(name.encode(), raw)
+
+
+def put(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int, *,
+        replace: bool = False) -> Bookmark:
+    """Name point ``seq``; BadMoment for a bad or taken name or an unknown seq."""
+    try:
+        named = name[:1] not in "@." and parse(name).kind == "bookmark"
+    except BadMoment:
+        named = False
+    if not named:
+        raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
+                        "(up to 100, no leading @) and must not read as a time or #sequence")
+    if not replace and get(txn, dbs, name) is not None:
+        raise Exists(f"bookmark {name!r} exists (delete it first)")
+    return _write(txn, dbs, name, seq)
+
+
+def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Bookmark:
+    """Hold point ``seq`` for this process (``tag`` names the holder within it)."""
+    return _write(txn, dbs, hold_name(tag), seq)
+
+
+def release(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str) -> None:
+    txn.delete(hold_name(tag).encode(), db=dbs["bookmarks"])
+
+
+def release_all(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:
+    """Drop every hold of this process (it stops showing the past); how many."""
+    mine = hold_name("")
+    names = [m.name for m in all_points(txn, dbs) if m.name.startswith(mine)]
+    for name in names:
+        txn.delete(name.encode(), db=dbs["bookmarks"])
+    return len(names)
+
+
+
+def _write(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> Bookmark:
+    if journal.get(txn, dbs, seq) is None:
+        raise BadMoment(f"#{seq}: no such journal record")
+    mark = Bookmark(name, seq, time.time_ns())
+    txn.put(name.encode(), U64.pack(seq) + U64.pack(mark.created_ns), db=dbs["bookmarks"])
+    return mark
+
+
+def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
+    if not txn.delete(name.encode(), db=dbs["bookmarks"]):
+        raise BadMoment(f"{name!r}: no such bookmark")
+
+
+def mirror(txn: lmdb.Transaction, dbs: dict[str, Any], marks: dict[str, list[int]]) -> int:
+    """Make the user's bookmarks those of ``marks`` ({name: [seq, created_ns]}, a
+    primary's, on its replica), leaving holds alone and skipping points not in the
+    journal here. The number of bookmarks changed."""
+    changed = 0
+    for mark in bookmarks(txn, dbs):
+        if mark.name not in marks:
+            txn.delete(mark.name.encode(), db=dbs["bookmarks"])
+            changed += 1
+    for name, (seq, created_ns) in marks.items():
+        value = U64.pack(seq) + U64.pack(created_ns)
+        if name.startswith(HOLD) or journal.get(txn, dbs, seq) is None:
+            continue
+        if txn.get(name.encode(), db=dbs["bookmarks"]) != value:
+            txn.put(name.encode(), value, db=dbs["bookmarks"])
+            changed += 1
+    return changed
+
+
+def hold_name(tag: str) -> str:
+    return f"{HOLD}{os.getpid()}.{tag}"

@@ -1,0 +1,173 @@
+"""The kept points of a store's history, and the one way a moment becomes one of them.
+
+``Points`` applies the retention policy (``retention.Policy``) to the journal
+as of a moment ``now``: which records are kept points, the newest kept point at
+or before any seq, the recent points a root listing shows, and the sparse
+points prune keeps. ``resolve`` is the one place a moment (an ``@`` name, an
+``--at`` option, a bookmark's ``--at``) becomes a sequence number: a time
+between kept points shows the newest kept point at or before it, whether or not
+prune has run yet; a ``#seq`` that the policy has thinned is refused, naming the
+nearest kept point; a bookmark names its point; ``now`` the newest record.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+import lmdb
+
+from ..store import journal
+from ..store.lmdb import Store
+from ..store.schema import U64
+from . import bookmarks
+from .moments import BadMoment, Moment, parse
+from .retention import DAY, HOUR, Policy, load_policy
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """A kept point: its sequence number and the time of its record."""
+
+    seq: int
+    ts: int
+
+
+def resolve(store: Store, txn: lmdb.Transaction, text: str, now_ns: int | None = None,
+            ) -> Point:
+    """The kept point the moment ``text`` names (BadMoment, one line, if none)."""
+    points = Points(store, txn, now_ns)
+    seq = points.resolve(parse(text, points.now))
+    return Point(seq, points.ts(seq) or 0)
+
+
+class Points:
+    """The kept points of a store as of ``now_ns``, read through ``txn``."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction, now_ns: int | None = None,
+                 policy: Policy | None = None) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store.db
+        self.now = time.time_ns() if now_ns is None else now_ns
+        self.policy = policy or load_policy(store, txn)
+        self.last, self.last_ts = journal.last(txn, self.dbs)
+        self.marks = bookmarks.all_points(txn, self.dbs)
+        self._marked_set = {b.seq for b in self.marks}
+        self._marked = sorted(self._marked_set)
+
+    def ts(self, seq: int) -> int | None:
+        raw = self.txn.get(U64.pack(seq), db=self.dbs["journal"])
+        return None if raw is None else journal.ts_of(raw)
+
+    def is_kept(self, seq: int, ts: int | None = None) -> bool:
+        """Whether the policy (or a bookmark or hold) keeps the state after ``seq``."""
+        if seq == self.last or seq in self._marked_set:
+            return True
+        ts = self.ts(seq) if ts is None else ts
+        if ts is None:
+            return False
+        width = self.policy.bucket(self.now - ts)
+        if width is None:
+            return False
+        if width == 0:
+            return True
+        nxt = journal.after(self.txn, self.dbs, seq)
+        return nxt is None or nxt[1] // width != ts // width
+
+    def snap(self, seq: int) -> int:
+        """The newest kept point <= ``seq`` (0 if none is left)."""
+        i = bisect.bisect_right(self._marked, seq)
+        marked = self._marked[i - 1] if i else 0
+        while seq > marked:
+            ts = self.ts(seq)
+            if ts is None:  # thinned away already: look at the record before it
+                seq = journal.before(self.txn, self.dbs, seq)[0]
+                continue
+            if self.is_kept(seq, ts):
+                return seq
+            width = self.policy.bucket(self.now - ts)
+            if not width:
+                break
+            seq, _ = journal.point_at(self.txn, self.dbs, ts // width * width - 1)
+        return marked
+
+    def resolve(self, moment: Moment) -> int:
+        """The kept point a moment names (BadMoment if none)."""
+        if moment.kind == "now":
+            return self.last
+        if moment.kind == "bookmark":
+            mark = bookmarks.get(self.txn, self.dbs, str(moment.value))
+            if mark is None:
+                raise BadMoment(f"{moment.text!r}: no such bookmark")
+            return mark.seq
+        if moment.kind == "seq":
+            seq = int(moment.value)
+            if not 1 <= seq <= self.last:
+                raise BadMoment(f"{moment.text!r}: no record #{seq} (the journal has "
+                                f"1..{self.last})")
+            if self.ts(seq) is None or not self.is_kept(seq):
+                near = self.snap(seq)
+                raise BadMoment(f"{moment.text!r}: record #{seq} is not kept by retention"
+                                + (f" (nearest kept point before it: #{near})" if near else ""))
+            return seq
+        ts = int(moment.value)
+        if ts > self.now:
+            raise BadMoment(f"{moment.text!r}: that time is in the future")
+        seq = journal.seq_at(self.txn, self.dbs, ts)
+        if seq == 0:
+            raise BadMoment(f"{moment.text!r}: the volume did not exist yet")
+        kept = self.snap(seq)
+        if kept == 0:
+            raise BadMoment(f"{moment.text!r}: older than the oldest point kept")
+        return kept
+
+    def first_full(self) -> int:
+        """The first seq of the keep-everything window (every seq from it on is kept)."""
+        seq, _ = journal.point_at(self.txn, self.dbs, self.now - self.policy.keep_all * 10**9)
+        return min(seq + 1, self.last)
+
+    def recent(self, hours: int = 24, days: int = 30) -> list[tuple[int, int]]:
+        """(seq, ts) of the latest change of each of the last hours and days, newest first."""
+        out: dict[int, int] = {}
+        for width, count in ((HOUR, hours), (DAY, days)):
+            end = (self.now // width + 1) * width
+            for _ in range(count):  # the last `count` buckets that saw a change
+                seq, ts = journal.point_at(self.txn, self.dbs, end - 1)
+                if seq == 0:
+                    break
+                end = ts // width * width
+                kept = self.snap(seq)
+                if kept:
+                    out[kept] = self.ts(kept) or ts
+        return sorted(out.items(), reverse=True)
+
+    def name_of(self, seq: int, ts: int) -> str:
+        """A moment name (local time) that resolves to ``seq``: seconds when enough."""
+        nxt = journal.after(self.txn, self.dbs, seq)
+        ceil = -(-ts // 10**9) * 10**9
+        local = dt.datetime.fromtimestamp(ceil / 1e9)
+        if ceil <= self.now and (nxt is None or nxt[1] > ceil):
+            return local.isoformat(timespec="seconds")
+        return dt.datetime.fromtimestamp(ts // 10**9).isoformat(timespec="seconds") + \
+            f".{ts % 10**9:09d}"
+
+    def kept_sparse(self, before: int) -> list[int]:
+        """Every kept point below seq ``before``, in order (a scan of the old journal)."""
+        out = set(b for b in self._marked if b < before)
+        cur = self.txn.cursor(db=self.dbs["journal"])
+        prev: tuple[int, int] | None = None
+        for key, raw in cur.iternext():
+            seq = journal.U64.unpack(key)[0]
+            ts = journal.ts_of(raw)
+            if prev is not None:
+                pseq, pts = prev
+                width = self.policy.bucket(self.now - pts)
+                if width == 0 or (width is not None and ts // width != pts // width):
+                    out.add(pseq)
+            if seq >= before:
+                break
+            prev = (seq, ts)
+        return sorted(out)

@@ -1,0 +1,298 @@
+"""Prune: drop the versions, journal records, blocks and packs no kept point needs.
+
+Works in bounded steps, each in the caller's write transaction, so a mount can
+interleave them with its own work (see ``step``). The kept points are fixed when
+the ``Pruner`` is made (points.Points): every seq from ``full_from`` on, and a
+sparse sorted list below it (the policy's minute/hour/day points, bookmarks,
+holds). Phases:
+
+1. versions, one inode at a time across the inodes, dirents, xattrs and extents
+   tables: a version is kept when some kept point shows it (for an extent, while
+   no newer FULL or HOLE covers it) and, for everything an inode owns, the inode
+   exists at that point. Tombstones left oldest are dropped (absence says the same).
+2. journal: records below ``full_from`` that are neither kept points nor the
+   seq of a kept version go, and so do time index entries of non-kept records.
+3. mark: every block hash and pack an extent still references.
+4. sweep: unreferenced blocks and packs go. Each sweep step first marks what
+   records written since the mark began reference, so a write that deduplicated
+   against a block between steps keeps it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+from ..store import journal
+from ..store.lmdb import Store
+from ..store.refs import Refs
+from ..store.schema import MAX_SEQ, U64, Extent, seq_of
+from .points import Points
+
+log = logging.getLogger(__name__)
+
+INF = MAX_SEQ + 1
+_TABLES = ("inodes", "dirents", "xattrs", "extents")
+_PHASES = ("versions", "journal", "mark", "sweep-blocks", "sweep-packs", "done")
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """What a prune removed."""
+
+    versions: int = 0
+    records: int = 0
+    blocks: int = 0
+    packs: int = 0
+    bytes_freed: int = 0
+    holds: int = 0
+    seconds: float = 0.0
+    kept_points: int = 0
+    full_from: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Pruner:
+    """One prune of ``store``; call ``step(txn)`` in write transactions until it returns True.
+
+    ``keep_after``: journal records after this seq stay, and the blocks and packs
+    they reference (a replica has not acknowledged them yet, so it can still be
+    sent them); None when no replica needs any.
+    """
+
+    def __init__(self, store: Store, txn: lmdb.Transaction, *, keep_after: int | None,
+                 now_ns: int | None = None, step_keys: int = 20000) -> None:
+        self.store = store
+        self.db = store.db
+        self.step_keys = step_keys
+        points = Points(store, txn, now_ns)
+        self.full_from = points.first_full()
+        self.sparse = points.kept_sparse(self.full_from)
+        self._sparse_set = set(self.sparse)
+        self.stale_holds = [b.name for b in points.marks if b.is_hold and not b.holder_alive]
+        last = journal.last(txn, self.db)[0]
+        self.keep_after = last if keep_after is None else keep_after
+        self.survivors: set[int] = set()  # seqs < full_from of versions kept
+        self.refs = Refs()  # blocks and packs some version references (the mark)
+        self.phase = 0
+        self.cursor: bytes | None = b""
+        self.mark_seq = 0
+        self.result = PruneResult(kept_points=len(self.sparse), full_from=self.full_from)
+        self._started = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return _PHASES[self.phase] == "done"
+
+    def kept_in(self, lo: int, hi: int) -> bool:
+        """Whether some kept point k has lo <= k < hi."""
+        if hi <= lo:
+            return False
+        if hi > self.full_from and hi - 1 >= max(lo, self.full_from):
+            return True
+        i = bisect.bisect_left(self.sparse, lo)
+        return i < len(self.sparse) and self.sparse[i] < hi
+
+    def step(self, txn: lmdb.Transaction) -> bool:
+        """Do one bounded piece of work in ``txn``; True when the prune is complete."""
+        if self.stale_holds:
+            for name in self.stale_holds:
+                txn.delete(name.encode(), db=self.db["bookmarks"])
+            self.result.holds = len(self.stale_holds)
+            self.stale_holds = []
+        phase = _PHASES[self.phase]
+        finished = getattr(self, "_" + phase.replace("-", "_"))(txn)
+        if finished:
+            self.phase += 1
+            self.cursor = b""
+        if self.done:
+            self.result.seconds = time.monotonic() - self._started
+        return self.done
+
+    def run(self, begin: Any) -> PruneResult:
+        """All steps, each in its own transaction from ``begin()`` (a context manager)."""
+        while not self.done:
+            with begin() as txn:
+                self.step(txn)
+        return self.result
+
+    # --- phase 1: versions ---------------------------------------------------------
+
+    def _next_ino(self, txn: lmdb.Transaction, start: int) -> int | None:
+        best = None
+        for name in _TABLES:
+            cur = txn.cursor(db=self.db[name])
+            if cur.set_range(U64.pack(start)):
+                ino = U64.unpack_from(cur.key())[0]
+                best = ino if best is None else min(best, ino)
+        return best
+
+    def _versions(self, txn: lmdb.Transaction) -> bool:
+        start = U64.unpack(self.cursor)[0] if self.cursor else 0
+        seen = 0
+        while seen < self.step_keys:
+            ino = self._next_ino(txn, start)
+            if ino is None:
+                return True
+            seen += self._prune_ino(txn, ino)
+            start = ino + 1
+            self.cursor = U64.pack(start)
+        return False
+
+    def _groups(self, txn: lmdb.Transaction, table: str, ino: int
+                ) -> list[list[tuple[bytes, int, bytes]]]:
+        """Versions (key, seq, value) of each object of ``ino`` in ``table``, newest first."""
+        cur = txn.cursor(db=self.db[table])
+        base = U64.pack(ino)
+        groups: list[list[tuple[bytes, int, bytes]]] = []
+        prefix = None
+        if not cur.set_range(base):
+            return groups
+        for key, value in cur:
+            if not key.startswith(base):
+                break
+            if key[:-8] != prefix:
+                prefix = key[:-8]
+                groups.append([])
+            groups[-1].append((key, seq_of(key), value))
+        return groups
+
+    def _prune_ino(self, txn: lmdb.Transaction, ino: int) -> int:
+        seen = 0
+        alive: list[tuple[int, int]] = []
+        for group in self._groups(txn, "inodes", ino):
+            hi = INF
+            for _key, seq, value in group:
+                if value:  # back-to-back versions make one interval: one per lifetime
+                    if alive and alive[-1][0] == hi:
+                        alive[-1] = (seq, alive[-1][1])
+                    else:
+                        alive.append((seq, hi))
+                hi = seq
+            seen += self._decide(txn, "inodes", group, [(0, INF)])
+        for table in ("dirents", "xattrs", "extents"):
+            for group in self._groups(txn, table, ino):
+                seen += self._decide(txn, table, group, alive)
+        return seen
+
+    def _decide(self, txn: lmdb.Transaction, table: str, group: list[tuple[bytes, int, bytes]],
+                alive: list[tuple[int, int]]) -> int:
+        extents = table == "extents"
+        keep = []
+        hi = INF
+        for _key, seq, value in group:
+            keep.append(any(self.kept_in(max(seq, a), min(hi, b)) for a, b in alive))
+            if not extents or Extent.unpack(value).is_base:
+                hi = seq
+        # A tombstone with nothing kept under it says what absence says.
+        for i in range(len(group) - 1, -1, -1):
+            if not keep[i]:
+                continue
+            value = group[i][2]
+            if value and not (extents and value == b"H"):
+                break
+            keep[i] = False
+        db = self.db[table]
+        for (key, seq, _value), kept in zip(group, keep, strict=True):
+            if kept:
+                if seq < self.full_from:
+                    self.survivors.add(seq)
+            else:
+                txn.delete(key, db=db)
+                self.result.versions += 1
+        return len(group)
+
+    # --- phase 2: journal ----------------------------------------------------------
+
+    def _journal(self, txn: lmdb.Transaction) -> bool:
+        cur = txn.cursor(db=self.db["journal"])
+        if not cur.set_range(self.cursor or U64.pack(0)):
+            return True
+        for n, (key, raw) in enumerate(cur):
+            seq = U64.unpack(key)[0]
+            if seq >= self.full_from or seq > self.keep_after:
+                return True
+            if n >= self.step_keys:
+                self.cursor = bytes(key)
+                return False
+            if seq in self._sparse_set:
+                continue
+            ts = journal.ts_of(raw)
+            txn.delete(U64.pack(ts) + U64.pack(seq), db=self.db["timeidx"])
+            if seq not in self.survivors:
+                txn.delete(key, db=self.db["journal"])
+                self.result.records += 1
+        return True
+
+    # --- phase 3 and 4: mark and sweep ----------------------------------------------
+
+
+    def _mark(self, txn: lmdb.Transaction) -> bool:
+        if not self.cursor:
+            self.mark_seq = min(journal.last(txn, self.db)[0], self.keep_after)
+        cur = txn.cursor(db=self.db["extents"])
+        if not cur.set_range(self.cursor or b"\0"):
+            return True
+        for n, (key, value) in enumerate(cur):
+            if n >= self.step_keys:
+                self.cursor = bytes(key)
+                return False
+            self.refs.add_extent(value)
+        return True
+
+    def _catch_up(self, txn: lmdb.Transaction) -> None:
+        """Mark what records written since the mark began reference."""
+        for rec in journal.records(txn, self.db, self.mark_seq + 1):
+            self.refs.add_record(rec)
+            self.mark_seq = rec.seq
+
+    def _sweep(self, txn: lmdb.Transaction, table: str, referenced: Any) -> bool:
+        self._catch_up(txn)
+        cur = txn.cursor(db=self.db[table])
+        if not cur.set_range(self.cursor or b"\0"):
+            return True
+        n = 0
+        while True:
+            key = bytes(cur.key())
+            if n >= self.step_keys:
+                self.cursor = key
+                return False
+            n += 1
+            if referenced(key):
+                if not cur.next():
+                    return True
+                continue
+            self.result.bytes_freed += len(cur.value())
+            if table == "blocks":
+                self.result.blocks += 1
+            else:
+                self.result.packs += 1
+            if not cur.delete():  # moves to the next item
+                return True
+            if not cur.key():
+                return True
+
+    def _sweep_blocks(self, txn: lmdb.Transaction) -> bool:
+        return self._sweep(txn, "blocks", lambda key: key in self.refs.blocks)
+
+    def _sweep_packs(self, txn: lmdb.Transaction) -> bool:
+        return self._sweep(txn, "packs", lambda key: U64.unpack(key)[0] in self.refs.packs)
+
+
+def prune_store(store: Store, *, keep_after: int | None, now_ns: int | None = None,
+                ) -> PruneResult:
+    """Prune ``store`` in write transactions of its own (beside a mount, or in a
+    replica server); ``keep_after`` as for ``Pruner``."""
+    with store.txn() as txn:
+        pruner = Pruner(store, txn, keep_after=keep_after, now_ns=now_ns)
+
+    result = pruner.run(lambda: store.txn(write=True))
+    log.info("pruned %s: %d versions, %d records, %d blocks, %d packs, %.1f MiB freed",
+             store.path, result.versions, result.records, result.blocks, result.packs,
+             result.bytes_freed / 2**20)
+    return result

@@ -1,0 +1,80 @@
+"""The retention policy: how long history is kept, and how densely.
+
+The policy keeps every record for ``keep_all`` seconds, then the last record of
+each minute until ``minutely``, of each hour until ``hourly``, of each day (UTC)
+until ``daily``; older points go, except bookmarks, holds and the newest record.
+Buckets nest (a day's last record is also its hour's and minute's last), so a
+point kept today was kept yesterday: once ``prune`` has removed what the policy
+no longer keeps, every moment still resolves to a point whose state is intact
+(``points.py`` applies the policy to a store's journal).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import lmdb
+
+from ..store.lmdb import Store
+
+MINUTE, HOUR, DAY = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdwy])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``30m``, ``24h``, ``7d``, ``2w``, ``1y`` (ValueError if malformed)."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r}: a duration is a number and one of s m h d w y")
+    return int(float(m[1]) * _UNIT_S[m[2]])
+
+
+def format_duration(seconds: int) -> str:
+    for unit in "ydhms":
+        n = _UNIT_S[unit]
+        if seconds % n == 0 and seconds >= n:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Retention periods in seconds, each counted from now back."""
+
+    keep_all: int = 86400
+    minutely: int = 7 * 86400
+    hourly: int = 30 * 86400
+    daily: int = 365 * 86400
+
+    def bucket(self, age_ns: int) -> int | None:
+        """The bucket width (ns) for a record this old: 0 keeps all, None none."""
+        age = age_ns // 10**9
+        if age < self.keep_all:
+            return 0
+        for limit, width in ((self.minutely, MINUTE), (self.hourly, HOUR), (self.daily, DAY)):
+            if age < limit:
+                return width
+        return None
+
+    def check(self) -> None:
+        if not self.keep_all <= self.minutely <= self.hourly <= self.daily:
+            raise ValueError("retention periods must not shrink: "
+                             "keep-all <= minutely <= hourly <= daily")
+
+    def describe(self) -> str:
+        return (f"every write for {format_duration(self.keep_all)}, then one point per minute "
+                f"to {format_duration(self.minutely)}, per hour to "
+                f"{format_duration(self.hourly)}, per day to {format_duration(self.daily)}; "
+                "bookmarks until deleted")
+
+
+def load_policy(store: Store, txn: lmdb.Transaction) -> Policy:
+    raw = store.config(txn, "retention")
+    return Policy(**raw) if raw else Policy()
+
+
+def save_policy(store: Store, txn: lmdb.Transaction, policy: Policy) -> None:
+    policy.check()
+    store.set_config(txn, "retention", asdict(policy))

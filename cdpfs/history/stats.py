@@ -1,0 +1,127 @@
+"""Figures about a store: journal length, objects, space (``cdpfs status``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..store import codec, journal
+from ..store.lmdb import Store
+from ..store.refs import Refs
+from ..store.schema import U64, Extent, Inode
+from .points import Points
+from .retention import load_policy
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What ``cdpfs status`` prints about a store."""
+
+    path: str
+    uuid: str
+    block_size: int
+    last_seq: int
+    last_time_ns: int
+    records: int
+    blocks: int
+    packs: int
+    versions: int
+    used_bytes: int
+    map_bytes: int
+
+
+def store_stats(store: Store) -> StoreStats:
+    with store.env.begin() as txn:
+        seq, ts = journal.last(txn, store.db)
+
+        def count(name: str) -> int:
+            return int(txn.stat(store.db[name])["entries"])
+
+        versions = sum(count(n) for n in ("inodes", "dirents", "extents", "xattrs"))
+        return StoreStats(
+            path=str(store.path), uuid=store.uuid, block_size=store.block_size,
+            last_seq=seq, last_time_ns=ts, records=count("journal"), blocks=count("blocks"),
+            packs=count("packs"), versions=versions, used_bytes=store.used_bytes(),
+            map_bytes=store.env.info()["map_size"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceStats:
+    """What ``cdpfs stat`` prints: where the store's bytes go."""
+
+    live_files: int
+    live_bytes: int  # sum of the sizes of live regular files
+    live_stored: int  # stored bytes of the blocks and packs live files use
+    history_stored: int  # stored bytes only older versions use
+    stored_bytes: int  # all blocks and packs, as stored
+    file_bytes: int  # the LMDB file's used pages
+    dedup_ratio: float
+    compression_ratio: float
+    oldest_seq: int
+    oldest_ts: int | None
+    last_seq: int
+    last_ts: int
+    records: int
+    policy: str
+
+
+def space_stats(store: Store) -> SpaceStats:
+    """Scan the store (every inode, extent and block once) for ``cdpfs stat``."""
+
+    with store.txn() as txn:
+        live: dict[int, Inode] = {}
+        cur = txn.cursor(db=store.db["inodes"])
+        last_ino = None
+        for key, value in cur:
+            ino = U64.unpack_from(key)[0]
+            if ino != last_ino:  # the newest version comes first
+                last_ino = ino
+                if value:
+                    live[ino] = Inode.unpack(value)
+        refs = Refs()  # what live files use
+        logical = 0
+        prefix = None
+        in_chain = False
+        for key, value in txn.cursor(db=store.db["extents"]):
+            if key[:16] != prefix:
+                prefix = key[:16]
+                in_chain = U64.unpack_from(key)[0] in live
+            if not in_chain:
+                continue
+            refs.add_extent(value)
+            ext = Extent.unpack(value)
+            if ext.kind == "F":
+                logical += ext.length
+            if ext.is_base:
+                in_chain = False
+        stored = plain = live_stored = unique = 0
+        for key, value in txn.cursor(db=store.db["blocks"]):
+            stored += len(value)
+            size = codec.plain_size(value)
+            plain += size
+            if key in refs.blocks:
+                live_stored += len(value)
+                unique += size
+        for key, value in txn.cursor(db=store.db["packs"]):
+            stored += len(value)
+            plain += len(value)
+            if U64.unpack(key)[0] in refs.packs:
+
+                live_stored += len(value)
+        points = Points(store, txn)
+        oldest_seq, oldest_ts = 0, None
+        for key, raw in txn.cursor(db=store.db["journal"]):
+            seq = U64.unpack(key)[0]  # records kept only to date kept versions come first
+            if points.is_kept(seq, journal.ts_of(raw)):
+                oldest_seq, oldest_ts = seq, journal.ts_of(raw)
+                break
+        last_seq, last_ts = journal.last(txn, store.db)
+        return SpaceStats(
+            live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),
+            live_bytes=sum(n.size for n in live.values() if n.is_reg and n.nlink),
+            live_stored=live_stored, history_stored=stored - live_stored, stored_bytes=stored,
+            file_bytes=store.used_bytes(), dedup_ratio=logical / unique if unique else 1.0,
+            compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
+            oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
+            records=int(txn.stat(store.db["journal"])["entries"]),
+            policy=load_policy(store, txn).describe())

@@ -1,0 +1,115 @@
+"""Check a store: rehash every block and check every reference of every version.
+
+``verify`` returns a list of problems, each one line naming what is damaged;
+an empty list means the store is sound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import lmdb
+
+from ..errors import Corrupt
+from ..store import codec
+from ..store.lmdb import Store
+from ..store.refs import of_extent
+from ..store.schema import MAX_SEQ, U64, Extent, inv, seq_of
+from ..store.view import View
+
+
+def _check_blocks(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
+    for key, stored in txn.cursor(db=store.db["blocks"]):
+        try:
+            codec.decode(stored, key)
+        except Corrupt as exc:
+            yield f"corrupt block: {exc}"
+    for key, stored in txn.cursor(db=store.db["packs"]):
+        try:
+            codec.decode_pack(stored, U64.unpack(key)[0])
+        except Corrupt as exc:
+            yield f"corrupt pack: {exc}"
+
+
+def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[str]:
+    journal = store.db["journal"]
+    known: set[int] = set()
+
+    def recorded(seq: int) -> bool:
+        if seq in known:
+            return True
+        if seq <= last and txn.get(U64.pack(seq), db=journal) is not None:
+            known.add(seq)
+            return True
+        return False
+
+    for table in ("inodes", "dirents", "extents", "xattrs"):
+        for key in txn.cursor(db=store.db[table]).iternext(values=False):
+            seq = seq_of(key)
+            if not recorded(seq):
+                yield f"{table}: version {key.hex()} has no journal record {seq}"
+
+    blocks = store.db["blocks"]
+    for key, value in txn.cursor(db=store.db["extents"]):
+        block, pack = of_extent(value)
+        if block is None and pack is None:
+            continue
+        where = (f"inode {U64.unpack_from(key, 0)[0]} block {U64.unpack_from(key, 8)[0]} "
+                 f"at seq {seq_of(key)}")
+        if block is not None and txn.get(block, db=blocks) is None:
+            yield f"missing block {block.hex()}: {where}"
+        elif pack is not None:
+            ext = Extent.unpack(value)
+            try:
+                store.get_piece(txn, ext.pack, ext.pack_off, ext.length, ext.digest)
+            except Corrupt as exc:
+                yield f"bad piece: {exc}: {where}"
+
+    # A name must lead to an inode that existed while the name showed. Pruning
+    # keeps what kept points show, so the inode's version from the seq the name
+    # was made may be gone, and so may the removal of a name in a directory
+    # since deleted: the check is that some version of the inode up to the
+    # name's next version exists.
+    prefix, newer = b"", MAX_SEQ + 1
+    inodes = txn.cursor(db=store.db["inodes"])
+    for key, value in txn.cursor(db=store.db["dirents"]):
+        seq = seq_of(key)
+        until = newer - 1 if key[:-8] == prefix else MAX_SEQ
+        prefix, newer = key[:-8], seq
+        if not value:
+            continue
+        child = U64.unpack(value)[0]
+        if not _existed(inodes, child, until):
+            parent = U64.unpack_from(key, 0)[0]
+            name = key[8:-9].decode(errors="replace")
+            yield f"dangling name: {name!r} in directory {parent} -> inode {child} at seq {seq}"
+
+
+def _existed(cur: lmdb.Cursor, ino: int, until: int) -> bool:
+    """Whether inode ``ino`` has a (non-freed) version at or before ``until``."""
+    prefix = U64.pack(ino)
+    if not cur.set_range(prefix + inv(until)):
+        return False
+    for key, value in cur:
+        if not key.startswith(prefix) or len(key) != 16:
+            return False
+        if value:
+            return True
+    return False
+
+
+def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Every problem found in ``store`` (empty when it is sound)."""
+    problems: list[str] = []
+    with store.env.begin() as txn:
+        cur = txn.cursor(db=store.db["journal"])
+        last = U64.unpack(cur.key())[0] if cur.last() else 0
+        if progress:
+            progress("checking blocks")
+        problems.extend(_check_blocks(store, txn))
+        if progress:
+            progress("checking versions")
+        problems.extend(_check_versions(store, txn, last))
+        if View(store, txn, MAX_SEQ).inode(1) is None:
+            problems.append("root directory is missing")
+    return problems

@@ -1,0 +1,146 @@
+"""Shipping from a served store: one sender per registered replica, and sync-mode waits.
+
+The volume service runs a ``Fanout`` beside a live volume (and beside a replica
+server, whose own registered replicas make a chain). It ships to every replica
+in the registry (``cdpfs replica add``) except ``manual`` ones (fed only by
+``cdpfs replicate``), each in ``async`` mode (writes never wait: records queue in
+the journal, on disk, while a replica is slow or away) or ``sync`` mode (an
+fsync returns only once every sync replica has acknowledged everything committed
+before it). A sync replica that does not answer within ``config.sync_timeout``
+seconds is reported and, by ``config.sync_dead`` ("degrade", the default, or
+"block"), either stops being waited for until it catches up or keeps fsync
+waiting. Whoever commits calls ``committed()``; whoever sees the registry change
+calls ``rediscover()``: nothing here polls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from ..counters import Counters
+from ..errors import CdpfsError
+from ..store.lmdb import Store
+from . import credentials
+from .registry import ReplicaState, load_states
+from .sender import Connect, Sender, tls_connect
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[[Store, ReplicaState], Connect]
+
+
+def tls_connector(store: Store, state: ReplicaState) -> Connect:
+    """Connect to a registered replica over TLS, pinned to the certificate trusted
+    under its name."""
+    return tls_connect(state.address, credentials.client_context(store.path, state.name))
+
+
+class Fanout:
+    """The senders of one served store.
+
+    Attributes:
+        senders: by replica name.
+        degraded: sync replicas fsync no longer waits for (until they catch up).
+    """
+
+    def __init__(self, store: Store, counters: Counters | None = None,
+                 connector: Connector = tls_connector) -> None:
+        self.store = store
+        self.counters = counters or Counters()
+        self.connector = connector
+        self.senders: dict[str, Sender] = {}
+        self.degraded: set[str] = set()
+        self.sync_timeout = 10.0
+        self.block_when_dead = False
+        self._nursery: trio.Nursery | None = None
+        # Known before the volume serves its first request, so an fsync in the first
+        # moments already waits for the sync replicas.
+        self._new = self._discover()
+
+    def _discover(self) -> list[Sender]:
+        """Senders for the replicas registered since the last look (and settings)."""
+        with self.store.txn() as txn:
+            self.sync_timeout = float(self.store.config(txn, "sync_timeout") or 10.0)
+            self.block_when_dead = self.store.config(txn, "sync_dead") == "block"
+        found = []
+        for state in load_states(self.store):
+            if state.mode == "manual":  # shipped only by 'cdpfs replicate'
+                continue
+            if state.name in self.senders:  # settings may change while it runs
+                current = self.senders[state.name].state
+                current.mode, current.limit = state.mode, state.limit
+                continue
+            try:
+                connect = self.connector(self.store, state)
+            except CdpfsError as exc:
+                log.error("cannot ship to replica %s: %s", state.name, exc)
+                continue
+            sender = self.senders[state.name] = Sender(self.store, state.name, state.address,
+                                                       connect, self.counters)
+            found.append(sender)
+        return found
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        """Run a sender for each registered replica, now and as they are added."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._start_new()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _start_new(self) -> None:
+        assert self._nursery is not None
+        for sender in self._new:
+            log.info("shipping to replica %s at %s (%s)", sender.state.name,
+                     sender.state.address, sender.state.mode)
+            self._nursery.start_soon(self._ship, sender)
+        self._new = []
+
+    async def rediscover(self) -> None:
+        """The registry may have changed: start senders for new replicas, take new
+        settings."""
+        self._new += await trio.to_thread.run_sync(self._discover)
+        if self._nursery is not None:
+            self._start_new()
+
+    async def _ship(self, sender: Sender) -> None:
+        try:
+            await sender.run(follow=True, attempts=0)
+        except CdpfsError as exc:  # refused, or the journal it needs is gone
+            log.error("replication to %s stopped: %s", sender.state.name, exc)
+
+    def committed(self) -> None:
+        """New records are committed (or bookmarks changed): wake the senders."""
+        for sender in self.senders.values():
+            sender.poke()
+
+    async def synced(self, seq: int) -> None:
+        """Return once every sync replica has acknowledged ``seq`` (see the module doc)."""
+        waiting = [s for s in self.senders.values()
+                   if s.state.mode == "sync" and s.state.acked < seq]
+        if not waiting:
+            return
+        self.committed()
+        deadline = trio.current_time() + self.sync_timeout
+        for sender in waiting:
+            name = sender.state.name
+            if name in self.degraded and not self.block_when_dead:
+                if sender.state.acked >= seq:
+                    self.degraded.discard(name)
+                    log.warning("sync replica %s caught up: fsync waits for it again", name)
+                continue
+            with trio.move_on_at(float("inf") if self.block_when_dead else deadline):
+                await sender.wait_acked(seq)
+            if sender.state.acked < seq:
+                self.degraded.add(name)
+                log.warning("sync replica %s did not acknowledge #%d within %.0fs (%s): "
+                            "fsync no longer waits for it until it catches up", name, seq,
+                            self.sync_timeout, sender.state.last_error or "no answer")
+
+    def lag(self, newest: int) -> dict[str, int]:
+        """Records each replica is behind ``newest``."""
+        return {name: max(0, newest - s.state.acked) for name, s in self.senders.items()}

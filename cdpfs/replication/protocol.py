@@ -1,0 +1,36 @@
+"""What both sides of replication agree on: the protocol version, the tables a full
+resync sends, how a history position is checked, and how an address is written.
+
+The frames themselves are in ``wire.py``; the primary's side in ``sender.py``,
+the replica's in ``receiver.py`` (docs/architecture.md has the exchange).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CdpfsError
+from ..store import codec
+from ..store.lmdb import Store
+from ..store.schema import U64
+
+PROTOCOL = 2
+PIPELINE = 4  # batches on the way at once: offered or sent ahead of their acknowledgement
+ANSWER_TIMEOUT = 30.0  # seconds a peer owing an answer may move no byte before the link drops
+# The history tables a full resync sends, in this order (entries up to its seq).
+BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
+
+
+def record_check(txn: Any, store: Store, seq: int) -> bytes:
+    """A short hash of the record at ``seq`` (empty if there is none): equal on two
+    stores when they hold the same history up to there."""
+    raw = txn.get(U64.pack(seq), db=store.db["journal"])
+    return b"" if raw is None else codec.digest(raw)[:16]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [addr]:port) to (host, port); CdpfsError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise CdpfsError(f"{text!r}: expected HOST:PORT (a port from 1 to 65535)")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,370 @@
+"""The replica side of replication: accept a primary, apply its records in order, durably.
+
+``serve`` listens for TLS connections (credentials.server_context: only trusted
+certificates get in). For each batch the primary offers the block hashes and
+pack ids its records reference; the replica answers with those it lacks; the
+primary sends the records with them (DATA). The replica checks every block
+against its hash, applies the batches that arrived in one synced LMDB
+transaction, and only then acknowledges each batch's last seq: an acknowledged
+record is on disk. Its position is simply the newest record in its journal
+(WELCOME also carries a hash of that record, so a primary can tell a replica
+whose history parted from its own), and a restart of either side resumes there.
+The replica store is created from the primary's first HELLO (same volume uuid
+and block size), is marked ``role = replica`` (a read-write mount refuses it),
+and can be mounted read-only while it receives (``cdpfs mount --follow`` or
+``--at``). Bookmarks arrive as MARKS and are mirrored. The volume service
+(``cdpfs.volume``, mode ``replica``) runs a ``Receiver`` beside the replica's own
+prune and the senders to the replicas registered in the replica's store (a chain).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..counters import Counters
+from ..errors import CdpfsError, Corrupt, first_error, root_cause
+from ..history import bookmarks
+from ..store import codec, journal
+from ..store.lmdb import Store, is_store
+from ..store.schema import U64
+from . import wire
+from .protocol import BASE_TABLES, PIPELINE, PROTOCOL, parse_address, record_check
+
+log = logging.getLogger(__name__)
+
+GROUP_MAX = 8  # batches committed in one transaction at most
+BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under way
+ROLE_REPLICA = "replica"  # config.role of a replica store (a read-write mount refuses it)
+
+
+class _Incoming:
+    """A batch received and waiting to be applied; or, with ``control``, the start or
+    the end of a full resync (BASE) or the primary's bookmarks (MARKS)."""
+
+    def __init__(self, offer: dict[str, Any] | None = None, want: dict[str, Any] | None = None,
+                 body: dict[str, Any] | None = None, pieces: Sequence[bytes] = (),
+                 control: tuple[int, Any] | None = None) -> None:
+        self.control = control
+        self.offer = offer or {"blocks": [], "packs": []}
+        self.want = want or {"blocks": [], "packs": []}
+        body = body or {}
+        self.records: list[list[Any]] = body.get("records") or []
+        self.base: dict[str, Any] | None = body.get("base")
+        # the pieces are the wanted blocks, then the wanted packs, in order
+        nblocks = len(self.want["blocks"])
+        if len(pieces) != nblocks + len(self.want["packs"]):
+            raise wire.WireError(f"the primary sent {len(pieces)} blocks and packs, "
+                                 f"{nblocks + len(self.want['packs'])} were wanted")
+        self.blocks = dict(zip(map(bytes, self.want["blocks"]), pieces[:nblocks], strict=True))
+        self.packs = dict(zip(map(int, self.want["packs"]), pieces[nblocks:], strict=True))
+
+    def wanted(self) -> list[object]:
+        """What was wanted for it (the replica's ``inflight`` keys)."""
+        return [*self.want["blocks"], *(("p", p) for p in self.want["packs"])]
+
+    def size(self) -> int:
+        return sum(map(len, self.blocks.values())) + sum(map(len, self.packs.values())) + \
+            sum(len(raw) for _, raw in self.records) + \
+            sum(len(k) + len(v) for k, v in (self.base or {}).get("items", []))
+
+    def check(self) -> None:
+        """WireError unless each block and pack is what its hash says."""
+        try:  # never keep a block that is not what it claims
+            for digest, stored in self.blocks.items():
+                codec.check(stored, digest)
+            for pack, stored in self.packs.items():
+                codec.decode_pack(stored, pack)
+        except Corrupt as exc:
+            raise wire.WireError(f"received a damaged block: {exc}") from None
+
+    def apply(self, txn: Any, store: Store, acked: int) -> int:
+        """Write it in ``txn``; the seq the replica is at after it."""
+        for digest in self.offer["blocks"]:  # had when offered: still here (prune)?
+            if digest not in self.blocks and txn.get(digest, db=store.db["blocks"]) is None:
+                raise wire.WireError(f"block {bytes(digest).hex()} went away since it was "
+                                     "offered (pruned meanwhile): the batch is sent again")
+        for pack in self.offer["packs"]:
+            if pack not in self.packs and txn.get(U64.pack(pack), db=store.db["packs"]) is None:
+                raise wire.WireError(f"pack {pack} went away since it was offered")
+        for digest, stored in self.blocks.items():
+            txn.put(digest, stored, db=store.db["blocks"])
+        for pack, stored in self.packs.items():
+            txn.put(U64.pack(pack), stored, db=store.db["packs"])
+        if self.base is not None:  # a piece of a full resync: table entries as they are
+            if self.base.get("table") not in BASE_TABLES:
+                raise wire.WireError(f"full resync of unknown table {self.base.get('table')!r}")
+            db = store.db[self.base["table"]]
+            for key, value in self.base["items"]:
+                txn.put(key, value, db=db)
+        for seq, raw in self.records:
+            if seq != acked + 1:
+                raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
+            journal.apply(txn, store.db, seq, raw)
+            acked = seq
+        return acked
+
+
+class Receiver:
+    """A replica store receiving from one primary at a time.
+
+    Attributes:
+        path: the replica store directory.
+        store: the open store (None until the first primary created it).
+        store_ready: set once ``store`` is there (opened, or created by a primary).
+        counters: records applied and bytes received are counted here.
+        on_applied: called (trio thread) after each commit of received records.
+    """
+
+    def __init__(self, path: Path, counters: Counters | None = None) -> None:
+        self.path = Path(path)
+        self.counters = counters or Counters()
+        self.store_ready = trio.Event()
+        self.on_applied: Callable[[], None] | None = None
+        self.store: Store | None = None
+        if is_store(self.path):
+            self.store = Store(path)
+            try:
+                self.store.lock("replica serve")
+            except BaseException:
+                self.store.close()
+                raise
+            self.store_ready.set()
+        self._one = trio.Lock()
+        self._session: trio.CancelScope | None = None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _open(self, hello: dict[str, Any]) -> Store:
+        if self.store is None:
+            self.store = Store.create(self.path, block_size=int(hello["block_size"]),
+                                      volume_uuid=str(hello["uuid"]))
+            with self.store.txn(write=True) as txn:  # a live mount refuses it (see volume)
+                self.store.set_config(txn, "role", ROLE_REPLICA)
+            self.store.lock("replica serve")
+            log.info("created replica store %s of volume %s", self.path, hello["uuid"])
+            trio.from_thread.run_sync(self.store_ready.set)
+        if self.store.uuid != hello["uuid"]:
+            raise CdpfsError(f"this replica holds volume {self.store.uuid}, not {hello['uuid']}")
+        if self.store.block_size != int(hello["block_size"]):
+            raise CdpfsError("block size differs from the primary's")
+        return self.store
+
+    def position(self) -> tuple[int, bool, bytes]:
+        """(acknowledged seq, whether a full resync was cut short, the check of the
+        record at that seq: the primary compares it with its own)."""
+        assert self.store is not None
+        with self.store.txn() as txn:
+            if txn.get(BASE_PENDING, db=self.store.db["meta"]) is not None:
+                return 0, True, b""
+            seq = journal.last(txn, self.store.db)[0]
+            return seq, False, record_check(txn, self.store, seq)
+
+    @staticmethod
+    def _bookmarks(store: Store, marks: dict[str, list[int]]) -> None:
+        with store.txn(write=True) as txn:
+            changed = bookmarks.mirror(txn, store.db, marks)
+        if changed:
+            log.info("bookmarks now as on the primary (%d changed)", changed)
+
+    def _base_mark(self, store: Store, msg: dict[str, Any]) -> int:
+        """Begin a full resync (clear the history tables) or end one (its seq)."""
+        with store.txn(write=True) as txn:
+            if msg.get("begin"):
+                for name in BASE_TABLES:
+                    txn.drop(store.db[name], delete=False)
+                txn.put(BASE_PENDING, U64.pack(int(msg["seq"])), db=store.db["meta"])
+                log.info("full resync to #%d begins: history tables cleared", msg["seq"])
+                return 0
+            if txn.get(BASE_PENDING, db=store.db["meta"]) is None:
+                raise wire.WireError("end of a full resync that never began")
+            txn.delete(BASE_PENDING, db=store.db["meta"])
+            log.info("full resync to #%d done", msg["seq"])
+            return int(msg["seq"])
+
+    async def handle(self, conn: wire.Connection, peer: str) -> None:
+        """Serve one connected primary until it goes away."""
+        _, hello = await conn.recv(wire.HELLO)
+        if hello.get("proto") != PROTOCOL:
+            await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
+            return
+        if self.store is not None and self.store.uuid != hello.get("uuid"):
+            log.warning("%s: refused: this replica holds volume %s, not %s", peer,
+                        self.store.uuid, hello.get("uuid"))
+            await conn.send(wire.ERROR, {"message": f"this replica holds volume "
+                                                    f"{self.store.uuid}, not {hello.get('uuid')}"})
+            return
+        if self._session is not None:  # a reconnect: the old link is dead or dying
+            log.info("%s: replaces the connection of the previous primary session", peer)
+            self._session.cancel()
+        async with self._one:
+            scope = self._session = trio.CancelScope()
+            try:
+                with scope:
+                    await self._receive(conn, peer, hello)
+            finally:
+                if self._session is scope:
+                    self._session = None
+
+    async def _receive(self, conn: wire.Connection, peer: str, hello: dict[str, Any]) -> None:
+        """One primary session: batches in, acknowledgements out."""
+        try:
+            store = await trio.to_thread.run_sync(self._open, hello)
+        except CdpfsError as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            await conn.send(wire.ERROR, {"message": str(exc)})
+            return
+        acked, pending, check = await trio.to_thread.run_sync(self.position)
+        log.info("%s (%s) connected; resuming after #%d%s", peer, hello.get("name"), acked,
+                 " (a full resync was cut: it starts again)" if pending else "")
+        await conn.send(wire.WELCOME, {"acked": acked, "uuid": store.uuid,
+                                       "base_pending": pending, "check": check})
+        # Receiving and applying overlap: offers are answered and batches received
+        # while the ones before are verified and committed (those waiting are
+        # committed together); acknowledgements go out in order.
+        lock = trio.Lock()
+        inflight: dict[object, int] = {}  # blocks and ("p", pack) wanted, not applied yet
+        offers: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # (offer, want)
+        send_q, recv_q = trio.open_memory_channel[_Incoming](PIPELINE)
+
+        async def reply(kind: int, body: Any) -> None:
+            async with lock:
+                await conn.send(kind, body)
+
+        async def applier() -> None:
+            nonlocal acked
+            counted = 0  # bytes of this connection counted in counters.bytes_received
+            async for first in recv_q:
+                group = [first]  # group commit: batches that arrived meanwhile go along
+                while first.control is None and len(group) < GROUP_MAX:
+                    try:
+                        group.append(recv_q.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    if group[-1].control is not None:
+                        break
+                control = group.pop().control if group[-1].control is not None else None
+                if group:
+                    ends = await trio.to_thread.run_sync(self._apply, store, acked, group)
+                    for item in group:
+                        for key in item.wanted():
+                            left = inflight.pop(key, 1) - 1
+                            if left:
+                                inflight[key] = left
+                    self.counters.bytes_received += conn.received - counted
+                    counted = conn.received
+                    acked = ends[-1]
+                    for seq in ends:
+                        await reply(wire.ACK, {"seq": seq})
+                    if self.on_applied is not None:
+                        self.on_applied()
+                if control is not None and control[0] == wire.BASE:
+                    acked = await trio.to_thread.run_sync(self._base_mark, store, control[1])
+                    await reply(wire.ACK, {"seq": acked})
+                elif control is not None:
+                    await trio.to_thread.run_sync(self._bookmarks, store, control[1])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(applier)
+                await self._frames(conn, store, inflight, offers, send_q, reply)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+    async def _frames(self, conn: wire.Connection, store: Store, inflight: dict[object, int],
+                      offers: deque[tuple[dict[str, Any], dict[str, Any]]],
+                      send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
+        """Take frames from the primary: answer offers, queue batches for the applier."""
+        while True:
+            kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE,
+                                                       wire.MARKS)
+            if kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
+                await send_q.send(_Incoming(control=(kind, body)))
+            elif kind == wire.OFFER:
+                want = await trio.to_thread.run_sync(self._missing, store, body)
+                want = {"blocks": [h for h in want["blocks"] if h not in inflight],
+                        "packs": [p for p in want["packs"] if ("p", p) not in inflight]}
+                for key in (*want["blocks"], *(("p", p) for p in want["packs"])):
+                    inflight[key] = inflight.get(key, 0) + 1
+                offers.append((body, want))
+                await reply(wire.WANT, want)
+            else:
+                if not offers:
+                    raise wire.WireError("DATA frame without an offer before it")
+                offer, want = offers.popleft()
+                await send_q.send(_Incoming(offer, want, body, pieces))
+
+    @staticmethod
+    def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
+        with store.txn() as txn:
+            blocks = [h for h in offer["blocks"] if txn.get(h, db=store.db["blocks"]) is None]
+            packs = [p for p in offer["packs"]
+                     if txn.get(U64.pack(p), db=store.db["packs"]) is None]
+        return {"blocks": blocks, "packs": packs}
+
+    def _apply(self, store: Store, acked: int, group: list[_Incoming]) -> list[int]:
+        """Verify and commit batches in one synced transaction; the seq each ends at."""
+        for item in group:
+            item.check()
+        store.grow_if_needed(2 * sum(item.size() for item in group) + (64 << 20))
+        marks = []
+        with store.txn(write=True) as txn:
+            for item in group:
+                acked = item.apply(txn, store, acked)
+                marks.append(acked)
+        self.counters.records_applied += sum(len(item.records) for item in group)
+        return marks
+
+    async def listen(self, address: str, ctx: ssl.SSLContext, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept primaries on ``address`` (HOST:PORT; TLS with ``ctx``) until
+        cancelled; started once listening."""
+        host, port = parse_address(address)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        log.info("replica %s listening on %s", self.path, address)
+        task_status.started()
+        await trio.serve_listeners(functools.partial(self._connected, ctx=ctx), listeners)
+
+    async def _connected(self, stream: trio.SocketStream, ctx: ssl.SSLContext) -> None:
+        """One connection: the TLS handshake, then a primary's session."""
+        peer = _peer(stream)
+        tls = wire.tls_stream(stream, ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            log.warning("%s: refused TLS connection: %s", peer, root_cause(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self.serve_connection(wire.Connection(tls), peer)
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def serve_connection(self, conn: wire.Connection, peer: str) -> None:
+        """Serve one connected primary; whatever goes wrong costs this connection only."""
+        try:
+            await self.handle(conn, peer)
+        except wire.Closed:
+            log.info("%s: disconnected", peer)
+        except (wire.WireError, wire.PeerError, trio.BrokenResourceError,
+                trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            log.warning("%s: connection dropped: %s", peer, root_cause(exc))
+        except CdpfsError as exc:
+            log.error("%s: %s", peer, exc)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"

@@ -1,0 +1,316 @@
+"""The store directory: one LMDB environment, its sub-databases and the block table.
+
+A store is a directory holding ``data.mdb``/``lock.mdb`` (LMDB) and ``cdpfs.lock``
+(the writer lock that keeps a second writer out, ``lock.py``). This module opens
+and creates stores, grows the LMDB map, and reads and writes content-addressed
+blocks and packs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .. import system
+from ..errors import Corrupt, StoreError
+from . import codec
+from .lock import LOCK_NAME, Holder, WriterLock, holder
+from .schema import u64
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"cdpfs-1"
+DEFAULT_BLOCK_SIZE = 128 * 1024
+MIN_MAP = 1 << 30
+DB_NAMES = (
+    b"meta", b"blocks", b"journal", b"timeidx",
+    b"inodes", b"dirents", b"extents", b"xattrs", b"orphans", b"packs",
+    b"bookmarks", b"replicas",  # used by time travel and replication
+)
+_CREATING = ".creating-"  # prefix of the directory a new store is made in
+_ALLOWED_BEFORE = {"tls", "cdpfs.log", "replica.log", LOCK_NAME}  # may predate the store
+
+
+class BlockCache:
+    """A small LRU of verified, decompressed blocks keyed by hash."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: bytes, data: bytes) -> None:
+        if key in self._items or len(data) > self.max_bytes // 4:
+            return
+        self._items[key] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old)
+
+
+def is_store(path: Path) -> bool:
+    return (path / "data.mdb").is_file()
+
+
+class Store:
+    """An open store: the LMDB environment, its named databases and the block cache.
+
+    Attributes:
+        path: the store directory.
+        env: the LMDB environment.
+        db: the named sub-databases by name (``db["inodes"]`` ...).
+        block_size: the logical block size fixed when the store was created.
+        readonly: opened without write access.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: no such store directory")
+        if not is_store(self.path):
+            raise StoreError(f"{self.path}: not a cdpfs store (run 'cdpfs init {self.path}')")
+        self.writer = WriterLock(self.path)
+        size = (self.path / "data.mdb").stat().st_size
+        self.env = self._open_env(max(MIN_MAP, _round_up(size * 2)))
+        try:
+            self.db = {name.decode(): self.env.open_db(name, create=not readonly)
+                       for name in DB_NAMES}
+        except lmdb.Error as exc:
+            self.env.close()
+            raise StoreError(f"{self.path}: store is damaged or of another version "
+                             f"(a table is missing: {exc})") from None
+        with self.env.begin() as txn:
+            fmt = txn.get(b"format", db=self.db["meta"])
+            if fmt != FORMAT:
+                self.env.close()
+                raise StoreError(f"{self.path}: unsupported store format {fmt!r} (want {FORMAT!r})")
+            self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
+            self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
+        self.cache = BlockCache()
+        self._active = 0  # transactions begun by txn() and not yet ended
+        self._cond = threading.Condition()
+        # The pack the writer is filling: in memory until sealed, which happens
+        # before every commit, so no committed extent ever points into it.
+        self.open_pack: tuple[int, bytearray] = (0, bytearray())
+
+    def _open_env(self, map_size: int) -> lmdb.Environment:
+        try:
+            return lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
+                readonly=self.readonly, max_readers=256, readahead=True,
+                metasync=True, sync=True, lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: cannot open store: {exc}") from exc
+
+    # --- creation ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, block_size: int = DEFAULT_BLOCK_SIZE,
+               volume_uuid: str | None = None) -> Store:
+        """Create the LMDB environment of a new store at ``path`` (missing or empty dir;
+        a TLS identity made beforehand may be there).
+
+        The volume inside is made by ``fs.mutate.init_volume``, which calls this; a
+        replica store takes the primary's ``volume_uuid``.
+        """
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p}: exists and is not a directory")
+        if p.is_dir() and is_store(p):
+            raise StoreError(f"{p}: is already a cdpfs store")
+        if p.is_dir() and any(e.name not in _ALLOWED_BEFORE and not e.name.startswith(_CREATING)
+                              for e in p.iterdir()):
+            raise StoreError(f"{p}: directory is not empty and is not a cdpfs store")
+        if block_size < 4096 or block_size & (block_size - 1):
+            raise StoreError(f"block size {block_size} must be a power of two >= 4096")
+        p.mkdir(parents=True, exist_ok=True)
+        for left in p.glob(_CREATING + "*"):  # from a creation cut short
+            shutil.rmtree(left)
+        # Made aside and moved in whole: a reader never sees a store without its tables.
+        tmp = Path(tempfile.mkdtemp(prefix=_CREATING, dir=p))
+        try:
+            env = lmdb.open(str(tmp), map_size=MIN_MAP, max_dbs=len(DB_NAMES) + 2)
+            try:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name, txn=txn) for name in DB_NAMES}
+                    meta = dbs[b"meta"]
+                    txn.put(b"format", FORMAT, db=meta)
+                    txn.put(b"uuid", (volume_uuid or str(uuid.uuid4())).encode(), db=meta)
+                    txn.put(b"block_size", str(block_size).encode(), db=meta)
+                    txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+            finally:
+                env.close()
+            os.rename(tmp / "data.mdb", p / "data.mdb")
+            system.fsync_dir(p)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(p)
+
+    # --- locking and map size -------------------------------------------------
+
+    def lock(self, owner: str) -> None:
+        """Take the exclusive writer lock, or say who holds it (StoreLocked)."""
+        self.writer.acquire(owner)
+
+    def holder(self) -> Holder | None:
+        """Who holds the writer lock now (None when nobody does)."""
+        return holder(self.path)
+
+    def unlock(self) -> None:
+        self.writer.release()
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def grow_if_needed(self, headroom: int) -> None:
+        """Double the map while less than ``headroom`` bytes are left (no txn open)."""
+        size = self.env.info()["map_size"]
+        new = size
+        while new - self.used_bytes() < headroom or self.used_bytes() > new * 0.6:
+            new *= 2
+        if new != size:
+            log.info("growing LMDB map of %s from %d to %d MiB", self.path, size >> 20, new >> 20)
+            with self._cond:  # LMDB: only while this process has no transaction open
+                self._cond.wait_for(lambda: self._active == 0)
+                self.env.set_mapsize(new)
+
+    @contextmanager
+    def txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:
+        """A transaction for tools and read-only mounts, which share the store with a
+        running mount: when that mount has grown the LMDB map, adopt the new size
+        (LMDB allows this only while this process has no transaction open, so
+        transactions begun here are counted) and retry. Commits on success."""
+        while True:
+            with self._cond:
+                self._active += 1
+            try:
+                txn = self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                with self._cond:
+                    self._active -= 1
+                    self._cond.wait_for(lambda: self._active == 0)
+                    self.env.set_mapsize(0)
+                    self._cond.notify_all()
+                continue
+            except BaseException:
+                self._end_txn()
+                raise
+            break
+        try:
+            with txn:
+                yield txn
+        finally:
+            self._end_txn()
+
+    def _end_txn(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def config(self, txn: lmdb.Transaction, name: str) -> Any:
+        """A setting stored in the meta table as JSON (None if unset)."""
+        raw = txn.get(b"config." + name.encode(), db=self.db["meta"])
+        return None if raw is None else json.loads(raw)
+
+    def set_config(self, txn: lmdb.Transaction, name: str, value: Any) -> None:
+        txn.put(b"config." + name.encode(), json.dumps(value).encode(), db=self.db["meta"])
+
+    def disk_free(self) -> int:
+        return system.disk_free(self.path)
+
+    def close(self) -> None:
+        self.env.close()
+        self.unlock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- blocks ----------------------------------------------------------------
+
+    def put_block(self, txn: lmdb.Transaction, data: bytes | memoryview,
+                  prepared: tuple[bytes, bytes] | None = None) -> tuple[bytes, int]:
+        """Store ``data`` once under its hash; return (hash, bytes newly stored).
+
+        ``prepared`` is (hash, stored form) when computed ahead (codec.prepare).
+        """
+        key = prepared[0] if prepared else codec.digest(data)
+        if txn.get(key, db=self.db["blocks"]) is not None:
+            return key, 0
+        stored = prepared[1] if prepared else codec.encode(data)
+        txn.put(key, stored, db=self.db["blocks"])
+        return key, len(stored)
+
+    def get_block(self, txn: lmdb.Transaction, key: bytes) -> bytes:
+        """The verified plaintext of block ``key``; Corrupt if it does not match."""
+        data = self.cache.get(key)
+        if data is not None:
+            return data
+        stored = txn.get(key, db=self.db["blocks"])
+        if stored is None:
+            raise Corrupt(key, f"block {key.hex()} is missing from the store")
+        data = codec.decode(stored, key)
+        self.cache.put(key, data)
+        return data
+
+    # --- packs: small writes side by side (see fs.mutate.Mutator._append_piece) -----
+
+    def put_pack(self, txn: lmdb.Transaction, pack: int, data: bytes | bytearray) -> int:
+        """Store a full or final pack, hashed and compressed; return bytes stored."""
+        value = codec.encode_pack(data)
+        txn.put(u64(pack), value, db=self.db["packs"])
+        return len(value)
+
+    def get_piece(self, txn: lmdb.Transaction, pack: int, off: int, length: int,
+                  digest: bytes) -> bytes:
+        """A small write kept in a pack, checked against its hash."""
+        if pack == self.open_pack[0]:
+            data: bytes | bytearray = self.open_pack[1]
+        else:
+            key = b"pack" + u64(pack)
+            cached = self.cache.get(key)
+            if cached is None:
+                stored = txn.get(u64(pack), db=self.db["packs"])
+                if stored is None:
+                    raise Corrupt(digest, f"pack {pack} is missing from the store")
+                cached = codec.decode_pack(stored, pack)
+                self.cache.put(key, cached)
+            data = cached
+        piece = bytes(data[off : off + length])
+        if codec.digest(piece) != digest:
+            raise Corrupt(digest, f"piece {digest.hex()} in pack {pack} is corrupt "
+                                       "(hash mismatch)")
+        return piece
+
+
+
+def _round_up(n: int) -> int:
+    size = MIN_MAP
+    while size < n:
+        size *= 2
+    return size

@@ -1,0 +1,155 @@
+"""What cdpfs asks of the operating system, in one place, so ``import cdpfs`` works anywhere.
+
+File locks, whether a process still runs, a process's groups, the coarse clock,
+free space, making a rename durable, and the open flags the filesystem layer
+reads. Linux is what cdpfs runs on today (and what the tests exercise); other
+systems get the nearest portable equivalent, so the library imports and its
+tools run there, and a front end for them (WinFsp) needs no change below it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+WINDOWS = sys.platform == "win32"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: msvcrt's locks instead
+    fcntl = None  # type: ignore[assignment]
+
+# Open flags as front ends pass them (Linux values where Python lacks the name).
+O_ACCMODE: int = getattr(os, "O_ACCMODE", 3)
+O_RDONLY: int = os.O_RDONLY
+O_TRUNC: int = os.O_TRUNC
+O_WAITS: int = (getattr(os, "O_DIRECT", 0) | getattr(os, "O_SYNC", 0)
+                | getattr(os, "O_DSYNC", 0))  # writes on such a handle are not written behind
+
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5 if sys.platform.startswith("linux") else None)
+
+
+def coarse_time_ns() -> int:
+    """The wall clock at the resolution the kernel stamps files with (Linux's coarse
+    clock), so a stored mtime never runs ahead of what the kernel showed."""
+    if _COARSE is not None and hasattr(time, "clock_gettime_ns"):
+        return time.clock_gettime_ns(_COARSE)
+    return time.time_ns()
+
+
+# --- file locks ------------------------------------------------------------------------
+
+
+def try_lock(fd: int, exclusive: bool = True) -> bool:
+    """Lock the open file ``fd`` without waiting; False when another process holds it.
+    The lock lasts until ``fd`` is closed."""
+    if fcntl is None:  # pragma: no cover
+        import msvcrt
+
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    if pid <= 0:
+        return False
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    if WINDOWS:  # pragma: no cover
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        try:
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        finally:
+            kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:  # other POSIX systems
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_groups(pid: int) -> frozenset[int]:
+    """The supplementary groups of process ``pid`` (empty where they cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
+
+
+# --- disks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStats:
+    """What statfs reports of the filesystem under a path (counts in ``frsize`` units)."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+
+
+def disk_stats(path: str | os.PathLike[str]) -> DiskStats:
+    if hasattr(os, "statvfs"):
+        st = os.statvfs(path)
+        return DiskStats(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
+                         st.f_files, st.f_ffree, st.f_favail)
+    usage = shutil.disk_usage(path)  # pragma: no cover - Windows
+    unit = 4096
+    return DiskStats(unit, unit, usage.total // unit, usage.free // unit, usage.free // unit,
+                     0, 0, 0)
+
+
+def disk_free(path: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem under ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or creation in directory ``path`` durable (a no-op where
+    directories cannot be synced)."""
+    if WINDOWS:  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

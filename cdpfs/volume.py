@@ -1,0 +1,400 @@
+"""The volume service: the one object that serves a store, for every front end and tool.
+
+A ``Volume`` puts a running volume together: it opens the store, takes the
+writer lock and checks the store's role, recovers what a crash left, starts the
+engine and the filesystem layers, keeps holds on the past points it shows, runs
+the periodic prune, ships to the registered replicas and makes fsync wait for the
+sync ones. It runs in a trio nursery: ``await nursery.start(volume.run)`` returns
+once it serves, and cancelling the nursery stops it, committing first.
+
+Modes (``Mode``):
+
+* ``live``: the volume read-write with its history (``cdpfs mount``);
+* ``snapshot``: one past point, read-only, held while served (``mount --at``);
+* ``follow``: the newest state of a store another process writes, read-only
+  (``mount --follow`` of a replica);
+* ``replica``: receive a primary's records (``cdpfs replica serve``), prune by the
+  replica's own policy, and ship on to the replicas registered here (a chain);
+* ``source``: read a store beside whoever serves it, to ship to one replica
+  (``cdpfs replicate``).
+
+Front ends call the request methods (``call`` for most, ``write``, ``flush``,
+``fsync``, ``fsyncdir``) with the functions of ``fs`` (a ``TimeFS``), catch the
+``cdpfs.errors`` classes and map them to their own codes. ``counters`` holds what
+a metrics endpoint reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .counters import Counters
+from .errors import CdpfsError, StoreError
+from .fs.engine import Engine, ReadEngine
+from .fs.timefs import TimeFS
+from .fs.vfs import FileSystem
+from .history import bookmarks
+from .history.points import resolve
+from .history.prune import Pruner, PruneResult, prune_store
+from .replication import registry
+from .replication.fanout import Connector, Fanout, tls_connector
+from .replication.receiver import ROLE_REPLICA, Receiver
+from .replication.registry import ReplicaState
+from .replication.sender import Connect, Sender
+from .store import journal
+from .store.lmdb import Store
+from .store.view import View
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRUNE_INTERVAL = 3600  # seconds, when config.prune_interval is unset
+# LMDB tells no process of another's commits (a bookmark or 'replica add' made by a
+# tool, records written by the mount 'cdpfs replicate' ships beside): one watcher
+# per volume looks at the environment's newest transaction id this often. Changes
+# made in this process wake what waits on them at once.
+WATCH_INTERVAL = 0.2
+
+
+class Mode(enum.Enum):
+    LIVE = "live"
+    SNAPSHOT = "snapshot"
+    FOLLOW = "follow"
+    REPLICA = "replica"
+    SOURCE = "source"
+
+
+class Volume:
+    """A store being served (see the module docstring).
+
+    Attributes:
+        path: the store directory.
+        mode: how it is served.
+        store: the open store (a replica's: None until its first primary made it).
+        fs: the filesystem front ends talk to (live, snapshot and follow modes).
+        seq: the point a snapshot shows.
+        counters: commits, queued bytes, shipped, applied, lag.
+        fanout: the senders to registered replicas (live and replica modes).
+        receiver: the receiving side (replica mode).
+    """
+
+    def __init__(self, path: str | Path, mode: Mode = Mode.LIVE, *, at: str | None = None,
+                 show_history: bool = True, kernel_mtime: bool = False, owner: str = "mount",
+                 listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
+                 connector: Connector = tls_connector,
+                 clock: Callable[[], int] | None = None) -> None:
+        if (mode is Mode.SNAPSHOT) != (at is not None):
+            raise ValueError("a snapshot volume, and only one, needs a moment")
+        if mode is Mode.REPLICA and (listen is None or server_ctx is None):
+            raise ValueError("a replica volume needs an address and a TLS context")
+        self.path = Path(path)
+        self.mode = mode
+        self.at = at
+        self.show_history = show_history
+        self.kernel_mtime = kernel_mtime
+        self.owner = owner
+        self.listen = listen
+        self.server_ctx = server_ctx
+        self.connector = connector
+        self.clock = clock
+        self.counters = Counters()
+        self.store: Store | None = None
+        self.fs: TimeFS | None = None
+        self.seq: int | None = None
+        self.engine: Engine | ReadEngine | None = None
+        self.live: FileSystem | None = None
+        self.fanout: Fanout | None = None
+        self.receiver: Receiver | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Volume] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        """Serve until cancelled; ``task_status.started(self)`` once serving."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            await self._open()
+            async with trio.open_nursery() as nursery:
+                await self._start_services(nursery)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+    async def _open(self) -> None:
+        if self.mode is Mode.REPLICA:
+            self.receiver = await trio.to_thread.run_sync(Receiver, self.path, self.counters)
+            self.store = self.receiver.store
+            return
+        self.store = store = await trio.to_thread.run_sync(Store, self.path)
+        if self.mode is Mode.LIVE:
+            await trio.to_thread.run_sync(self._lock_live, store)
+            engine = self.engine = Engine(store, counters=self.counters)
+            fs = self.live = FileSystem(store, engine, kernel_mtime=self.kernel_mtime,
+                                        **self._clocked())
+            await trio.to_thread.run_sync(engine.start)
+            await engine.call(fs.recover, durable=True)
+            self.fs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
+                             show_history=self.show_history, on_slot=self._hold,
+                             **self._clocked())
+            self.fanout = await trio.to_thread.run_sync(
+                lambda: Fanout(store, self.counters, self.connector))
+            token = self._token
+            assert token is not None
+            fanout = self.fanout
+
+            def committed() -> None:  # on the store thread
+                try:
+                    token.run_sync_soon(fanout.committed)
+                except trio.RunFinishedError:
+                    pass
+
+            engine.after_commit(committed)
+        elif self.mode in (Mode.SNAPSHOT, Mode.FOLLOW):
+            if self.mode is Mode.SNAPSHOT:
+                self.seq = await trio.to_thread.run_sync(self._hold_snapshot, store)
+            reader = self.engine = ReadEngine(store)
+            self.fs = TimeFS(store, lambda s: View(store, reader.txn, s), base_seq=self.seq,
+                             follow=self.mode is Mode.FOLLOW, show_history=self.show_history,
+                             **self._clocked())
+
+    def _clocked(self) -> dict[str, Callable[[], int]]:
+        """The clock option of the layers below: a fake clock a test gave, or their own."""
+        return {} if self.clock is None else {"clock": self.clock}
+
+    def _now(self) -> int | None:
+        return None if self.clock is None else self.clock()
+
+    def _lock_live(self, store: Store) -> None:
+        store.lock(self.owner)
+        with store.txn() as txn:
+            if store.config(txn, "role") == ROLE_REPLICA:
+                raise StoreError(f"{store.path} is a replica: mount it with --follow or --at "
+                                 "to read it (writing would part its history from the "
+                                 "primary's; failover is not built yet)")
+
+    def _hold_snapshot(self, store: Store) -> int:
+        assert self.at is not None
+        with store.txn(write=True) as txn:
+            seq = resolve(store, txn, self.at, self._now()).seq
+
+            bookmarks.hold(txn, store.db, "snapshot", seq)
+        return seq
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        if self.mode is Mode.LIVE:
+            assert self.fanout is not None and self.store is not None
+            await nursery.start(self.fanout.run)
+            nursery.start_soon(self._prune_loop)
+            nursery.start_soon(self._watch, self.store)
+        elif self.mode is Mode.REPLICA:
+            assert self.receiver is not None and self.listen and self.server_ctx
+            await nursery.start(self.receiver.listen, self.listen, self.server_ctx)
+            nursery.start_soon(self._replica_services, nursery)
+
+    async def _replica_services(self, nursery: trio.Nursery) -> None:
+        """Once the replica store exists: its prune, and shipping on (a chain)."""
+        receiver = self.receiver
+        assert receiver is not None
+        await receiver.store_ready.wait()
+        store = self.store = receiver.store
+        assert store is not None
+        fanout = self.fanout = await trio.to_thread.run_sync(
+            lambda: Fanout(store, self.counters, self.connector))
+        receiver.on_applied = fanout.committed
+        await nursery.start(fanout.run)
+        nursery.start_soon(self._prune_loop)
+        nursery.start_soon(self._watch, store)
+
+    async def _close(self) -> None:
+        if isinstance(self.engine, Engine):
+            engine = self.engine
+            try:
+                if self.live is not None and self.live.mutator is not None:
+                    await engine.call(self._drop_holds)
+            finally:
+                await trio.to_thread.run_sync(engine.stop)
+            log.info("%s: %d commits", self.path, self.counters.commits)
+        if self.seq is not None and self.store is not None:
+            store = self.store
+
+            def release() -> None:
+                with store.txn(write=True) as txn:
+                    bookmarks.release(txn, store.db, "snapshot")
+
+            await trio.to_thread.run_sync(release)
+        if self.receiver is not None:
+            self.receiver.close()
+        elif self.store is not None:
+            self.store.close()
+
+    # --- history holds (live mode: on the store thread) --------------------------------
+
+    def _hold(self, slot: int, seq: int | None) -> None:
+        """Keep a hold on each past point the volume shows (``TimeFS``'s on_slot)."""
+        assert self.live is not None and self.store is not None
+        txn = self.live.m.txn
+        if seq is None:
+            bookmarks.release(txn, self.store.db, f"slot{slot}")
+        else:
+            bookmarks.hold(txn, self.store.db, f"slot{slot}", seq)
+        self.live.engine.note_dirty(64)
+
+    def _drop_holds(self) -> None:
+        assert self.live is not None and self.store is not None
+        if bookmarks.release_all(self.live.m.txn, self.store.db):
+            self.live.engine.note_dirty(64)
+
+    # --- background work ---------------------------------------------------------------
+
+    async def _prune_loop(self) -> None:
+        """Apply the retention policy every ``config.prune_interval``: in small steps on
+        the store thread of a live volume, between requests; in transactions of its
+        own on a replica."""
+        store = self.store
+        assert store is not None
+        while True:
+            every = await trio.to_thread.run_sync(self._config, store, "prune_interval")
+            await trio.sleep(max(1, DEFAULT_PRUNE_INTERVAL if every is None else every))
+            try:
+                if isinstance(self.engine, Engine):
+                    result = await self._prune_live(self.engine, store)
+                elif self.receiver is not None and (
+                        await trio.to_thread.run_sync(self.receiver.position))[1]:
+                    continue  # a full resync under way
+                else:
+                    result = await trio.to_thread.run_sync(prune, store, self._now())
+                log.info("pruned: %d versions, %d records, %d blocks, %d packs, %.1f MiB "
+                         "freed in %.1fs", result.versions, result.records, result.blocks,
+                         result.packs, result.bytes_freed / 2**20, result.seconds)
+            except CdpfsError as exc:
+                log.error("prune of %s failed: %s", store.path, exc)
+            except Exception:
+                log.exception("periodic prune failed")
+
+    async def _prune_live(self, engine: Engine, store: Store) -> PruneResult:
+        def start() -> Pruner:
+            txn = engine.ensure_txn()
+            return Pruner(store, txn, keep_after=registry.needed_after(store, txn),
+                          now_ns=self._now())
+
+        def step(pruner: Pruner) -> bool:
+            done = pruner.step(engine.ensure_txn())
+            engine.note_dirty(4096)
+            return done
+
+        pruner = await engine.call(start)
+        while not await engine.call(step, pruner):
+            await trio.sleep(0)
+        return pruner.result
+
+    @staticmethod
+    def _config(store: Store, name: str) -> Any:
+        with store.txn() as txn:
+            return store.config(txn, name)
+
+    async def _watch(self, store: Store, *on_change: Callable[[], None]) -> None:
+        """Wake what depends on other processes' writes when the store changed
+        (see WATCH_INTERVAL): the registry, bookmarks, the journal."""
+        seen = store.env.info()["last_txnid"]
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = store.env.info()["last_txnid"]
+            if now == seen:
+                continue
+            seen = now
+            if self.fanout is not None:
+                await self.fanout.rediscover()
+                self.fanout.committed()
+            for fn in on_change:
+                fn()
+
+    # --- requests (front ends) ---------------------------------------------------------
+
+    def _engine(self) -> Engine | ReadEngine:
+        if self.engine is None:
+            raise CdpfsError(f"{self.path}: not served as a filesystem ({self.mode.value})")
+        return self.engine
+
+    async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
+        """Run ``fn(*args)`` (a method of ``fs``) where the volume's state is valid: the
+        store thread of a live volume, a reader thread of a read-only one. With
+        ``durable``, return after everything before it is committed."""
+        return await self._engine().call(fn, *args, durable=durable)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        """Write ``data`` at ``off`` of the open file ``fh``: hashing and compression start
+        at once on the codec threads; an ordinary write is acknowledged once queued
+        (write-behind, its failure reported by the next fsync or close)."""
+        fs = self.fs
+        assert fs is not None
+        prepared = fs.prepare_write(off, data)
+        if fs.may_write_behind(fh):
+            await self._engine().post(fs.write_behind, fh, off, data, prepared,
+                                      nbytes=len(data))
+            return len(data)
+        return int(await self.call(fs.write, fh, off, data, prepared))
+
+    async def flush(self, fh: int) -> None:
+        """A close of ``fh``: report a failed write-behind of its file, if any."""
+        fs = self.fs
+        assert fs is not None
+        if self._engine().posted or fs.write_errors:
+            await self.call(fs.check_write_errors, fh)
+
+    async def fsync(self, fh: int) -> None:
+        """Everything written before is durable (and on the sync replicas) on return."""
+        assert self.fs is not None
+        seq = await self.call(self.fs.fsync, fh, durable=True)
+        if self.fanout is not None:
+            await self.fanout.synced(seq)
+
+    async def fsyncdir(self) -> None:
+        assert self.fs is not None
+        seq = await self.call(self.fs.sync, durable=True)
+        if self.fanout is not None:
+            await self.fanout.synced(seq)
+
+    # --- shipping (source mode) ----------------------------------------------------------
+
+    async def ship(self, name: str, address: str, connect: Connect, *, follow: bool = False,
+                   attempts: int = 0,
+                   on_batch: Callable[[ReplicaState], None] | None = None) -> Sender:
+        """Ship to replica ``name`` until it has everything (``follow``: until
+        cancelled); the sender, with its final state."""
+        store = self.store
+        assert store is not None
+        sender = await trio.to_thread.run_sync(
+            lambda: Sender(store, name, address, connect, self.counters))
+        sender.on_batch = on_batch
+        async with trio.open_nursery() as nursery:
+            if follow:
+                nursery.start_soon(self._watch, store, sender.poke)
+            await sender.run(follow, attempts)
+            nursery.cancel_scope.cancel()
+        return sender
+
+    def lag(self) -> dict[str, int]:
+        """Records each replica is behind this volume's newest committed record."""
+        if self.fanout is None or self.store is None:
+            return {}
+        with self.store.txn() as txn:
+            newest = journal.last(txn, self.store.db)[0]
+        self.counters.lag = self.fanout.lag(newest)
+        return self.counters.lag
+
+
+def prune(store: Store, now_ns: int | None = None) -> PruneResult:
+    """Prune ``store`` by its retention policy beside whatever serves it, keeping
+    the journal its replicas still need (``cdpfs prune``, a replica's own prune)."""
+    with store.txn() as txn:
+        keep_after = registry.needed_after(store, txn)
+    return prune_store(store, keep_after=keep_after, now_ns=now_ns)
