@@ -1,16 +1,29 @@
-"""Test helpers that build real instances: a store, a mounted volume.
+"""The process-level harness of the tests and the benchmarks: real CLI, real mounts,
+real replica servers, a real TCP proxy.
 
-Every mount made here is unmounted in teardown, also when the test fails.
+``Volume`` is a store and its mount point driven through the ``cdpfs`` command;
+``ReplicaServer`` a ``cdpfs replica serve`` child process; ``Proxy`` a TCP relay
+that counts, records, damages or drops what crosses it. The benchmarks beside
+it import it, and so do the tests (pytest puts bench/ on the path): one harness
+for both. Every mount and
+process made here is cleaned up by its ``cleanup``/``kill``/``close``, which the
+tests' fixtures call in teardown, also when a test fails. In-process helpers
+(no root, no FUSE) are in ``cdpfs.testing``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cdpfs.mount.control import find_mount, holder_pid
@@ -18,16 +31,61 @@ from cdpfs.mount.control import find_mount, holder_pid
 # The installed console script, beside the interpreter running the tests (not
 # ``python -m``, which would put the checkout's cdpfs/ ahead of the installed package).
 CLI = [str(Path(sys.executable).parent / "cdpfs")]
+LOG_BAD = (" ERROR ", " CRITICAL ", "Traceback")  # log lines that mean something broke
+RESUMING = re.compile(r"\) connected; resuming after #(\d+)")
+_CAP_SYS_ADMIN, _CAP_NET_ADMIN = 21, 12
+_FUSE_DEV = (10, 229)  # major, minor of /dev/fuse
+
+
+class HarnessError(AssertionError):
+    """A command or process of the harness failed (a test failure; the benchmarks
+    report it as theirs)."""
+
+
+def _capable(cap: int) -> bool:
+    """Whether this process holds capability ``cap`` in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return False
+
+
+def privileged() -> bool:
+    """Whether this process has root's powers over files (chown, mknod, chattr,
+    bypassing permissions), not only uid 0."""
+    return os.geteuid() == 0 and all(_capable(c) for c in (0, 1, 3, 9, 27))
+
+
+def can_mount() -> bool:
+
+    """Whether FUSE mounts can be made here: the real /dev/fuse and CAP_SYS_ADMIN."""
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
+        return False
+    return (stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == _FUSE_DEV
+            and _capable(_CAP_SYS_ADMIN))
+
+
+def can_make_netns() -> bool:
+    """Whether network namespaces can be made here (CAP_NET_ADMIN and ``ip``)."""
+    return _capable(_CAP_NET_ADMIN) and _capable(_CAP_SYS_ADMIN) and any(
+        os.access(Path(d) / "ip", os.X_OK) for d in os.environ.get("PATH", "").split(":"))
 
 
 def cdpfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 300,
           **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run the real ``cdpfs`` command line."""
+    """Run the real ``cdpfs`` command line (HarnessError if ``check`` and it fails)."""
     proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kw)  # type: ignore[call-overload]
     if check and proc.returncode != 0:
-        raise AssertionError(f"cdpfs {' '.join(map(str, args))} failed "
-                             f"({proc.returncode}): {proc.stderr.strip()}")
+        said = "\n".join(s for s in (proc.stdout.strip(), proc.stderr.strip()) if s)
+        raise HarnessError(f"cdpfs {' '.join(map(str, args))} failed ({proc.returncode}): "
+                           f"{said}")
     return proc
 
 
@@ -38,21 +96,34 @@ def live_names(root: Path) -> list[str]:
 
 def settle(mnt: Path) -> None:
     """Make the mount commit everything it has applied (an fsync of its root)."""
-    fd = os.open(mnt, os.O_RDONLY)
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def last_seq(vol: Volume) -> int:
-    """The newest journal sequence number of a mounted volume, read through the library."""
-    from cdpfs import journal
-    from cdpfs.store import Store
+def store_seq(store: Path) -> int:
+    """The newest committed record of a store (0 if it does not exist yet), read
+    from outside the process writing it."""
+    from cdpfs.errors import StoreError
+    from cdpfs.store import journal
+    from cdpfs.store.lmdb import Store
 
-    settle(vol.mnt)
-    with Store(vol.store, readonly=True) as st, st.txn() as txn:
+    if not (store / "data.mdb").exists():
+        return 0
+    try:
+        st = Store(store, readonly=True)
+    except StoreError:  # a replica store being created right now: nothing in it yet
+        return 0
+    with st, st.txn() as txn:
         return journal.last(txn, st.db)[0]
+
+
+def last_seq(vol: Volume) -> int:
+    """The newest journal sequence number of a mounted volume."""
+    settle(vol.mnt)
+    return store_seq(vol.store)
 
 
 def pair_stores(upstream: Path, downstream: Path, down: str = "r1",
@@ -66,28 +137,12 @@ def pair_stores(upstream: Path, downstream: Path, down: str = "r1",
     cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up)
 
 
-def store_seq(store: Path) -> int:
-    """The newest committed record of a store (0 if it does not exist yet), read
-    from outside the process writing it."""
-    from cdpfs import journal
-    from cdpfs.errors import StoreError
-    from cdpfs.store import Store
-
-    if not (store / "data.mdb").exists():
-        return 0
-    try:
-        st = Store(store, readonly=True)
-    except StoreError:  # a replica store being created right now: nothing in it yet
-        return 0
-    with st, st.txn() as txn:
-        return journal.last(txn, st.db)[0]
-
-
-def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_until(cond: Callable[[], object], timeout: float = 30.0,
+               what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise HarnessError(f"timed out waiting for {what}")
         time.sleep(0.02)
 
 
@@ -98,40 +153,235 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
+                 timeout: float = 30.0) -> int | None:
+    """Stop ``proc`` with ``sig``, then SIGKILL if it has not gone after ``timeout``;
+    its exit status (None if it never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
+def log_problems(logfile: Path) -> list[str]:
+    """The lines of a log that say something broke (errors, tracebacks)."""
+    if not logfile.exists():
+        return []
+    return [line for line in logfile.read_text(errors="replace").splitlines()
+            if any(bad in line for bad in LOG_BAD)]
+
+
+class Procs:
+    """Every ``cdpfs`` process a test starts in the background; all killed by
+    ``kill_all`` (the fixture's teardown)."""
+
+    def __init__(self) -> None:
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str | os.PathLike[str]], log: Path) -> subprocess.Popen[bytes]:
+        """``cdpfs ARGS`` with stdout and stderr appended to ``log``."""
+        with open(log, "ab") as err:
+            proc = subprocess.Popen([*CLI, *map(str, args)], stdin=subprocess.DEVNULL,
+                                    stdout=err, stderr=err)
+        self.all.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.all:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+
 class ReplicaServer:
     """``cdpfs replica serve STORE --listen 127.0.0.1:PORT`` as a child process, its
-    stderr collected in ``log``; ``start()`` after ``kill()`` restarts it on the same
-    address. Kill it in the test's teardown."""
+    output collected in ``log`` across restarts; ``start()`` after ``kill()``
+    restarts it on the same address. Stop or kill it in teardown.
 
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
-        self.address = f"127.0.0.1:{free_port()}"
+    Attributes:
+        store: the replica store (created by the first primary that connects).
+        port, address: where it listens.
+        log: its stdout and stderr.
+    """
+
+    def __init__(self, store: Path, log: Path | None = None, port: int | None = None,
+                 procs: Procs | None = None) -> None:
+        self.store = store
+        self.log = log or store.parent / f"{store.name}.serve.log"
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs = procs or Procs()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def start(self) -> ReplicaServer:
+    def resumed(self) -> list[int]:
+        """The position of every accepted primary, in order (``resuming after #N``)."""
+        return [int(n) for n in RESUMING.findall(self.text())]
+
+    def start(self, timeout: float = 30.0) -> ReplicaServer:
+        """Start it and wait until it listens (it logs so: no probe connection)."""
         before = self.text().count(" listening on ")
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen([*CLI, "replica", "serve", str(self.store),
-                                          "--listen", self.address], stderr=err)
+        self.proc = self.procs.start(["replica", "serve", self.store, "--listen", self.address],
+                                     self.log)
 
         def listening() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"replica server exited ({self.proc.returncode}):\n"
-                                     + self.text()[-3000:])
+                raise HarnessError(f"replica server exited ({self.proc.returncode}):\n"
+                                   + self.text()[-3000:])
             return self.text().count(" listening on ") > before
 
-        wait_until(listening, what="the replica server to listen")
+        wait_until(listening, timeout=timeout, what="the replica server to listen")
         return self
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGKILL)
+
+    def stop(self) -> int | None:
+        """SIGTERM (SIGKILL if it does not go); its exit status."""
+        rc = stop_process(self.proc)
+        self.proc = None
+        return rc
+
+    def problems(self) -> list[str]:
+        return log_problems(self.log)
+
+
+class Proxy:
+    """A TCP relay from 127.0.0.1:``port`` to 127.0.0.1:``upstream``.
+
+    ``up``/``down``: bytes from clients to the upstream and back; ``connections``:
+    how many were relayed; ``recorded`` (with ``record``): what each client sent;
+    ``arm(n)``: flip one byte of the client-to-upstream stream once, ``n`` bytes
+    into a connection; ``drop()``: cut every open connection; ``paused``: cut every
+    new connection at once (the link is down); ``live()``: connections still open.
+    """
+
+    def __init__(self, upstream: int, record: bool = False) -> None:
+        self.upstream = upstream
+        self.record = record
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.up = self.down = self.connections = 0
+        self.flip_at: int | None = None
+        self.flipped = 0
+        self.paused = False
+        self.recorded: list[bytearray] = []
+        self._open: list[socket.socket] = []
+        self._links: list[list[bool]] = []  # per connection: [still open]
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._start(self._accept)
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    @property
+    def total(self) -> int:
+        with self.lock:
+            return self.up + self.down
+
+    def live(self) -> int:
+        with self.lock:
+            return sum(link[0] for link in self._links)
+
+    def arm(self, n: int) -> None:
+        with self.lock:
+            self.flip_at = n
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.paused:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            record = bytearray() if self.record else None
+            link = [True]
+            with self.lock:
+                self.connections += 1
+                if record is not None:
+                    self.recorded.append(record)
+                self._open += [client, server]
+                self._links.append(link)
+            self._start(self._pump, client, server, link, True, record)
+            self._start(self._pump, server, client, link, False, None)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, link: list[bool], up: bool,
+              record: bytearray | None) -> None:
+        count = 0
+        try:
+            while data := src.recv(1 << 16):
+                if up:
+                    if record is not None:
+                        record += data
+                    with self.lock:
+                        if self.flip_at is not None and count + len(data) > self.flip_at:
+                            damaged = bytearray(data)
+                            damaged[self.flip_at - count] ^= 0x10
+                            data = bytes(damaged)
+                            self.flip_at = None
+                            self.flipped += 1
+                    count += len(data)
+                dst.sendall(data)
+                with self.lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+        except OSError:
+            pass
+        finally:
+            link[0] = False
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def drop(self) -> None:
+        with self.lock:
+            socks, self._open = self._open, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.drop()
+        for t in self._threads:
+            t.join(2)
+        with self.lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.close()
 
 
 def force_unmount(mnt: Path) -> None:
@@ -140,10 +390,8 @@ def force_unmount(mnt: Path) -> None:
     if store is not None:
         pid = holder_pid(store)
         if pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     if os.path.ismount(mnt) or find_mount(mnt) is not None:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False,
                        capture_output=True)
@@ -168,16 +416,26 @@ class Volume:
 
     def mount(self, *args: str) -> Volume:
         cdpfs("mount", self.store, self.mnt, *args)
-        assert os.path.ismount(self.mnt)
+        if not os.path.ismount(self.mnt):
+            raise HarnessError(f"{self.mnt}: not mounted after cdpfs mount")
         return self
 
     def umount(self) -> None:
         cdpfs("umount", self.mnt)
-        assert not os.path.ismount(self.mnt)
+        if os.path.ismount(self.mnt):
+            raise HarnessError(f"{self.mnt}: still mounted after cdpfs umount")
 
     def remount(self) -> None:
         self.umount()
         self.mount()
+
+    def sync(self) -> None:
+        """Make the mount commit everything it has applied."""
+        settle(self.mnt)
+
+    def last_seq(self) -> int:
+        """The newest committed journal seq (``sync`` first while mounted)."""
+        return store_seq(self.store)
 
     @property
     def pid(self) -> int:
@@ -196,5 +454,11 @@ class Volume:
         proc = cdpfs("verify", self.store, check=False)
         assert proc.returncode == 0, f"verify found problems:\n{proc.stdout}{proc.stderr}"
 
+    def problems(self) -> list[str]:
+        """What the mount's log says broke."""
+        return log_problems(self.store / "cdpfs.log")
+
     def cleanup(self) -> None:
+        """Last resort: leaves nothing mounted (kills the mount process if need be)."""
         force_unmount(self.mnt)
+

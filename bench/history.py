@@ -44,9 +44,7 @@ import platform
 import random
 import re
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -55,13 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from cdpfs.mount.control import find_mount, holder_pid
+import harness
 from run import (
     MB,
     STDLIB,
     BenchError,
     MiB,
-    cdpfs_command,
     drop_caches,
     fmt,
     fs_type,
@@ -75,8 +72,7 @@ from run import (
 )
 from run import Figure as Row  # one row of the figures table
 
-from cdpfs import journal
-from cdpfs.store import Store
+from cdpfs.store.lmdb import Store
 
 log = logging.getLogger("history")
 
@@ -84,7 +80,6 @@ BLOCK = 128 * 1024  # cdpfs block size (checked against each store)
 IO = MiB  # read and write request size
 PAGE = 4096
 STAMP = 16  # bytes of stamp at the head of each 4 KiB of text
-LOG_BAD = (" ERROR ", " CRITICAL ", "Traceback")
 
 
 # --- configuration -----------------------------------------------------------------------
@@ -143,53 +138,36 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 # --- volumes -----------------------------------------------------------------------------
 
-CDPFS = cdpfs_command()
 
 
 def cli(*args: str | os.PathLike[str], timeout: float = 1800) -> str:
     """Run the real ``cdpfs`` command; its stdout (BenchError on failure)."""
-    proc = subprocess.run([CDPFS, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        said = "\n".join(s for s in (proc.stdout.strip(), proc.stderr.strip()) if s)
-        raise BenchError(f"cdpfs {' '.join(map(str, args))} failed ({proc.returncode}): "
-                         f"{said}")
-    return proc.stdout
+    return harness.cdpfs(*args, timeout=timeout).stdout
 
 
-class Volume:
-    """A store and its mount point, driven through the CLI.
+class Volume(harness.Volume):
+    """The harness's volume, with what the benchmarks add: readahead, cold mounts,
+    space figures and named log problems.
 
     Attributes:
-        store: the store directory.
-        mnt: the mount point.
         readahead_kb: the mount's readahead once the daemon widened it.
     """
 
     def __init__(self, work: Path, name: str) -> None:
-        self.store = work / f"{name}.store"
-        self.mnt = work / f"{name}.mnt"
-        self.mnt.mkdir()
+        super().__init__(work, name)
         self.readahead_kb: int | None = None
-        self.checked = False  # its log was read for errors
 
-    def init(self) -> Volume:
-        cli("init", self.store)
+    def init(self, *args: str) -> Volume:
+        super().init(*args)
         with Store(self.store, readonly=True) as s:
             if s.block_size != BLOCK:
                 raise BenchError(f"store block size {s.block_size}, the bench assumes {BLOCK}")
         return self
 
-    def mount(self) -> None:
-        cli("mount", self.store, self.mnt)
-        if not is_mounted(self.mnt):
-            raise BenchError(f"{self.mnt}: not mounted after cdpfs mount")
+    def mount(self, *args: str) -> Volume:
+        super().mount(*args)
         self.readahead_kb = settle_readahead(self.mnt)
-
-    def umount(self) -> None:
-        cli("umount", self.mnt)
-        if is_mounted(self.mnt):
-            raise BenchError(f"{self.mnt}: still mounted after cdpfs umount")
+        return self
 
     def cold(self) -> None:
         """Unmount (flushes and forgets every kernel cache of the mount), drop the
@@ -199,19 +177,6 @@ class Volume:
         if not drop_caches():
             raise BenchError("cannot drop the page cache: run as root")
         self.mount()
-
-    def sync(self) -> None:
-        """Make the mount commit everything it has applied."""
-        fd = os.open(self.mnt, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def last_seq(self) -> int:
-        """The newest journal seq (call ``sync`` first while mounted)."""
-        with Store(self.store, readonly=True) as s, s.txn() as txn:
-            return journal.last(txn, s.db)[0]
 
     def stat(self) -> dict[str, float]:
         """``cdpfs stat STORE``, in bytes: stored, store file, live stored, history."""
@@ -229,30 +194,16 @@ class Volume:
                 "history": mib(r"history\s+([\d,.]+) MiB stored")}
 
     def log_problems(self) -> list[str]:
-        """Errors and tracebacks the mount logged (once per volume)."""
-        logfile = self.store / "cdpfs.log"
-        if self.checked or not logfile.exists():
-            return []
-        self.checked = True
-        return [f"{self.store.name}/cdpfs.log: {line}"
-                for line in logfile.read_text(errors="replace").splitlines()
-                if any(bad in line for bad in LOG_BAD)]
+        """Errors and tracebacks the mount logged."""
+        return [f"{self.store.name}/cdpfs.log: {line}" for line in self.problems()]
 
     def cleanup(self) -> None:
         """Last resort: never raises, leaves nothing mounted."""
         with contextlib.suppress(Exception):
             if is_mounted(self.mnt):
-                subprocess.run([CDPFS, "umount", str(self.mnt)], timeout=300,
-                               capture_output=True, check=False)
+                self.umount()
         with contextlib.suppress(Exception):
-            if is_mounted(self.mnt):
-                store = find_mount(self.mnt)
-                pid = holder_pid(store) if store is not None else None
-                if pid:
-                    log.warning("killing mount process %d", pid)
-                    os.kill(pid, signal.SIGKILL)
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False,
-                               capture_output=True)
+            super().cleanup()
 
 
 def moment_name(ns: int) -> str:
@@ -696,8 +647,8 @@ class Bench:
         read_file(path, len(digests) * BLOCK, block_checker(path, digests))
         vol.umount()
         self.notes.append("4: after the prune the live file reads back right")
-        proc, verify_s = timed(lambda: subprocess.run(
-            [CDPFS, "verify", str(vol.store)], capture_output=True, text=True, timeout=3600))
+        proc, verify_s = timed(lambda: harness.cdpfs("verify", vol.store, check=False,
+                                                     timeout=3600))
         if proc.returncode == 0:
             self.notes.append(f"4: cdpfs verify after the prune: ok ({verify_s:.1f} s)")
         else:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+
 from cdpfs.mount import fuse as cdpfs_fuse
 from cdpfs.mount import runner as cdpfs_runner
 

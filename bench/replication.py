@@ -62,7 +62,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,8 +70,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+import harness
+from harness import Proxy
 from history import Volume, cli
 from run import (
     MB,
@@ -91,9 +92,9 @@ from run import (
 )
 from run import Figure as Row  # one row of the figures table
 
-from cdpfs import journal
-from cdpfs.replicas import ReplicaState, load_states
-from cdpfs.store import Store
+from cdpfs.replication.registry import ReplicaState, load_states
+from cdpfs.store import journal
+from cdpfs.store.lmdb import Store
 
 log = logging.getLogger("replication")
 
@@ -146,13 +147,6 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 # --- processes and sockets ---------------------------------------------------------------
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listening(port: int) -> bool:
     """Whether something listens on TCP ``port`` (read from /proc: no probe connection,
     which a TLS server would log as a refused handshake)."""
@@ -179,150 +173,28 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str,
 
 def stop_process(proc: subprocess.Popen[bytes] | None, what: str) -> int | None:
     """SIGTERM, then SIGKILL after 30 s; the exit status (None if never started)."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignores SIGTERM: killing it", what, proc.pid)
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    rc = harness.stop_process(proc)
+    if proc is not None and rc not in (0, -signal.SIGTERM):
+        log.warning("%s (pid %d) exited %s", what, proc.pid, rc)
+    return rc
 
 
-class ReplicaServer:
-    """``cdpfs replica serve STORE --listen 127.0.0.1:PORT`` in the foreground, as a child.
+class ReplicaServer(harness.ReplicaServer):
+    """The harness's replica server; its problems are reported with its log's name
+    and an exit status other than 0 on SIGTERM."""
 
-    Attributes:
-        store: the replica store (created by the first primary that connects).
-        port: where it listens.
-        logfile: its stdout and stderr, appended across restarts.
-    """
+    def __init__(self, store: Path) -> None:
+        super().__init__(store, store.with_suffix(".serve.log"))
+        self.exits: list[str] = []
 
-    def __init__(self, store: Path, port: int) -> None:
-        self.store = store
-        self.port = port
-        self.logfile = store.with_suffix(".serve.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._out: BinaryIO | None = None
-        self.problems: list[str] = []
-        self.checked = False  # its log was read for errors
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> float:
-        """Start and wait until it listens; seconds that took."""
-        t0 = time.monotonic()
-        self._out = open(self.logfile, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [CDPFS, "replica", "serve", str(self.store), "--listen", self.address],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_listening(self.proc, self.port, f"cdpfs replica serve {self.store.name}")
-        return time.monotonic() - t0
-
-    def stop(self) -> None:
-        rc = stop_process(self.proc, f"replica server {self.store.name}")
+    def stop(self) -> int | None:
+        rc = super().stop()
         if rc not in (None, 0):
-            self.problems.append(f"cdpfs replica serve {self.store.name} exited {rc} on SIGTERM")
-        self.proc = None
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+            self.exits.append(f"cdpfs replica serve {self.store.name} exited {rc} on SIGTERM")
+        return rc
 
     def log_problems(self) -> list[str]:
-        """Errors it logged or exit statuses it gave (once per server)."""
-        if self.checked:
-            return []
-        self.checked = True
-        if not self.logfile.exists():
-            return list(self.problems)
-        return self.problems + [f"{self.logfile.name}: {line}"
-                                for line in self.logfile.read_text(errors="replace").splitlines()
-                                if any(bad in line for bad in LOG_BAD)]
-
-
-class CountingProxy:
-    """A TCP relay 127.0.0.1:port -> 127.0.0.1:target counting the bytes each way.
-
-    Attributes:
-        port: where it accepts.
-        up: bytes from clients to the target; down: bytes back.
-    """
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.up = 0
-        self.down = 0
-        self.connections = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, name="proxy", daemon=True)
-        self._accepter.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self.connections += 1
-                self._socks += [client, server]
-            for src, dst, up in ((client, server, True), (server, client, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-                with self._lock:
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    @property
-    def total(self) -> int:
-        with self._lock:
-            return self.up + self.down
-
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        self._accepter.join(2)
-        for t in self._threads:
-            t.join(2)
-        with self._lock:
-            for s in self._socks:
-                with contextlib.suppress(OSError):
-                    s.close()
+        return self.exits + [f"{self.log.name}: {line}" for line in self.problems()]
 
 
 # --- the primary's view of its replica ---------------------------------------------------
@@ -637,7 +509,7 @@ class Bench:
     def replica_of(self, vol: Volume, name: str) -> ReplicaServer:
         """A future replica of ``vol``: its identity, trusted both ways; not started."""
         rstore = self.work / f"{name}.store"
-        server = ReplicaServer(rstore, free_port())
+        server = ReplicaServer(rstore)
         self.servers.append(server)
         cli("replica", "keygen", rstore, "--name", name)
         cli("replica", "trust", vol.store, rstore / "tls" / "node.crt", "--name", name)
@@ -759,7 +631,7 @@ class Bench:
         p.server.start()
         with Store(p.vol.store, readonly=True) as st:
             before = next(s for s in load_states(st) if s.name == p.name)
-        proxy = CountingProxy(p.server.port)
+        proxy = Proxy(p.server.port)
         self.closers.append(proxy.close)
         t0 = time.monotonic()
         out = cli("replicate", p.vol.store, "--to", f"127.0.0.1:{proxy.port}", "--name",
@@ -800,7 +672,7 @@ class Bench:
         exe = shutil.which("rsync")
         if exe is None:
             raise BenchError("rsync is not installed")
-        port = free_port()
+        port = harness.free_port()
         conf = self.work / "rsyncd.conf"
         conf.write_text(f"pid file = {self.work / 'rsyncd.pid'}\nuse chroot = no\n"
                         f"log file = {self.work / 'rsyncd.log'}\n"
@@ -810,7 +682,7 @@ class Bench:
                                    f"--port={port}", "--address=127.0.0.1"],
                                   stdin=subprocess.DEVNULL)
         self.closers.append(lambda: stop_process(daemon, "rsync daemon"))
-        proxy = CountingProxy(port)
+        proxy = Proxy(port)
         self.closers.append(proxy.close)
         try:
             wait_listening(daemon, port, "rsync --daemon")

@@ -50,8 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdpfs import codec
-from cdpfs.store import Store
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the harness
+from harness import HarnessError, Volume, settle  # one harness for the tests and benchmarks
+
+from cdpfs.store import codec
+from cdpfs.store.lmdb import Store
+from cdpfs.store.lock import holder
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,8 @@ WORKLOADS = ("zstd", "seq-text", "seq-random", "rand", "files", "tar")
 BACKENDS = ("cdpfs", "passthrough", "native")
 
 
-class BenchError(Exception):
-    """A workload failed or read back wrong data."""
+# A benchmark's own failure, and the harness's (a command or process that failed).
+BenchError = HarnessError
 
 
 # --- configuration and inputs ------------------------------------------------------------
@@ -221,12 +225,9 @@ def drop_caches() -> bool:
 
 def sync_dir(path: Path) -> None:
     """Make a tree durable: fsync its directory (cdpfs commits) and sync(2) the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    settle(path)
     os.sync()
+
 
 
 def lazy_unmount(path: Path) -> None:
@@ -373,17 +374,15 @@ class Cdpfs(Backend):
     name = "cdpfs"
 
     def setup(self) -> None:
-        self.store = self.work / "cdpfs-store"
-        self.root = self.work / "cdpfs-mnt"
-        self.root.mkdir()
-        self.cmd = cdpfs_command()
+        self.vol = Volume(self.work, "cdpfs")
+        self.store = self.vol.store
+        self.root = self.vol.mnt
         self.reset()
 
     def reset(self) -> None:
         if self.store.exists():
             shutil.rmtree(self.store)
-        subprocess.run([self.cmd, "init", str(self.store)], check=True,
-                       stdout=subprocess.DEVNULL)
+        self.vol.init()
         s = Store(self.store, readonly=True)
         try:
             if s.block_size != BLOCK:
@@ -393,19 +392,17 @@ class Cdpfs(Backend):
 
     def start(self) -> None:
         lazy_unmount(self.root)  # a dead mount left by a crashed daemon
-        r = subprocess.run([self.cmd, "mount", str(self.store), str(self.root)],
-                           capture_output=True, text=True)
-        if r.returncode != 0 or not is_mounted(self.root):
-            raise BenchError(f"cdpfs mount failed ({r.returncode}): {r.stderr.strip()}")
+        self.vol.mount()
         self.running = True
         self.readahead_kb = settle_readahead(self.root)
 
     def stop(self) -> None:
         self.running = False
-        r = subprocess.run([self.cmd, "umount", str(self.root)], capture_output=True, text=True)
-        if r.returncode != 0:
+        try:
+            self.vol.umount()
+        except HarnessError:
             lazy_unmount(self.root)
-            raise BenchError(f"cdpfs umount failed ({r.returncode}): {r.stderr.strip()}")
+            raise
 
     def used_bytes(self) -> int:
         s = Store(self.store, readonly=True)
@@ -415,21 +412,15 @@ class Cdpfs(Backend):
             s.close()
 
     def pid(self) -> int | None:
-        """The mount daemon's pid, from the lock file ("... (pid N)")."""
-        try:
-            text = (self.store / "cdpfs.lock").read_text()
-        except OSError:
-            return None
-        if "(pid " not in text:
-            return None
-        return int(text.rsplit("(pid ", 1)[1].split(")")[0])
+        """The mount daemon's pid (the holder of the store's writer lock)."""
+        who = holder(self.store)
+        return who.pid if who is not None and who.pid else None
 
     def cleanup(self) -> None:
         if is_mounted(self.root):
             with contextlib.suppress(Exception):
-                subprocess.run([self.cmd, "umount", str(self.root)], timeout=300, check=False)
-        with contextlib.suppress(Exception):
-            lazy_unmount(self.root)
+                self.vol.umount()
+        self.vol.cleanup()
         self.running = False
 
 
@@ -1267,7 +1258,7 @@ def print_report(desc: str, table: str, notes: list[str], verdicts: list[str],
             print(f"  {v}")
     if errors:
         print("\nERRORS:")
-        for e in errors:
+        for e in dict.fromkeys(errors):  # a log read twice says its lines once
             print(f"  {e}")
 
 
@@ -1279,7 +1270,7 @@ def write_markdown(path: Path, desc: str, table: str, notes: list[str], verdicts
     if verdicts:
         md += ["", "Targets:", ""] + [f"- {v}" for v in verdicts]
     if errors:
-        md += ["", "Errors:", ""] + [f"- {e}" for e in errors]
+        md += ["", "Errors:", ""] + [f"- {e}" for e in dict.fromkeys(errors)]
     path.write_text("\n".join(md) + "\n")
     log.info("markdown written to %s", path)
 

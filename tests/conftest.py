@@ -1,4 +1,10 @@
-"""Shared fixtures: real stores and real FUSE mounts, always cleaned up."""
+"""Shared fixtures: real stores and real FUSE mounts, always cleaned up.
+
+Tests that need a FUSE mount (the ``volume``/``make_volume`` fixtures, or
+``needs_fuse``) or network namespaces (``needs_netns``) are skipped, with the
+reason, where this process cannot make them (no real /dev/fuse, no
+capabilities): the in-process tier runs anywhere.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Volume
+from harness import Procs, Volume, can_make_netns, can_mount
 
-HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
+HAVE_FUSE = can_mount()
+needs_fuse = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and CAP_SYS_ADMIN")
+needs_netns = pytest.mark.skipif(not can_make_netns(),
+                                 reason="needs CAP_NET_ADMIN and ip(8) for network namespaces")
 
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
     """A fresh store, mounted; afterwards unmounted, verified, its log free of errors."""
     if not HAVE_FUSE:
-        pytest.skip("needs /dev/fuse and root")
+        pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
     vol = Volume(tmp_path).init()
     try:
         vol.mount()
@@ -30,9 +39,7 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
         else:
             vol.cleanup()
     vol.verify()
-    log = vol.store / "cdpfs.log"
-    bad = [line for line in (log.read_text().splitlines() if log.exists() else [])
-           if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+    bad = vol.problems()
     assert not bad, "the mount logged errors:\n" + "\n".join(bad)
 
 
@@ -43,7 +50,7 @@ def make_volume(tmp_path: Path) -> Iterator[type[Volume]]:
 
     def make(name: str = "vol") -> Volume:
         if not HAVE_FUSE:
-            pytest.skip("needs /dev/fuse and root")
+            pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
         vol = Volume(tmp_path, name)
         made.append(vol)
         return vol
@@ -51,3 +58,13 @@ def make_volume(tmp_path: Path) -> Iterator[type[Volume]]:
     yield make  # type: ignore[misc]
     for vol in made:
         vol.cleanup()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Background ``cdpfs`` processes of a test; all killed in teardown."""
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.kill_all()

@@ -11,15 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cdpfs.tools.restore import CHUNK, Summary, measure, restore_tree
+from harness import privileged
 
 from cdpfs.errors import CdpfsError
+from cdpfs.tools.restore import CHUNK, Summary, measure, restore_tree
 
 T0 = 1_600_000_000_123_456_789  # an mtime with nanoseconds that matter
 # atimes an hour ahead: under relatime no read (nor readlink, which has no O_NOATIME) moves them
 FUTURE = time.time_ns() + 3600 * 10**9
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod)")
+needs_root = pytest.mark.skipif(not privileged(), reason="needs root (chown, mknod)")
 
 
 def _has_user_xattrs(path: Path) -> bool:
@@ -420,7 +421,7 @@ def test_measure(tmp_path: Path) -> None:
 
 
 def test_an_entry_error_is_a_warning_and_the_rest_goes_on(tmp_path: Path) -> None:
-    if not shutil.which("chattr") or os.geteuid() != 0:
+    if not shutil.which("chattr") or not privileged():
         pytest.skip("needs chattr and root")
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

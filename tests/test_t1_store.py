@@ -15,53 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from cdpfs.engine import Engine
 from cdpfs.errors import FsError, StoreError
-from cdpfs.mutate import init_volume
-from cdpfs.store import Store
-from cdpfs.vfs import FileSystem
-from cdpfs.view import open_view
+from cdpfs.fs.mutate import init_volume
+from cdpfs.store.lmdb import Store
+from cdpfs.store.view import open_view
+from cdpfs.testing import LiveStore
 
 BS = 128 * 1024
 
 
-class Live:
-    """A store with its engine and filesystem layer running, as a mount has them."""
-
-    def __init__(self, path: Path, **engine_options: int) -> None:
-        self.store = init_volume(path)
-        self.engine = Engine(self.store, **engine_options)
-        self.fs = FileSystem(self.store, self.engine)
-        self.engine.start()
-
-    def __call__(self, fn, *args, **kw):  # type: ignore[no-untyped-def]
-        return self.engine.call_sync(lambda: fn(*args, **kw))
-
-    def seq(self) -> int:
-        return self(lambda: self.fs.m.last_seq)
-
-    def sync(self) -> None:
-        self.engine.call_sync(self.fs.sync, durable=True)
-
-    def create(self, name: bytes, parent: int = 1) -> tuple[int, int]:
-        fh, entry = self(self.fs.create, parent, name, 0o644, os.O_RDWR, 0, 0)
-        return fh, entry.ino
-
-    def close(self) -> None:
-        self.engine.stop()
-        self.store.close()
-
-
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    vol = Live(tmp_path / "store")
+def live(tmp_path: Path) -> Iterator[LiveStore]:
+    vol = LiveStore(tmp_path / "store")
     try:
         yield vol
     finally:
         vol.close()
 
 
-def test_every_intermediate_state_reads_back(live: Live) -> None:
+def test_every_intermediate_state_reads_back(live: LiveStore) -> None:
     """Write, overwrite, truncate, rename, delete; every past seq is exact."""
     rng = random.Random(7)
     model: dict[bytes, bytearray] = {}
@@ -110,7 +82,7 @@ def test_every_intermediate_state_reads_back(live: Live) -> None:
                 assert view.read_file(name) == content, (seq, name)
 
 
-def test_view_by_time_and_errors(live: Live) -> None:
+def test_view_by_time_and_errors(live: LiveStore) -> None:
     import time
 
     fh, _ = live.create(b"t")
@@ -130,7 +102,7 @@ def test_view_by_time_and_errors(live: Live) -> None:
         pass
 
 
-def test_identical_blocks_stored_once_and_holes_not_stored(live: Live) -> None:
+def test_identical_blocks_stored_once_and_holes_not_stored(live: LiveStore) -> None:
     block = os.urandom(BS)
     fh, _ = live.create(b"one")
     before = live(lambda: live.fs.m.stored_bytes)
@@ -151,7 +123,7 @@ def test_identical_blocks_stored_once_and_holes_not_stored(live: Live) -> None:
         assert view.read(ino3, 10 * 2**30 - 5, 10, node.size) == bytes(5) + b"x"
 
 
-def test_compressible_data_is_stored_compressed(live: Live) -> None:
+def test_compressible_data_is_stored_compressed(live: LiveStore) -> None:
     text = b"".join(b"line %08d of a log file with some words\n" % i for i in range(20_000))
     fh, _ = live.create(b"log")
     live(live.fs.write, fh, 0, text)
@@ -163,7 +135,7 @@ def _used(store: Store) -> int:
     return store.used_bytes()
 
 
-def test_random_4k_writes_cost_at_most_twice_their_size(live: Live) -> None:
+def test_random_4k_writes_cost_at_most_twice_their_size(live: LiveStore) -> None:
     """Every version is kept, yet a 4 KiB write does not store a whole block again."""
     size = 64 * BS
     fh, _ = live.create(b"db")
@@ -183,7 +155,7 @@ def test_random_4k_writes_cost_at_most_twice_their_size(live: Live) -> None:
     assert data_ratio < 2.0
 
 
-def test_sequential_writes_are_whole_blocks(live: Live) -> None:
+def test_sequential_writes_are_whole_blocks(live: LiveStore) -> None:
     fh, ino = live.create(b"seq")
     for i in range(32):  # 4 KiB appends, as an application writing a log would
         live(live.fs.write, fh, i * 4096, os.urandom(4096))
@@ -210,7 +182,7 @@ def test_store_init_refusals(tmp_path: Path) -> None:
         Store(tmp_path / "nothing")
 
 
-def test_kinds_of_nodes(live: Live) -> None:
+def test_kinds_of_nodes(live: LiveStore) -> None:
     e = live(live.fs.mknod, 1, b"dir", stat.S_IFDIR | 0o755, 0, 0)
     live(live.fs.mknod, e.ino, b"link", stat.S_IFLNK | 0o777, 0, 0, 0, b"../target")
     assert live(live.fs.readlink, live(live.fs.lookup, e.ino, b"link").ino) == b"../target"
@@ -222,10 +194,10 @@ def test_kinds_of_nodes(live: Live) -> None:
 
 def test_map_grows_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Start with a tiny LMDB map: writing far more than it holds just works."""
-    import cdpfs.store
+    import cdpfs.store.lmdb
 
-    monkeypatch.setattr(cdpfs.store, "MIN_MAP", 1 << 20)
-    vol = Live(tmp_path / "small", max_dirty=1 << 20)
+    monkeypatch.setattr(cdpfs.store.lmdb, "MIN_MAP", 1 << 20)
+    vol = LiveStore(tmp_path / "small", max_dirty=1 << 20)
     try:
         start = vol.store.env.info()["map_size"]
         fh, ino = vol.create(b"big")
@@ -248,7 +220,7 @@ def test_a_store_being_created_is_never_seen_half_made(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from cdpfs.store import is_store
+    from cdpfs.store.lmdb import is_store
 
     paths = [tmp_path / f"s{i}" for i in range(30)]
     for path in paths:
@@ -256,7 +228,7 @@ def test_a_store_being_created_is_never_seen_half_made(tmp_path: Path) -> None:
         (path / "tls").mkdir()  # made beforehand by 'cdpfs replica keygen'
     maker = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from cdpfs.store import Store\n"
+        "from cdpfs.store.lmdb import Store\n"
         "for p in sys.argv[1:]:\n"
         "    Store.create(p).close()\n"
         "    time.sleep(0.01)\n"), *map(str, paths)])

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from cdpfs import journal
-from cdpfs.mutate import Mutator, init_volume
-from cdpfs.schema import U64
-from cdpfs.timespec import BadMoment, parse, resolve
+from cdpfs.fs.mutate import Mutator, init_volume
+from cdpfs.history.moments import BadMoment, parse
+from cdpfs.history.points import resolve
+from cdpfs.mount.errnos import errno_of
+from cdpfs.store import journal
+from cdpfs.store.schema import U64
 
 NOW = int(dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC).timestamp()) * 10**9
 
@@ -49,7 +52,7 @@ def test_seq_and_bookmark_and_errors() -> None:
                 "@2026-11-25Tnoon"):
         with pytest.raises(BadMoment) as exc:
             parse(bad, NOW)
-        assert bad in str(exc.value) and exc.value.errno == 2
+        assert bad in str(exc.value) and errno_of(exc.value) == errno.ENOENT
 
 
 def test_resolve_against_a_store(tmp_path: Path) -> None:
@@ -65,13 +68,14 @@ def test_resolve_against_a_store(tmp_path: Path) -> None:
             txn.put(b"mark", U64.pack(2), db=store.db["bookmarks"])
             last, ts = journal.last(txn, store.db)
         with store.env.begin() as txn:
-            assert resolve(parse("@#2"), txn, store.db) == 2
-            assert resolve(parse("@mark"), txn, store.db) == 2
-            assert resolve(parse(f"@{ts_iso(ts)}"), txn, store.db) == last
+            assert resolve(store, txn, "@#2").seq == 2
+            assert resolve(store, txn, "@mark").seq == 2
+            assert resolve(store, txn, f"@{ts_iso(ts)}").seq == last
             for bad, why in (("@#99", "no record"), ("@nomark", "no such bookmark"),
                              ("@2099-01-01T00:00Z", "future"), ("@1999-01-01T00:00Z", "not exist")):
                 with pytest.raises(BadMoment, match=why):
-                    resolve(parse(bad), txn, store.db)
+                    resolve(store, txn, bad)
+
     finally:
         store.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import cdpfs
+from harness import cdpfs
 
 
 def _one_line_error(proc, *words: str) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Volume, live_names
+from harness import Volume, live_names
 
 
 def test_regular_file_roundtrip_and_remount(volume: Volume) -> None:
@@ -215,7 +215,7 @@ def test_second_mount_missing_mountpoint_and_non_store_refused(volume: Volume,
                                                                tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
-    from helpers import cdpfs
+    from harness import cdpfs
 
     r = cdpfs("mount", volume.store, other, check=False)
     assert r.returncode == 1 and "in use" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from helpers import Volume, cdpfs, last_seq, wait_until
+from harness import Volume, cdpfs, last_seq, wait_until
 
 
 def _stored_mib(vol: Volume) -> float:

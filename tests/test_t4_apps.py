@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Volume, free_port
-
-HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
+from conftest import HAVE_FUSE
+from harness import Volume, free_port
 
 Row = tuple[str, bytes, int]
 Tree = dict[str, tuple[object, ...]]
@@ -652,7 +651,7 @@ def pg_volume() -> Iterator[Volume]:
     (and removes it); the volume is unmounted and verified like ``volume``.
     """
     if not HAVE_FUSE:
-        pytest.skip("needs /dev/fuse and root")
+        pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
     base = Path(tempfile.mkdtemp(prefix="cdpfs-t4-pg-"))
     os.chmod(base, 0o755)
     vol = Volume(base, "pg")

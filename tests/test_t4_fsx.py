@@ -24,7 +24,7 @@ from collections import deque
 
 import pytest
 from fsx import FileExerciser, run
-from helpers import Volume
+from harness import Volume
 
 FIXED_SEED = 20_240_611
 NOPS = int(os.environ.get("CDPFS_FSX_OPS", "100000"))

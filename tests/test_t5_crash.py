@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Volume, cdpfs, live_names, wait_until
+from harness import Volume, cdpfs, live_names, wait_until
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cdpfs.mount.control import holder_pid
-from helpers import Volume, cdpfs, live_names
+from conftest import HAVE_FUSE
+from harness import Volume, cdpfs, live_names
 
-from cdpfs import codec
+from cdpfs.mount.control import holder_pid
+from cdpfs.store import codec
 
 BLOCK = 128 * 1024
-HAVE_FUSE = os.path.exists("/dev/fuse") and os.geteuid() == 0
 
 
 def mounts_under(base: Path) -> list[tuple[str, str, str]]:
@@ -277,7 +277,7 @@ FILLER = textwrap.dedent("""
 
 def test_full_disk_gives_clean_enospc(tmp_path: Path) -> None:
     if not HAVE_FUSE:
-        pytest.skip("needs /dev/fuse and root")
+        pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(small)], check=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (
+from harness import (
     ReplicaServer,
     Volume,
     cdpfs,
@@ -176,7 +176,7 @@ def test_a_replica_is_not_mounted_for_writing_and_a_parted_one_gets_nothing(
     assert not os.path.ismount(rmnt)
     # a replica store written anyway (its role cleared by hand, as an older cdpfs
     # would have allowed): its history parts from the primary's
-    from cdpfs.store import Store
+    from cdpfs.store.lmdb import Store
 
     with Store(replica) as st, st.txn(write=True) as txn:
         st.set_config(txn, "role", None)

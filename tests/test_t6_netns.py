@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLI, Volume, cdpfs, last_seq, pair_stores, settle, store_seq, wait_until
+from harness import (
+    CLI,
+    Volume,
+    can_make_netns,
+    cdpfs,
+    last_seq,
+    pair_stores,
+    settle,
+    store_seq,
+    wait_until,
+)
 
 _ids = itertools.count(os.getpid() % 200)
 
@@ -40,9 +50,8 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture
 def link() -> Iterator[Link]:
-    if os.geteuid() != 0 or subprocess.run(["ip", "netns", "list"],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and ip netns")
+    if not can_make_netns():
+        pytest.skip("needs CAP_NET_ADMIN and ip(8) for network namespaces")
     n = next(_ids) % 250 + 1
     ns, dev, peer_dev = f"cdpfs-t{os.getpid()}-{n}", f"cdpa{n}", f"cdpb{n}"
     _ip("netns", "add", ns)

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import (
-    CLI,
+from harness import (
+    Procs,
+    Proxy,
+    ReplicaServer,
     Volume,
     cdpfs,
     force_unmount,
@@ -49,6 +51,7 @@ from helpers import (
     last_seq,
     pair_stores,
     settle,
+    stop_process,
     wait_until,
 )
 
@@ -56,7 +59,6 @@ MIB = 1 << 20
 ROUNDS = int(os.environ.get("CDPFS_REPL_ROUNDS", "20"))
 SUMMARY = re.compile(r"replica (\S+) at #(\d+): (\d+) records \(from #(\d+)\), "
                      r"([\d.]+) MiB sent in ([\d.]+)s")
-RESUMING = re.compile(r"\) connected; resuming after #(\d+)")
 DROPPED = re.compile(r"refused TLS connection|connection dropped")
 # what the replica must log when the bytes it got were damaged: the TLS failure itself
 DAMAGED = re.compile(r"refused TLS connection|connection dropped: .*(SSL|TLS|damaged|MAC)", re.I)
@@ -67,97 +69,6 @@ Tree = dict[str, tuple[object, ...]]
 # --- processes ----------------------------------------------------------------------------
 
 
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Stop ``proc`` with ``sig``, then SIGKILL if it has not gone after 10 s."""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-
-class Procs:
-    """Every process a test starts; all killed in teardown."""
-
-    def __init__(self) -> None:
-        self.all: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str | os.PathLike[str]], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as err:
-            proc = subprocess.Popen([*CLI, *map(str, args)], stdin=subprocess.DEVNULL,
-                                    stdout=err, stderr=err)
-        self.all.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self.all:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.kill_all()
-
-
-class Server:
-    """``cdpfs replica serve STORE --listen 127.0.0.1:PORT``; its stderr collects in ``log``
-    across restarts."""
-
-    def __init__(self, procs: Procs, store: Path, port: int | None = None) -> None:
-        self.procs = procs
-        self.store = store
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = store.parent / f"{store.name}.serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def resumed(self) -> list[int]:
-        """The positions of every accepted connection, in order (``resuming after #N``)."""
-        return [int(n) for n in RESUMING.findall(self.text())]
-
-    def start(self) -> Server:
-        before = self.text().count(" listening on ")
-        self.proc = self.procs.start(["replica", "serve", self.store, "--listen", self.address],
-                                     self.log)
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"replica server exited ({self.proc.returncode}):\n"
-                                     + self.text()[-3000:])
-            return self.text().count(" listening on ") > before
-
-        wait_until(ready, timeout=20, what="the replica server to listen")
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        stop_process(self.proc, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
 
 
 class Shipper:
@@ -462,109 +373,7 @@ class Writer(threading.Thread):
             raise AssertionError(f"the writer failed: {self.error!r}") from self.error
 
 
-# --- a TCP proxy that damages, records or drops ------------------------------------------
-
-
-class Proxy:
-    """Forwards loopback connections to ``upstream``. ``arm(n)``: flip one byte of the
-    client-to-server stream once, after ``n`` bytes of a connection. ``recorded``: what
-    each connection's client sent. ``drop()``: cut every open connection. ``paused``:
-    cut every new connection at once (the link is down)."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = int(self.listener.getsockname()[1])
-        self.address = f"127.0.0.1:{self.port}"
-        self.lock = threading.Lock()
-        self.flip_at: int | None = None
-        self.flipped = 0
-        self.paused = False
-        self.recorded: list[bytearray] = []
-        self.open: list[socket.socket] = []
-        self.links: list[list[bool]] = []  # per connection: [still open]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def live(self) -> int:
-        """How many forwarded connections are still open on both sides."""
-        with self.lock:
-            return sum(link[0] for link in self.links)
-
-    def arm(self, n: int) -> None:
-        with self.lock:
-            self.flip_at = n
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.paused:
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(("127.0.0.1", self.upstream))
-            except OSError:
-                client.close()
-                continue
-            record = bytearray()
-            link = [True]
-            with self.lock:
-                self.recorded.append(record)
-                self.open += [client, server]
-                self.links.append(link)
-            threading.Thread(target=self._pump, args=(client, server, link, record),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, link, None),
-                             daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, link: list[bool],
-              record: bytearray | None) -> None:
-        count = 0
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if record is not None:
-                    record += data
-                    with self.lock:
-                        if self.flip_at is not None and count + len(data) > self.flip_at:
-                            damaged = bytearray(data)
-                            damaged[self.flip_at - count] ^= 0x10
-                            data = bytes(damaged)
-                            self.flip_at = None
-                            self.flipped += 1
-                    count += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            link[0] = False
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def drop(self) -> None:
-        with self.lock:
-            socks, self.open = self.open, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        self.drop()
+# --- a TCP proxy that damages, records or drops (harness.Proxy) -----------------------------
 
 
 @pytest.fixture
@@ -572,7 +381,7 @@ def proxies() -> Iterator[Callable[[int], Proxy]]:
     made: list[Proxy] = []
 
     def make(upstream: int) -> Proxy:
-        p = Proxy(upstream)
+        p = Proxy(upstream, record=True)
         made.append(p)
         return p
 
@@ -592,7 +401,7 @@ class Pair:
 
     vol: Volume
     replica: Path
-    server: Server
+    server: ReplicaServer
     proxy: Proxy
     procs: Procs
     tmp: Path
@@ -630,7 +439,7 @@ def repl(volume: Volume, procs: Procs, proxies: Callable[[int], Proxy],
          tmp_path: Path) -> Iterator[Pair]:
     replica = tmp_path / "replica.store"
     pair_stores(volume.store, replica)
-    server = Server(procs, replica).start()
+    server = ReplicaServer(procs=procs, store=replica).start()
     proxy = proxies(server.port)
     # Only the tests' own 'cdpfs replicate' runs ship to it, not the mount.
     cdpfs("replica", "add", volume.store, "r1", "--address", proxy.address, "--mode", "manual")
@@ -644,8 +453,8 @@ def repl(volume: Volume, procs: Procs, proxies: Callable[[int], Proxy],
 def store_seq(store: Path) -> Iterator[Callable[[], int]]:
     """A fast reader of a store's newest seq (read-only, beside the process writing it;
     the store must exist)."""
-    from cdpfs import journal
-    from cdpfs.store import Store
+    from cdpfs.store import journal
+    from cdpfs.store.lmdb import Store
 
     st = Store(store, readonly=True)
 
@@ -895,7 +704,7 @@ def test_an_untrusted_primary_is_refused(volume: Volume, procs: Procs, tmp_path:
     trust(stranger, replica, "r1")  # the stranger trusts the replica, not the other way
     (volume.mnt / "f").write_text("content")
     volume.umount()
-    server = Server(procs, replica).start()
+    server = ReplicaServer(procs=procs, store=replica).start()
 
     def stranger_refused() -> None:
         refused = server.text().count("refused TLS connection")
@@ -923,7 +732,7 @@ def test_an_untrusted_replica_gets_nothing(volume: Volume, procs: Procs,
     trust(other, primary, "primary")  # it would accept the primary; the primary says no
     (volume.mnt / "f").write_text("secret")
     volume.umount()
-    server = Server(procs, other).start()
+    server = ReplicaServer(procs=procs, store=other).start()
     last = store_last(primary)
     # The primary ships to "r1" but finds r2's certificate at that address: refused.
     r = cdpfs("replicate", primary, "--to", server.address, "--name", "r1", "--attempts", "1",
@@ -942,7 +751,7 @@ def test_a_replayed_handshake_is_refused(volume: Volume, procs: Procs, tmp_path:
     pair_stores(primary, replica)
     (volume.mnt / "f").write_text("first")
     volume.umount()
-    server = Server(procs, replica).start()
+    server = ReplicaServer(procs=procs, store=replica).start()
     proxy = proxies(server.port)
     first = replicate(primary, "--to", proxy.address, "--name", "r1")
     assert len(proxy.recorded) == 1 and len(proxy.recorded[0]) > 500, proxy.recorded
@@ -951,9 +760,9 @@ def test_a_replayed_handshake_is_refused(volume: Volume, procs: Procs, tmp_path:
     twin = tmp_path / "twin.store"
     twin.mkdir()
     shutil.copytree(replica / "tls", twin / "tls")
-    twin_server = Server(procs, twin).start()
+    twin_server = ReplicaServer(procs=procs, store=twin).start()
 
-    def replay(srv: Server) -> None:
+    def replay(srv: ReplicaServer) -> None:
         before = len(DROPPED.findall(srv.text()))
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             s.sendall(recorded)
@@ -986,7 +795,7 @@ def test_a_replica_of_another_volume_refuses(volume: Volume, procs: Procs, tmp_p
     trust(replica, other, "other")
     (volume.mnt / "f").write_text("content")
     volume.umount()
-    server = Server(procs, replica).start()
+    server = ReplicaServer(procs=procs, store=replica).start()
     last = replicate(primary, "--to", server.address, "--name", "r1").at
     # the primary stays connected (through a proxy, which sees whether the link is cut)
     proxy = proxies(server.port)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CLI, ReplicaServer, Volume, cdpfs, pair_stores, wait_until
+from harness import CLI, ReplicaServer, Volume, cdpfs, pair_stores, wait_until
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import ReplicaServer, Volume, cdpfs, pair_stores
+from harness import ReplicaServer, Volume, cdpfs, pair_stores
 
 ROUNDS = 20
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (
+from harness import (
+    Proxy,
     ReplicaServer,
     Volume,
     cdpfs,
@@ -86,49 +85,6 @@ def test_fan_out_and_chain(make_volume: type[Volume], servers: Servers,
         cdpfs("verify", r)
 
 
-class CountingProxy:
-    """Forwards one TCP port to another and counts the bytes the client sends."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.upstream = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False),
-                             daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if count:
-                    with self._lock:
-                        self.upstream += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_assessment_predicts_the_wire_and_the_limit_holds(make_volume: type[Volume],
                                                           servers: Servers,
                                                           tmp_path: Path) -> None:
@@ -146,7 +102,7 @@ def test_assessment_predicts_the_wire_and_the_limit_holds(make_volume: type[Volu
     assert re.search(r"per minute \(wire\): median", out) and "Mbit/s" in out, out
     replica = tmp_path / "r.store"
     pair_stores(vol.store, replica, "r1", "primary")
-    proxy = CountingProxy(servers.start(replica))
+    proxy = Proxy(int(servers.start(replica).rsplit(":", 1)[1]))
     try:
         limit = 2_000_000
         cdpfs("replica", "add", vol.store, "r1", "--address", proxy.address, "--mode",
@@ -156,9 +112,9 @@ def test_assessment_predicts_the_wire_and_the_limit_holds(make_volume: type[Volu
         took = time.monotonic() - started
     finally:
         proxy.close()
-    measured = proxy.upstream / 1e6
+    measured = proxy.up / 1e6
     assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)
     # The limit: the bytes could not have crossed faster than 2 MB/s (with a little slack
     # for the first burst before the pacing starts).
-    assert took >= 0.8 * (proxy.upstream / limit), (took, proxy.upstream)
+    assert took >= 0.8 * (proxy.up / limit), (took, proxy.up)
     _identical(vol.store, replica)
