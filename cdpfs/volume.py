@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from .counters import Counters
-from .errors import CdpfsError, StoreError
+from .errors import CdpfsError, StoreError, first_error
 from .fs.engine import Engine, ReadEngine
 from .fs.timefs import TimeFS
 from .fs.vfs import FileSystem
@@ -375,11 +375,14 @@ class Volume:
         sender = await trio.to_thread.run_sync(
             lambda: Sender(store, name, address, connect, self.counters))
         sender.on_batch = on_batch
-        async with trio.open_nursery() as nursery:
-            if follow:
-                nursery.start_soon(self._watch, store, sender.poke)
-            await sender.run(follow, attempts)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                if follow:
+                    nursery.start_soon(self._watch, store, sender.poke)
+                await sender.run(follow, attempts)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
         return sender
 
     def lag(self) -> dict[str, int]:

@@ -54,7 +54,9 @@ class Points:
         self.now = time.time_ns() if now_ns is None else now_ns
         self.policy = policy or load_policy(store, txn)
         self.last, self.last_ts = journal.last(txn, self.dbs)
-        self.marks = bookmarks.all_points(txn, self.dbs)
+        # Holds of processes that are gone hold nothing (prune deletes them).
+        self.marks = [b for b in bookmarks.all_points(txn, self.dbs)
+                      if not b.is_hold or b.holder_alive]
         self._marked_set = {b.seq for b in self.marks}
         self._marked = sorted(self._marked_set)
 
@@ -118,7 +120,11 @@ class Points:
             raise BadMoment(f"{moment.text!r}: that time is in the future")
         seq = journal.seq_at(self.txn, self.dbs, ts)
         if seq == 0:
+            first = journal.after(self.txn, self.dbs, 0)
+            if first is not None and first[0] > 1:  # the first records are pruned
+                raise BadMoment(f"{moment.text!r}: older than the oldest point kept")
             raise BadMoment(f"{moment.text!r}: the volume did not exist yet")
+
         kept = self.snap(seq)
         if kept == 0:
             raise BadMoment(f"{moment.text!r}: older than the oldest point kept")

@@ -32,6 +32,7 @@ from ..store import journal
 from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import MAX_SEQ, U64, Extent, seq_of
+from . import bookmarks
 from .points import Points
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class Pruner:
         self.full_from = points.first_full()
         self.sparse = points.kept_sparse(self.full_from)
         self._sparse_set = set(self.sparse)
-        self.stale_holds = [b.name for b in points.marks if b.is_hold and not b.holder_alive]
+        self.stale_holds = [b.name for b in bookmarks.all_points(txn, self.db)
+                            if b.is_hold and not b.holder_alive]
         last = journal.last(txn, self.db)[0]
         self.keep_after = last if keep_after is None else keep_after
         self.survivors: set[int] = set()  # seqs < full_from of versions kept

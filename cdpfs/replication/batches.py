@@ -22,6 +22,11 @@ BATCH_RECORDS = 2000
 BATCH_BYTES = 8 << 20
 
 
+class JournalGap(CdpfsError):
+    """The records after a replica's position are no longer all in the journal."""
+
+
+
 def data_frame(store: Store, txn: Any, want: dict[str, list[Any]], body: dict[str, Any],
                ) -> list[wire.Part]:
     """The DATA frame of ``body`` (records, or a piece of a full resync): the wanted
@@ -54,7 +59,7 @@ def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
         seq = U64.unpack(key)[0]
         if seq != acked + 1 + len(batch):
             if not batch:
-                raise CdpfsError(
+                raise JournalGap(
                     f"replica {name} is at #{acked} but the journal continues at #{seq}: "
                     "records were pruned before it got them (it needs a full resync)")
             break

@@ -55,6 +55,7 @@ class Fanout:
         self.degraded: set[str] = set()
         self.sync_timeout = 10.0
         self.block_when_dead = False
+        self._synced = 0  # the newest seq an fsync returned for
         self._nursery: trio.Nursery | None = None
         # Known before the volume serves its first request, so an fsync in the first
         # moments already waits for the sync replicas.
@@ -120,26 +121,28 @@ class Fanout:
 
     async def synced(self, seq: int) -> None:
         """Return once every sync replica has acknowledged ``seq`` (see the module doc)."""
-        waiting = [s for s in self.senders.values()
-                   if s.state.mode == "sync" and s.state.acked < seq]
-        if not waiting:
-            return
-        self.committed()
-        deadline = trio.current_time() + self.sync_timeout
-        for sender in waiting:
+        sync = [s for s in self.senders.values() if s.state.mode == "sync"]
+        for sender in sync:  # a degraded one that has all earlier fsyncs had is back
             name = sender.state.name
-            if name in self.degraded and not self.block_when_dead:
-                if sender.state.acked >= seq:
-                    self.degraded.discard(name)
-                    log.warning("sync replica %s caught up: fsync waits for it again", name)
-                continue
-            with trio.move_on_at(float("inf") if self.block_when_dead else deadline):
-                await sender.wait_acked(seq)
-            if sender.state.acked < seq:
-                self.degraded.add(name)
-                log.warning("sync replica %s did not acknowledge #%d within %.0fs (%s): "
-                            "fsync no longer waits for it until it catches up", name, seq,
-                            self.sync_timeout, sender.state.last_error or "no answer")
+            if name in self.degraded and sender.state.acked >= self._synced:
+                self.degraded.discard(name)
+                log.warning("sync replica %s caught up: fsync waits for it again", name)
+        waiting = [s for s in sync if s.state.acked < seq
+                   and (s.state.name not in self.degraded or self.block_when_dead)]
+        if waiting:
+            self.committed()
+            deadline = trio.current_time() + self.sync_timeout
+            for sender in waiting:
+                with trio.move_on_at(float("inf") if self.block_when_dead else deadline):
+                    await sender.wait_acked(seq)
+                if sender.state.acked < seq:
+                    self.degraded.add(sender.state.name)
+                    log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
+                                "fsync no longer waits for it until it catches up",
+                                sender.state.name, seq, self.sync_timeout,
+                                sender.state.last_error or "no answer")
+        self._synced = max(self._synced, seq)
+
 
     def lag(self, newest: int) -> dict[str, int]:
         """Records each replica is behind ``newest``."""

@@ -32,7 +32,7 @@ from ..history import bookmarks
 from ..store import journal
 from ..store.lmdb import Store
 from . import registry, wire
-from .batches import data_frame, read_base_chunk, read_batch
+from .batches import JournalGap, data_frame, read_base_chunk, read_batch
 from .protocol import ANSWER_TIMEOUT, BASE_TABLES, PIPELINE, PROTOCOL, parse_address, record_check
 from .registry import ReplicaState
 
@@ -102,6 +102,7 @@ class Sender:
         self.on_batch: Callable[[ReplicaState], None] | None = None
         self._wake = trio.Event()
         self._acked = trio.Event()  # set (and replaced) whenever the position moves
+        self._resync = False  # the journal after the replica's position has a hole
         self._budget_at = 0.0  # trio time until which the bandwidth budget is spent
         self._dirty = False  # state changed since it was last saved
         self._saved_at = 0.0
@@ -148,6 +149,9 @@ class Sender:
             except wire.PeerError as exc:
                 await self._stopped(f"refused: {exc}")
                 raise CdpfsError(f"replica {self.state.name} refused: {exc}") from None
+            except JournalGap as exc:  # a hole further on than the replica's next record
+                log.warning("%s: a full resync follows", exc)
+                self._resync = True
             except LINK_ERRORS as exc:
                 self._failures += 1
                 failures = self._failures
@@ -170,13 +174,15 @@ class Sender:
         await trio.to_thread.run_sync(self._save)
 
     async def _session(self, follow: bool) -> None:
-        tls = await self.connect()
+        with trio.fail_after(ANSWER_TIMEOUT):  # a replica that takes no handshake
+            tls = await self.connect()
         try:
             conn = wire.Connection(tls)
             await conn.send(wire.HELLO, {"proto": PROTOCOL, "uuid": self.store.uuid,
                                          "block_size": self.store.block_size,
                                          "name": self.state.name})
-            _, welcome = await conn.recv(wire.WELCOME)
+            with trio.fail_after(ANSWER_TIMEOUT):  # a replica that never welcomes
+                _, welcome = await conn.recv(wire.WELCOME)
             self._failures = 0
             self._registered = True
             acked = int(welcome["acked"])
@@ -192,9 +198,10 @@ class Sender:
             self.state.acked = acked
             self._moved()
             await trio.to_thread.run_sync(self._save)
-            if welcome.get("base_pending") or gap:
+            if welcome.get("base_pending") or gap or self._resync:
                 sent = conn.sent
                 acked = await self._full_resync(conn)
+                self._resync = False
                 self.state.bytes_sent += conn.sent - sent
             try:
                 await self._pipeline(conn, acked, follow)
