@@ -1,0 +1,816 @@
+"""Replication sessions in-process: the real ``Sender`` and ``Receiver`` on real stores.
+
+A primary store (made with the real volume service) is shipped to a replica store
+by the real sender and receiver, joined by ``cdpfs.testing.MemoryLinks`` (trio
+in-memory streams instead of TCP and TLS): the first ship creates the replica,
+later ones send only new records and missing blocks, a cut link resumes at the
+replica's position, another volume or a parted history is refused, bookmarks and
+deletions follow, a damaged block is never applied, a record out of turn is
+refused, a reconnecting primary replaces its stale session, a silent replica drops
+the link, a replica whose records were pruned gets a full resync, and a live
+volume's fsync waits for its sync replicas (or, past ``sync_timeout``, marks them
+degraded until they catch up). No root, FUSE or network.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from cdpfs.errors import CdpfsError
+from cdpfs.fs.mutate import init_volume
+from cdpfs.history import bookmarks, retention
+from cdpfs.history.treehash import tree_hash
+from cdpfs.replication import registry, wire
+from cdpfs.replication.protocol import ANSWER_TIMEOUT, BASE_TABLES, PROTOCOL
+from cdpfs.replication.receiver import BASE_PENDING, ROLE_REPLICA, Receiver
+from cdpfs.replication.registry import ReplicaState
+from cdpfs.replication.sender import Connect, Sender
+from cdpfs.store import codec, journal
+from cdpfs.store.lmdb import Store, is_store
+from cdpfs.store.schema import U64
+from cdpfs.store.view import View
+from cdpfs.testing import FakeClock, MemoryLinks, served
+from cdpfs.volume import Mode, Volume, prune
+
+NAME = "r1"
+ADDRESS = "memory:r1"
+MiB = 1 << 20
+CHUNK = 128 << 10  # bytes per write, as FUSE sends them
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _make(path: Path, block_size: int = 128 << 10) -> None:
+    init_volume(path, block_size).close()
+
+
+async def _write(path: Path, files: dict[bytes, bytes] | None = None, *,
+                 dirs: tuple[bytes, ...] = (), unlink: tuple[bytes, ...] = (),
+                 clock: Callable[[], int] | None = None, **options: Any) -> int:
+    """Serve ``path`` live: make ``dirs``, write each file (a new file, or rewritten at
+    0 and truncated if it exists; names may be ``dir/name``), unlink ``unlink``;
+    everything committed. The newest seq."""
+    if clock is not None:
+        options["clock"] = clock
+    async with served(path, **options) as vol:
+        for name in dirs:
+            await vol.call(vol.fs.mknod, 1, name, stat.S_IFDIR | 0o755, 0, 0)
+        for name, data in (files or {}).items():
+            fh = await _open(vol, name)
+            for off in range(0, len(data), CHUNK):
+                await vol.write(fh, off, data[off:off + CHUNK])
+            await vol.fsync(fh)
+            await vol.call(vol.fs.release, fh)
+        for name in unlink:
+            parent, base = await _parent(vol, name)
+            await vol.call(vol.fs.unlink, parent, base)
+        return int(await vol.call(vol.fs.sync, durable=True))
+
+
+async def _parent(vol: Volume, name: bytes) -> tuple[int, bytes]:
+    parent = 1
+    *dirs, base = name.split(b"/")
+    for d in dirs:
+        parent = (await vol.call(vol.fs.lookup, parent, d)).ino
+    return parent, base
+
+
+async def _open(vol: Volume, name: bytes) -> int:
+    parent, base = await _parent(vol, name)
+    try:
+        entry = await vol.call(vol.fs.lookup, parent, base)
+    except CdpfsError:
+        fh, _ = await vol.call(vol.fs.create, parent, base, 0o644, os.O_RDWR, 0, 0)
+        return int(fh)
+    await vol.call(functools.partial(vol.fs.setattr, entry.ino, size=0))
+    return int(await vol.call(vol.fs.open, entry.ino, os.O_RDWR))
+
+
+@dataclass
+class Summary:
+    uuid: str
+    block_size: int
+    seqs: list[int]  # every journal record's seq
+    top: int
+    tree: tuple[str, int]  # tree_hash at top
+    blocks: set[bytes]  # block names stored
+
+
+def _summary_of(store: Store) -> Summary:
+    with store.txn() as txn:
+        seqs = [U64.unpack(k)[0] for k in txn.cursor(db=store.db["journal"]).iternext(
+            values=False)]
+        top = journal.last(txn, store.db)[0]
+        blocks = set(txn.cursor(db=store.db["blocks"]).iternext(values=False))
+        return Summary(store.uuid, store.block_size, seqs, top, tree_hash(store, txn, top),
+                       {bytes(b) for b in blocks})
+
+
+def _summary(path: Path) -> Summary:
+    with Store(path) as store:
+        return _summary_of(store)
+
+
+def _tables(path: Path, names: tuple[str, ...] | None = None) -> dict[str, dict[bytes, bytes]]:
+    """Every entry of the named tables (all of them by default)."""
+    with Store(path) as store, store.txn() as txn:
+        return {name: {bytes(k): bytes(v) for k, v in txn.cursor(db=store.db[name])}
+                for name in (names or tuple(store.db))}
+
+
+def _tree_at(path: Path, seq: int) -> tuple[str, int]:
+    with Store(path) as store, store.txn() as txn:
+        return tree_hash(store, txn, seq)
+
+
+@asynccontextmanager
+async def _linked(replica: Path) -> AsyncIterator[tuple[MemoryLinks, Receiver]]:
+    """A receiver for ``replica`` served over in-memory links (closed afterwards)."""
+    receiver = Receiver(replica)
+    try:
+        async with trio.open_nursery() as nursery:
+            links = MemoryLinks(nursery)
+            links.add(NAME, receiver)
+            try:
+                yield links, receiver
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+
+
+async def _ship(primary: Path, connect: Connect, attempts: int = 3,
+                on_batch: Callable[[ReplicaState], None] | None = None) -> Sender:
+    """One ``cdpfs replicate``: ship until the replica has everything."""
+    async with served(primary, Mode.SOURCE) as src:
+        return await src.ship(NAME, ADDRESS, connect, follow=False, attempts=attempts,
+                              on_batch=on_batch)
+
+
+async def _refused(primary: Path, connect: Connect) -> CdpfsError:
+    """The error a ship ends with (Volume.ship runs the sender in a nursery, so it
+    comes wrapped in groups of one)."""
+    try:
+        await _ship(primary, connect)
+    except BaseException as exc:
+        err: BaseException = exc
+        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+            err = err.exceptions[0]
+        if not isinstance(err, CdpfsError):
+            raise
+        return err
+    raise AssertionError("the ship was not refused")
+
+
+async def _eventually(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.move_on_after(timeout):
+        while not check():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _user_marks(store: Store) -> dict[str, tuple[int, int]]:
+    with store.txn() as txn:
+        return {b.name: (b.seq, b.created_ns) for b in bookmarks.bookmarks(txn, store.db)}
+
+
+def _register(primary: Path, mode: str = "sync", **config: Any) -> None:
+    with Store(primary) as store, store.txn(write=True) as txn:
+        registry.put(txn, store.db, ReplicaState(NAME, ADDRESS, mode=mode))
+        for key, value in config.items():
+            store.set_config(txn, key, value)
+
+
+def _replica_top(receiver: Receiver) -> int:
+    assert receiver.store is not None
+    with receiver.store.txn() as txn:
+        return journal.last(txn, receiver.store.db)[0]
+
+
+# --- first and later ships ---------------------------------------------------------------
+
+
+async def test_first_ship_creates_the_replica_with_the_primarys_identity(
+        tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary, block_size=64 << 10)  # not the default: the replica must take it
+    top = await _write(primary, {b"big": os.urandom(300_000), b"small": b"s" * 3000,
+                                 b"d/inner": b"inner " * 1000, b"empty": b""}, dirs=(b"d",))
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            assert receiver.store is None and not receiver.store_ready.is_set()
+            sender = await _ship(primary, links.connect(NAME))
+            assert receiver.store_ready.is_set()
+            applied = receiver.counters.records_applied
+    p, r = _summary(primary), _summary(replica)
+    assert (r.uuid, r.block_size) == (p.uuid, 64 << 10)
+    assert r.seqs == p.seqs == list(range(1, top + 1))
+    assert r.tree == p.tree and r.tree[1] == 6  # root, d, d/inner, big, small, empty
+    assert r.blocks == p.blocks
+    # The records are kept byte for byte, and the replica is marked as one.
+    assert _tables(replica, ("journal",)) == _tables(primary, ("journal",))
+    with Store(replica) as store, store.txn() as txn:
+        assert store.config(txn, "role") == ROLE_REPLICA
+    assert applied == top and sender.state.acked == top and sender.state.records_sent == top
+    # A one-off ship registers the replica as manual (a mount does not ship to it).
+    with Store(primary) as store, store.txn() as txn:
+        state = registry.get(txn, store.db, NAME)
+    assert state is not None and (state.mode, state.acked, state.connected) == ("manual", top,
+                                                                              False)
+
+
+async def test_a_later_ship_sends_only_new_records_and_missing_blocks(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    content = os.urandom(MiB)
+    first = await _write(primary, {b"a": content})
+    fresh = os.urandom(200_000)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            one = await _ship(primary, links.connect(NAME))
+            sent1, records1 = one.state.bytes_sent, one.state.records_sent
+            received1 = receiver.counters.bytes_received
+            assert sent1 > MiB  # the first ship had to send every block
+            # A copy of a (the same blocks) and a new file.
+            second = await _write(primary, {b"copy": content, b"fresh": fresh})
+            two = await _ship(primary, links.connect(NAME))
+            sent2 = two.state.bytes_sent - sent1
+            received2 = receiver.counters.bytes_received - received1
+            assert two.state.records_sent - records1 == second - first
+            assert receiver.counters.records_applied == second
+    assert len(fresh) < sent2 < len(fresh) + 100_000, sent2  # the copy's blocks not resent
+    assert len(fresh) < received2 < len(fresh) + 100_000, received2
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == p.seqs and r.tree == p.tree and r.blocks == p.blocks
+
+
+async def test_a_cut_link_resumes_at_the_replicas_position(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    # 40 MiB of blocks: several batches (each at most 8 MiB of blocks), pipelined.
+    top = await _write(primary, {b"f%02d" % i: os.urandom(MiB) for i in range(40)})
+    cut_at: list[int] = []
+    with trio.fail_after(30):
+        async with _linked(replica) as (links, receiver):
+
+            def on_batch(state: ReplicaState) -> None:
+                if not cut_at:  # the first acknowledgement: more batches are on the way
+                    cut_at.append(state.acked)
+                    links.nursery.start_soon(links.cut)
+
+            sender = await _ship(primary, links.connect(NAME), attempts=5, on_batch=on_batch)
+            assert links.connections == 2
+            assert sender.state.acked == top
+            # Every record applied exactly once over both connections.
+            assert receiver.counters.records_applied == top
+    assert cut_at and 0 < cut_at[0] < top
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == list(range(1, top + 1)) == p.seqs
+    assert r.tree == p.tree and r.blocks == p.blocks
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+async def test_a_replica_of_another_volume_refuses(tmp_path: Path) -> None:
+    a, b, replica = tmp_path / "a", tmp_path / "b", tmp_path / "replica"
+    _make(a)
+    _make(b)
+    await _write(a, {b"f": b"of a" * 1000})
+    await _write(b, {b"f": b"of b" * 1000, b"g": os.urandom(10_000)})
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            await _ship(a, links.connect(NAME))
+    before = _tables(replica)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            err = await _refused(b, links.connect(NAME))
+            assert "refused" in str(err) and "holds volume" in str(err)
+            assert not isinstance(err, wire.WireError)
+            assert receiver.counters.records_applied == 0
+            assert links.connections == 1  # a refusal is not retried
+    assert _tables(replica) == before
+    assert _summary(replica).uuid == _summary(a).uuid
+    # b never heard from it: nothing registered there.
+    with Store(b) as store, store.txn() as txn:
+        assert registry.get(txn, store.db, NAME) is None
+
+
+@pytest.mark.parametrize("ahead", ["replica", "primary"])
+async def test_a_replica_whose_history_parted_is_refused(tmp_path: Path, ahead: str) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    shipped = await _write(primary, {b"f": os.urandom(50_000)})
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            await _ship(primary, links.connect(NAME))
+    # The replica is made role-free and written to: its history parts from the primary's.
+    with Store(replica) as store, store.txn(write=True) as txn:
+        assert txn.delete(b"config.role", db=store.db["meta"])
+    own = await _write(replica, {b"mine": b"written on the replica" * 100})
+    assert own > shipped
+    if ahead == "primary":  # the primary has a record (another) at the replica's position
+        top = await _write(primary, {b"g%d" % i: b"later" * 10 for i in range(4)})
+        assert top > own
+    before = _tables(replica)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            assert "parted" in str(await _refused(primary, links.connect(NAME)))
+            assert receiver.counters.records_applied == 0
+    assert _tables(replica) == before  # its own records stay
+    with Store(primary) as store, store.txn() as txn:
+        state = registry.get(txn, store.db, NAME)
+    assert state is not None and "parted" in state.last_error and not state.connected
+    assert state.acked == shipped
+
+
+async def test_a_protocol_mismatch_is_refused_before_the_store_is_made(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    with Store(primary) as store:
+        uuid, block_size = store.uuid, store.block_size
+    with trio.fail_after(10):
+        async with _linked(replica) as (links, receiver):
+            conn = wire.Connection(await links.connect(NAME)())
+            await conn.send(wire.HELLO, {"proto": PROTOCOL + 1, "uuid": uuid,
+                                         "block_size": block_size, "name": NAME})
+            with pytest.raises(wire.PeerError, match=f"protocol {PROTOCOL + 1} unsupported"):
+                await conn.recv(wire.WELCOME)
+            # Anything but a HELLO first drops the link.
+            conn = wire.Connection(await links.connect(NAME)())
+            await conn.send(wire.OFFER, {"blocks": [], "packs": []})
+            with pytest.raises(wire.WireError):
+                await conn.recv(wire.WANT)
+            assert receiver.store is None
+    assert not is_store(replica)
+
+
+# --- what follows: bookmarks, deletions ---------------------------------------------------
+
+
+async def test_bookmarks_follow_and_holds_stay_local(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    seqs = [await _write(primary, {b"f": b"version %d " % i * 500}) for i in range(4)]
+    with Store(primary) as store, store.txn(write=True) as txn:
+        made = {name: bookmarks.put(txn, store.db, name, seq)
+                for name, seq in (("alpha", seqs[0]), ("beta", seqs[2]), ("gamma", seqs[3]))}
+        bookmarks.hold(txn, store.db, "primary-view", seqs[1])  # a hold: not shipped
+    want = {name: (m.seq, m.created_ns) for name, m in made.items()}
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            await _ship(primary, links.connect(NAME))
+            store = receiver.store
+            assert store is not None
+            await _eventually("the bookmarks", lambda: _user_marks(store) == want)
+            with store.txn(write=True) as txn:  # the replica's own hold
+                bookmarks.hold(txn, store.db, "replica-view", seqs[1])
+    with Store(primary) as store, store.txn(write=True) as txn:
+        bookmarks.delete(txn, store.db, "alpha")
+        moved = bookmarks.put(txn, store.db, "beta", seqs[1], replace=True)
+        added = bookmarks.put(txn, store.db, "delta", seqs[0])
+    want = {"beta": (moved.seq, moved.created_ns), "gamma": want["gamma"],
+            "delta": (added.seq, added.created_ns)}
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            await _ship(primary, links.connect(NAME))
+            store = receiver.store
+            assert store is not None
+            await _eventually("the bookmarks again", lambda: _user_marks(store) == want)
+    with Store(replica) as store, store.txn() as txn:
+        holds = [m.name for m in bookmarks.all_points(txn, store.db) if m.is_hold]
+        assert holds == [bookmarks.hold_name("replica-view")]
+        assert tree_hash(store, txn, want["beta"][0]) == _tree_at(primary, want["beta"][0])
+
+
+async def test_deletions_follow_and_history_stays(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    before = await _write(primary, {b"a": os.urandom(300_000), b"b": b"bee" * 9000,
+                                    b"d/x": b"x" * 7000}, dirs=(b"d",))
+    async with served(primary) as vol:
+        b = (await vol.call(vol.fs.lookup, 1, b"b")).ino
+        await vol.call(vol.fs.setxattr, b, b"user.tag", b"v1")
+        await vol.call(vol.fs.sync, durable=True)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            await _ship(primary, links.connect(NAME))
+            async with served(primary) as vol:
+                await vol.call(vol.fs.unlink, 1, b"a")
+                d = (await vol.call(vol.fs.lookup, 1, b"d")).ino
+                await vol.call(vol.fs.unlink, d, b"x")
+                await vol.call(vol.fs.rmdir, 1, b"d")
+                await vol.call(vol.fs.removexattr, b, b"user.tag")
+                await vol.call(functools.partial(vol.fs.setattr, b, size=10))
+                after = int(await vol.call(vol.fs.sync, durable=True))
+            await _ship(primary, links.connect(NAME))
+    p, r = _summary(primary), _summary(replica)
+    assert r.top == p.top == after and r.tree == p.tree and r.tree[1] == 2  # root and b
+    with Store(replica) as store, store.txn() as txn:
+        now, then = View(store, txn, after), View(store, txn, before)
+        assert now.lookup(1, b"a") is None and now.lookup(1, b"d") is None
+        assert now.xattr(b, b"user.tag") is None and now.read_file("b") == b"beebeebeeb"
+        assert then.read_file("d/x") == b"x" * 7000 and then.lookup(1, b"a") is not None
+    assert _tree_at(replica, before) == _tree_at(primary, before)
+
+
+# --- damage on the wire ---------------------------------------------------------------------
+
+
+class _Once:
+    """Whether the damage is still to be done (shared by every connection)."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.damaged: bytes = b""
+
+
+class _Corrupting(trio.abc.Stream):
+    """A link that flips one byte of the first large piece it carries, once."""
+
+    def __init__(self, inner: trio.abc.Stream, once: _Once) -> None:
+        self.inner = inner
+        self.once = once
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.once.armed and len(data) > 64 << 10 and bytes(data[:2]) != wire.MAGIC:
+            self.once.armed = False
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0x01
+            data = self.once.damaged = bytes(damaged)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_block_damaged_on_the_wire_is_never_applied(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    top = await _write(primary, {b"a": os.urandom(MiB), b"b": os.urandom(MiB)})
+    once = _Once()
+    caplog.set_level(logging.WARNING, "cdpfs.replication")
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            plain = links.connect(NAME)
+
+            async def connect() -> trio.abc.Stream:
+                return _Corrupting(await plain(), once)
+
+            sender = await _ship(primary, connect, attempts=3)
+            assert not once.armed and len(once.damaged) > CHUNK  # a whole stored block
+            assert links.connections == 2  # dropped, then sent again
+            assert sender.state.acked == top
+            assert receiver.counters.records_applied == top  # none of the damaged batch
+    assert any("received a damaged block" in r.getMessage() for r in caplog.records)
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == p.seqs and r.tree == p.tree and r.blocks == p.blocks
+    with Store(replica) as store, store.txn() as txn:
+        for name, stored in txn.cursor(db=store.db["blocks"]):
+            codec.check(stored, bytes(name))  # every block is what its name says
+            assert bytes(stored) != once.damaged
+
+
+# --- records out of turn, stale sessions ------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0, 2], ids=["again", "gap"])
+async def test_a_record_out_of_turn_is_refused(tmp_path: Path, offset: int,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A primary (here: frames made by hand) sending the replica's own last record
+    again, or one past a gap: the link drops and nothing of the batch is applied."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    shipped = await _write(primary, {b"f": b"one" * 1000})
+    top = await _write(primary, {b"g": b"two" * 1000, b"h": b"three" * 1000})
+    assert top >= shipped + 2
+    with Store(primary) as store, store.txn() as txn:
+        uuid, block_size = store.uuid, store.block_size
+        raw = {seq: bytes(txn.get(U64.pack(seq), db=store.db["journal"]))
+               for seq in range(1, top + 1)}
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            conn = wire.Connection(await links.connect(NAME)())
+            await conn.send(wire.HELLO, {"proto": PROTOCOL, "uuid": uuid,
+                                         "block_size": block_size, "name": NAME})
+            _, welcome = await conn.recv(wire.WELCOME)
+            assert welcome["acked"] == 0 and welcome["uuid"] == uuid
+            # Record #1 (the root; it references no blocks) is taken.
+            await conn.send(wire.OFFER, {"blocks": [], "packs": []})
+            await conn.recv(wire.WANT)
+            await conn.send(wire.DATA, {"records": [[1, raw[1]]]})
+            assert await conn.recv(wire.ACK) == (wire.ACK, {"seq": 1})
+            seq = 1 + offset  # 1 again, or 3 with 2 missing
+            await conn.send(wire.OFFER, {"blocks": [], "packs": []})
+            await conn.recv(wire.WANT)
+            await conn.send(wire.DATA, {"records": [[seq, raw[seq]]]})
+            with pytest.raises(wire.WireError):
+                await conn.recv(wire.ACK)
+            assert any(f"record #{seq} out of order (replica is at #1)" in r.getMessage()
+                       for r in caplog.records)
+            assert _replica_top(receiver) == 1 and receiver.counters.records_applied == 1
+            # A real ship then completes from #1.
+            sender = await _ship(primary, links.connect(NAME))
+            assert sender.state.records_sent == top - 1
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == p.seqs and r.tree == p.tree
+
+
+async def test_a_reconnecting_primary_replaces_its_stale_session(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    top = await _write(primary, {b"f": os.urandom(400_000)})
+    with Store(primary) as store:
+        uuid, block_size = store.uuid, store.block_size
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            stale = wire.Connection(await links.connect(NAME)())
+            await stale.send(wire.HELLO, {"proto": PROTOCOL, "uuid": uuid,
+                                          "block_size": block_size, "name": NAME})
+            await stale.recv(wire.WELCOME)  # a session, then silence (a dead link)
+            sender = await _ship(primary, links.connect(NAME), attempts=1)
+            assert sender.state.acked == top
+            with pytest.raises(wire.WireError):  # the stale one was dropped
+                await stale.recv()
+    assert _summary(replica).tree == _summary(primary).tree
+
+
+@pytest.fixture
+def jumping_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps to the next deadline once everything has waited 50 ms
+    (threads included), so a 30 s timeout takes a moment."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+async def test_a_replica_that_never_welcomes_drops_the_link(
+        tmp_path: Path, jumping_clock: trio.testing.MockClock) -> None:
+    """A replica that takes the connection and the HELLO, then moves no byte (a hung
+    process, a partition): the sender owes nothing, the replica owes WELCOME. After
+    ANSWER_TIMEOUT of silence the link is dropped and, attempts spent, the sender
+    gives up (docs: "a peer that owes an answer and moves no byte for 30 s also drops
+    the link")."""
+    primary = tmp_path / "primary"
+    _make(primary)
+    silent: list[trio.abc.Stream] = []
+
+    async def connect() -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        silent.append(theirs)
+        return ours
+
+    with Store(primary) as store:
+        sender = Sender(store, NAME, ADDRESS, connect)
+        start = trio.current_time()
+        with trio.move_on_after(ANSWER_TIMEOUT * 4) as hung, \
+                pytest.raises(CdpfsError, match=NAME):
+            await sender.run(follow=False, attempts=1)
+        assert not hung.cancelled_caught, "the sender waits for WELCOME forever"
+        assert ANSWER_TIMEOUT <= trio.current_time() - start < ANSWER_TIMEOUT * 2
+        assert len(silent) == 1 and sender.state.last_error
+
+
+# --- full resync ------------------------------------------------------------------------------
+
+
+def _thin(primary: Path, now_ns: int, **config: Any) -> None:
+    """Keep every record for 1 s only, then prune as of ``now_ns``."""
+    with Store(primary) as store:
+        with store.txn(write=True) as txn:
+            retention.save_policy(store, txn, retention.Policy(keep_all=1))
+            for key, value in config.items():
+                store.set_config(txn, key, value)
+        result = prune(store, now_ns=now_ns)
+    assert result.records > 0
+
+
+def _history_tables(path: Path) -> dict[str, dict[bytes, bytes]]:
+    return _tables(path, BASE_TABLES)
+
+
+async def _thinned(primary: Path, clock: FakeClock, mark_at: int) -> tuple[list[int], int]:
+    """A volume whose early journal is thinned (a bookmark at ``mark_at`` kept): its
+    journal's seqs and the newest."""
+    _make(primary)
+    for i in range(6):
+        await _write(primary, {b"f%d" % (i % 3): os.urandom(40_000)}, clock=clock)
+    with Store(primary) as store, store.txn(write=True) as txn:
+        bookmarks.put(txn, store.db, "early", mark_at)
+    clock.advance(7200)
+    _thin(primary, clock())
+    seqs = _summary(primary).seqs
+    assert mark_at in seqs and len(seqs) < seqs[-1]  # holes in the journal
+    return seqs, seqs[-1]
+
+
+async def test_a_replica_joining_a_thinned_volume_gets_a_full_resync(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    clock = FakeClock()  # stands still: every record of the same minute
+    seqs, top = await _thinned(primary, clock, mark_at=3)
+    assert seqs[0] > 1  # the journal no longer starts at #1
+    caplog.set_level(logging.INFO, "cdpfs.replication")
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            sender = await _ship(primary, links.connect(NAME))
+            assert sender.state.acked == top
+            assert receiver.counters.records_applied == 0  # history came as tables
+    logs = [r.getMessage() for r in caplog.records]
+    assert any("needs a full resync" in m for m in logs)
+    assert any(f"full resync to #{top} done" in m for m in logs)
+    assert _history_tables(replica) == _history_tables(primary)
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == p.seqs and r.tree == p.tree
+    assert _tree_at(replica, 3) == _tree_at(primary, 3)  # the bookmarked point came along
+    with Store(replica) as store, store.txn() as txn:
+        assert txn.get(BASE_PENDING, db=store.db["meta"]) is None
+    # Then ordinary records follow, without another resync.
+    caplog.clear()
+    newer = await _write(primary, {b"later": b"after the resync" * 100}, clock=clock)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            await _ship(primary, links.connect(NAME))
+            assert receiver.counters.records_applied == newer - top
+    assert not any("full resync" in r.getMessage() for r in caplog.records)
+    p, r = _summary(primary), _summary(replica)
+    assert r.seqs == p.seqs and r.tree == p.tree
+
+
+async def test_a_hole_after_the_replicas_position_gets_a_full_resync(
+        tmp_path: Path) -> None:
+    """The journal thinned with its first record kept (bookmarked): the record after
+    the replica's position is there, a later one is not. A full resync is still due
+    (docs: "when the records after a replica's position are no longer in the
+    journal"), not a refusal."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    clock = FakeClock()
+    seqs, top = await _thinned(primary, clock, mark_at=1)
+    assert seqs[:2] == [1, 2]  # #1 and #2 are there, then a hole
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            sender = await _ship(primary, links.connect(NAME))
+            assert sender.state.acked == top
+    assert _history_tables(replica) == _history_tables(primary)
+    assert _tree_at(replica, top) == _tree_at(primary, top)
+
+
+async def test_a_replica_let_go_gets_a_full_resync_of_what_differs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    clock = FakeClock()
+    kept = os.urandom(2 * MiB)
+    shipped = await _write(primary, {b"kept": kept, b"small": b"first"}, clock=clock)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            await _ship(primary, links.connect(NAME))
+    # The replica goes away; the primary writes on, lets it go (max lag 1) and prunes.
+    fresh = os.urandom(300_000)
+    for i in range(5):  # each rewrite supersedes the one before: the records go
+        await _write(primary, {b"small": b"line %d\n" % i * 50}, clock=clock)
+    await _write(primary, {b"fresh": fresh}, clock=clock)
+    clock.advance(7200)
+    _thin(primary, clock(), replica_max_lag=1)
+    with Store(primary) as store, store.txn() as txn:
+        assert journal.get(txn, store.db, shipped + 1) is None
+        top = journal.last(txn, store.db)[0]
+        sent_before = registry.get(txn, store.db, NAME).bytes_sent  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO, "cdpfs.replication")
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            sender = await _ship(primary, links.connect(NAME))
+    assert any("needs a full resync" in r.getMessage() for r in caplog.records)
+    sent = sender.state.bytes_sent - sent_before
+    assert len(fresh) < sent < len(fresh) + MiB // 2, sent  # kept's blocks were there
+    assert _history_tables(replica) == _history_tables(primary)
+    p, r = _summary(primary), _summary(replica)
+    assert r.top == p.top == top and r.tree == p.tree and p.blocks <= r.blocks
+
+
+# --- a live volume's fan-out, sync mode ----------------------------------------------------------
+
+
+async def test_fsync_returns_once_the_sync_replica_holds_the_record(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    await _write(primary, {b"before": os.urandom(100_000)})
+    _register(primary, mode="sync")
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver), \
+                served(primary, connector=links.connector) as vol:
+            assert vol.fanout is not None and vol.store is not None
+            fh, _ = await vol.call(vol.fs.create, 1, b"f", 0o644, os.O_RDWR, 0, 0)
+            for i in range(5):
+                await vol.write(fh, i * CHUNK, os.urandom(CHUNK))
+                await vol.fsync(fh)
+                with vol.store.txn() as txn:
+                    top = journal.last(txn, vol.store.db)[0]
+                assert receiver.store is not None
+                assert _replica_top(receiver) == top, i  # already there on return
+            assert vol.fanout.degraded == set()
+            assert vol.counters.records_shipped == top
+            assert receiver.counters.records_applied == top
+            assert vol.counters.bytes_shipped > 5 * CHUNK
+            assert vol.lag() == {NAME: 0}
+    assert _summary(replica).tree == _summary(primary).tree
+
+
+class _Silent:
+    """A connector to a replica that takes the connection and never answers, until
+    ``revive``: then the links to the real receiver."""
+
+    def __init__(self, links: MemoryLinks) -> None:
+        self.links = links
+        self.alive = False
+        self.dead: list[trio.abc.Stream] = []
+
+    def connector(self, store: Store, state: ReplicaState) -> Connect:
+        real = self.links.connect(state.name)
+
+        async def connect() -> trio.abc.Stream:
+            if self.alive:
+                return await real()
+            ours, theirs = trio.testing.memory_stream_pair()
+            self.dead.append(theirs)  # nobody reads it
+            return ours
+
+        return connect
+
+    async def revive(self) -> None:
+        self.alive = True
+        for stream in self.dead:
+            await trio.aclose_forcefully(stream)
+
+
+async def _fsync_took(vol: Volume, fh: int, off: int) -> float:
+    await vol.write(fh, off, os.urandom(4096))
+    start = trio.current_time()
+    await vol.fsync(fh)
+    return trio.current_time() - start
+
+
+async def test_a_silent_sync_replica_is_degraded_after_the_timeout(tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    _register(primary, mode="sync", sync_timeout=0.5)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            silent = _Silent(links)
+            async with served(primary, connector=silent.connector) as vol:
+                assert vol.fanout is not None
+                fh, _ = await vol.call(vol.fs.create, 1, b"f", 0o644, os.O_RDWR, 0, 0)
+                took = await _fsync_took(vol, fh, 0)
+                assert 0.5 <= took < 2.0, took
+                assert vol.fanout.degraded == {NAME}
+                took = await _fsync_took(vol, fh, 4096)  # no longer waited for
+                assert took < 0.4, took
+                assert vol.counters.records_shipped == 0
+                assert silent.dead and receiver.store is None
+
+
+async def test_a_degraded_sync_replica_is_waited_for_again_once_caught_up(
+        tmp_path: Path) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    _register(primary, mode="sync", sync_timeout=0.5)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            silent = _Silent(links)
+            async with served(primary, connector=silent.connector) as vol:
+                assert vol.fanout is not None and vol.store is not None
+                fh, _ = await vol.call(vol.fs.create, 1, b"f", 0o644, os.O_RDWR, 0, 0)
+                await _fsync_took(vol, fh, 0)
+                assert vol.fanout.degraded == {NAME}
+                await silent.revive()  # the replica answers again: the sender reconnects
+                sender = vol.fanout.senders[NAME]
+                with vol.store.txn() as txn:
+                    top = journal.last(txn, vol.store.db)[0]
+                await _eventually("the replica to catch up", lambda: sender.state.acked >= top)
+                for i in range(3):  # caught up: each fsync waits for it again
+                    await _fsync_took(vol, fh, (i + 1) * 4096)
+                    with vol.store.txn() as txn:
+                        top = journal.last(txn, vol.store.db)[0]
+                    assert _replica_top(receiver) == top, i
+                assert vol.fanout.degraded == set()
+                assert vol.counters.records_shipped == receiver.counters.records_applied == top
+
