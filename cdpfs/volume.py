@@ -136,28 +136,7 @@ class Volume:
             return
         self.store = store = await trio.to_thread.run_sync(Store, self.path)
         if self.mode is Mode.LIVE:
-            await trio.to_thread.run_sync(self._lock_live, store)
-            engine = self.engine = Engine(store, counters=self.counters)
-            fs = self.live = FileSystem(store, engine, kernel_mtime=self.kernel_mtime,
-                                        **self._clocked())
-            await trio.to_thread.run_sync(engine.start)
-            await engine.call(fs.recover, durable=True)
-            self.fs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
-                             show_history=self.show_history, on_slot=self._hold,
-                             **self._clocked())
-            self.fanout = await trio.to_thread.run_sync(
-                lambda: Fanout(store, self.counters, self.connector))
-            token = self._token
-            assert token is not None
-            fanout = self.fanout
-
-            def committed() -> None:  # on the store thread
-                try:
-                    token.run_sync_soon(fanout.committed)
-                except trio.RunFinishedError:
-                    pass
-
-            engine.after_commit(committed)
+            await self._open_live(store)
         elif self.mode in (Mode.SNAPSHOT, Mode.FOLLOW):
             if self.mode is Mode.SNAPSHOT:
                 self.seq = await trio.to_thread.run_sync(self._hold_snapshot, store)
@@ -165,6 +144,31 @@ class Volume:
             self.fs = TimeFS(store, lambda s: View(store, reader.txn, s), base_seq=self.seq,
                              follow=self.mode is Mode.FOLLOW, show_history=self.show_history,
                              **self._clocked())
+
+    async def _open_live(self, store: Store) -> None:
+        """Lock, check the role, start the engine, recover; the history and the
+        senders, which every commit wakes."""
+        await trio.to_thread.run_sync(self._lock_live, store)
+        engine = self.engine = Engine(store, counters=self.counters)
+        fs = self.live = FileSystem(store, engine, kernel_mtime=self.kernel_mtime,
+                                    **self._clocked())
+        await trio.to_thread.run_sync(engine.start)
+        await engine.call(fs.recover, durable=True)
+        self.fs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
+                         show_history=self.show_history, on_slot=self._hold, **self._clocked())
+        fanout = self.fanout = await trio.to_thread.run_sync(
+            lambda: Fanout(store, self.counters, self.connector))
+        token = self._token
+        assert token is not None
+
+        def committed() -> None:  # on the store thread
+            try:
+                token.run_sync_soon(fanout.committed)
+            except trio.RunFinishedError:
+                pass
+
+        engine.after_commit(committed)
+
 
     def _clocked(self) -> dict[str, Callable[[], int]]:
         """The clock option of the layers below: a fake clock a test gave, or their own."""
@@ -185,7 +189,6 @@ class Volume:
         assert self.at is not None
         with store.txn(write=True) as txn:
             seq = resolve(store, txn, self.at, self._now()).seq
-
             bookmarks.hold(txn, store.db, "snapshot", seq)
         return seq
 

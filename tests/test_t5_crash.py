@@ -155,6 +155,8 @@ def writer_main(mnt: Path, log_path: Path, state_path: Path, iteration: int, see
 # --- the test ------------------------------------------------------------------------
 
 ITERATIONS = int(os.environ.get("CDPFS_CRASH_ITERS", "24"))
+BENCH = Path(__file__).resolve().parent.parent / "bench"  # where the harness is
+
 
 State = list[bytes | None]  # a file's possible contents since its last fsync (None: absent)
 
@@ -340,12 +342,16 @@ def holder_alive(vol: Volume) -> bool:
 def run_and_crash(volume: Volume, rng: random.Random, it: int, log_path: Path,
                   state_path: Path) -> str:
     """Start the writer, SIGKILL the mount daemon mid-workload, then the writer; detach."""
+    # This file is the writer too; as a script it finds the harness as pytest does.
+    path = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         [sys.executable, __file__, str(volume.mnt), str(log_path), str(state_path),
-         str(it), str(rng.getrandbits(62))], stderr=subprocess.PIPE, text=True)
+         str(it), str(rng.getrandbits(62))], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": path})
     try:
-        wait_until(lambda: log_path.exists() and log_path.stat().st_size > 0,
-                   what="the writer to start")
+        wait_until(lambda: (log_path.exists() and log_path.stat().st_size > 0)
+                   or proc.poll() is not None, what="the writer to start")
+
         if it % 2:  # right after the n-th fsync returned
             n = rng.randint(1, 6)
             deadline = time.monotonic() + 10

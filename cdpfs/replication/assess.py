@@ -1,6 +1,6 @@
 """Assessment: what replication would send, measured from the journal, sending nothing.
 
-``assess`` walks the records of a period in the batches the shipper would make
+``assess`` walks the records of a period in the batches the sender would make
 (``batches.read_batch``) and builds the frames it would send (``batches.data_frame``):
 the offer of hashes, the blocks and packs a replica that was current at the
 start would lack (each once), and the records, compressed as on the wire. The

@@ -1,4 +1,4 @@
-"""Batches: what the shipper sends, read from the journal and the block table.
+"""Batches: what the sender sends, read from the journal and the block table.
 
 ``read_batch`` takes the next records after a replica's position and lists the
 blocks and packs they reference (what an OFFER names); ``read_base_chunk`` does
