@@ -822,7 +822,8 @@ class Bench:
             away = watch.state()
             queued = target - away.acked
             t0 = time.monotonic()
-            ready = p.server.start()
+            p.server.start()
+            ready = time.monotonic() - t0
             connected_at = None
             deadline = t0 + max(600, cfg.disconnect * 2)
             while True:
