@@ -1,9 +1,9 @@
 """Shared fixtures: real stores and real FUSE mounts, always cleaned up.
 
-Tests that need a FUSE mount (the ``volume``/``make_volume`` fixtures, or
-``needs_fuse``) or network namespaces (``needs_netns``) are skipped, with the
-reason, where this process cannot make them (no real /dev/fuse, no
-capabilities): the in-process tier runs anywhere.
+Tests that need a FUSE mount (the ``volume``/``make_volume`` fixtures) or
+network namespaces are skipped, with the reason, where this process cannot
+make them (no real /dev/fuse, no capabilities): the in-process tier runs
+anywhere.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Procs, Volume, can_make_netns, can_mount
+from harness import Procs, Volume, can_mount
 
 HAVE_FUSE = can_mount()
-needs_fuse = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and CAP_SYS_ADMIN")
-needs_netns = pytest.mark.skipif(not can_make_netns(),
-                                 reason="needs CAP_NET_ADMIN and ip(8) for network namespaces")
 
 
 @pytest.fixture

@@ -57,11 +57,6 @@ def put(txn: lmdb.Transaction, dbs: dict[str, Any], state: ReplicaState) -> None
     txn.put(state.name.encode(), state.pack(), db=dbs["replicas"])
 
 
-def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
-    """Forget replica ``name``; False if it was not registered."""
-    return bool(txn.delete(name.encode(), db=dbs["replicas"]))
-
-
 def states(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[ReplicaState]:
     """Every registered replica, by name."""
     return [ReplicaState.unpack(v) for _, v in txn.cursor(db=dbs["replicas"])]
