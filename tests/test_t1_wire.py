@@ -288,8 +288,9 @@ async def test_an_unexpected_frame_type_is_refused() -> None:
     with pytest.raises(wire.WireError, match="unexpected 200"):
         await _received(_handmade(200, 0, msgpack.packb({})), wire.DATA)
     # No expectation: any type is returned.
-    await a.send(wire.WANT, {"blocks": []})
-    assert await b.recv() == (wire.WANT, {"blocks": []})
+    await a.send(wire.WANT, {"blocks": [], "packs": []})
+    assert await b.recv() == (wire.WANT, {"blocks": [], "packs": []})
+
 
 
 async def test_an_error_frame_raises_peer_error_with_its_message() -> None:
@@ -305,7 +306,7 @@ async def test_an_error_frame_raises_peer_error_with_its_message() -> None:
 
 async def test_recv_refuses_a_frame_with_pieces() -> None:
     a, b = _pair()
-    await a.send_frame(wire.frame(wire.WANT, {"blocks": []}, pieces=[b"p"]))
+    await a.send_frame(wire.frame(wire.WANT, {"blocks": [], "packs": []}, pieces=[b"p"]))
     with pytest.raises(wire.WireError, match="unexpected pieces"):
         await b.recv(wire.WANT)
     # recv_frame takes it (and the connection is still in step for the next).
@@ -376,7 +377,7 @@ async def test_sent_and_received_count_the_bytes() -> None:
     a, b = _pair()
     (_, stored), = _blocks(1, 20_000)
     frames = [wire.frame(wire.HELLO, {"proto": 2}), wire.frame(wire.DATA, BODY, pieces=[stored]),
-              wire.frame(wire.OFFER, {"blocks": [b"x" * 32] * 50})]
+              wire.frame(wire.OFFER, {"blocks": [b"x" * 32] * 50, "packs": []})]
     total = 0
     for parts in frames:
         total += await a.send_frame(parts)

@@ -71,16 +71,21 @@ def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> Bookmark | Non
 def put(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int, *,
         replace: bool = False) -> Bookmark:
     """Name point ``seq``; BadMoment for a bad or taken name or an unknown seq."""
-    try:
-        named = name[:1] not in "@." and parse(name).kind == "bookmark"
-    except BadMoment:
-        named = False
-    if not named:
+    if not valid_name(name):
         raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
                         "(up to 100, no leading @) and must not read as a time or #sequence")
     if not replace and get(txn, dbs, name) is not None:
         raise Exists(f"bookmark {name!r} exists (delete it first)")
     return _write(txn, dbs, name, seq)
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name a bookmark: letters, digits and _ . + - (up to 100,
+    no leading @ or .) that do not read as a time or #sequence."""
+    try:
+        return name[:1] not in "@." and parse(name).kind == "bookmark"
+    except BadMoment:
+        return False
 
 
 def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Bookmark:
@@ -126,8 +131,9 @@ def mirror(txn: lmdb.Transaction, dbs: dict[str, Any], marks: dict[str, list[int
             changed += 1
     for name, (seq, created_ns) in marks.items():
         value = U64.pack(seq) + U64.pack(created_ns)
-        if name.startswith(HOLD) or journal.get(txn, dbs, seq) is None:
-            continue
+        if not valid_name(name) or journal.get(txn, dbs, seq) is None:
+            continue  # holds are each store's own; a name no bookmark may have is skipped
+
         if txn.get(name.encode(), db=dbs["bookmarks"]) != value:
             txn.put(name.encode(), value, db=dbs["bookmarks"])
             changed += 1

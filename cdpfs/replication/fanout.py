@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from ..counters import Counters
-from ..errors import CdpfsError
+from ..errors import CdpfsError, root_cause
 from ..store.lmdb import Store
 from . import credentials
 from .registry import ReplicaState, load_states
@@ -113,6 +113,10 @@ class Fanout:
             await sender.run(follow=True, attempts=0)
         except CdpfsError as exc:  # refused, or the journal it needs is gone
             log.error("replication to %s stopped: %s", sender.state.name, exc)
+        except Exception as exc:  # never the volume's end: it goes on serving
+            log.error("replication to %s stopped: internal error: %s", sender.state.name,
+                      root_cause(exc))
+            log.debug("the internal error", exc_info=True)
 
     def committed(self) -> None:
         """New records are committed (or bookmarks changed): wake the senders."""

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lmdb
+import msgpack
 import trio
 
 from ..counters import Counters
@@ -75,18 +77,29 @@ class _Incoming:
             sum(len(raw) for _, raw in self.records) + \
             sum(len(k) + len(v) for k, v in (self.base or {}).get("items", []))
 
-    def check(self) -> None:
-        """WireError unless each block and pack is what its hash says."""
+    def check(self, limit: int) -> None:
+        """WireError unless each block and pack is what its hash says (and decodes to
+        at most ``limit`` bytes, the block size)."""
         try:  # never keep a block that is not what it claims
             for digest, stored in self.blocks.items():
-                codec.check(stored, digest)
+                codec.check(stored, digest, limit)
             for pack, stored in self.packs.items():
-                codec.decode_pack(stored, pack)
+                codec.decode_pack(stored, pack, limit)
         except Corrupt as exc:
             raise wire.WireError(f"received a damaged block: {exc}") from None
 
     def apply(self, txn: Any, store: Store, acked: int) -> int:
-        """Write it in ``txn``; the seq the replica is at after it."""
+        """Write it in ``txn``; the seq the replica is at after it. WireError (and
+        nothing of it kept: the caller's transaction aborts) if it cannot be applied."""
+        try:
+            return self._apply(txn, store, acked)
+        except (lmdb.BadValsizeError, KeyError, TypeError, ValueError,
+                msgpack.UnpackException) as exc:
+            raise wire.WireError(f"the primary sent a batch that cannot be applied: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    def _apply(self, txn: Any, store: Store, acked: int) -> int:
+
         for digest in self.offer["blocks"]:  # had when offered: still here (prune)?
             if digest not in self.blocks and txn.get(digest, db=store.db["blocks"]) is None:
                 raise wire.WireError(f"block {bytes(digest).hex()} went away since it was "
@@ -197,6 +210,8 @@ class Receiver:
         if hello.get("proto") != PROTOCOL:
             await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
             return
+        if not isinstance(hello.get("uuid"), str) or not isinstance(hello.get("block_size"), int):
+            raise wire.WireError("HELLO without the volume's uuid and block size")
         if self.store is not None and self.store.uuid != hello.get("uuid"):
             log.warning("%s: refused: this replica holds volume %s, not %s", peer,
                         self.store.uuid, hello.get("uuid"))
@@ -314,7 +329,8 @@ class Receiver:
     def _apply(self, store: Store, acked: int, group: list[_Incoming]) -> list[int]:
         """Verify and commit batches in one synced transaction; the seq each ends at."""
         for item in group:
-            item.check()
+            item.check(store.block_size)
+
         store.grow_if_needed(2 * sum(item.size() for item in group) + (64 << 20))
         marks = []
         with store.txn(write=True) as txn:
@@ -360,6 +376,9 @@ class Receiver:
             log.warning("%s: connection dropped: %s", peer, root_cause(exc))
         except CdpfsError as exc:
             log.error("%s: %s", peer, exc)
+        except Exception as exc:  # a bug: it costs this connection, not the server
+            log.error("%s: internal error, connection dropped: %s", peer, root_cause(exc))
+            log.debug("the internal error", exc_info=True)
 
 
 def _peer(stream: trio.SocketStream) -> str:

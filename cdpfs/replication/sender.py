@@ -153,20 +153,27 @@ class Sender:
                 log.warning("%s: a full resync follows", exc)
                 self._resync = True
             except LINK_ERRORS as exc:
-                self._failures += 1
-                failures = self._failures
-                error = root_cause(exc)
-                log.log(logging.WARNING if error != self.state.last_error else logging.DEBUG,
-                        "replica %s at %s: %s; retrying", self.state.name, self.address, error)
-                self.state.connected, self.state.last_error = False, error
-                await trio.to_thread.run_sync(self._save)
-                if attempts and failures >= attempts:
-                    raise CdpfsError(f"replica {self.state.name}: {self.state.last_error}") \
-                        from None
-                await trio.sleep(min(2.0, 0.2 * 2 ** min(failures, 4)))
+                await self._failed(exc, attempts)
             except CdpfsError as exc:  # not the link: e.g. its history parted from this one
                 await self._stopped(str(exc))
                 raise
+            except Exception as exc:  # a bug, here or provoked by the replica: this link only
+                log.debug("internal error shipping to %s", self.state.name, exc_info=True)
+                await self._failed(exc, attempts, internal=True)
+
+    async def _failed(self, exc: BaseException, attempts: int, internal: bool = False) -> None:
+        """A connection failed: note it, give up after ``attempts`` in a row, else wait."""
+        self._failures += 1
+        error = ("internal error: " if internal else "") + root_cause(exc)
+        level = logging.ERROR if internal else logging.WARNING
+        log.log(level if error != self.state.last_error else logging.DEBUG,
+                "replica %s at %s: %s; retrying", self.state.name, self.address, error)
+        self.state.connected, self.state.last_error = False, error
+        await trio.to_thread.run_sync(self._save)
+        if attempts and self._failures >= attempts:
+            raise CdpfsError(f"replica {self.state.name}: {self.state.last_error}") from None
+        await trio.sleep(min(2.0, 0.2 * 2 ** min(self._failures, 4)))
+
 
     async def _stopped(self, error: str) -> None:
         """Shipping to this replica ends on ``error``: keep it for status."""
@@ -226,7 +233,8 @@ class Sender:
         if they changed (MARKS)."""
         slots = trio.Semaphore(PIPELINE)
         send_lock = trio.Lock()
-        offered_in, offered = trio.open_memory_channel[tuple[list[list[Any]], _Sent]](PIPELINE)
+        offered_in, offered = trio.open_memory_channel[
+            tuple[list[list[Any]], dict[str, list[Any]], _Sent]](PIPELINE)
         wants_in, wants = trio.open_memory_channel[dict[str, list[Any]]](PIPELINE)
         inflight: deque[_Sent] = deque()  # sent, waiting for their ACK, in order
         pending = 0  # frames that expect an answer (OFFER: WANT, DATA: ACK)
@@ -234,9 +242,10 @@ class Sender:
         ready_in, ready = trio.open_memory_channel[tuple[list[wire.Part], _Sent]](1)
 
         async def loader() -> None:  # reads the next frame's blocks while one is sent
-            async for batch, sent in offered:
+            async for batch, refs, sent in offered:
                 want = await wants.receive()
-                parts = await trio.to_thread.run_sync(self._data_frame, want, {"records": batch})
+                parts = await trio.to_thread.run_sync(self._data_frame, want, refs,
+                                                      {"records": batch})
                 await ready_in.send((parts, sent))
 
         async def sender() -> None:
@@ -283,7 +292,7 @@ class Sender:
                     async with send_lock:
                         pending += 1
                         sent.nbytes += await conn.send(wire.OFFER, refs)
-                    await offered_in.send((batch, sent))
+                    await offered_in.send((batch, refs, sent))
                     upto = batch[-1][0]
                     continue
                 slots.release()
@@ -352,8 +361,9 @@ class Sender:
         with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
             await conn.send(wire.OFFER, refs)
             _, want = await conn.recv(wire.WANT)
-        parts = await trio.to_thread.run_sync(self._data_frame, want, body)
+        parts = await trio.to_thread.run_sync(self._data_frame, want, refs, body)
         await conn.send_frame(parts, pace=self._throttle)
+
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
         return int(ack["seq"])
@@ -396,6 +406,12 @@ class Sender:
         self._budget_at = max(self._budget_at, now) + nbytes / self.state.limit
         await trio.sleep_until(self._budget_at)
 
-    def _data_frame(self, want: dict[str, list[Any]], body: dict[str, Any]) -> list[wire.Part]:
+    def _data_frame(self, want: dict[str, list[Any]], offer: dict[str, list[Any]],
+                    body: dict[str, Any]) -> list[wire.Part]:
+        """The DATA frame of ``body`` with what the replica wants of ``offer``."""
+        for kind in ("blocks", "packs"):
+            if not set(want[kind]) <= set(offer[kind]):
+                raise wire.WireError(f"the replica wants {kind} that were not offered")
         with self.store.txn() as txn:
             return data_frame(self.store, txn, want, body)
+

@@ -27,22 +27,32 @@ import zstandard
 
 from ..errors import CdpfsError, root_cause
 from ..store import codec
+from . import messages
+from .messages import (  # noqa: F401 (the frame types, as wire.HELLO ...)
+    ACK,
+    BASE,
+    DATA,
+    ERROR,
+    HELLO,
+    MARKS,
+    NAMES,
+    OFFER,
+    WANT,
+    WELCOME,
+)
 
 MAGIC = b"CD"
 _HEAD = struct.Struct(">2sBBI")
 _COUNT = struct.Struct(">I")
 CHECK = 16
 MAX_FRAME = 256 << 20
+MAX_BODY = 64 << 20  # bytes a compressed payload may decompress to
 COMPRESSED = 1
 PIECES = 2
 MAX_PIECES = 1 << 16
 COMPRESS_MIN = 512
 READ_SIZE = 1 << 20  # bytes asked of the socket per read
 
-# Frame types
-HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS = range(1, 10)
-NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", OFFER: "OFFER", WANT: "WANT", DATA: "DATA",
-         ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS"}
 
 Part = bytes | memoryview
 
@@ -159,17 +169,21 @@ class Connection:
         check = await self._exactly(CHECK)
         if codec.digest(table + payload)[:CHECK] != check:
             raise WireError(f"damaged {NAMES.get(kind, kind)} frame (check mismatch), dropped")
+        name = NAMES.get(kind, str(kind))
+        if expect and kind not in expect and kind != ERROR:
+            raise WireError(f"unexpected {name} frame")
         try:
             if flags & COMPRESSED:
-                payload = codec.unzstd(payload)
+                payload = codec.unzstd(payload, MAX_BODY)
             body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except (zstandard.ZstdError, ValueError) as exc:
-            raise WireError(f"undecodable {NAMES.get(kind, kind)} frame: {exc}") from None
+
+            messages.check(kind, body)
+        except (zstandard.ZstdError, ValueError, TypeError, messages.BadMessage) as exc:
+            raise WireError(f"undecodable {name} frame: {exc}") from None
         if kind == ERROR:
-            raise PeerError(str(body.get("message", "refused")))
-        if expect and kind not in expect:
-            raise WireError(f"unexpected {NAMES.get(kind, kind)} frame")
+            raise PeerError(body.get("message") or "refused")
         return kind, body, pieces
+
 
 
 class _LargeReads(trio.abc.Stream):

@@ -17,6 +17,8 @@ HASH_LEN = 32
 RAW = 0
 ZSTD = 1
 DEFAULT_LEVEL = 1
+MAX_PLAIN = 16 << 20  # the largest block or pack plaintext (blocks are at most 16 MiB)
+
 
 _TAG_RAW = bytes((RAW,))
 _TAG_ZSTD = bytes((ZSTD,))
@@ -66,31 +68,34 @@ def prepare(data: bytes, off: int, block_size: int) -> dict[int, tuple[bytes, by
     return out
 
 
-def decode(stored: bytes | memoryview, key: bytes) -> bytes:
-    """Decompress a stored block and check it against its hash ``key``."""
+def decode(stored: bytes | memoryview, key: bytes, limit: int = MAX_PLAIN) -> bytes:
+    """Decompress a stored block (at most ``limit`` bytes of plaintext) and check it
+    against its hash ``key``."""
+    if not len(stored):
+        raise Corrupt(key, f"block {key.hex()} is empty")
     tag = stored[0]
     try:
         if tag == RAW:
             data = bytes(stored[1:])
         elif tag == ZSTD:
-            data = _decompressor().decompress(stored[1:])
+            data = unzstd(stored[1:], limit)
         else:
             raise Corrupt(key, f"block {key.hex()} has unknown codec tag {tag}")
     except zstandard.ZstdError as exc:
         raise Corrupt(key, f"block {key.hex()} does not decompress: {exc}") from exc
-    if digest(data) != key:
+    if len(data) > limit or digest(data) != key:
         raise Corrupt(key)
     return data
 
 
-def check(stored: bytes | memoryview, key: bytes) -> None:
-    """Raise Corrupt unless ``stored`` decodes to data hashing to ``key``
-    (a raw block is hashed in place, not copied)."""
+def check(stored: bytes | memoryview, key: bytes, limit: int = MAX_PLAIN) -> None:
+    """Raise Corrupt unless ``stored`` decodes to at most ``limit`` bytes hashing to
+    ``key`` (a raw block is hashed in place, not copied)."""
     if len(stored) and stored[0] == RAW:
-        if digest(memoryview(stored)[1:]) != key:
+        if len(stored) - 1 > limit or digest(memoryview(stored)[1:]) != key:
             raise Corrupt(key)
         return
-    decode(stored, key)
+    decode(stored, key, limit)
 
 
 # A pack holds many small writes one after the other, stored as
@@ -102,11 +107,13 @@ def encode_pack(data: bytes | bytearray, level: int = DEFAULT_LEVEL) -> bytes:
     return stored[:1] + digest(data) + stored[1:]
 
 
-def decode_pack(stored: bytes | memoryview, pack: int) -> bytes:
+def decode_pack(stored: bytes | memoryview, pack: int, limit: int = MAX_PLAIN) -> bytes:
     """The plaintext of a stored pack, checked whole against its hash."""
     key = bytes(stored[1 : 1 + HASH_LEN])
+    if len(key) != HASH_LEN:
+        raise Corrupt(key, f"pack {pack} is corrupt: {len(stored)} bytes, shorter than a header")
     try:
-        return decode(bytes(stored[:1]) + bytes(stored[1 + HASH_LEN :]), key)
+        return decode(bytes(stored[:1]) + bytes(stored[1 + HASH_LEN :]), key, limit)
     except Corrupt as exc:
         raise Corrupt(key, f"pack {pack} is corrupt: {exc}") from None
 
@@ -117,10 +124,16 @@ def plain_size(stored: bytes | memoryview) -> int:
         size = zstandard.frame_content_size(bytes(stored[1:20]))
         if size >= 0:
             return int(size)
-        return len(decode(stored, b""))
+        return len(unzstd(stored[1:], MAX_PLAIN))
     return len(stored) - 1
 
 
-def unzstd(payload: bytes | memoryview) -> bytes:
-    """Decompress a zstd frame (raises zstandard.ZstdError if it is damaged)."""
-    return _decompressor().decompress(payload)
+
+def unzstd(payload: bytes | memoryview, limit: int) -> bytes:
+    """Decompress one zstd frame of at most ``limit`` bytes (zstandard.ZstdError if it
+    is damaged or would be larger: a frame's declared size is checked before any
+    memory is taken for it)."""
+    declared = zstandard.frame_content_size(payload)
+    if declared > limit:
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, more than {limit}")
+    return _decompressor().decompress(payload, max_output_size=limit)

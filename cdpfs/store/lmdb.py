@@ -143,8 +143,9 @@ class Store:
         if p.is_dir() and any(e.name not in _ALLOWED_BEFORE and not e.name.startswith(_CREATING)
                               for e in p.iterdir()):
             raise StoreError(f"{p}: directory is not empty and is not a cdpfs store")
-        if block_size < 4096 or block_size & (block_size - 1):
-            raise StoreError(f"block size {block_size} must be a power of two >= 4096")
+        if block_size < 4096 or block_size & (block_size - 1) or block_size > codec.MAX_PLAIN:
+            raise StoreError(f"block size {block_size} must be a power of two from 4096 to "
+                             f"{codec.MAX_PLAIN}")
         p.mkdir(parents=True, exist_ok=True)
         for left in p.glob(_CREATING + "*"):  # from a creation cut short
             shutil.rmtree(left)
@@ -274,7 +275,7 @@ class Store:
         stored = txn.get(key, db=self.db["blocks"])
         if stored is None:
             raise Corrupt(key, f"block {key.hex()} is missing from the store")
-        data = codec.decode(stored, key)
+        data = codec.decode(stored, key, self.block_size)
         self.cache.put(key, data)
         return data
 
@@ -298,7 +299,8 @@ class Store:
                 stored = txn.get(u64(pack), db=self.db["packs"])
                 if stored is None:
                     raise Corrupt(digest, f"pack {pack} is missing from the store")
-                cached = codec.decode_pack(stored, pack)
+                cached = codec.decode_pack(stored, pack, self.block_size)
+
                 self.cache.put(key, cached)
             data = cached
         piece = bytes(data[off : off + length])
