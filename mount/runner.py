@@ -67,7 +67,10 @@ def set_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         log.info("cannot set readahead of %s: %s", mountpoint, exc)
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
+    """StoreError unless ``mountpoint`` is a directory a volume may be mounted on:
+    no dead mount, nothing mounted, and (unless ``nonempty``) empty, since a mount
+    hides what is there."""
     try:
         os.stat(mountpoint)
     except OSError as exc:
@@ -78,11 +81,21 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise StoreError(f"{mountpoint}: mount point does not exist or is not a directory")
     if os.path.ismount(mountpoint):
         raise StoreError(f"{mountpoint}: something is already mounted there")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                taken = next(entries, None) is not None
+        except OSError as exc:
+            raise StoreError(f"{mountpoint}: cannot read it: {exc.strerror}") from None
+        if taken:
+            raise StoreError(f"{mountpoint}: is not empty, and the mount would hide what "
+                             "is in it (use --nonempty to mount there anyway)")
 
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
                 ready: Callable[[], None] | None = None, at: str | None = None,
-                show_history: bool = True, follow: bool = False) -> None:
+                show_history: bool = True, follow: bool = False,
+                nonempty: bool = False) -> None:
     """Mount ``store_path`` on ``mountpoint`` and serve until unmounted.
 
     With ``at`` (a moment), mount that past state alone, read-only, beside any
@@ -90,7 +103,7 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
     as another process (a replica server, a live mount) changes it. ``ready`` is
     called once the mount answers.
     """
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, nonempty)
     mountpoint = mountpoint.resolve()
     mode = Mode.SNAPSHOT if at is not None else Mode.FOLLOW if follow else Mode.LIVE
     if mode is Mode.LIVE:

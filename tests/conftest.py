@@ -19,13 +19,15 @@ HAVE_FUSE = can_mount()
 
 
 @pytest.fixture
-def volume(tmp_path: Path) -> Iterator[Volume]:
-    """A fresh store, mounted; afterwards unmounted, verified, its log free of errors."""
+def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
+    """A fresh store, mounted (with the arguments of a ``mount`` mark, if the test
+    has one); afterwards unmounted, verified, its log free of errors."""
     if not HAVE_FUSE:
         pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
+    mark = request.node.get_closest_marker("mount")
     vol = Volume(tmp_path).init()
     try:
-        vol.mount()
+        vol.mount(*(mark.args if mark else ()))
         yield vol
     finally:
         if os.path.ismount(vol.mnt):

@@ -294,9 +294,10 @@ def test_mtime_seen_live_is_kept(volume: Volume) -> None:
 # --- 3. @ entries in the root listing -------------------------------------------------
 
 
-AUTO = re.compile(r"@\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{9})?")
+AUTO = re.compile(r"@\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}Z")  # the one name of a point
 
 
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_root_lists_moments_unless_hidden(volume: Volume) -> None:
     m = volume.mnt
     put(m / "f", b"marked")
@@ -313,13 +314,38 @@ def test_root_lists_moments_unless_hidden(volume: Volume) -> None:
     volume.mount("--history", "hidden")
     assert os.listdir(m) == ["f"]
     assert (m / "@mark" / "f").read_bytes() == b"marked"
-    # (An automatic name is the end of the second of the last change; looked up before
-    # that second is over it is refused as a future time: see the next test.)
-    sleep_until(dt.datetime.fromisoformat(auto[0][1:20]).timestamp() + 0.01)
-    assert (m / auto[0] / "f").read_bytes() == b"later"
+    assert (m / auto[0] / "f").read_bytes() == b"later"  # the same name, hidden or not
+
     assert os.listdir(m) == ["f"]
 
 
+def test_tools_that_walk_the_volume_see_no_history(volume: Volume) -> None:
+    """By default the root lists no @ entries: find, du and checksums over find give
+    the volume's own answer, the same after a remount; every @ name still works."""
+    m = volume.mnt
+    (m / "d").mkdir()
+    put(m / "d" / "a", b"a" * 5000)
+    cdpfs("bookmark", "mark", "--volume", m)
+    put(m / "b", b"b" * 3000)
+
+    def walk() -> tuple[list[str], str]:
+        found = subprocess.run(["find", str(m)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+        du = subprocess.run(["du", "-sb", "--apparent-size", str(m)], capture_output=True,
+                            text=True, check=True).stdout.split()[0]
+        return sorted(found), du
+
+    first = walk()
+    assert not [p for p in first[0] if "/@" in p], first[0]
+    assert sorted(os.path.relpath(p, m) for p in first[0]) == [".", "b", "d", "d/a"]
+    volume.remount()
+    assert walk() == first
+    assert (m / "@mark" / "d" / "a").read_bytes() == b"a" * 5000  # named, it is there
+    assert not (m / "@mark" / "b").exists()
+    assert sorted(os.listdir(m / "@now")) == ["b", "d"]
+
+
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_listed_moment_names_resolve_at_once(volume: Volume) -> None:
     """A name the root listing shows must name a moment as soon as it is listed."""
     m = volume.mnt
@@ -341,6 +367,7 @@ def test_listed_moment_names_resolve_at_once(volume: Volume) -> None:
 # --- 4. history is read-only ---------------------------------------------------------
 
 
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_everything_under_a_moment_is_read_only(volume: Volume) -> None:
     m = volume.mnt
     put(m / "f", b"past content")
@@ -411,6 +438,7 @@ def test_everything_under_a_moment_is_read_only(volume: Volume) -> None:
 # --- 5. @ names at the root are reserved -------------------------------------------------
 
 
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_root_names_starting_with_at_are_reserved(volume: Volume) -> None:
     m = volume.mnt
     put(m / "live", b"x")
@@ -811,6 +839,7 @@ def test_rewind_makes_the_volume_equal_to_the_past(volume: Volume) -> None:
 # --- 13. bookmarks ----------------------------------------------------------------------
 
 
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_bookmarks(volume: Volume) -> None:
     m = volume.mnt
     put(m / "f", b"first")
@@ -873,6 +902,7 @@ def test_bookmark_cannot_take_a_hold_name(volume: Volume) -> None:
     one_line_error(cdpfs("bookmark", ".hold.1.mine", "--volume", m, check=False))
 
 
+@pytest.mark.mount("--history", "visible")  # the root lists @ entries
 def test_bookmark_name_with_at_is_usable_or_refused(volume: Volume) -> None:
     """`cdpfs bookmark @x` (the way the mount spells it): either refused, or usable
     as ``MNT/@x`` and ``--at @x`` like any other bookmark."""

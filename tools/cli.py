@@ -77,13 +77,16 @@ def init(store: Path, block_size: int) -> None:
 @click.option("--follow", is_flag=True,
               help="Mount the newest state read-only and follow it as another process "
               "changes the store (a replica receiving, a live mount).")
-@click.option("--history", type=click.Choice(["visible", "hidden"]), default="visible",
-              show_default=True, help="List @ entries in the root directory (lookups of "
-              "@ names work either way).")
+@click.option("--history", type=click.Choice(["visible", "hidden"]), default="hidden",
+              show_default=True, help="List @ entries in the root directory; lookups of "
+              "@ names (cd MNT/@-1h) work either way. Hidden, tools that walk the whole "
+              "volume (find, du, rsync) do not walk its history.")
+@click.option("--nonempty", is_flag=True,
+              help="Mount on a directory that has files in it (the mount hides them).")
 @click.pass_context
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
           allow_other: bool, logfile: Path | None, at: str | None, follow: bool,
-          history: str) -> None:
+          history: str, nonempty: bool) -> None:
     """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
@@ -97,10 +100,9 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
 
             with probe.txn() as txn:
                 resolve(probe, txn, at)  # a bad moment fails here, with its reason
-
     finally:
         probe.close()
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, nonempty)
     if at is not None and follow:
         raise click.UsageError("--at and --follow exclude each other")
     if holder and at is None and not follow:
@@ -109,7 +111,8 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
 
     def run(ready: object = None) -> None:
         mount_store(store, mountpoint, allow_other=allow_other, ready=ready,  # type: ignore[arg-type]
-                    at=at, show_history=history == "visible", follow=follow)
+                    at=at, show_history=history == "visible", follow=follow,
+                    nonempty=nonempty)
 
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))

@@ -38,8 +38,8 @@ def keygen_cmd(store: Path, name: str | None, force: bool) -> None:
     """Make STORE's TLS identity (STORE may not exist yet: a future replica)."""
     import socket
 
-    store.mkdir(parents=True, exist_ok=True)
     cert = credentials.keygen(store, name or socket.gethostname(), force=force)
+
     click.echo(f"{cert}  {credentials.fingerprint(cert.read_bytes())}")
     click.echo(f"give {cert} to the other side: cdpfs replica trust THEIR_STORE {cert.name} "
                "--name NAME")

@@ -82,7 +82,7 @@ def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
     target = locate(path, store)
     st = target.open()
     try:
-        upto = resolve(st, at)[0] if at else None
+        upto = resolve(st, at)[0] if at is not None else None
         with st.txn() as txn:
             view = View(st, txn) if upto is None else View(st, txn, upto)
 
@@ -204,7 +204,8 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
         click.echo(f"deleted bookmark {name}")
         return
     hooks = Scenario.load(scenario, variables) if scenario else None
-    if hooks and at:
+    if hooks and at is not None:
+
         raise CdpfsError("--scenario prepares the volume now; it cannot be used with --at")
     cwd = target.mount or Path.cwd()
     env = {"CDPFS_BOOKMARK": name, "CDPFS_STORE": str(target.store),
@@ -215,7 +216,7 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
         st = target.open()
         try:
             with st.txn(write=True) as txn:
-                point = resolve_point(st, txn, at or "now")
+                point = resolve_point(st, txn, "now" if at is None else at)
                 seq, ts = point.seq, point.ts
                 mark = bookmarks.put(txn, st.db, name, seq)
         finally:

@@ -36,6 +36,7 @@ from ..store.journal import Record
 from ..store.lmdb import DEFAULT_BLOCK_SIZE, Store
 from ..store.schema import (
     HOLE,
+    NAME_MAX,
     ROOT_INO,
     T_DIRENT,
     T_EXTENT,
@@ -57,7 +58,6 @@ from ..store.view import View
 from ..system import coarse_time_ns
 
 T = TypeVar("T")
-NAME_MAX = 255
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
@@ -233,6 +233,9 @@ class Mutator:
     def remove(self, parent: int, name: bytes, *, is_dir: bool) -> tuple[int, Inode]:
         """unlink (is_dir False) or rmdir: drop the name, return (ino, its new inode)."""
 
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
+
         def body(op: Op) -> tuple[int, Inode]:
             pnode = self._dir(parent)
             ino = self.view.lookup(parent, name)
@@ -258,6 +261,8 @@ class Mutator:
                ) -> tuple[int, Inode] | None:
         """Rename atomically; return (ino, inode) of a replaced target, if any."""
         self._check_name(n2)
+        if len(n1) > NAME_MAX:
+            raise NameTooLong()
         noreplace, exchange = flags & 1, flags & 2
 
         def body(op: Op) -> tuple[int, Inode] | None:

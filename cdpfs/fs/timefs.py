@@ -43,6 +43,7 @@ from ..errors import (
     Corrupt,
     CrossDevice,
     InvalidArgument,
+    NameTooLong,
     NoAttribute,
     NotADirectory,
     NotFound,
@@ -52,10 +53,10 @@ from ..errors import (
 )
 from ..history import bookmarks
 from ..history.moments import BadMoment
-from ..history.points import Points, resolve
+from ..history.points import Points, point_name, resolve
 from ..store import journal
 from ..store.lmdb import Store
-from ..store.schema import MAX_SEQ, ROOT_INO, Inode
+from ..store.schema import MAX_SEQ, NAME_MAX, ROOT_INO, Inode
 from ..store.view import View
 from .vfs import Entry, FileSystem, Prepared
 
@@ -235,6 +236,8 @@ class TimeFS:
             raise AccessDenied(f"inode {ino}: access denied by its current permissions")
 
     def lookup(self, parent: int, name: bytes, who: Caller | None = None) -> Entry:
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
         past = self._past(parent)
         if past is None:
             assert self.live is not None
@@ -518,7 +521,7 @@ class TimeFS:
         for mark in bookmarks.bookmarks(points.txn, points.dbs):
             out[b"@" + mark.name.encode()] = mark.seq
         for seq, ts in points.recent():
-            out.setdefault(b"@" + points.name_of(seq, ts).encode(), seq)
+            out.setdefault(b"@" + point_name(ts).encode(), seq)
         return list(out.items())
 
     def readdir(self, fh: int, start: int, count: int = 256) -> list[tuple[int, bytes, Entry]]:

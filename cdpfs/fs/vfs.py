@@ -26,6 +26,7 @@ from ..errors import (
     Corrupt,
     InvalidArgument,
     IsADirectory,
+    NameTooLong,
     NoAttribute,
     NotADirectory,
     NotFound,
@@ -33,7 +34,7 @@ from ..errors import (
 )
 from ..store import codec
 from ..store.lmdb import Store
-from ..store.schema import U64, Inode
+from ..store.schema import NAME_MAX, U64, Inode
 from ..store.view import View
 from .engine import Engine
 from .mutate import Mutator
@@ -143,6 +144,8 @@ class FileSystem:
         return self._attr(ino)
 
     def lookup(self, parent: int, name: bytes) -> Entry:
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
         ino = self.view.lookup(parent, name)
         if ino is None:
             raise NotFound()

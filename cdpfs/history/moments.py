@@ -82,13 +82,18 @@ def _iso_ns(m: re.Match[str], spec: str) -> int:
     except ValueError as exc:
         raise BadMoment(f"{spec!r}: not a valid time: {exc}") from None
     tz = m["tz"]
-    if tz == "Z":
-        when = when.replace(tzinfo=dt.UTC)
-    elif tz:
-        sign = 1 if tz[0] == "+" else -1
-        digits = tz[1:].replace(":", "")
-        offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-        when = when.replace(tzinfo=dt.timezone(sign * offset))
-    else:
-        when = when.astimezone()  # local time of this machine
-    return int(when.timestamp()) * 1_000_000_000 + int(frac)
+    try:
+        if tz == "Z":
+            when = when.replace(tzinfo=dt.UTC)
+        elif tz:
+            sign = 1 if tz[0] == "+" else -1
+            digits = tz[1:].replace(":", "")
+            offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            when = when.replace(tzinfo=dt.timezone(sign * offset))
+        else:
+            when = when.astimezone()  # local time of this machine
+        seconds = int(when.timestamp())
+    except (ValueError, OverflowError) as exc:  # an offset of 24 h or more, a far year
+        raise BadMoment(f"{spec!r}: not a valid time: {exc}") from None
+    return seconds * 1_000_000_000 + int(frac)
+

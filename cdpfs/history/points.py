@@ -27,6 +27,15 @@ from .moments import BadMoment, Moment, parse
 from .retention import DAY, HOUR, Policy, load_policy
 
 
+def point_name(ts: int) -> str:
+    """The one name of an automatic point whose record is stamped ``ts``: that time in
+    UTC to the nanosecond (``2026-12-01T20:44:46.980672794Z``). The same in every
+    mount and tool, whatever the time zone or the clock now, and unambiguous: the
+    points listed are the last record of their time, so the name resolves to them."""
+    when = dt.datetime.fromtimestamp(ts // 10**9, dt.UTC)
+    return f"{when.strftime('%Y-%m-%dT%H:%M:%S')}.{ts % 10**9:09d}Z"
+
+
 @dataclass(frozen=True, slots=True)
 class Point:
     """A kept point: its sequence number and the time of its record."""
@@ -149,16 +158,6 @@ class Points:
                 if kept:
                     out[kept] = self.ts(kept) or ts
         return sorted(out.items(), reverse=True)
-
-    def name_of(self, seq: int, ts: int) -> str:
-        """A moment name (local time) that resolves to ``seq``: seconds when enough."""
-        nxt = journal.after(self.txn, self.dbs, seq)
-        ceil = -(-ts // 10**9) * 10**9
-        local = dt.datetime.fromtimestamp(ceil / 1e9)
-        if ceil <= self.now and (nxt is None or nxt[1] > ceil):
-            return local.isoformat(timespec="seconds")
-        return dt.datetime.fromtimestamp(ts // 10**9).isoformat(timespec="seconds") + \
-            f".{ts % 10**9:09d}"
 
     def kept_sparse(self, before: int) -> list[int]:
         """Every kept point below seq ``before``, in order (a scan of the old journal)."""

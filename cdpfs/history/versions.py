@@ -99,8 +99,11 @@ def diff(store: Store, txn: lmdb.Transaction, seq1: int, seq2: int, path: str = 
          ) -> list[Change]:
     """What changed under ``path`` between the points ``seq1`` and ``seq2``."""
     a, b = View(store, txn, seq1), View(store, txn, seq2)
+    if path and not _exists(a, path) and not _exists(b, path):
+        raise NotFound(f"{path}: no such file or directory at #{seq1} or at #{seq2}")
     old = _walk(a, a.resolve(path), path) if _exists(a, path) else {}
     new = _walk(b, b.resolve(path), path) if _exists(b, path) else {}
+
     out: list[Change] = []
     for ino, (paths, node) in new.items():
         if ino not in old:

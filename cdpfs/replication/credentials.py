@@ -46,8 +46,17 @@ def keygen(store: Path, name: str, *, force: bool = False) -> Path:
     key_path, cert_path = d / "node.key", d / "node.crt"
     if key_path.exists() and not force:
         raise CdpfsError(f"{key_path}: exists already (use --force to replace it)")
-    d.mkdir(mode=0o700, exist_ok=True)
-    (d / "trusted").mkdir(mode=0o700, exist_ok=True)
+    if Path(store).exists() and not Path(store).is_dir():
+        raise CdpfsError(f"{store}: exists and is not a directory (a store, or where one "
+                         "is to be made)")
+    try:
+        Path(store).mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
+        (d / "trusted").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise CdpfsError(f"{exc.filename or d}: cannot make the TLS directory: "
+                         f"{exc.strerror}") from None
+
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cdpfs {name}")])
     now = dt.datetime.now(dt.UTC)

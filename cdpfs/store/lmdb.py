@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -91,7 +92,7 @@ class Store:
         if not is_store(self.path):
             raise StoreError(f"{self.path}: not a cdpfs store (run 'cdpfs init {self.path}')")
         self.writer = WriterLock(self.path)
-        size = (self.path / "data.mdb").stat().st_size
+        size = check_file(self.path / "data.mdb")
         self.env = self._open_env(max(MIN_MAP, _round_up(size * 2)))
         try:
             self.db = {name.decode(): self.env.open_db(name, create=not readonly)
@@ -311,7 +312,48 @@ class Store:
 
 
 
+_MAGIC, _VERSION = 0xBEEFC0DE, 1  # LMDB's meta page magic and data format version
+_META = struct.Struct("<II")  # magic, version at offset 16 of a meta page
+_PSIZE = struct.Struct("<I")  # the page size, at offset 40 (the free DB's md_pad)
+_POS = struct.Struct("<QQ")  # last page, transaction id at offset 136
+
+
+def check_file(path: Path) -> int:
+    """The size of the LMDB file ``path``, after checking what LMDB would only find
+    out by crashing: a file that is not LMDB's (zeroed, foreign), of another LMDB
+    format, or shorter than its newest meta page says (truncated: mapping it
+    would end in SIGBUS). StoreError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(2 * 65536)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read: {exc.strerror}") from None
+    metas = []
+    psize = _PSIZE.unpack_from(head, 40)[0] if len(head) >= 44 else 0
+    for base in (0, psize):
+        if psize < 512 or psize & (psize - 1) or base + 152 > len(head):
+            break
+        magic, version = _META.unpack_from(head, base + 16)
+        if magic != _MAGIC:
+            continue
+        if version != _VERSION:
+            raise StoreError(f"{path}: an LMDB file of data format {version}, not "
+                             f"{_VERSION}: of another version")
+        metas.append(_POS.unpack_from(head, base + 136))
+    if not metas:
+        raise StoreError(f"{path}: not an LMDB file ({size} bytes, no valid header: "
+                         "zeroed, truncated or another kind of file); the store is damaged")
+    last_page, _txnid = max(metas, key=lambda m: m[1])
+    needed = (last_page + 1) * psize
+    if size < needed:
+        raise StoreError(f"{path}: truncated: {size} bytes, but its data runs to "
+                         f"{needed} bytes; the store is damaged")
+    return size
+
+
 def _round_up(n: int) -> int:
+
     size = MIN_MAP
     while size < n:
         size *= 2

@@ -23,6 +23,7 @@ T_XATTR = 4
 TABLE_NAMES = {T_INODE: b"inodes", T_DIRENT: b"dirents", T_EXTENT: b"extents", T_XATTR: b"xattrs"}
 
 ROOT_INO = 1
+NAME_MAX = 255  # bytes of one name (a path component)
 
 
 def inv(seq: int) -> bytes:

@@ -68,8 +68,10 @@ class View:
         for part in (p for p in raw.split(b"/") if p and p != b"."):
             child = self.lookup(ino, part)
             if child is None:
-                raise NotFound(f"{raw.decode(errors='replace')}: no such file "
-                               f"at seq {self.seq}")
+                when = "now" if self.seq == MAX_SEQ else f"at #{self.seq}"
+                raise NotFound(f"{raw.decode(errors='replace')}: no such file or "
+                               f"directory {when}")
+
 
             ino = child
         return ino
