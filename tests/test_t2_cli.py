@@ -7,7 +7,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness import cdpfs
+from harness import cdpfs, force_unmount
 
 
 def _one_line_error(proc, *words: str) -> None:  # type: ignore[no-untyped-def]
@@ -57,6 +57,8 @@ def _stores(base: Path) -> dict[str, Path]:
            "empty": base / "emptydir"}
     out["file"].write_text("not a store")
     out["empty"].mkdir()
+    (base / "busy").mkdir()  # a mount point with a file in it: never mounted on
+    (base / "busy" / "mine").write_text("x")
     for name, damage in (("truncated", lambda p: os.truncate(p, 12288)),
                          ("zeroed", lambda p: p.write_bytes(bytes(p.stat().st_size)))):
 
@@ -80,7 +82,7 @@ def _commands(s: dict[str, Path], base: Path) -> list[list[str]]:
                  ["retention", st], ["bookmarks", "--volume", st],
                  ["bookmark", "b", "--volume", st],
                  ["log", "f", "--store", st], ["diff", "#1", "now", "--store", st],
-                 ["assess", st], ["mount", st, base / "emptydir"],
+                 ["assess", st], ["mount", st, s["file"].parent / "busy"],
                  ["replica", "add", st, "r1", "--address", "h:1"],
                  ["replicate", st, "--to", "127.0.0.1:1", "--name", "r1", "--attempts", "1"],
                  ["verify", "--compare", st, good], ["init", st]]
@@ -104,7 +106,7 @@ def _commands(s: dict[str, Path], base: Path) -> list[list[str]]:
         cmds += [["log", "f", "--store", good, "--at", moment],
                  ["diff", moment, "now", "--store", good],
                  ["bookmark", "b", "--at", moment, "--volume", good],
-                 ["mount", "--at", moment, good, base / "emptydir"]]
+                 ["mount", "--at", moment, good, base / "busy"]]
     return [[str(a) for a in c] for c in cmds]
 
 
@@ -113,13 +115,21 @@ def test_no_command_prints_a_traceback(tmp_path: Path) -> None:
     stores: exit 0, 1 (one line 'cdpfs: error: ...') or 2 (a usage error), never a
     traceback, a signal or an internal error."""
     stores = _stores(tmp_path)
+    assert not any(" fuse.cdpfs " in line for line in Path("/proc/mounts").read_text()
+                   .splitlines() if str(tmp_path) in line)
 
     def run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess[str]]:
         return cmd, cdpfs(*cmd, check=False, timeout=60, stdin=subprocess.DEVNULL)
 
     bad = []
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run, _commands(stores, tmp_path)))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(run, _commands(stores, tmp_path)))
+    finally:  # nothing here may mount; if something did, leave nothing mounted
+        mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                   if str(tmp_path) in line]
+        for mnt in mounted:
+            force_unmount(Path(mnt))
     for cmd, proc in results:
         err = proc.stderr.strip()
         lines = err.splitlines()
@@ -133,4 +143,5 @@ def test_no_command_prints_a_traceback(tmp_path: Path) -> None:
             why = "not one error line"
         if why:
             bad.append(f"cdpfs {' '.join(cmd)[:120]}: {why}: {err[-300:]}")
+    assert not mounted, f"a command mounted something: {mounted}"
     assert not bad, "\n".join(bad)
