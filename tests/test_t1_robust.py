@@ -15,18 +15,27 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
+import trio
 from harness import cdpfs
 
 from cdpfs.errors import NameTooLong, NotFound
 from cdpfs.fs.mutate import init_volume
+from cdpfs.history import bookmarks
 from cdpfs.history.moments import BadMoment
 from cdpfs.history.versions import diff
+from cdpfs.replication import registry
+from cdpfs.replication.receiver import Receiver
+from cdpfs.replication.registry import ReplicaState
+from cdpfs.store import journal
 from cdpfs.store.lmdb import Store
-from cdpfs.testing import FakeClock, served
+from cdpfs.testing import FakeClock, MemoryLinks, served
+from cdpfs.volume import Volume
 
 ROOT = 1
 LONG = b"n" * 256
@@ -144,7 +153,9 @@ async def test_an_automatic_point_has_one_name_in_every_session(tmp_path: Path) 
             fh = await vol.call(fs.opendir, ROOT)
             listed = [(n, e.ino) for _i, n, e in await vol.call(fs.readdir, fh, 0)
                       if n.startswith(b"@")]
+            await vol.call(fs.count_lookups, [ino for _n, ino in listed])  # as the kernel
             await vol.call(fs.releasedir, fh)
+
             assert listed, "no automatic point listed"
             for name, ino in listed:
                 assert (await vol.call(fs.lookup, ROOT, name)).ino == ino
@@ -162,3 +173,150 @@ def test_mount_refuses_a_directory_with_files_in_it(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc
     assert "is not empty" in proc.stderr and "--nonempty" in proc.stderr, proc.stderr
     assert (mnt / "mine.txt").read_text() == "would be hidden"
+
+
+# --- the registry of a live volume -----------------------------------------------------------
+
+
+async def _registry_write(vol: Volume, change: Callable[[Any, dict[str, Any]], object]) -> None:
+    """A change to the replicas table, as 'cdpfs replica add/remove' makes it."""
+    store = vol.store
+    assert store is not None
+
+    def write() -> None:
+        with store.txn(write=True) as txn:
+            change(txn, store.db)
+
+    await trio.to_thread.run_sync(write)
+
+
+def _replica_seq(receiver: Receiver) -> int:
+    if receiver.store is None:
+        return 0
+    with receiver.store.txn() as txn:
+        return int(journal.last(txn, receiver.store.db)[0])
+
+
+async def _until(what: str, cond: Callable[[], bool], seconds: float = 10) -> None:
+    with trio.fail_after(seconds):
+        while not cond():
+            await trio.sleep(0.02)
+    assert what
+
+
+async def _write_file(vol: Volume, name: bytes, data: bytes) -> int:
+    assert vol.fs is not None
+    fh, _e = await vol.call(vol.fs.create, ROOT, name, 0o644, os.O_RDWR, 0, 0)
+    await vol.write(fh, 0, data)
+    await vol.fsync(fh)
+    await vol.call(vol.fs.release, fh)
+    return int(await vol.call(lambda: vol.live.m.last_seq))  # type: ignore[union-attr]
+
+
+async def test_a_new_address_takes_effect_on_a_live_volume(tmp_path: Path) -> None:
+    """'replica add' with a new address while the volume ships: the sender moves to
+    it, and never writes the old address back."""
+    path = _store(tmp_path)
+    with Store(path) as store, store.txn(write=True) as txn:
+        registry.put(txn, store.db, ReplicaState("r1", "addr-a"))
+    old, new = Receiver(tmp_path / "ra"), Receiver(tmp_path / "rb")
+    try:
+        async with trio.open_nursery() as nursery:
+            links = MemoryLinks(nursery)
+            links.add("addr-a", old)
+            links.add("addr-b", new)
+            async with served(path, connector=lambda st, s: links.connect(s.address)) as vol:
+                first = await _write_file(vol, b"f1", b"one")
+                await _until("the first replica", lambda: _replica_seq(old) >= first)
+
+                def readdress(txn: Any, dbs: dict[str, Any]) -> None:
+                    state = registry.get(txn, dbs, "r1")
+                    assert state is not None
+                    state.address = "addr-b"
+                    registry.put(txn, dbs, state)
+
+                await _registry_write(vol, readdress)
+                assert vol.fanout is not None
+                fanout = vol.fanout
+                await _until("the change to take effect",  # within a second or so
+                             lambda: fanout.senders["r1"].address == "addr-b", 2)
+                second = await _write_file(vol, b"f2", b"two")
+                await _until("the new address", lambda: _replica_seq(new) >= second)
+                await trio.sleep(0.5)  # senders save their progress meanwhile
+                assert vol.store is not None
+                with vol.store.txn() as txn:
+                    state = registry.get(txn, vol.store.db, "r1")
+                assert state is not None and state.address == "addr-b"
+                assert _replica_seq(old) < second  # the old address got nothing new
+            nursery.cancel_scope.cancel()
+    finally:
+        old.close()
+        new.close()
+
+
+async def test_a_removed_replica_is_no_longer_shipped_to_nor_held(tmp_path: Path) -> None:
+    path = _store(tmp_path)
+    with Store(path) as store, store.txn(write=True) as txn:
+        registry.put(txn, store.db, ReplicaState("r1", "addr-a"))
+    receiver = Receiver(tmp_path / "ra")
+    try:
+        async with trio.open_nursery() as nursery:
+            links = MemoryLinks(nursery)
+            links.add("addr-a", receiver)
+            async with served(path, connector=lambda st, s: links.connect(s.address)) as vol:
+                assert vol.fanout is not None and vol.store is not None
+                first = await _write_file(vol, b"f1", b"one")
+                await _until("the replica", lambda: _replica_seq(receiver) >= first)
+                await _registry_write(vol, lambda txn, dbs: registry.delete(txn, dbs, "r1"))
+                fanout = vol.fanout
+                await _until("the sender to stop", lambda: "r1" not in fanout.senders, 2)
+
+                second = await _write_file(vol, b"f2", b"two")
+                await trio.sleep(0.5)
+                assert _replica_seq(receiver) < second
+                with vol.store.txn() as txn:
+                    assert registry.get(txn, vol.store.db, "r1") is None  # not written back
+                    assert registry.needed_after(vol.store, txn) is None  # no journal held
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+
+
+def test_replica_remove(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    cdpfs("replica", "add", store, "r1", "--address", "h:1")
+    proc = cdpfs("replica", "remove", store, "r2", check=False)
+    assert proc.returncode == 1 and "no replica 'r2'" in proc.stderr and "r1" in proc.stderr
+    assert "removed" in cdpfs("replica", "remove", store, "r1").stdout
+    assert "replica " not in cdpfs("status", store).stdout.replace("replicas", "")
+
+
+async def test_a_listing_holds_no_point_the_kernel_did_not_take(tmp_path: Path) -> None:
+    """The kernel's readdir buffer can fill before the @ entries: it then knows none of
+    their inodes, so no point may stay held once the listing is closed (else prune
+    beside the mount keeps what the same prune frees after unmounting)."""
+    async with served(_store(tmp_path), show_history=True) as vol:
+        fs = vol.fs
+        assert fs is not None and vol.store is not None
+        await _write_file(vol, b"f", b"x")
+        fh = await vol.call(fs.opendir, ROOT)
+        batch = await vol.call(fs.readdir, fh, 0)
+        assert any(name.startswith(b"@") for _, name, _ in batch)
+        taken = [e.ino for _, name, e in batch if not name.startswith(b"@")]
+        await vol.call(fs.count_lookups, taken)  # the kernel took only the live entries
+        await vol.call(fs.releasedir, fh)
+        await vol.call(fs.forget, [(ino, 1) for ino in taken])
+        await vol.fsyncdir()
+        with vol.store.txn() as txn:
+            holds = [b.name for b in bookmarks.all_points(txn, vol.store.db) if b.is_hold]
+        assert holds == []
+        # one the kernel did take stays held until it forgets it
+        fh = await vol.call(fs.opendir, ROOT)
+        batch = await vol.call(fs.readdir, fh, 0)
+        point = next(e.ino for _, name, e in batch if name.startswith(b"@"))
+        await vol.call(fs.count_lookups, [point])
+        await vol.call(fs.releasedir, fh)
+        await vol.fsyncdir()
+        with vol.store.txn() as txn:
+            assert [b for b in bookmarks.all_points(txn, vol.store.db) if b.is_hold]
+        await vol.call(fs.forget, [(point, 1)])

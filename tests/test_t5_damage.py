@@ -19,10 +19,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -341,6 +343,50 @@ def test_full_disk_gives_clean_enospc(tmp_path: Path) -> None:
         vol.verify()
     finally:
         clear_mounts(small)  # the FUSE mount, then the tmpfs itself
+
+
+def test_space_freed_by_prune_takes_new_writes(tmp_path: Path) -> None:
+    """A full volume: delete its files and prune them out of history, and the space
+    the store freed inside its file takes new writes, also after a remount (the
+    disk still shows it full: the store file does not shrink)."""
+    if not HAVE_FUSE:
+        pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(small)], check=True)
+    vol = Volume(small, "full")
+    try:
+        vol.init()
+        cdpfs("retention", vol.store, "--keep-all", "1s", "--minutely", "1s", "--hourly", "1s",
+              "--daily", "1s")
+        vol.mount()
+        r = subprocess.run([sys.executable, "-c", FILLER, str(vol.mnt)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert result["failure"] and result["failure"][2] == errno.ENOSPC, result["failure"]
+        for name, _digest in result["done"]:
+            os.unlink(vol.mnt / name)
+        (vol.mnt / result["failure"][0]).unlink(missing_ok=True)  # made before it failed?
+
+        time.sleep(1.5)  # out of the keep-everything second
+        cdpfs("prune", vol.mnt)
+        freed = cdpfs("stat", vol.mnt).stdout
+        inside = float(re.search(r"free\s+([\d,.]+) MiB inside", freed)[1].replace(",", ""))
+        assert inside > 50, freed
+        vol.remount()
+        data = os.urandom(20 << 20)
+        with open(vol.mnt / "after", "wb") as f:  # ENOSPC here was the bug
+            for off in range(0, len(data), 1 << 20):
+                f.write(data[off:off + (1 << 20)])
+            f.flush()
+            os.fsync(f.fileno())
+        vol.remount()
+        assert (vol.mnt / "after").read_bytes() == data
+        vol.umount()
+        vol.verify()
+    finally:
+        clear_mounts(small)
 
 
 # --- command-line mistakes ---------------------------------------------------------------

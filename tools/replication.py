@@ -105,7 +105,22 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
                + (f", limited to {rate} bytes/s" if rate else ""))
 
 
+@replica.command("remove")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.argument("name")
+def remove_cmd(store: Path, name: str) -> None:
+    """Forget replica NAME of STORE: nothing is shipped to it any more (a running mount
+    stops within a second) and retention no longer keeps journal for it."""
+    with Store(store) as st, st.txn(write=True) as txn:
+        if not registry.delete(txn, st.db, name):
+            names = ", ".join(s.name for s in registry.states(txn, st.db)) or "none"
+            raise CdpfsError(f"{store} has no replica {name!r} (it has: {names})")
+    click.echo(f"replica {name} removed from {store}: nothing is shipped to it any more, "
+               "and its journal is no longer held")
+
+
 def parse_rate(text: str) -> int:
+
     units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
     t = text.strip().lower().removesuffix("b/s").removesuffix("/s")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in "kmg" else (t, "")

@@ -281,6 +281,8 @@ def stat_cmd(volume: Path) -> None:
     click.echo(f"history          {mib(s.history_stored)} stored for older versions")
     click.echo(f"stored           {mib(s.stored_bytes)} of blocks and packs; "
                f"{mib(s.file_bytes)} store file")
+    click.echo(f"free             {mib(s.free_inside)} inside the store file (new data "
+               f"goes there first), {mib(s.disk_free)} on the disk")
     click.echo(f"dedup            {s.dedup_ratio:.2f}x (live file bytes / unique block bytes)")
     click.echo(f"compression      {s.compression_ratio:.2f}x (block bytes / stored bytes)")
     click.echo(f"oldest point     {when(s.oldest_ts)} (#{s.oldest_seq})")

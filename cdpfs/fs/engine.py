@@ -157,18 +157,24 @@ class Engine:
         return self.txn
 
     def need_space(self, nbytes: int) -> None:
-        """Refuse (ENOSPC) a change of ``nbytes`` the disk may not be able to hold."""
+        """Refuse (NoSpace) a change of ``nbytes`` the store may not be able to hold: the
+        disk's free bytes and the pages inside the store that earlier commits freed."""
         now = time.monotonic()
         if now - self._free_checked > 0.1 or self._free < nbytes + self.reserve:
-            self._free = self.store.disk_free()
+            self._free = self._room()
             self._free_checked = now
         needed = 2 * (self._dirty + nbytes) + self.reserve
         if self._free < needed:
             self.commit()
             self.ensure_txn()  # the caller goes on in a fresh writer transaction
-            self._free = self.store.disk_free()
+            self._free = self._room()
             if self._free < 2 * nbytes + self.reserve:
                 raise NoSpace(f"{self.store.path}: not enough free disk space for the store")
+
+    def _room(self) -> int:
+        """Bytes the store can still take: free on the disk, and free inside it."""
+        inside = self.store.reusable_bytes(self.txn) if self.txn is not None else 0
+        return self.store.disk_free() + inside
 
     def note_dirty(self, nbytes: int) -> None:
         """Record that an operation changed the writer transaction (``nbytes`` > 0)."""

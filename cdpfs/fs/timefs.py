@@ -166,6 +166,7 @@ class TimeFS:
         self._next_fh = itertools.count(1)
         self._handles: dict[int, PastHandle] = {}
         self._moments: dict[int, list[tuple[bytes, int]]] = {}  # root fh -> @ entries
+        self._listed_slots: dict[int, set[int]] = {}  # root fh -> slots its listing made
 
     # --- slots -----------------------------------------------------------------------
 
@@ -541,12 +542,20 @@ class TimeFS:
             out = self.live.readdir(fh, start, count)
         if moments and len(out) < count:
             first = max(start, n) - n
+            listed = self._listed_slots.setdefault(fh, set())
             for i, (name, seq) in enumerate(moments[first : first + count - len(out)],
                                             n + first + 1):
                 entry = self._past_root(seq)
+                listed.add(split(entry.ino)[0])
                 out.append((i, name, entry))
         return out
 
     def releasedir(self, fh: int) -> None:
         self._moments.pop(fh, None)
+        # A point the listing showed but the kernel took no reference to (its buffer
+        # filled first, say) is held no longer: it holds only while the kernel knows it.
+        for slot in self._listed_slots.pop(fh, ()):
+            if slot in self._seqs and not self._refs.get(slot):
+                self._ref(slot, 0)
+
         self.release(fh)

@@ -55,6 +55,8 @@ class SpaceStats:
     history_stored: int  # stored bytes only older versions use
     stored_bytes: int  # all blocks and packs, as stored
     file_bytes: int  # the LMDB file's used pages
+    free_inside: int  # of those, pages no table uses: new writes fill them first
+    disk_free: int  # free on the disk under the store
     dedup_ratio: float
     compression_ratio: float
     oldest_seq: int
@@ -120,7 +122,8 @@ def space_stats(store: Store) -> SpaceStats:
             live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),
             live_bytes=sum(n.size for n in live.values() if n.is_reg and n.nlink),
             live_stored=live_stored, history_stored=stored - live_stored, stored_bytes=stored,
-            file_bytes=store.used_bytes(), dedup_ratio=logical / unique if unique else 1.0,
+            file_bytes=store.used_bytes(), free_inside=store.reusable_bytes(txn),
+            disk_free=store.disk_free(), dedup_ratio=logical / unique if unique else 1.0,
             compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
             oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
             records=int(txn.stat(store.db["journal"])["entries"]),

@@ -57,66 +57,84 @@ class Fanout:
         self.block_when_dead = False
         self._synced = 0  # the newest seq an fsync returned for
         self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}  # a running sender's, by name
         # Known before the volume serves its first request, so an fsync in the first
         # moments already waits for the sync replicas.
-        self._new = self._discover()
+        self._new: list[Sender] = []
+        self._apply(*self._discover())
 
-    def _discover(self) -> list[Sender]:
-        """Senders for the replicas registered since the last look (and settings)."""
+    def _discover(self) -> tuple[list[Sender], list[str]]:
+        """What the registry says now (read in a thread, changing nothing here): senders
+        to start (a replica added, or given a new address) and the names of those to
+        stop (removed, made manual, or readdressed); the sync settings."""
         with self.store.txn() as txn:
             self.sync_timeout = float(self.store.config(txn, "sync_timeout") or 10.0)
             self.block_when_dead = self.store.config(txn, "sync_dead") == "block"
-        found = []
-        for state in load_states(self.store):
-            if state.mode == "manual":  # shipped only by 'cdpfs replicate'
-                continue
-            if state.name in self.senders:  # settings may change while it runs
-                current = self.senders[state.name].state
-                current.mode, current.limit = state.mode, state.limit
+        registered = {s.name: s for s in load_states(self.store) if s.mode != "manual"}
+        stop = [name for name, sender in self.senders.items()
+                if name not in registered or registered[name].address != sender.address]
+        start = []
+        for name, state in registered.items():
+            running = self.senders.get(name)
+            if running is not None and name not in stop:  # settings change while it runs
+                running.state.mode, running.state.limit = state.mode, state.limit
                 continue
             try:
                 connect = self.connector(self.store, state)
             except CdpfsError as exc:
-                log.error("cannot ship to replica %s: %s", state.name, exc)
+                log.error("cannot ship to replica %s: %s", name, exc)
                 continue
-            sender = self.senders[state.name] = Sender(self.store, state.name, state.address,
-                                                       connect, self.counters)
-            found.append(sender)
-        return found
+            start.append(Sender(self.store, name, state.address, connect, self.counters))
+        return start, stop
+
+    def _apply(self, start: list[Sender], stop: list[str]) -> None:
+        """Stop and start senders as ``_discover`` found (on the trio thread)."""
+        for name in stop:
+            sender = self.senders.pop(name)
+            scope = self._scopes.pop(name, None)
+            log.info("no longer shipping to replica %s at %s (%s)", name, sender.address,
+                     "removed or made manual" if all(s.state.name != name for s in start)
+                     else "its address changed")
+            if scope is not None:
+                scope.cancel()
+        for sender in start:
+            self.senders[sender.state.name] = sender
+            if self._nursery is not None:
+                log.info("shipping to replica %s at %s (%s)", sender.state.name,
+                         sender.state.address, sender.state.mode)
+                scope = self._scopes[sender.state.name] = trio.CancelScope()
+                self._nursery.start_soon(self._ship, sender, scope)
+            else:
+                self._new.append(sender)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
         """Run a sender for each registered replica, now and as they are added."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._start_new()
+            new, self._new = self._new, []
+            self._apply(new, [])
             task_status.started()
             await trio.sleep_forever()
 
-    def _start_new(self) -> None:
-        assert self._nursery is not None
-        for sender in self._new:
-            log.info("shipping to replica %s at %s (%s)", sender.state.name,
-                     sender.state.address, sender.state.mode)
-            self._nursery.start_soon(self._ship, sender)
-        self._new = []
-
     async def rediscover(self) -> None:
-        """The registry may have changed: start senders for new replicas, take new
-        settings."""
-        self._new += await trio.to_thread.run_sync(self._discover)
-        if self._nursery is not None:
-            self._start_new()
+        """The registry may have changed: start senders for new replicas (and new
+        addresses), stop those removed, take new settings."""
+        self._apply(*await trio.to_thread.run_sync(self._discover))
 
-    async def _ship(self, sender: Sender) -> None:
-        try:
-            await sender.run(follow=True, attempts=0)
-        except CdpfsError as exc:  # refused, or the journal it needs is gone
-            log.error("replication to %s stopped: %s", sender.state.name, exc)
-        except Exception as exc:  # never the volume's end: it goes on serving
-            log.error("replication to %s stopped: internal error: %s", sender.state.name,
-                      root_cause(exc))
-            log.debug("the internal error", exc_info=True)
+    async def _ship(self, sender: Sender, scope: trio.CancelScope) -> None:
+        name = sender.state.name
+        with scope:
+            try:
+                await sender.run(follow=True, attempts=0)
+            except CdpfsError as exc:  # refused, or the journal it needs is gone
+                log.error("replication to %s stopped: %s", name, exc)
+            except Exception as exc:  # never the volume's end: it goes on serving
+                log.error("replication to %s stopped: internal error: %s", name,
+                          root_cause(exc))
+                log.debug("the internal error", exc_info=True)
+        if self._scopes.get(name) is scope:
+            del self._scopes[name]
 
     def committed(self) -> None:
         """New records are committed (or bookmarks changed): wake the senders."""

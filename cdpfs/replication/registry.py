@@ -57,6 +57,27 @@ def put(txn: lmdb.Transaction, dbs: dict[str, Any], state: ReplicaState) -> None
     txn.put(state.name.encode(), state.pack(), db=dbs["replicas"])
 
 
+def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
+    """Forget replica ``name`` (``cdpfs replica remove``); False if it was not there."""
+    return bool(txn.delete(name.encode(), db=dbs["replicas"]))
+
+
+def save_progress(txn: lmdb.Transaction, dbs: dict[str, Any], state: ReplicaState,
+                  create: bool = False) -> bool:
+    """Store what a sender learnt of its replica (position, counters, errors), keeping
+    what the user set (address, mode, limit) as it is in the table now: a change made
+    by ``cdpfs replica add`` while it ships is never written back over. A replica no
+    longer registered stays so unless ``create``. Whether anything was written."""
+    known = get(txn, dbs, state.name)
+    if known is None and not create:
+        return False
+    if known is not None:
+        state = ReplicaState(**{**asdict(state), "address": known.address,
+                                "mode": known.mode, "limit": known.limit})
+    put(txn, dbs, state)
+    return True
+
+
 def states(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[ReplicaState]:
     """Every registered replica, by name."""
     return [ReplicaState.unpack(v) for _, v in txn.cursor(db=dbs["replicas"])]

@@ -94,7 +94,10 @@ class Sender:
         self.state = ReplicaState(name, address, mode="manual")
         with store.txn() as txn:
             known = registry.get(txn, store.db, name)
-        self._registered = known is not None  # saved in the registry once it answered
+        # Saved in the registry once it answered; made there by the first save if it
+        # was not registered before, never made again if it is removed meanwhile.
+        self._registered = known is not None
+        self._create = known is None
         if known is not None:  # keep what was registered and counted before
             self.state = known
             self.state.address, self.state.connected = address, False
@@ -126,7 +129,8 @@ class Sender:
             return
         self.state.updated_ns = time.time_ns()
         with self.store.txn(write=True) as txn:
-            registry.put(txn, self.store.db, self.state)
+            registry.save_progress(txn, self.store.db, self.state, create=self._create)
+        self._create = False
 
     async def run(self, follow: bool = True, attempts: int = 0) -> None:
         """Ship until cancelled (``follow``) or until the replica has everything.

@@ -187,6 +187,21 @@ class Store:
         info = self.env.info()
         return (info["last_pgno"] + 1) * self.env.stat()["psize"]
 
+    def reusable_bytes(self, txn: lmdb.Transaction) -> int:
+        """Bytes of data.mdb that no table uses as ``txn`` sees them: pages freed by
+        earlier commits (a prune, deletions), which LMDB fills again before it grows
+        the file. The file's pages less the tables' (the free list's own few pages
+        count as free), so space the disk does not show is still there to write."""
+        main = self.env.stat()
+        used = 2 + _pages(main)  # the two meta pages, the table of tables
+        for db in self.db.values():
+            used += _pages(txn.stat(db))
+        try:
+            size = (self.path / "data.mdb").stat().st_size
+        except OSError:
+            return 0
+        return max(0, size // main["psize"] - used) * main["psize"]
+
     def grow_if_needed(self, headroom: int) -> None:
         """Double the map while less than ``headroom`` bytes are left (no txn open)."""
         size = self.env.info()["map_size"]
@@ -350,6 +365,10 @@ def check_file(path: Path) -> int:
         raise StoreError(f"{path}: truncated: {size} bytes, but its data runs to "
                          f"{needed} bytes; the store is damaged")
     return size
+
+
+def _pages(stat: dict[str, int]) -> int:
+    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
 def _round_up(n: int) -> int:
