@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HAVE_FUSE
-from harness import Volume, cdpfs, force_unmount, last_seq, settle
+from harness import CLI, Volume, cdpfs, force_unmount, last_seq, settle
 
 from cdpfs.history.points import resolve
 from cdpfs.store.lmdb import Store
@@ -834,6 +835,47 @@ def test_rewind_makes_the_volume_equal_to_the_past(volume: Volume) -> None:
                 {k: v for k, v in changed_past.items() if k != "."})
     assert_same(tree_state(m, skip_at=True, times=False), tree_state(
         m / f"@{local_ns(t2)}", skip_at=True, times=False))
+
+
+def test_restore_refuses_a_path_through_a_symlink(volume: Volume) -> None:
+    m = volume.mnt
+    (m / "d").mkdir()
+    put(m / "d" / "f", b"then")
+    t = moment()
+    put(m / "d" / "f", b"now")
+    os.symlink("d", m / "link")
+    r = cdpfs("restore", m / "link" / "f", "--at", local_ns(t), check=False)
+    assert r.returncode == 1 and "symbolic link" in one_line_error(r), r
+    assert (m / "d" / "f").read_bytes() == b"now"  # nothing restored through it
+    cdpfs("restore", m / "d" / "f", "--at", local_ns(t))  # the real path works
+    assert (m / "d" / "f").read_bytes() == b"then"
+
+
+def test_a_rewind_whose_mount_dies_stops_with_one_line(volume: Volume) -> None:
+    m = volume.mnt
+    t = moment()  # an empty volume
+    (m / "many").mkdir()
+    for i in range(3000):
+        (m / "many" / f"f{i}").write_bytes(b"x")
+    settle(m)
+    proc = subprocess.Popen([*CLI, "rewind", str(m), "--at", local_ns(t), "--yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(m / "many")) > 2900 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it is removing files
+        os.kill(volume.pid, signal.SIGKILL)  # the mount dies under the rewind
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert "restored volume" not in out, out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "mount went away" in lines[0], err[-2000:]
+    force_unmount(m)
+    volume.mount()  # the store is sound; what the rewind did before stays
+    assert len(os.listdir(m / "many")) < 3000
 
 
 # --- 13. bookmarks ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ class Target:
     store: Path
     mount: Path | None
     rel: str  # relative to the volume root, "" for the root
+    through_link: bool = False  # the path given went through a symlink inside the volume
 
     def open(self) -> Store:
         """The store, opened for reading, after the mount has committed."""
@@ -72,4 +73,18 @@ def locate(path: Path, store: Path | None = None) -> Target:
                          f"path in the live volume, or --store {str(src).rsplit('#', 1)[0]}")
     if rel.split("/", 1)[0].startswith("@"):
         raise CdpfsError(f"{path}: is inside history; give the live path and --at MOMENT")
-    return Target(src, mnt, rel)
+    return Target(src, mnt, rel, _through_link(path, mnt))
+
+
+def _through_link(path: Path, mnt: Path) -> bool:
+    """Whether a directory of ``path`` inside the volume mounted on ``mnt`` is a
+    symlink (links on the way to the mount point itself do not count)."""
+    resolved = Path("/")
+    inside = False
+    for part in Path(os.path.abspath(path)).parent.parts[1:]:
+        step = resolved / part
+        if inside and step.is_symlink():
+            return True
+        resolved = Path(os.path.realpath(step))
+        inside = inside or resolved == mnt or mnt in resolved.parents
+    return False

@@ -39,6 +39,7 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOXATTR = (errno.EOPNOTSUPP, errno.ENOTSUP)
 _ACL = "system.posix_acl_"
+_GONE = {errno.ENOTCONN, errno.ENODEV, errno.ESHUTDOWN}  # the filesystem itself is gone
 
 Key = tuple[int, int]
 
@@ -125,6 +126,12 @@ class _Restore:
         self.holds: dict[Key, Key] = {}       # dst inode -> src inode whose content it got
 
     def warn(self, parts: list[str], exc: OSError) -> None:
+        """One entry failed: a warning, and the restore goes on; unless the
+        filesystem itself went away (a FUSE mount whose process died), which every
+        later entry would only repeat: then it stops, with that one error."""
+        if exc.errno in _GONE:
+            raise CdpfsError(f"{_rel(parts)}: {exc.strerror}: the mount went away; the "
+                             "restore stopped there (what it did before stays, journaled)")
         line = f"{_rel(parts)}: {exc.strerror or exc}"
         log.debug("restore: %s", line)
         self.s.warnings.append(line)

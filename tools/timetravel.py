@@ -130,9 +130,9 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
     mount = target.mount
     assert mount is not None
     src = mount / f"@#{seq}" / target.rel if target.rel else mount / f"@#{seq}"
-    parent = live.parent
-    if not rewind and os.path.realpath(parent) != str(parent):
-        raise CdpfsError(f"{live}: the path goes through a symbolic link; give the real path")
+    if not rewind and target.through_link:
+        raise CdpfsError(f"{target.mount}/{target.rel}: the path goes through a symbolic link "
+                         "in the volume; give the real path")
     if not os.path.lexists(src):
         raise CdpfsError(f"{target.rel or '/'}: did not exist at {at} (#{seq}, {when(ts)})")
     entries, nbytes = measure(src)
