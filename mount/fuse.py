@@ -86,7 +86,7 @@ class FuseOperations(pyfuse3.Operations):
         a.st_rdev = node.rdev
         a.st_size = node.size
         a.st_blksize = self.block_size
-        a.st_blocks = (node.size + 511) // 512
+        a.st_blocks = node.st_blocks(self.block_size)
         a.st_atime_ns = node.atime
         a.st_mtime_ns = node.mtime
         a.st_ctime_ns = node.ctime

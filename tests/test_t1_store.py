@@ -80,6 +80,14 @@ def test_every_intermediate_state_reads_back(live: LiveStore) -> None:
             assert sorted(name for name, _ in view.listdir(1)) == sorted(state), seq
             for name, content in state.items():
                 assert view.read_file(name) == content, (seq, name)
+                ino = view.resolve(name)
+                node = view.inode(ino)
+                assert node is not None
+                # st_blocks: every block holding data, no hole, never past the size.
+                data = [i for i in range(0, len(content), BS) if content[i : i + BS].strip(b"\0")]
+                stored = [i for i in view.block_indices(ino) if view.allocated(ino, i)]
+                assert node.blocks == len(stored) >= len(data), (seq, name)
+                assert len(stored) <= -(-len(content) // BS), (seq, name)
 
 
 def test_view_by_time_and_errors(live: LiveStore) -> None:
@@ -121,6 +129,29 @@ def test_identical_blocks_stored_once_and_holes_not_stored(live: LiveStore) -> N
         node = view.inode(ino3)
         assert node is not None and node.size == 10 * 2**30 + 1
         assert view.read(ino3, 10 * 2**30 - 5, 10, node.size) == bytes(5) + b"x"
+
+
+def test_st_blocks_counts_data_not_holes(live: LiveStore) -> None:
+    """A 3-byte write at 5 GiB allocates one block, not 5 GiB (what du shows)."""
+    fh, ino = live.create(b"sparse")
+    live(live.fs.write, fh, 5 * 2**30, b"end")
+    node = live(live.fs.getattr, ino)
+    assert node.size == 5 * 2**30 + 3
+    assert node.st_blocks(BS) * 512 == BS
+    fh2, ino2 = live.create(b"dense")
+    live(live.fs.write, fh2, 0, os.urandom(8 * BS + 100))
+    assert live(live.fs.getattr, ino2).st_blocks(BS) == (8 * BS + 100 + 511) // 512
+    live(live.fs.write, fh2, 2 * BS, bytes(BS))  # a whole block of zeros is a hole
+    assert live(live.fs.getattr, ino2).blocks == 8
+    live(live.fs.setattr, ino2, size=3 * BS + 1)  # blocks 0, 1, 3 are left
+    assert live(live.fs.getattr, ino2).blocks == 3
+    live(live.fs.write, fh2, 2 * BS + 5, b"x")  # a small write into the hole
+    assert live(live.fs.getattr, ino2).blocks == 4
+    live(live.fs.setattr, ino2, size=0)
+    assert live(live.fs.getattr, ino2).st_blocks(BS) == 0
+    live.sync()
+    with open_view(live.store) as view:  # what is committed, history included
+        assert view.inode(ino) == node
 
 
 def test_compressible_data_is_stored_compressed(live: LiveStore) -> None:

@@ -202,7 +202,7 @@ class Mutator:
             self.next_ino += 1
             is_dir = stat.S_ISDIR(mode)
             node = Inode(mode, uid, gid, 2 if is_dir else 1, len(target), op.ts, op.ts, op.ts,
-                         rdev, target)
+                         rdev, target=target)
             op.inode(ino, node)
             op.dirent(parent, name, ino)
             self._touch_dir(op, parent, pnode, 1 if is_dir else 0)
@@ -362,7 +362,7 @@ class Mutator:
                     raise IsADirectory()
                 if not node.is_reg:
                     raise InvalidArgument()
-                self._truncate(op, ino, node.size, size)
+                new["blocks"] = node.blocks + self._truncate(op, ino, node.size, size)
                 new["size"] = size
                 if mtime is None:
                     new["mtime"] = op.ts
@@ -420,14 +420,16 @@ class Mutator:
                 raise IsADirectory() if node.is_dir else InvalidArgument()
             mv = memoryview(data)
             pos = off
+            blocks = node.blocks
             while mv:
                 index, boff = divmod(pos, self.bs)
                 n = min(self.bs - boff, len(mv))
-                self._write_piece(op, ino, index, boff, mv[:n], node.size, ready.get(pos))
+                blocks += self._write_piece(op, ino, index, boff, mv[:n], node.size,
+                                            ready.get(pos))
                 mv = mv[n:]
                 pos += n
             node = node.with_(size=max(node.size, off + len(data)), ctime=op.ts,
-                              mtime=op.ts if touch else node.mtime)
+                              mtime=op.ts if touch else node.mtime, blocks=blocks)
             op.inode(ino, node)
             return node
 
@@ -460,17 +462,21 @@ class Mutator:
         return key
 
     def _write_piece(self, op: Op, ino: int, index: int, boff: int, piece: memoryview,
-                     size: int, prepared: tuple[bytes, bytes] | None = None) -> None:
+                     size: int, prepared: tuple[bytes, bytes] | None = None) -> int:
+        """Write within one block; return the change in the inode's data blocks."""
         prefix = extent_prefix(ino, index)
         n = len(piece)
         existing = min(self.bs, max(0, size - index * self.bs))
         if boff == 0 and n >= existing:
+            # A block past the end is a hole (truncate leaves none with data).
+            had = existing > 0 and self.view.allocated(ino, index)
             if piece == self._zeros[:n]:
                 op.put(T_EXTENT, prefix, HOLE)
-            else:
-                op.put(T_EXTENT, prefix, full(self._store(piece, prepared), n))
-            return
+                return -had
+            op.put(T_EXTENT, prefix, full(self._store(piece, prepared), n))
+            return 1 - had
         chain = self.view.chain(ino, index)
+        had = bool(chain) and chain[0].kind != "H"
         patches = [e for e in chain if not e.is_base]
         if (len(patches) + 1 > self.max_patches
                 or sum(e.length for e in patches) + n > self.max_patch_bytes):
@@ -479,16 +485,20 @@ class Mutator:
             buf[boff : boff + n] = piece
             op.put(T_EXTENT, prefix, full(self._store(buf), length))
         elif piece == self._zeros[:n]:
-            if chain and boff < existing:  # zeros over data; past EOF they are implied
+            if had and boff < existing:  # zeros over data; past EOF they are implied
                 op.put(T_EXTENT, prefix, zero(boff, n))
+            return 0
         else:
             pack, pack_off = self._append_piece(piece)
             op.put(T_EXTENT, prefix, patch(boff, codec.digest(piece), n, pack, pack_off))
+        return 1 - had
 
-    def _truncate(self, op: Op, ino: int, old: int, new: int) -> None:
-        """Make every byte past ``new`` read as zeros should the file grow again."""
+    def _truncate(self, op: Op, ino: int, old: int, new: int) -> int:
+        """Make every byte past ``new`` read as zeros should the file grow again;
+        return the change in the inode's data blocks."""
         if new >= old:
-            return
+            return 0
+        freed = 0
         index, boff = divmod(new, self.bs)
         if boff:
             existing = min(self.bs, old - index * self.bs)
@@ -497,9 +507,10 @@ class Mutator:
                                   old)
             index += 1
         for j in list(self.view.block_indices(ino, index)):
-            chain = self.view.chain(ino, j)
-            if chain and chain[0].kind != "H":
+            if self.view.allocated(ino, j):
                 op.put(T_EXTENT, extent_prefix(ino, j), HOLE)
+                freed += 1
+        return -freed
 
 
 def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE) -> Store:

@@ -33,7 +33,7 @@ from .schema import u64
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"cdpfs-1"
+FORMAT = b"cdpfs-2"  # 2: inodes count their data blocks
 DEFAULT_BLOCK_SIZE = 128 * 1024
 MIN_MAP = 1 << 30
 DB_NAMES = (

@@ -42,7 +42,7 @@ def u64(n: int) -> bytes:
 
 # --- inodes: ino(8) + inv(seq) -> Inode.pack() or b"" (freed at seq) ---------
 
-_INODE = struct.Struct(">IIIIQqqqQ")
+_INODE = struct.Struct(">IIIIQqqqQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +58,14 @@ class Inode:
     mtime: int
     ctime: int
     rdev: int = 0
+    blocks: int = 0  # store blocks holding data (not holes): what st_blocks counts
     target: bytes = b""  # symlink target
 
     def pack(self) -> bytes:
         return (
             _INODE.pack(
                 self.mode, self.uid, self.gid, self.nlink, self.size,
-                self.atime, self.mtime, self.ctime, self.rdev,
+                self.atime, self.mtime, self.ctime, self.rdev, self.blocks,
             )
             + self.target
         )
@@ -76,6 +77,10 @@ class Inode:
 
     def with_(self, **kw: int | bytes) -> Inode:
         return replace(self, **kw)  # type: ignore[arg-type]
+
+    def st_blocks(self, block_size: int) -> int:
+        """512-byte units allocated: the data blocks, never more than the size needs."""
+        return min(self.blocks * block_size, self.size + 511) // 512
 
     @property
     def is_dir(self) -> bool:

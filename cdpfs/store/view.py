@@ -17,6 +17,7 @@ from ..errors import Corrupt, NotFound
 from . import journal
 from .lmdb import Store
 from .schema import (
+    HOLE,
     MAX_SEQ,
     ROOT_INO,
     U64,
@@ -155,6 +156,14 @@ class View:
             if ext.is_base:
                 break
         return out
+
+    def allocated(self, ino: int, index: int) -> bool:
+        """Whether block ``index`` holds data (its newest extent is not a hole)."""
+        prefix = extent_prefix(ino, index)
+        cur = self.txn.cursor(db=self._db["extents"])
+        if not cur.set_range(prefix + self._inv) or not cur.key().startswith(prefix):
+            return False
+        return cur.value()[:1] != HOLE
 
     def block_range(self, ino: int, index: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of block ``index`` (zeros where nothing was written)."""
