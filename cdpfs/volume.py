@@ -54,6 +54,7 @@ from .store.view import View
 
 log = logging.getLogger(__name__)
 
+HISTORY_SETTING = "history"  # config.history: "visible" lists @ entries at the root
 DEFAULT_PRUNE_INTERVAL = 3600  # seconds, when config.prune_interval is unset
 # LMDB tells no process of another's commits (a bookmark or 'replica add' made by a
 # tool, records written by the mount 'cdpfs replicate' ships beside): one watcher
@@ -85,7 +86,8 @@ class Volume:
     """
 
     def __init__(self, path: str | Path, mode: Mode = Mode.LIVE, *, at: str | None = None,
-                 show_history: bool = True, kernel_mtime: bool = False, owner: str = "mount",
+                 show_history: bool | None = True, kernel_mtime: bool = False,
+                 owner: str = "mount",
                  listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
                  connector: Connector = tls_connector,
                  clock: Callable[[], int] | None = None) -> None:
@@ -135,6 +137,9 @@ class Volume:
             self.store = self.receiver.store
             return
         self.store = store = await trio.to_thread.run_sync(Store, self.path)
+        if self.show_history is None:  # as the store is configured (cdpfs config)
+            with store.txn() as txn:
+                self.show_history = store.config(txn, HISTORY_SETTING) == "visible"
         if self.mode is Mode.LIVE:
             await self._open_live(store)
         elif self.mode in (Mode.SNAPSHOT, Mode.FOLLOW):

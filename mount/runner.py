@@ -94,7 +94,7 @@ def check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
                 ready: Callable[[], None] | None = None, at: str | None = None,
-                show_history: bool = True, follow: bool = False,
+                show_history: bool | None = None, follow: bool = False,
                 nonempty: bool = False) -> None:
     """Mount ``store_path`` on ``mountpoint`` and serve until unmounted.
 

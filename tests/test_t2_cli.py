@@ -79,7 +79,7 @@ def _commands(s: dict[str, Path], base: Path) -> list[list[str]]:
     cmds: list[list[str]] = [[], ["--nope"], ["nosuchcommand"], ["-vvvv", "status"]]
     for st in s.values():  # every kind of store, good and damaged
         cmds += [["status", st], ["verify", st], ["stat", st], ["prune", st],
-                 ["retention", st], ["bookmarks", "--volume", st],
+                 ["retention", st], ["config", st], ["bookmarks", "--volume", st],
                  ["bookmark", "b", "--volume", st],
                  ["log", "f", "--store", st], ["diff", "#1", "now", "--store", st],
                  ["assess", st], ["mount", st, s["file"].parent / "busy"],
@@ -88,6 +88,8 @@ def _commands(s: dict[str, Path], base: Path) -> list[list[str]]:
                  ["verify", "--compare", st, good], ["init", st]]
     cmds += [["retention", good, "--keep-all", "forever"], ["retention", good, "--daily", "1s"],
              ["retention", good, "--replica-max-lag", "-5"], ["df", good],
+             ["config", good, "history"], ["config", good, "history=maybe"],
+             ["config", good, "=x"], ["config", good, "history=visible", "history=hidden"],
              ["bookmark", "--delete", "nosuch", "--volume", good],
              ["bookmark", "@bad", "--volume", good],
              ["diff", "#1", "now", "no/such", "--store", good],

@@ -316,7 +316,20 @@ def test_root_lists_moments_unless_hidden(volume: Volume) -> None:
     assert os.listdir(m) == ["f"]
     assert (m / "@mark" / "f").read_bytes() == b"marked"
     assert (m / auto[0] / "f").read_bytes() == b"later"  # the same name, hidden or not
+    assert os.listdir(m) == ["f"]
 
+    # The store's own setting (like zfs set snapdir=visible) is the default of a
+    # mount; --history overrides it.
+    volume.umount()
+    assert "history=visible" in cdpfs("config", volume.store, "history=visible").stdout
+    volume.mount()
+    assert "@mark" in os.listdir(m)
+    volume.umount()
+    volume.mount("--history", "hidden")
+    assert os.listdir(m) == ["f"]
+    volume.umount()
+    cdpfs("config", volume.store, "history=hidden")
+    volume.mount()
     assert os.listdir(m) == ["f"]
 
 

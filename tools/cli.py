@@ -77,16 +77,17 @@ def init(store: Path, block_size: int) -> None:
 @click.option("--follow", is_flag=True,
               help="Mount the newest state read-only and follow it as another process "
               "changes the store (a replica receiving, a live mount).")
-@click.option("--history", type=click.Choice(["visible", "hidden"]), default="hidden",
-              show_default=True, help="List @ entries in the root directory; lookups of "
-              "@ names (cd MNT/@-1h) work either way. Hidden, tools that walk the whole "
-              "volume (find, du, rsync) do not walk its history.")
+@click.option("--history", type=click.Choice(["visible", "hidden"]),
+              help="List @ entries in the root directory; lookups of @ names (cd "
+              "MNT/@-1h) work either way. Hidden, tools that walk the whole volume (find, "
+              "du, rsync) do not walk its history. Default: as set with cdpfs config "
+              "(hidden unless set).")
 @click.option("--nonempty", is_flag=True,
               help="Mount on a directory that has files in it (the mount hides them).")
 @click.pass_context
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
           allow_other: bool, logfile: Path | None, at: str | None, follow: bool,
-          history: str, nonempty: bool) -> None:
+          history: str | None, nonempty: bool) -> None:
     """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
@@ -111,7 +112,8 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
 
     def run(ready: object = None) -> None:
         mount_store(store, mountpoint, allow_other=allow_other, ready=ready,  # type: ignore[arg-type]
-                    at=at, show_history=history == "visible", follow=follow,
+                    at=at, show_history=None if history is None else history == "visible",
+                    follow=follow,
                     nonempty=nonempty)
 
     if foreground:

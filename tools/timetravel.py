@@ -25,6 +25,7 @@ from cdpfs.history.versions import diff as tree_diff
 from cdpfs.history.versions import versions
 from cdpfs.store.lmdb import Store
 from cdpfs.store.view import View
+from cdpfs.volume import HISTORY_SETTING
 
 from .locate import Target, locate
 from .scenario import Scenario
@@ -325,5 +326,34 @@ def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
     click.echo(f"retention: {new.describe()}; a mount prunes every {every}s")
 
 
+SETTINGS = {HISTORY_SETTING: ("hidden", "visible")}  # name: allowed values, default first
+
+
+@click.command("config")
+@click.argument("volume", type=click.Path(path_type=Path))
+@click.argument("settings", nargs=-1, metavar="[NAME=VALUE]...")
+def config_cmd(volume: Path, settings: tuple[str, ...]) -> None:
+    """Show or set a volume's settings: history=hidden|visible (whether the root
+    lists @ entries; a mount's --history overrides it). Mounts read them when they
+    start."""
+    changes = {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name not in SETTINGS:
+            raise click.UsageError(f"unknown setting {name!r} (known: {', '.join(SETTINGS)})")
+        if value not in SETTINGS[name]:
+            raise click.UsageError(f"{name} must be one of {', '.join(SETTINGS[name])}, "
+                                   f"not {value!r}")
+        changes[name] = value
+    target = locate(volume)
+    with Store(target.store) as st, st.txn(write=bool(changes)) as txn:
+        for name, value in changes.items():
+            st.set_config(txn, name, value)
+        for name, values in SETTINGS.items():
+            click.echo(f"{name}={st.config(txn, name) or values[0]}")
+    if changes and target.mount is not None:
+        click.echo("a running mount takes the new settings when it is mounted again")
+
+
 COMMANDS = [log_cmd, diff_cmd, restore_cmd, rewind_cmd, bookmark_cmd, bookmarks_cmd,
-            prune_cmd, stat_cmd, retention_cmd]
+            prune_cmd, stat_cmd, retention_cmd, config_cmd]
