@@ -113,7 +113,15 @@ def _raw(kind: int, payload: bytes, flags: int = 0, pieces: tuple[bytes, ...] = 
         flags |= wire.PIECES
         sizes = struct.pack(f">I{len(pieces)}I", len(pieces), *map(len, pieces))
     head = _HEAD.pack(wire.MAGIC, kind, flags, len(payload)) + sizes
-    return head + payload + b"".join(pieces) + codec.digest(sizes + payload)[:wire.CHECK]
+    return head + payload + b"".join(pieces) + codec.digest(head + payload)[:wire.CHECK]
+
+
+def test_handmade_frames_are_the_wire_format() -> None:
+    """The fuzzer's frames pass the frame check, so they reach the body checks."""
+    body = msgpack.packb({"seq": 3}, use_bin_type=True)
+    assert _raw(wire.ACK, body) == b"".join(wire.frame(wire.ACK, {"seq": 3}, False))
+    parts = wire.frame(wire.DATA, {"seq": 3}, False, pieces=[b"ab", b"c"])
+    assert _raw(wire.DATA, body, pieces=(b"ab", b"c")) == b"".join(bytes(p) for p in parts)
 
 
 @st.composite

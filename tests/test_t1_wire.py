@@ -110,7 +110,7 @@ def test_frame_layout_is_as_documented() -> None:
     assert msgpack.unpackb(payload) == {"x": 1}
     assert data[table_end + length:table_end + length + 8] == b"abcdefgh"
     check = data[table_end + length + 8:]
-    assert check == codec.digest(data[HEAD.size:table_end] + payload)[:wire.CHECK]
+    assert check == codec.digest(data[:table_end] + payload)[:wire.CHECK]
     # Without pieces: no table, flag 2 clear.
     plain = _joined(wire.frame(wire.ACK, {"seq": 1}))
     assert HEAD.unpack_from(plain)[2] == 0
@@ -183,11 +183,27 @@ async def test_damage_to_payload_piece_table_or_check_is_refused() -> None:
         data = _joined(parts)
         head_end = len(parts[0])
         pieces_end = head_end + len(stored) + 3
-        # after the 8 header bytes: the piece table and the payload; then the check
-        positions = [*range(HEAD.size, head_end), *range(pieces_end, len(data))]
+        # the header, the piece table and the payload; then the check
+        positions = [*range(head_end), *range(pieces_end, len(data))]
         wrong = {(pos, mask): got for pos, mask, damaged in _flips(data, positions)
                  if (got := await _outcome(damaged, wire.DATA)) != "refused"}
         assert not wrong, f"damaged frames not refused (compress={compress}): {wrong}"
+
+
+async def test_a_changed_type_or_flags_byte_fails_the_check() -> None:
+    """The header is checked too: a frame whose type byte became ERROR (or any
+    other type), or whose compression flag flipped, is damage, not a refusal."""
+    kinds = sorted(wire.NAMES)
+    for kind in kinds:
+        data = bytearray(_joined(wire.frame(kind, {"message": "m", "seq": 1}, False)))
+        for other in [k for k in kinds if k != kind]:
+            data[2] = other
+            with pytest.raises(wire.WireError, match="check mismatch"):
+                await _received(bytes(data))
+        data[2] = kind
+        data[3] ^= wire.COMPRESSED
+        with pytest.raises(wire.WireError, match="check mismatch"):
+            await _received(bytes(data))
 
 
 async def test_a_damaged_piece_arrives_and_fails_its_hash_check() -> None:
@@ -263,8 +279,8 @@ async def test_too_many_pieces_are_refused_before_the_table() -> None:
 
 
 def _handmade(kind: int, flags: int, payload: bytes) -> bytes:
-    return HEAD.pack(b"CD", kind, flags, len(payload)) + payload + \
-        codec.digest(payload)[:wire.CHECK]
+    head = HEAD.pack(b"CD", kind, flags, len(payload))
+    return head + payload + codec.digest(head + payload)[:wire.CHECK]
 
 
 async def test_an_undecodable_payload_is_refused() -> None:

@@ -14,7 +14,7 @@ from ..store import codec
 from ..store.lmdb import Store
 from ..store.schema import U64
 
-PROTOCOL = 2
+PROTOCOL = 3
 PIPELINE = 4  # batches on the way at once: offered or sent ahead of their acknowledgement
 ANSWER_TIMEOUT = 30.0  # seconds a peer owing an answer may move no byte before the link drops
 # The history tables a full resync sends, in this order (entries up to its seq).

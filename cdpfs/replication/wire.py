@@ -5,7 +5,8 @@ A frame is ``b"CD" | type (1) | flags (1) | length (4) [| count (4) | count size
 (zstd-compressed when flag 1 is set). Flag 2 says ``count`` pieces of raw bytes
 follow the payload (blocks and packs, compressed already as stored), sent as they
 are, without a msgpack copy and without being joined into one buffer. ``check``
-is the first 16 bytes of blake3(the sizes and the payload as sent). Pieces are
+is the first 16 bytes of blake3(the header, the sizes and the payload as sent),
+so a damaged type or flags byte is caught like damaged data. Pieces are
 content-addressed: the receiver checks each against the hash it is named by
 before using it (``codec.check``), so they are not hashed twice. TLS already
 authenticates every byte; the checks also catch damage from a bug on either
@@ -83,7 +84,7 @@ def frame(kind: int, body: Any, compress: bool = True, pieces: Sequence[Part] = 
         flags |= PIECES
         sizes = _COUNT.pack(len(pieces)) + struct.pack(f">{len(pieces)}I", *map(len, pieces))
     head = _HEAD.pack(MAGIC, kind, flags, len(payload)) + sizes
-    check = codec.digest(sizes + payload)[:CHECK]
+    check = codec.digest(head + payload)[:CHECK]
     return [head + payload, *pieces, check]
 
 
@@ -167,7 +168,7 @@ class Connection:
         payload = await self._exactly(length)
         pieces = [await self._exactly(size) for size in sizes]
         check = await self._exactly(CHECK)
-        if codec.digest(table + payload)[:CHECK] != check:
+        if codec.digest(head + table + payload)[:CHECK] != check:
             raise WireError(f"damaged {NAMES.get(kind, kind)} frame (check mismatch), dropped")
         name = NAMES.get(kind, str(kind))
         if expect and kind not in expect and kind != ERROR:
