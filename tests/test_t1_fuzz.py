@@ -281,8 +281,8 @@ def test_a_sender_survives_any_answers(primary: tuple[Path, str],
         with Store(path) as store:
             async with trio.open_nursery() as nursery:
                 sender = Sender(store, NAME, "memory:r1", connect)
-                # A replica that welcomes and then misbehaves is retried for ever (a
-                # session that got a WELCOME resets the count): watch it for a while.
+                # A replica that welcomes and then misbehaves is retried while it
+                # acknowledges new records: watch it for a while.
                 with trio.move_on_after(2):
                     try:
                         await sender.run(follow=False, attempts=2)

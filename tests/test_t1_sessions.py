@@ -15,6 +15,7 @@ degraded until they catch up). No root, FUSE or network.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -588,6 +589,39 @@ async def test_a_replica_that_never_welcomes_drops_the_link(
         assert not hung.cancelled_caught, "the sender waits for WELCOME forever"
         assert ANSWER_TIMEOUT <= trio.current_time() - start < ANSWER_TIMEOUT * 2
         assert len(silent) == 1 and sender.state.last_error
+
+
+async def test_a_replica_that_welcomes_then_fails_is_not_retried_at_once(
+        tmp_path: Path, jumping_clock: trio.testing.MockClock) -> None:
+    """A replica that welcomes every connection and then drops it acknowledges
+    nothing: each retry waits longer, and with attempts the sender gives up, as for
+    a replica that cannot be reached (a WELCOME is not progress)."""
+    primary = tmp_path / "primary"
+    _make(primary)
+    await _write(primary, {b"f": b"x" * 1000})
+    times: list[float] = []
+
+    async def welcome_then_drop(stream: trio.abc.Stream) -> None:
+        conn = wire.Connection(stream)
+        _, hello = await conn.recv(wire.HELLO)
+        await conn.send(wire.WELCOME, {"uuid": hello["uuid"], "acked": 0})
+        await stream.aclose()
+
+    async def connect() -> trio.abc.Stream:
+        times.append(trio.current_time())
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(welcome_then_drop, theirs)
+        return ours
+
+    with Store(primary) as store:
+        async with trio.open_nursery() as nursery:
+            sender = Sender(store, NAME, ADDRESS, connect)
+            with trio.move_on_after(60) as spun, pytest.raises(CdpfsError, match=NAME):
+                await sender.run(follow=False, attempts=4)
+    assert not spun.cancelled_caught, "a replica that only welcomes is retried for ever"
+    assert len(times) == 4
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], gaps
 
 
 # --- full resync ------------------------------------------------------------------------------

@@ -145,7 +145,8 @@ class Sender:
                     await trio.to_thread.run_sync(self._save)
 
     async def _run(self, follow: bool, attempts: int) -> None:
-        self._failures = 0  # in a row: a session that got as far as WELCOME resets it
+        self._failures = 0  # in a row: a session the replica acknowledged new records in
+        self._acked_at_failure = self.state.acked  # resets it (WELCOME alone does not)
         while True:
             try:
                 await self._session(follow)
@@ -166,7 +167,10 @@ class Sender:
                 await self._failed(exc, attempts, internal=True)
 
     async def _failed(self, exc: BaseException, attempts: int, internal: bool = False) -> None:
-        """A connection failed: note it, give up after ``attempts`` in a row, else wait."""
+        """A connection failed: note it, give up after ``attempts`` in a row, else wait
+        (longer after each: a replica that welcomes and then fails is not hammered)."""
+        if self.state.acked != self._acked_at_failure:
+            self._failures, self._acked_at_failure = 0, self.state.acked
         self._failures += 1
         error = ("internal error: " if internal else "") + root_cause(exc)
         level = logging.ERROR if internal else logging.WARNING
@@ -194,7 +198,6 @@ class Sender:
                                          "name": self.state.name})
             with trio.fail_after(ANSWER_TIMEOUT):  # a replica that never welcomes
                 _, welcome = await conn.recv(wire.WELCOME)
-            self._failures = 0
             self._registered = True
             acked = int(welcome["acked"])
             try:
