@@ -690,6 +690,31 @@ async def test_a_replica_joining_a_thinned_volume_gets_a_full_resync(
     assert r.seqs == p.seqs and r.tree == p.tree
 
 
+async def test_a_full_resync_acknowledges_nothing_before_the_base_is_there(
+        tmp_path: Path) -> None:
+    """A sync write waits for its replica's acknowledgement: during a full resync
+    the replica holds nothing of the base until its end, so no position may count as
+    acknowledged before then (retention still keeps what comes after the base)."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _, top = await _thinned(primary, FakeClock(), mark_at=3)
+    expected = _tree_at(primary, top)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            with Store(primary) as store:
+                sender = Sender(store, NAME, ADDRESS, links.connect(NAME))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(functools.partial(sender.run, attempts=1))
+                    await sender.wait_acked(top)
+                    assert receiver.store is not None
+                    with receiver.store.txn() as txn:
+                        assert txn.get(BASE_PENDING, db=receiver.store.db["meta"]) is None, \
+                            "acknowledged while the base was still on its way"
+                        assert tree_hash(receiver.store, txn, top) == expected
+                    nursery.cancel_scope.cancel()
+                with store.txn() as txn:
+                    assert registry.needed_after(store, txn) == top
+
+
 async def test_a_hole_after_the_replicas_position_gets_a_full_resync(
         tmp_path: Path) -> None:
     """The journal thinned with its first record kept (bookmarked): the record after

@@ -30,6 +30,7 @@ class ReplicaState:
     mode: str = "async"
     acked: int = 0
     acked_ts: int = 0  # timestamp of the acknowledged record
+    hold: int = 0  # during a full resync, its base's seq: the journal after it is needed
     connected: bool = False
     bytes_sent: int = 0
     records_sent: int = 0
@@ -94,7 +95,8 @@ def min_acked(txn: lmdb.Transaction, dbs: dict[str, Any], newest: int,
     """The lowest position a registered replica acknowledged, among those less than
     ``cap`` records behind ``newest`` (None: none). A replica further behind gets a
     full resync when it comes back."""
-    acks = [s.acked for s in states(txn, dbs) if newest - s.acked <= cap]
+    acks = [max(s.acked, s.hold) for s in states(txn, dbs)
+            if newest - max(s.acked, s.hold) <= cap]
     return min(acks) if acks else None
 
 

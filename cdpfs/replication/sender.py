@@ -386,8 +386,9 @@ class Sender:
         await conn.send(wire.BASE, {"begin": True, "seq": top})
         with trio.fail_after(ANSWER_TIMEOUT):
             await conn.recv(wire.ACK)
-        self.state.acked = top  # retention keeps what comes after, from now on
-        self._moved()
+        # Retention keeps what comes after the base from now on; nothing counts as
+        # acknowledged (a sync write waits) until the replica has the whole base.
+        self.state.hold = top
         await trio.to_thread.run_sync(self._save)
         for table in BASE_TABLES:
             after = b""
@@ -403,7 +404,10 @@ class Sender:
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
         log.info("replica %s: full resync to #%d done", self.state.name, top)
-        return int(ack["seq"])
+        self.state.acked = int(ack["seq"])
+        self._moved()
+        await trio.to_thread.run_sync(self._save)
+        return self.state.acked
 
     async def _throttle(self, nbytes: int) -> None:
         """Keep to the replica's bandwidth limit (bytes per second), if it has one."""
