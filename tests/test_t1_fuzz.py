@@ -238,7 +238,13 @@ def test_a_receiver_survives_any_frames(primary: tuple[Path, str],
                     nursery.start_soon(_hostile, ours, frames)
                     # returns, whatever came: nothing escapes a connection
                     await receiver.serve_connection(wire.Connection(theirs), "fuzz")
-                await _honest_ship(path, receiver)
+                if receiver.store is not None and receiver.store.uuid != uuid:
+                    # A well-formed HELLO of another volume came first: this is now a
+                    # replica of that one, and the primary is refused, saying why.
+                    with pytest.raises(BaseException, match="this replica holds volume"):
+                        await _honest_ship(path, receiver)
+                else:
+                    await _honest_ship(path, receiver)
         finally:
             receiver.close()
 

@@ -53,10 +53,10 @@ def _bool(v: Any, where: str) -> None:
         _fail(where, f"expected true or false, got {_show(v)}")
 
 
-def _text(limit: int = MAX_TEXT) -> Check:
+def _text(limit: int = MAX_TEXT, least: int = 0) -> Check:
     def check(v: Any, where: str) -> None:
-        if type(v) is not str or len(v) > limit:
-            _fail(where, f"expected a string of at most {limit} characters, got {_show(v)}")
+        if type(v) is not str or not least <= len(v) <= limit:
+            _fail(where, f"expected a string of {least} to {limit} characters, got {_show(v)}")
     return check
 
 
@@ -116,9 +116,10 @@ _REFS = _map({"blocks": _list(_bytes(HASH_LEN)), "packs": _list(_int())})
 
 SHAPES: dict[int, Check] = {
     HELLO: _map({"proto": _int(0, 2**31)},
-                {"uuid": _text(64), "block_size": _int(1, 2**31), "name": _text(256)}),
+                {"uuid": _text(64, least=1), "block_size": _int(1, 2**31), "name": _text(256)}),
     WELCOME: _map({"acked": _SEQ},
-                  {"uuid": _text(64), "base_pending": _bool, "check": _bytes(limit=CHECK_LEN)}),
+                  {"uuid": _text(64, least=1), "base_pending": _bool,
+                   "check": _bytes(limit=CHECK_LEN)}),
     OFFER: _REFS,
     WANT: _REFS,
     DATA: _map({}, {"records": _list(_pair(_SEQ, _bytes())),
