@@ -1,7 +1,7 @@
 """Counters of a served volume, kept in one place for status and metrics.
 
 The volume service owns one ``Counters`` and hands it to the parts that count:
-the engine (commits, bytes queued for writing), the senders (what was shipped)
+the engine (commits, bytes applied and not yet committed), the senders (what was shipped)
 and the receiver (what was applied). Plain integers written by one thread each
 and read by anyone: a reader may see a value a moment old, never a torn one.
 """
@@ -17,7 +17,7 @@ class Counters:
     """What a served volume has done since it started."""
 
     commits: int = 0  # synced LMDB commits that wrote something
-    queued_bytes: int = 0  # write-behind bytes waiting for the store thread now
+    pending_bytes: int = 0  # bytes applied and not yet committed, about
     records_shipped: int = 0  # records replicas acknowledged, over all senders
     bytes_shipped: int = 0  # bytes sent to replicas (frames, TLS framing aside)
     records_applied: int = 0  # records received from a primary and made durable

@@ -46,11 +46,11 @@ class FakeClock:
 
 class LiveStore:
     """A new store with its engine and filesystem layer running, as a mount has
-    them, driven from plain (non-trio) code: ``live(fn, *args)`` runs ``fn`` on the
-    store thread and returns its result (or raises its error).
+    them, driven from plain (non-trio) code: ``live(fn, *args)`` runs ``fn`` as an
+    engine call on the calling thread and returns its result (or raises its error).
 
     Attributes:
-        store, engine, fs: the open store, its store thread, the filesystem layer.
+        store, engine, fs: the open store, its engine, the filesystem layer.
     """
 
     def __init__(self, path: str | os.PathLike[str], *,
@@ -62,7 +62,7 @@ class LiveStore:
         self.engine.start()
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return self.engine.call_sync(lambda: fn(*args, **kw))
+        return self.engine.run_sync(lambda: fn(*args, **kw))
 
     def seq(self) -> int:
         """The newest journal record applied."""
@@ -70,7 +70,7 @@ class LiveStore:
 
     def sync(self) -> None:
         """Commit everything applied (what an fsync does)."""
-        self.engine.call_sync(self.fs.sync, durable=True)
+        self.engine.run_sync(self.fs.sync, durable=True)
 
     def create(self, name: bytes, parent: int = 1, mode: int = 0o644) -> tuple[int, int]:
         """Create and open a regular file: (file handle, inode)."""

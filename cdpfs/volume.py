@@ -18,8 +18,8 @@ Modes (``Mode``):
 * ``source``: read a store beside whoever serves it, to ship to one replica
   (``cdpfs replicate``).
 
-Front ends call the request methods (``call`` for most, ``write``, ``flush``,
-``fsync``, ``fsyncdir``) with the functions of ``fs`` (a ``TimeFS``), catch the
+Front ends call the request methods (``call`` for most, ``read``, ``write``,
+``flush``, ``fsync``, ``fsyncdir``) with the functions of ``fs`` (a ``TimeFS``), catch the
 ``cdpfs.errors`` classes and map them to their own codes. ``counters`` holds what
 a metrics endpoint reports.
 """
@@ -36,8 +36,8 @@ from typing import Any
 import trio
 
 from .counters import Counters
-from .errors import CdpfsError, StoreError, first_error
-from .fs.engine import Engine, ReadEngine
+from .errors import CdpfsError, Corrupt, StoreError, first_error
+from .fs.engine import Engine, ReadEngine, wait_future
 from .fs.timefs import TimeFS
 from .fs.vfs import FileSystem
 from .history import bookmarks
@@ -158,21 +158,13 @@ class Volume:
         fs = self.live = FileSystem(store, engine, kernel_mtime=self.kernel_mtime,
                                     **self._clocked())
         await trio.to_thread.run_sync(engine.start)
-        await engine.call(fs.recover, durable=True)
-        self.fs = TimeFS(store, lambda seq: View(store, fs.m.txn, seq), live=fs,
-                         show_history=self.show_history, on_slot=self._hold, **self._clocked())
+        # Nothing else runs yet: the recovery may run, and commit, in a worker thread.
+        await trio.to_thread.run_sync(lambda: engine.run_sync(fs.recover, durable=True))
+        self.fs = TimeFS(store, engine.view, live=fs, show_history=self.show_history,
+                         on_slot=self._hold, settle=engine.settle, **self._clocked())
         fanout = self.fanout = await trio.to_thread.run_sync(
             lambda: Fanout(store, self.counters, self.connector))
-        token = self._token
-        assert token is not None
-
-        def committed() -> None:  # on the store thread
-            try:
-                token.run_sync_soon(fanout.committed)
-            except trio.RunFinishedError:
-                pass
-
-        engine.after_commit(committed)
+        engine.after_commit(fanout.committed)
 
 
     def _clocked(self) -> dict[str, Callable[[], int]]:
@@ -200,6 +192,8 @@ class Volume:
     async def _start_services(self, nursery: trio.Nursery) -> None:
         if self.mode is Mode.LIVE:
             assert self.fanout is not None and self.store is not None
+            assert isinstance(self.engine, Engine)
+            await nursery.start(self.engine.serve)
             await nursery.start(self.fanout.run)
             nursery.start_soon(self._prune_loop)
             nursery.start_soon(self._watch, self.store)
@@ -227,9 +221,9 @@ class Volume:
             engine = self.engine
             try:
                 if self.live is not None and self.live.mutator is not None:
-                    await engine.call(self._drop_holds)
+                    await engine.call(self._drop_holds, durable=True)
             finally:
-                await trio.to_thread.run_sync(engine.stop)
+                await trio.to_thread.run_sync(engine.stop)  # nothing else runs now
             log.info("%s: %d commits", self.path, self.counters.commits)
         if self.seq is not None and self.store is not None:
             store = self.store
@@ -244,29 +238,27 @@ class Volume:
         elif self.store is not None:
             self.store.close()
 
-    # --- history holds (live mode: on the store thread) --------------------------------
+    # --- history holds (live mode: written with the next commit) ------------------------
 
     def _hold(self, slot: int, seq: int | None) -> None:
         """Keep a hold on each past point the volume shows (``TimeFS``'s on_slot)."""
         assert self.live is not None and self.store is not None
-        txn = self.live.m.txn
+        db, name = self.store.db, f"slot{slot}"
         if seq is None:
-            bookmarks.release(txn, self.store.db, f"slot{slot}")
+            self.live.engine.job(lambda txn: bookmarks.release(txn, db, name))
         else:
-            bookmarks.hold(txn, self.store.db, f"slot{slot}", seq)
-        self.live.engine.note_dirty(64)
+            self.live.engine.job(lambda txn: bookmarks.hold(txn, db, name, seq))
 
     def _drop_holds(self) -> None:
         assert self.live is not None and self.store is not None
-        if bookmarks.release_all(self.live.m.txn, self.store.db):
-            self.live.engine.note_dirty(64)
+        db = self.store.db
+        self.live.engine.job(lambda txn: bookmarks.release_all(txn, db))
 
     # --- background work ---------------------------------------------------------------
 
     async def _prune_loop(self) -> None:
-        """Apply the retention policy every ``config.prune_interval``: in small steps on
-        the store thread of a live volume, between requests; in transactions of its
-        own on a replica."""
+        """Apply the retention policy every ``config.prune_interval``: in small steps in
+        the commits of a live volume; in transactions of its own on a replica."""
         store = self.store
         assert store is not None
         while True:
@@ -289,20 +281,21 @@ class Volume:
                 log.exception("periodic prune failed")
 
     async def _prune_live(self, engine: Engine, store: Store) -> PruneResult:
-        def start() -> Pruner:
-            txn = engine.ensure_txn()
+        def start(txn: Any) -> Pruner:
             return Pruner(store, txn, keep_after=registry.needed_after(store, txn),
                           now_ns=self._now())
 
-        def step(pruner: Pruner) -> bool:
-            done = pruner.step(engine.ensure_txn())
-            engine.note_dirty(4096)
-            return done
-
-        pruner = await engine.call(start)
-        while not await engine.call(step, pruner):
+        pruner: Pruner = await engine.in_writer(start)
+        while True:
+            # Until its commit is done, a step may free a block no committed state
+            # uses: writes meanwhile keep the blocks they share (pending.pruning).
+            engine.pending.pruning += 1
+            try:
+                if await engine.in_writer(pruner.step):
+                    return pruner.result
+            finally:
+                engine.pending.pruning -= 1
             await trio.sleep(0)
-        return pruner.result
 
     @staticmethod
     def _config(store: Store, name: str) -> Any:
@@ -333,30 +326,41 @@ class Volume:
         return self.engine
 
     async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
-        """Run ``fn(*args)`` (a method of ``fs``) where the volume's state is valid: the
-        store thread of a live volume, a reader thread of a read-only one. With
-        ``durable``, return after everything before it is committed."""
+        """Run ``fn(*args)`` (a method of ``fs``) where the volume's state is valid: on
+        this thread over the live volume's pending changes, in a reader thread of a
+        read-only one. With ``durable``, return after everything before it is
+        committed."""
         return await self._engine().call(fn, *args, durable=durable)
 
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``off`` of the open file ``fh``: the extents are found
+        here; blocks not in the cache are fetched, checked and decompressed in a
+        reader thread (several reads at once run in parallel)."""
+        fs = self.fs
+        assert fs is not None
+        plan = await self.call(fs.read_plan, fh, off, size)
+        try:
+            if plan.cached():
+                return plan.run()
+            return await trio.to_thread.run_sync(plan.run)
+        except Corrupt as exc:
+            await self.call(fs.read_failed, fh, off, exc)
+            raise
+
     async def write(self, fh: int, off: int, data: bytes) -> int:
-        """Write ``data`` at ``off`` of the open file ``fh``: hashing and compression start
-        at once on the codec threads; an ordinary write is acknowledged once queued
-        (write-behind, its failure reported by the next fsync or close)."""
+        """Write ``data`` at ``off`` of the open file ``fh``: its whole blocks are hashed
+        and compressed on the codec threads (other requests go on meanwhile), then
+        it is applied; acknowledged once applied, durable once committed."""
         fs = self.fs
         assert fs is not None
         prepared = fs.prepare_write(off, data)
-        if fs.may_write_behind(fh):
-            await self._engine().post(fs.write_behind, fh, off, data, prepared,
-                                      nbytes=len(data))
-            return len(data)
+        if prepared is not None:
+            await wait_future(prepared)
         return int(await self.call(fs.write, fh, off, data, prepared))
 
     async def flush(self, fh: int) -> None:
-        """A close of ``fh``: report a failed write-behind of its file, if any."""
-        fs = self.fs
-        assert fs is not None
-        if self._engine().posted or fs.write_errors:
-            await self.call(fs.check_write_errors, fh)
+        """A close of ``fh``: nothing is left to report (writes are applied before
+        they are acknowledged)."""
 
     async def fsync(self, fh: int) -> None:
         """Everything written before is durable (and on the sync replicas) on return."""

@@ -186,7 +186,7 @@ class FuseOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(entry)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._call(self.fs.read, fh, off, size)
+        return await self._request("read", self.volume.read(fh, off, size))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._request("write", self.volume.write(fh, off, buf))

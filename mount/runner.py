@@ -107,8 +107,9 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
     mountpoint = mountpoint.resolve()
     mode = Mode.SNAPSHOT if at is not None else Mode.FOLLOW if follow else Mode.LIVE
     if mode is Mode.LIVE:
-        # Two busy threads (trio, store) hand each request back and forth: a short
-        # GIL switch interval keeps that hand-off from waiting the default 5 ms.
+        # Requests run on the trio thread while a commit writes the last layer in
+        # a worker thread: a short GIL switch interval keeps a request from waiting
+        # the default 5 ms behind the commit's Python work.
         sys.setswitchinterval(0.0002)
     volume = Volume(store_path, mode, at=at, show_history=show_history,
                     kernel_mtime=FuseOperations.enable_writeback_cache,

@@ -1,7 +1,7 @@
 """The volume engine without FUSE: versioned state, blocks, space per write.
 
 These tests drive the real filesystem layer (``FileSystem`` on the engine's
-store thread, a real LMDB store in a temp dir) and read every past state back
+engine, a real LMDB store in a temp dir) and read every past state back
 through ``open_view``.
 """
 

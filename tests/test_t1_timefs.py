@@ -1,7 +1,7 @@
 """TimeFS in process: the live tree plus the read-only ``@<moment>`` trees, without FUSE.
 
 Each test serves a fresh store with the real volume service (``cdpfs.testing.served``:
-real LMDB store in a temp dir, real store thread) and calls ``TimeFS`` methods the way
+real LMDB store in a temp dir, real engine) and calls ``TimeFS`` methods the way
 the FUSE front end does, checking what a user of the mounted filesystem would see:
 
 * every moment form (``#seq``, ``now``, a bookmark, ISO times to the nanosecond, local
@@ -212,12 +212,14 @@ async def names_in(vol: Volume, kino: int, who: Caller | None = None) -> list[by
 
 
 async def holds_now(vol: Volume) -> dict[str, int]:
-    """Holds (name -> seq) as the volume's own transaction sees them."""
+    """Holds (name -> seq) as the volume itself sees them (a live volume writes them
+    with its next commit: the one fsyncdir makes)."""
     store = vol.store
     assert store is not None
     if vol.live is not None:
-        live = vol.live
-        marks = await vol.call(lambda: bookmarks.all_points(live.m.txn, store.db))
+        await vol.fsyncdir()
+        engine = vol.live.engine
+        marks = await vol.call(lambda: bookmarks.all_points(engine.reader(), store.db))
     else:
         engine = vol.engine
         assert engine is not None
@@ -246,19 +248,19 @@ def stored_holds(path: Path) -> dict[str, int]:
 
 
 async def bookmark(vol: Volume, name: str, seq: int | None) -> None:
-    """What ``cdpfs bookmark`` (``seq`` None: ``--delete``) does, in the volume's
-    writer transaction."""
+    """What ``cdpfs bookmark`` (``seq`` None: ``--delete``) does, in a write
+    transaction after everything the volume applied."""
     live, store = vol.live, vol.store
     assert live is not None and store is not None
     if seq is None:
-        await vol.call(lambda: bookmarks.delete(live.m.txn, store.db, name))
+        await live.engine.in_writer(lambda txn: bookmarks.delete(txn, store.db, name))
     else:
-        await vol.call(lambda: bookmarks.put(live.m.txn, store.db, name, seq))
+        await live.engine.in_writer(lambda txn: bookmarks.put(txn, store.db, name, seq))
 
 
 async def refused(vol: Volume, error: type[Exception], fn: Callable[..., Any],
                   *args: Any) -> bool:
-    """Whether ``fn(*args)`` on the store thread fails with ``error``."""
+    """Whether ``fn(*args)`` as a volume call fails with ``error``."""
     try:
         await vol.call(fn, *args)
     except error:

@@ -14,7 +14,8 @@ from cdpfs.fs.mutate import Mutator, init_volume
 from cdpfs.history.moments import BadMoment, parse
 from cdpfs.history.points import resolve
 from cdpfs.mount.errnos import errno_of
-from cdpfs.store import journal
+from cdpfs.store import journal, pending
+from cdpfs.store.pending import Pending
 from cdpfs.store.schema import U64
 
 NOW = int(dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC).timestamp()) * 10**9
@@ -58,13 +59,15 @@ def test_seq_and_bookmark_and_errors() -> None:
 def test_resolve_against_a_store(tmp_path: Path) -> None:
     store = init_volume(tmp_path / "s")
     try:
+        changes = Pending()
         with store.env.begin(write=True) as txn:
-            m = Mutator(store, txn)
+            m = Mutator(store, lambda: txn, changes)
             import stat
 
             ino, _ = m.mknod(1, b"f", stat.S_IFREG | 0o644, 0, 0)
             m.write(ino, 0, os.urandom(10))
             m.seal()
+            pending.write(store, txn, changes.current)
             txn.put(b"mark", U64.pack(2), db=store.db["bookmarks"])
             last, ts = journal.last(txn, store.db)
         with store.env.begin() as txn:

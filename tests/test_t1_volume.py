@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -339,7 +340,7 @@ async def test_the_periodic_prune_runs_on_its_interval(
 
     Nothing can prune before the interval: the volume's prune loop starts sleeping
     no earlier than ``nursery.start`` returns, and a request made 50 (virtual) seconds
-    later is queued to the store thread before the prune's first step."""
+    later is applied before the prune's first step."""
     path = tmp_path / "s"
     clock = FakeClock()
     rnd = random.Random(3)
@@ -369,7 +370,7 @@ async def test_the_periodic_prune_runs_on_its_interval(
 
         def present(seqs: list[int], digests: list[bytes]) -> tuple[list[bool], list[bool]]:
             assert vol.live is not None and vol.store is not None
-            txn, db = vol.live.m.txn, vol.store.db
+            txn, db = vol.live.engine.reader(), vol.store.db
             return ([txn.get(U64.pack(s), db=db["journal"]) is not None for s in seqs],
                     [txn.get(d, db=db["blocks"]) is not None for d in digests])
 
@@ -403,7 +404,7 @@ async def test_the_periodic_prune_runs_on_its_interval(
         await wait_pruned(seqs, digests)
         assert await read_path(vol, b"f") == last
         await vol.call(vol.fs.release, fh)
-async def test_counters_count_commits_and_queued_bytes(tmp_path: Path) -> None:
+async def test_counters_count_commits_and_pending_bytes(tmp_path: Path) -> None:
     path = new_store(tmp_path / "s")
     with trio.fail_after(TIMEOUT):
         async with served(path) as vol:
@@ -413,12 +414,13 @@ async def test_counters_count_commits_and_queued_bytes(tmp_path: Path) -> None:
             assert commits >= 1
             data = os.urandom(4 * BS)
             await vol.write(fh, 0, data)
-            # acknowledged before the store thread applied it (no checkpoint since)
-            assert vol.counters.queued_bytes == len(data)
+            # applied, not yet committed (within the group-commit interval)
+            assert vol.counters.pending_bytes >= len(data)
+            before = vol.counters.pending_bytes
             await vol.write(fh, len(data), b"x" * 100)
-            assert vol.counters.queued_bytes == len(data) + 100
+            assert vol.counters.pending_bytes > before
             await vol.fsync(fh)
-            assert vol.counters.queued_bytes == 0
+            assert vol.counters.pending_bytes == 0
             assert vol.counters.commits == commits + 1
             await vol.fsync(fh)  # nothing new: no commit
             await vol.fsyncdir()
@@ -428,13 +430,13 @@ async def test_counters_count_commits_and_queued_bytes(tmp_path: Path) -> None:
                 await vol.fsync(fh)
                 assert vol.counters.commits == commits + 2 + i
             assert vol.counters.as_dict()["commits"] == commits + 4
-            assert vol.counters.queued_bytes == 0
+            assert vol.counters.pending_bytes == 0
 
 
-async def test_a_failed_write_behind_is_reported_by_the_next_fsync_or_close(
-        tmp_path: Path) -> None:
-    """The failure is made by a write to a directory's handle: acknowledged at once
-    (write-behind), refused on the store thread (IsADirectory)."""
+async def test_a_failed_write_is_refused_by_the_write_itself(tmp_path: Path) -> None:
+    """A write is applied before it is acknowledged: a write to a directory's handle
+    fails at once (IsADirectory), and nothing of it is left for a later fsync or
+    close to report; the other file's data is there."""
     path = new_store(tmp_path / "s")
     with trio.fail_after(TIMEOUT):
         async with served(path) as vol:
@@ -442,18 +444,61 @@ async def test_a_failed_write_behind_is_reported_by_the_next_fsync_or_close(
             assert fs is not None
             fh, _ = await create(vol, b"f")
             dfh = await vol.call(fs.opendir, 1)
-            assert await vol.write(dfh, 0, b"x") == 1  # acknowledged: queued
+            with pytest.raises(IsADirectory):
+                await vol.write(dfh, 0, b"x")
+            with pytest.raises(IsADirectory):
+                await vol.write(dfh, 0, os.urandom(4 * BS))  # hashed first, then refused
             await vol.write(fh, 0, b"fine")
-            await vol.fsync(fh)  # another file's fsync is not told
-            with pytest.raises(IsADirectory):
-                await vol.fsync(dfh)
-            await vol.fsync(dfh)  # reported once
-            assert await vol.write(dfh, 0, b"y") == 1
-            with pytest.raises(IsADirectory):
-                await vol.flush(dfh)  # close reports it too
+            await vol.fsync(fh)
+            await vol.fsync(dfh)
             await vol.flush(dfh)
             await vol.call(fs.releasedir, dfh)
             assert await vol.call(fs.read, fh, 0, 10) == b"fine"
     with Store(path) as store, open_view(store) as view:
         assert view.read_file("f") == b"fine"
         assert sorted(name for name, _ in view.listdir(1)) == [b"f"]
+
+
+async def test_requests_go_on_while_a_commit_is_under_way(tmp_path: Path) -> None:
+    """A commit writes in a worker thread; meanwhile every kind of request is answered
+    at once, sees what came before (the layer being committed included), and what
+    is applied meanwhile goes with the next commit. The commit is held open by a
+    job in its write transaction until the requests are done. (History is hidden, as
+    by default: a root listing with history waits for the commit.)"""
+    path = new_store(tmp_path / "s")
+    first = os.urandom(3 * BS + 10)
+    gate = threading.Event()
+    with trio.fail_after(TIMEOUT):
+        async with served(path, show_history=False) as vol:
+            fs, live = vol.fs, vol.live
+            assert fs is not None and live is not None
+            fh, ino = await create(vol, b"a")
+            await vol.write(fh, 0, first)
+            await vol.write(fh, 10, b"patch")  # a small write: into the open pack
+            live.engine.job(lambda txn: gate.wait(TIMEOUT))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(vol.fsyncdir)  # freezes the layer, waits at the gate
+                while not live.engine.counters.pending_bytes or not live.engine._writing:
+                    await trio.sleep(0.01)
+                with trio.fail_after(2):  # nothing waits for the commit
+                    expected = first[:10] + b"patch" + first[15:]
+                    assert await read_path(vol, b"a") == expected
+                    assert (await vol.call(fs.getattr, ino)).size == len(first)
+                    fh2, _ = await create(vol, b"b")
+                    await vol.write(fh2, 0, b"made during the commit")
+                    await vol.call(fs.mknod, 1, b"d", 0o40755, 0, 0)
+                    await vol.call(fs.unlink, 1, b"a")
+                    names = [n for _, n, _ in await vol.call(fs.readdir,
+                                                             await vol.call(fs.opendir, 1), 0)]
+                    assert names == [b"b", b"d"]
+                    assert await read_path(vol, b"b") == b"made during the commit"
+                assert vol.store is not None
+                with vol.store.txn() as txn:  # what LMDB holds: none of that yet
+                    assert View(vol.store, txn).lookup(1, b"b") is None
+                gate.set()
+            await vol.fsync(fh2)
+            await vol.call(fs.release, fh)
+            await vol.call(fs.release, fh2)
+    with Store(path) as store, open_view(store) as view:
+        assert sorted(n for n, _ in view.listdir(1)) == [b"b", b"d"]
+        assert view.read_file("b") == b"made during the commit"

@@ -1,47 +1,74 @@
-"""The store thread: every LMDB access of a mounted volume, with group commit.
+"""The live volume's writer: requests on one thread, commits in another.
 
-All operations run one at a time on one thread that owns the writer
-transaction, so each sees the effect of every earlier one. Operations are
-acknowledged as soon as they are applied to that transaction; it is
-committed (and synced) when a caller asks for durability (fsync), when it
-holds ``max_dirty`` bytes, or ``interval`` seconds after its first change, so
-many operations share one synced commit. No transaction ever crosses an
-``await``: trio tasks hand work to this thread and sleep until it is done.
+Operations run on the owner thread (the trio thread of a mount) one at a time,
+each inside a short LMDB read transaction with the changes not yet committed
+laid over it (``store.pending``), so a lookup, a read or a create is answered
+without a hand-off to another thread. Changes are acknowledged as soon as they
+are applied; a commit freezes them and writes them to LMDB in one synced
+transaction on a worker thread while new operations go on into the next layer
+(group commit): when a caller asks for durability (fsync), when the pending
+changes reach ``max_dirty`` bytes, or ``interval`` seconds after the first
+one. No transaction crosses an ``await``: a read transaction lives for one
+synchronous call, the write transaction for one commit in its thread.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import lmdb
-import outcome
 import trio
 
 from ..counters import Counters
 from ..errors import CdpfsError, NoSpace
+from ..store import pending
 from ..store.lmdb import Store
+from ..store.pending import Job, Layer, Pending
+from ..store.schema import MAX_SEQ
+from ..store.view import View
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-Done = Callable[[outcome.Outcome], None]
-_STOP = object()
+
+class NeedsCommit(Exception):
+    """Raised by an operation that can go on only after a commit (before it changed
+    anything): the engine commits and runs it again."""
+
+
+async def wait_future(fut: Future[Any]) -> None:
+    """Sleep until a concurrent.futures future (a codec thread's work) is done."""
+    if fut.done():
+        return
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: Future[Any]) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    fut.add_done_callback(wake)
+    await done.wait()
 
 
 class Engine:
-    """Runs functions on the store thread inside the open writer transaction.
+    """Runs operations over the store and the pending changes, and commits them.
 
     Attributes:
         store: the open store.
-        txn: the writer transaction, or None between commits.
+        pending: the changes applied and not yet committed.
         interval: seconds an applied change may wait before it is committed.
-        max_dirty: bytes of new data after which a commit is forced.
+        max_dirty: bytes of pending changes after which a commit starts.
         reserve: free disk bytes kept back; changes are refused (NoSpace) below it.
-        counters: where commits and queued bytes are counted (the volume's).
+        counters: where commits are counted (the volume's).
     """
 
     def __init__(self, store: Store, *, interval: float = 0.25, max_dirty: int = 64 << 20,
@@ -50,240 +77,244 @@ class Engine:
         self.interval = interval
         self.max_dirty = max_dirty
         self.reserve = reserve
-        self.max_posted = 256 << 20
-        # counters.queued_bytes: bytes posted by trio tasks, not yet applied (trio thread only)
         self.counters = counters or Counters()
-        self._drained: trio.Event | None = None
-        self.txn: lmdb.Transaction | None = None
-        self._dirty = 0  # bytes applied since the last commit (0: nothing to commit)
+        self.pending = Pending()
+        self._txn: lmdb.Transaction | None = None
+        self._dirty = 0  # bytes applied to the current layer
         self._dirty_since = 0.0
+        self._writing = 0  # bytes of the layer being committed
         self._free_checked = 0.0
         self._free = 0
-        self._rebase: list[Callable[[lmdb.Transaction], None]] = []
+        self._retry = False  # running an operation again after a NeedsCommit
         self._before_commit: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="cdpfs-store", daemon=True)
         self._broken: BaseException | None = None
+        self._lock = trio.Lock()  # one commit at a time (trio)
+        self._changed = trio.Event()  # the current layer holds something
+        self._urgent = trio.Event()  # ... more than max_dirty bytes
+        self._sync_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
         self.store.grow_if_needed(4 * self.max_dirty)
-        self._thread.start()
 
     def stop(self) -> None:
-        """Commit what is pending and end the thread."""
-        if self._thread.is_alive():
-            self._q.put(_STOP)
-            self._thread.join()
-
-    def on_txn(self, fn: Callable[[lmdb.Transaction], None]) -> None:
-        """Call ``fn(txn)`` (on the store thread) whenever a new writer txn begins."""
-        self._rebase.append(fn)
+        """Commit what is pending (from the owner thread, with no trio task committing)."""
+        self.commit_sync()
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` (on the store thread, no transaction open) after each commit
-        that wrote something."""
+        """Call ``fn()`` on the owner thread after each commit that wrote something."""
         self._after_commit.append(fn)
 
     def before_commit(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` (on the store thread, in the writer txn) before each commit."""
+        """Call ``fn()`` on the owner thread before the changes are frozen for a commit."""
         self._before_commit.append(fn)
 
-    # --- calling in ------------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Commit pending changes ``interval`` after the first, or at once past
+        ``max_dirty``, until cancelled."""
+        task_status.started()
+        while True:
+            await self._changed.wait()
+            with trio.move_on_at(trio.current_time() + self.interval
+                                 - (time.monotonic() - self._dirty_since)):
+                await self._urgent.wait()
+            try:
+                await self.commit()
+            except CdpfsError:
+                pass  # logged by commit; callers get it from their own requests
+            if not self._dirty:
+                self._changed = trio.Event()
+            if self._dirty <= self.max_dirty:
+                self._urgent = trio.Event()
 
-    async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
-        """Run ``fn(*args)`` on the store thread; with ``durable``, return after commit."""
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
+    # --- running operations -----------------------------------------------------------
 
-        def done(result: outcome.Outcome) -> None:
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+    @contextmanager
+    def bound(self) -> Iterator[lmdb.Transaction]:
+        """The read transaction operations see the store through, for one call."""
+        if self._txn is not None:
+            yield self._txn
+            return
+        with self.store.txn() as txn:
+            self._txn = txn
+            try:
+                yield txn
+            finally:
+                self._txn = None
 
-        self._q.put((fn, args, durable, done))
-        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+    def reader(self) -> lmdb.Transaction:
+        """The current call's read transaction."""
+        if self._txn is None:
+            raise RuntimeError("the volume's state was read outside an engine call")
+        return self._txn
 
-    async def post(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> None:
-        """Queue ``fn(*args)`` and return at once (write-behind); its errors are the
-        caller's to record. Waits while more than ``max_posted`` bytes are queued."""
-        counters = self.counters
-        while counters.queued_bytes > self.max_posted:
-            if self._drained is None:
-                self._drained = trio.Event()
-            await self._drained.wait()
-        token = trio.lowlevel.current_trio_token()
-        counters.queued_bytes += nbytes
+    def view(self, seq: int = MAX_SEQ) -> View:
+        """The volume as of ``seq``, pending changes included."""
+        return View(self.store, self.reader(), seq, self.pending)
 
-        def applied() -> None:
-            counters.queued_bytes -= nbytes
-            if self._drained is not None and counters.queued_bytes <= self.max_posted // 2:
-                self._drained.set()
-                self._drained = None
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise CdpfsError(f"store stopped after an error: {self._broken}")
 
-        def done(result: outcome.Outcome) -> None:
-            if isinstance(result, outcome.Error):
-                log.error("write-behind %s failed: %s", getattr(fn, "__name__", fn),
-                          result.error)
-            token.run_sync_soon(applied)
+    def run_sync(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
+        """Run ``fn(*args)`` here, from plain code (tools, tests); with ``durable``,
+        commit before returning."""
+        while True:
+            self._check()
+            with self.bound():
+                try:
+                    result = fn(*args)
+                    break
+                except NeedsCommit:
+                    pass
+                finally:
+                    self._retry = False
+            self.commit_sync()
+            self._retry = True
+        if durable:
+            self.commit_sync()
+        return result
 
-        self._q.put((fn, args, False, done))
+    async def call(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
+        """Run ``fn(*args)`` on this (the trio) thread; with ``durable``, return once
+        it and everything before it is committed."""
+        while True:
+            self._check()
+            with self.bound():
+                try:
+                    result = fn(*args)
+                    break
+                except NeedsCommit:
+                    pass
+                finally:
+                    self._retry = False
+            await self.commit()
+            self._retry = True
+        if durable:
+            await self.commit()
+        return result
 
-    @property
-    def posted(self) -> int:
-        """Bytes of write-behind work queued and not yet applied."""
-        return self.counters.queued_bytes
+    def job(self, fn: Job) -> list[Any]:
+        """Run ``fn(txn)`` in the write transaction of the next commit, after the
+        changes applied before it; its result is appended to the list returned."""
+        box: list[Any] = []
+        self.pending.current.jobs.append((fn, box))
+        self.note_dirty(64)
+        return box
 
-    def call_sync(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
-        """The same from a plain thread (tools, tests)."""
-        ready = threading.Event()
-        box: list[outcome.Outcome] = []
+    async def in_writer(self, fn: Job) -> Any:
+        """Run ``fn(txn)`` in a write transaction after everything applied so far."""
+        box = self.job(fn)
+        await self.commit()
+        self._check()
+        return box[-1]
 
-        def done(result: outcome.Outcome) -> None:
-            box.append(result)
-            ready.set()
+    def settle(self) -> None:
+        """For an operation that reads what only committed state has (the journal
+        by time, bookmarks): commit first if anything is pending."""
+        if self.pending:
+            raise NeedsCommit()
 
-        self._q.put((fn, args, durable, done))
-        ready.wait()
-        return box[0].unwrap()
-
-    # --- used by operations running on the store thread ---------------------------
-
-    def ensure_txn(self) -> lmdb.Transaction:
-        if self.txn is None:
-            self.txn = self.store.env.begin(write=True)
-            for fn in self._rebase:
-                fn(self.txn)
-        return self.txn
+    # --- used by operations ------------------------------------------------------------
 
     def need_space(self, nbytes: int) -> None:
         """Refuse (NoSpace) a change of ``nbytes`` the store may not be able to hold: the
-        disk's free bytes and the pages inside the store that earlier commits freed."""
+        disk's free bytes and the pages inside the store that earlier commits freed.
+        Past ``2 * max_dirty`` pending bytes, wait for a commit first (NeedsCommit)."""
+        if self._dirty + nbytes > 2 * self.max_dirty and self._dirty and not self._retry:
+            raise NeedsCommit()
         now = time.monotonic()
         if now - self._free_checked > 0.1 or self._free < nbytes + self.reserve:
             self._free = self._room()
             self._free_checked = now
-        needed = 2 * (self._dirty + nbytes) + self.reserve
+        needed = 2 * (self._dirty + self._writing + nbytes) + self.reserve
         if self._free < needed:
-            self.commit()
-            self.ensure_txn()  # the caller goes on in a fresh writer transaction
+            if (self._dirty or self._writing) and not self._retry:
+                raise NeedsCommit()  # committed, what is pending no longer counts twice
             self._free = self._room()
             if self._free < 2 * nbytes + self.reserve:
                 raise NoSpace(f"{self.store.path}: not enough free disk space for the store")
 
     def _room(self) -> int:
         """Bytes the store can still take: free on the disk, and free inside it."""
-        inside = self.store.reusable_bytes(self.txn) if self.txn is not None else 0
+        inside = self.store.reusable_bytes(self._txn) if self._txn is not None else 0
         return self.store.disk_free() + inside
 
     def note_dirty(self, nbytes: int) -> None:
-        """Record that an operation changed the writer transaction (``nbytes`` > 0)."""
+        """Record that an operation added to the pending changes (``nbytes`` > 0)."""
         if self._dirty == 0:
             self._dirty_since = time.monotonic()
+            self._changed.set()
         self._dirty += max(1, nbytes)
+        self.counters.pending_bytes = self._dirty + self._writing
+        if self._dirty >= self.max_dirty:
+            self._urgent.set()
 
-    # --- the thread ------------------------------------------------------------
+    # --- committing ------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        try:
-            self._serve()
-        finally:
-            if self.txn is not None:  # never leave LMDB's writer lock behind
-                try:
-                    self.commit()
-                except Exception:
-                    log.exception("final commit failed")
+    def _freeze(self) -> Layer | None:
+        for fn in self._before_commit:
+            fn()
+        layer = self.pending.freeze()
+        self._writing, self._dirty = self._dirty, 0
+        return layer
 
-    @staticmethod
-    def _reply(done: Done, result: outcome.Outcome) -> None:
-        try:
-            done(result)
-        except Exception:  # the caller is gone (trio run ended): nothing to tell
-            log.debug("reply dropped", exc_info=True)
-
-    def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            timeout = None
-            if self._dirty:
-                timeout = max(0.0, self._dirty_since + self.interval - time.monotonic())
-            try:
-                item = self._q.get(timeout=timeout)
-            except queue.Empty:
-                self._commit_logged()
-                continue
-            batch = [item]
-            while len(batch) < 256:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            waiting: list[tuple[Done, outcome.Outcome]] = []
-            for item in batch:
-                if item is _STOP:
-                    stopping = True
-                    continue
-                fn, args, durable, done = item
-                result = self._execute(fn, args)
-                if durable:
-                    waiting.append((done, result))
-                else:
-                    self._reply(done, result)
-            due = self._dirty >= self.max_dirty or (
-                self._dirty and time.monotonic() - self._dirty_since >= self.interval)
-            if waiting or due or stopping or not self._dirty:
-                # Without changes the commit only ends the transaction (no sync),
-                # so an idle mount never holds LMDB's writer lock.
-                err = self._commit_logged()
-                for done, result in waiting:
-                    self._reply(done, outcome.Error(err) if err else result)
-
-    def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> outcome.Outcome:
-        if self._broken is not None:
-            return outcome.Error(CdpfsError(f"store stopped after an error: {self._broken}"))
+    def _write(self, layer: Layer) -> None:
+        """Put ``layer`` into LMDB in one synced transaction (any thread)."""
         for attempt in (1, 2):
+            self.store.grow_if_needed(4 * self.max_dirty + 2 * layer.nbytes * attempt)
             try:
-                self.ensure_txn()
-                return outcome.Value(fn(*args))
+                with self.store.txn(write=True) as txn:
+                    pending.write(self.store, txn, layer)
+                return
             except lmdb.MapFullError:
                 if attempt == 2:
-                    return outcome.Error(NoSpace("store map full"))
-                self.commit()
-                self.store.grow_if_needed(4 * self.max_dirty)
-            except CdpfsError as exc:
-                return outcome.Error(exc)
-            except Exception as exc:  # a bug: report it, keep serving
-                log.exception("operation %s failed", getattr(fn, "__name__", fn))
-                return outcome.Error(exc)
-        raise AssertionError("unreachable")
+                    raise NoSpace("store map full") from None
 
-    def commit(self) -> None:
-        """Commit (synced) the writer transaction, then grow the map if it is filling up."""
-        if self.txn is None:
-            return
-        txn, self.txn = self.txn, None
-        dirty, self._dirty = self._dirty, 0
-        try:
-            for fn in self._before_commit:
-                fn()
-            txn.commit()
-        except lmdb.Error as exc:
-            self._broken = exc
-            log.critical("commit to %s failed, uncommitted changes lost: %s", self.store.path, exc)
-            raise CdpfsError(f"commit failed: {exc}") from exc
-        if dirty:
-            self.counters.commits += 1
+    def _committed(self, layer: Layer) -> None:
+        self.pending.drop(layer)
+        self._writing = 0
+        self.counters.pending_bytes = self._dirty
+        self.counters.commits += 1
+        for fn in self._after_commit:
+            fn()
 
-            self.store.grow_if_needed(4 * self.max_dirty)
-            for fn in self._after_commit:
-                fn()
+    def _failed(self, exc: BaseException) -> CdpfsError:
+        self._broken = exc
+        log.critical("commit to %s failed, uncommitted changes lost: %s", self.store.path, exc)
+        return CdpfsError(f"commit failed: {exc}")
 
-    def _commit_logged(self) -> BaseException | None:
-        try:
-            self.commit()
-        except Exception as exc:
-            return exc
-        return None
+    async def commit(self) -> None:
+        """Commit everything applied before this call (one commit at a time; a caller
+        that finds one under way waits for it, then commits what came since)."""
+        async with self._lock:
+            self._check()
+            layer = self._freeze()
+            if layer is None:
+                return
+            try:
+                await trio.to_thread.run_sync(self._write, layer)
+            except NoSpace as exc:
+                raise self._failed(exc) from None
+            except (lmdb.Error, OSError) as exc:
+                raise self._failed(exc) from None
+            self._committed(layer)
+
+    def commit_sync(self) -> None:
+        """``commit`` from plain code on the owner thread."""
+        with self._sync_lock:
+            self._check()
+            layer = self._freeze()
+            if layer is None:
+                return
+            try:
+                self._write(layer)
+            except (NoSpace, lmdb.Error, OSError) as exc:
+                raise self._failed(exc) from None
+            self._committed(layer)
 
 
 class ReadEngine:

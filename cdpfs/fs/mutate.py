@@ -1,9 +1,11 @@
 """Mutating operations on the live volume: each one is one journal record.
 
-A ``Mutator`` works inside the writer's LMDB transaction. Every operation runs
-in a nested transaction, checks its preconditions, makes versioned puts at a
-fresh sequence number and appends the journal record that lists them, so an
-operation is applied whole or not at all. Block-map policy lives here too: a
+A ``Mutator`` applies operations to the changes not yet committed
+(``store.pending``), reading through the current request's LMDB read
+transaction with those changes laid over it. Every operation checks its
+preconditions, makes versioned puts at a fresh sequence number and appends the
+journal record that lists them; one that fails is taken back, so an operation
+is applied whole or not at all. The engine commits the changes. Block-map policy lives here too: a
 write that covers a block stores the whole block (FULL); a small write is
 stored as a PATCH over the older versions, its bytes appended to the open
 *pack* (small writes side by side, so a 4 KiB write costs 4 KiB, not a page
@@ -31,25 +33,25 @@ from ..errors import (
     NotFound,
     NotPermitted,
 )
-from ..store import codec, journal
+from ..store import codec, journal, pending
 from ..store.journal import Record
 from ..store.lmdb import DEFAULT_BLOCK_SIZE, Store
+from ..store.pending import Pending
 from ..store.schema import (
     HOLE,
+    MAX_SEQ,
     NAME_MAX,
     ROOT_INO,
     T_DIRENT,
     T_EXTENT,
     T_INODE,
     T_XATTR,
-    TABLE_NAMES,
     U64,
     Inode,
     dirent_prefix,
     extent_prefix,
     full,
     inode_prefix,
-    inv,
     patch,
     xattr_prefix,
     zero,
@@ -72,10 +74,10 @@ class Op:
         self.ts = ts
         self.ino = 0
         self.changes: dict[tuple[int, bytes], bytes] = {}
-        self._suffix = inv(seq)
+        self._layer = m.pending.current
 
     def put(self, table: int, prefix: bytes, value: bytes) -> None:
-        self.m.txn.put(prefix + self._suffix, value, db=self.m.dbs[table])
+        self._layer.put(table, prefix, self.seq, value)
         self.changes[(table, prefix)] = value
 
     def inode(self, ino: int, node: Inode | None) -> None:
@@ -86,23 +88,24 @@ class Op:
 
 
 class Mutator:
-    """Applies operations to the live volume in transaction ``base``.
+    """Applies operations to the live volume's pending changes.
 
     Attributes:
         store: the open store.
-        txn: the transaction of the operation under way (a child of ``base``).
+        reader: the LMDB read transaction of the request under way.
+        pending: the changes applied and not yet committed.
         last_seq, last_ts: the newest journal record's seq and timestamp.
         stored_bytes: bytes of new blocks written through this mutator.
         max_patches, max_patch_bytes: the bounds of a block's patch chain.
         clock: the wall clock records are stamped with (ns; made non-decreasing).
     """
 
-    def __init__(self, store: Store, base: lmdb.Transaction,
+    def __init__(self, store: Store, reader: Callable[[], lmdb.Transaction], pending: Pending,
                  clock: Callable[[], int] = coarse_time_ns) -> None:
         self.store = store
         self.clock = clock
-
-        self.dbs = {code: store.db[name.decode()] for code, name in TABLE_NAMES.items()}
+        self.reader = reader
+        self.pending = pending
         self.bs = store.block_size
         self._zeros = bytes(self.bs)
         self.max_patches = 64
@@ -110,49 +113,47 @@ class Mutator:
         self.stored_bytes = 0
         self.pack_id: int | None = None
         self.pack_buf = bytearray()
-        self.rebase(base)
-
-    def rebase(self, base: lmdb.Transaction) -> None:
-        """Continue in a new writer transaction (after a commit)."""
-        self.base = self.txn = base
-        self.last_seq, self.last_ts = journal.last(base, self.store.db)
-        raw = base.get(b"next_ino", db=self.store.db["meta"])
+        txn = reader()
+        self.last_seq, self.last_ts = journal.last(txn, store.db)
+        raw = txn.get(b"next_ino", db=store.db["meta"])
         self.next_ino = int(raw) if raw else ROOT_INO + 1
-        raw = base.get(b"next_pack", db=self.store.db["meta"])
+        raw = txn.get(b"next_pack", db=store.db["meta"])
         self.next_pack = int(raw) if raw else 1
-        self.pack_id = None
 
     @property
     def view(self) -> View:
-        return View(self.store, self.txn)
+        return View(self.store, self.reader(), MAX_SEQ, self.pending)
+
+    def put_plain(self, table: str, key: bytes, value: bytes | None) -> None:
+        """Put (None: delete) ``key`` of an unversioned table with the next commit."""
+        self.pending.current.plain[(table, key)] = value
 
     def run(self, name: str, args: dict[str, Any], body: Callable[[Op], T]) -> T:
         """Run ``body`` as one journaled operation, atomically."""
-        child = self.store.env.begin(write=True, parent=self.base)
-        self.txn = child
+        layer = self.pending.current
+        mark, blocks, packs = layer.mark(), set(layer.blocks), set(layer.packs)
         op = Op(self, self.last_seq + 1, max(self.clock(), self.last_ts))
-
         next_ino, next_pack = self.next_ino, self.next_pack
         pack = (self.pack_id, self.pack_buf, len(self.pack_buf))
         try:
             result = body(op)
-            changes = [(t, p, v) for (t, p), v in op.changes.items()]
-            journal.append(child, self.store.db, Record(op.seq, op.ts, name, op.ino, args, changes))
-            meta = self.store.db["meta"]
-            if self.next_ino != next_ino:
-                child.put(b"next_ino", str(self.next_ino).encode(), db=meta)
-            if self.next_pack != next_pack:
-                child.put(b"next_pack", str(self.next_pack).encode(), db=meta)
-            child.commit()
         except BaseException:
-            child.abort()
+            layer.undo(mark)
+            for key in set(layer.blocks) - blocks:
+                del layer.blocks[key]
+            for key in set(layer.packs) - packs:
+                del layer.packs[key]
             self.next_ino, self.next_pack = next_ino, next_pack
             self.pack_id, self.pack_buf = pack[0], pack[1]
             del self.pack_buf[pack[2] :]
             self.store.open_pack = (self.pack_id or 0, self.pack_buf)
             raise
-        finally:
-            self.txn = self.base
+        changes = [(t, p, v) for (t, p), v in op.changes.items()]
+        layer.records.append(Record(op.seq, op.ts, name, op.ino, args, changes))
+        if self.next_ino != next_ino:
+            layer.plain[("meta", b"next_ino")] = str(self.next_ino).encode()
+        if self.next_pack != next_pack:
+            layer.plain[("meta", b"next_pack")] = str(self.next_pack).encode()
         self.last_seq, self.last_ts = op.seq, op.ts
         return result
 
@@ -331,7 +332,7 @@ class Mutator:
         def body(op: Op) -> None:
             op.ino = ino
             op.inode(ino, None)
-            self.txn.delete(U64.pack(ino), db=self.store.db["orphans"])
+            self.put_plain("orphans", U64.pack(ino), None)
 
         self.run("free", {}, body)
 
@@ -448,17 +449,31 @@ class Mutator:
         return self.pack_id, off
 
     def seal(self) -> None:
-        """Hash and compress the open pack; it takes no more writes."""
+        """End the open pack: it takes no more writes (it is hashed and compressed
+        when committed)."""
         if self.pack_id is not None:
-            self.stored_bytes += self.store.put_pack(self.txn, self.pack_id, self.pack_buf)
+            self.pending.current.packs[self.pack_id] = bytes(self.pack_buf)
+            self.stored_bytes += len(self.pack_buf)
             self.pack_id = None
             self.pack_buf = bytearray()
             self.store.open_pack = (0, self.pack_buf)
 
     def _store(self, data: bytes | memoryview,
                prepared: tuple[bytes, bytes] | None = None) -> bytes:
-        key, added = self.store.put_block(self.txn, data, prepared)
-        self.stored_bytes += added
+        """Keep a block once under its hash (in the current layer if it is new)."""
+        key = prepared[0] if prepared else codec.digest(data)
+        layer = self.pending.current
+        if key in layer.blocks:
+            return key
+        # While a prune step is on its way to LMDB it may free a block it saw no
+        # reference to: a block shared now is then kept again with this layer.
+        if not self.pending.pruning and (self.pending.block(key) is not None
+                                 or self.store.has_block(self.reader(), key)):
+            return key
+        stored = prepared[1] if prepared else codec.encode(data)
+        layer.blocks[key] = stored
+        layer.nbytes += len(stored)
+        self.stored_bytes += len(stored)
         return key
 
     def _write_piece(self, op: Op, ino: int, index: int, boff: int, piece: memoryview,
@@ -522,10 +537,12 @@ def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SI
         op.inode(ROOT_INO, Inode(stat.S_IFDIR | 0o755, 0, 0, 2, 0, op.ts, op.ts, op.ts))
 
     try:
+        changes = Pending()
         with store.env.begin(write=True) as txn:
-            m = Mutator(store, txn)
+            m = Mutator(store, lambda: txn, changes)
             m.run("init", {}, body)
             m.seal()
+            pending.write(store, txn, changes.current)
     except BaseException:
         store.close()
         for name in ("data.mdb", "lock.mdb"):  # leave no half-made store behind

@@ -21,7 +21,7 @@ moves: the kernel may cache its names and attributes for FOLLOW_TTL only, a file
 opened reads the version of its open (one consistent state), and ``@`` names at
 its root show history as in a live mount.
 
-Methods run where the caller's ``view_at`` is valid: on the store thread for a
+Methods run where the caller's ``view_at`` is valid: in an engine call for a
 live mount, in a thread holding a read transaction for a snapshot mount.
 """
 
@@ -39,7 +39,6 @@ from .. import system
 from ..errors import (
     AccessDenied,
     BadHandle,
-    CdpfsError,
     Corrupt,
     CrossDevice,
     InvalidArgument,
@@ -57,7 +56,7 @@ from ..history.points import Points, point_name, resolve
 from ..store import journal
 from ..store.lmdb import Store
 from ..store.schema import MAX_SEQ, NAME_MAX, ROOT_INO, Inode
-from ..store.view import View
+from ..store.view import ReadPlan, View
 from .vfs import Entry, FileSystem, Prepared
 
 log = logging.getLogger(__name__)
@@ -139,6 +138,8 @@ class TimeFS:
         show_history: list @ entries in the root directory.
         follow: slot 0 is the newest state of a store written elsewhere (base_seq
             is then MAX_SEQ).
+        settle: called before reading what only committed state holds (the
+            journal by time, bookmarks); the live engine's ``settle``.
         clock: the wall clock moments are read against (ns since the epoch).
     """
 
@@ -147,6 +148,7 @@ class TimeFS:
                  live: FileSystem | None = None, base_seq: int | None = None,
                  show_history: bool = True, follow: bool = False,
                  on_slot: Callable[[int, int | None], None] | None = None,
+                 settle: Callable[[], None] = lambda: None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         if follow:
             base_seq = MAX_SEQ
@@ -158,6 +160,7 @@ class TimeFS:
         self.show_history = show_history
         self._view_at = view_at
         self._on_slot = on_slot
+        self._settle = settle
         self.clock = clock
         self._seqs: dict[int, int] = {} if base_seq is None else {0: base_seq}
         self._slots: dict[int, int] = {}  # seq -> slot
@@ -214,6 +217,7 @@ class TimeFS:
 
     def _moment(self, name: bytes) -> Entry:
         text = name.decode(errors="replace")
+        self._settle()  # moments are found in the committed journal
         try:
             seq = resolve(self.store, self._view_at(MAX_SEQ).txn, text, self.clock()).seq
         except BadMoment as exc:
@@ -433,17 +437,31 @@ class TimeFS:
         return self._new_handle(PastHandle(past[0], past[1], node.size, seq=seq))
 
     def read(self, fh: int, off: int, size: int) -> bytes:
+        plan = self.read_plan(fh, off, size)
+        try:
+            return plan.run(self._view_at(MAX_SEQ).txn)
+        except Corrupt as exc:
+            self.read_failed(fh, off, exc)
+            raise
+
+    def read_plan(self, fh: int, off: int, size: int) -> ReadPlan:
+        """What a read needs; ``ReadPlan.run`` fetches it, checked, on any thread."""
         if not fh & PAST_FH:
             assert self.live is not None
-            return self.live.read(fh, off, size)
+            return self.live.read_plan(fh, off, size)
         h = self._handle(fh)
-        try:
-            view = self._view(h.slot) if h.seq is None else self._view_at(h.seq)
-            return view.read(h.ino, off, size, h.size)
-        except Corrupt as exc:
-            log.error("I/O error reading inode %d at #%d, offset %d: %s", h.ino,
-                      self._seqs.get(h.slot, 0), off, exc)
-            raise
+        view = self._view(h.slot) if h.seq is None else self._view_at(h.seq)
+        return view.plan(h.ino, off, size, h.size)
+
+    def read_failed(self, fh: int, off: int, exc: Corrupt) -> None:
+        """Log a read that found damage."""
+        if not fh & PAST_FH:
+            assert self.live is not None
+            self.live.read_failed(fh, off, exc)
+            return
+        h = self._handle(fh)
+        log.error("I/O error reading inode %d at #%d, offset %d: %s", h.ino,
+                  self._seqs.get(h.slot, 0), off, exc)
 
     def release(self, fh: int) -> None:
         if not fh & PAST_FH:
@@ -457,13 +475,6 @@ class TimeFS:
     def prepare_write(self, off: int, data: bytes) -> Prepared | None:
         return self.live.prepare_write(off, data) if self.live is not None else None
 
-    def may_write_behind(self, fh: int) -> bool:
-        return self.live is not None and not fh & PAST_FH and self.live.may_write_behind(fh)
-
-    def write_behind(self, fh: int, off: int, data: bytes,
-                     prepared: Prepared | None = None) -> None:
-        self._live_fh(fh).write_behind(fh, off, data, prepared)
-
     def write(self, fh: int, off: int, data: bytes, prepared: Prepared | None = None) -> int:
         return self._live_fh(fh).write(fh, off, data, prepared)
 
@@ -471,14 +482,6 @@ class TimeFS:
         if fh & PAST_FH or self.live is None:
             raise _readonly()
         return self.live
-
-    @property
-    def write_errors(self) -> dict[int, CdpfsError]:
-        return self.live.write_errors if self.live is not None else {}
-
-    def check_write_errors(self, fh: int) -> None:
-        if self.live is not None and not fh & PAST_FH:
-            self.live.check_write_errors(fh)
 
     def fsync(self, fh: int) -> int:
         if self.live is None or fh & PAST_FH:
@@ -499,6 +502,8 @@ class TimeFS:
         past = self._past(kino)
         if past is None:
             assert self.live is not None
+            if kino == ROOT_INO and self.show_history:
+                self._settle()  # before anything changed: it may ask for a commit first
             fh = self.live.opendir(kino)
             if kino == ROOT_INO and self.show_history:
                 self._moments[fh] = self._listed_moments()

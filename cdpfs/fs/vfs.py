@@ -3,9 +3,9 @@
 ``FileSystem`` turns kernel-style requests (lookup, create, open, write,
 fsync, ...) into store operations: it keeps lookup counts and open handles,
 frees an unlinked inode only when no name, handle or kernel reference is left,
-and asks the engine for space and durability. Its methods run on the store
-thread (see engine.py) and raise cdpfs errors; front ends map them to errno
-or NTSTATUS and do nothing else.
+and asks the engine for space and durability. Its methods run through the
+engine, on its owner thread (see engine.py), and raise cdpfs errors; front ends
+map them to errno or NTSTATUS and do nothing else.
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import lmdb
-
 from .. import system
 from ..errors import (
     BadHandle,
-    CdpfsError,
     Corrupt,
     InvalidArgument,
     IsADirectory,
@@ -35,7 +32,7 @@ from ..errors import (
 from ..store import codec
 from ..store.lmdb import Store
 from ..store.schema import NAME_MAX, U64, Inode
-from ..store.view import View
+from ..store.view import ReadPlan, View
 from .engine import Engine
 from .mutate import Mutator
 
@@ -67,7 +64,7 @@ class FileSystem:
 
     Attributes:
         store: the open store.
-        engine: the store thread all methods run on.
+        engine: the engine all methods run through (on its owner thread).
         mutator: applies journaled operations (valid inside the writer txn).
     """
 
@@ -85,25 +82,24 @@ class FileSystem:
         self._opens: dict[int, int] = defaultdict(int)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self.write_errors: dict[int, CdpfsError] = {}
         self._codec = ThreadPoolExecutor(2, thread_name_prefix="cdpfs-codec")
         # Names of the extended attributes that exist anywhere in the volume (any
         # version). The kernel asks for security.capability before every write;
-        # a name in no inode is answered without a trip to the store thread.
+        # a name in no inode is answered without a look in the store.
         self._xattr_names: set[bytes] = set()
-        engine.on_txn(self._rebase)
-        engine.before_commit(lambda: self.m.seal())
+        engine.before_commit(self._seal)
 
-    def _rebase(self, txn: lmdb.Transaction) -> None:
-        if self.mutator is None:
-            self.mutator = Mutator(self.store, txn, self.clock)
-            self._xattr_names = set(self.view.xattr_names())
-        else:
-            self.mutator.rebase(txn)
+    def _seal(self) -> None:
+        if self.mutator is not None:
+            self.mutator.seal()
 
     @property
     def m(self) -> Mutator:
-        assert self.mutator is not None
+        """The mutator (made in the first call: it reads where the journal ends)."""
+        if self.mutator is None:
+            self.mutator = Mutator(self.store, self.engine.reader, self.engine.pending,
+                                   self.clock)
+            self._xattr_names = set(self.view.xattr_names())
         return self.mutator
 
     @property
@@ -117,7 +113,7 @@ class FileSystem:
 
     def recover(self) -> int:
         """Free inodes a crash left unlinked but allocated; return how many."""
-        cur = self.m.txn.cursor(db=self.store.db["orphans"])
+        cur = self.engine.reader().cursor(db=self.store.db["orphans"])
         inos = [U64.unpack(k)[0] for k in cur.iternext(values=False)]
         freed = 0
         for ino in inos:
@@ -126,7 +122,7 @@ class FileSystem:
                 self.m.free(ino)
                 freed += 1
             else:
-                self.m.txn.delete(U64.pack(ino), db=self.store.db["orphans"])
+                self.m.put_plain("orphans", U64.pack(ino), None)
         if freed:
             self._changed()
             log.info("freed %d inodes left unlinked by an earlier crash", freed)
@@ -174,7 +170,7 @@ class FileSystem:
         if node.nlink > 0:
             return
         if self._lookups.get(ino) or self._opens.get(ino):
-            self.m.txn.put(U64.pack(ino), b"", db=self.store.db["orphans"])
+            self.m.put_plain("orphans", U64.pack(ino), b"")
         else:
             self.m.free(ino)
 
@@ -279,14 +275,23 @@ class FileSystem:
         return self._open_handle(ino, flags)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return self.read_plan(fh, off, size).run(self.engine.reader())
+        except Corrupt as exc:
+            self.read_failed(fh, off, exc)
+            raise
+
+    def read_plan(self, fh: int, off: int, size: int) -> ReadPlan:
+        """What a read needs (``ReadPlan.run`` fetches it, on any thread)."""
         h = self._handle(fh)
         node = self._attr(h.ino)
-        try:
-            return self.view.read(h.ino, off, size, node.size)
-        except Corrupt as exc:
-            log.error("I/O error reading %s (inode %d) at offset %d: %s",
-                      self.path_of(h.ino), h.ino, off, exc)
-            raise
+        return self.view.plan(h.ino, off, size, node.size)
+
+    def read_failed(self, fh: int, off: int, exc: Corrupt) -> None:
+        """Log a read that found damage, naming the file."""
+        ino = self._handle(fh).ino
+        log.error("I/O error reading %s (inode %d) at offset %d: %s", self.path_of(ino), ino,
+                  off, exc)
 
     def path_of(self, ino: int) -> str:
         """A path of ``ino`` for messages (a search: use only on rare paths)."""
@@ -303,8 +308,8 @@ class FileSystem:
 
     def prepare_write(self, off: int, data: bytes) -> Prepared | None:
         """Start hashing and compressing the whole blocks of a write on the codec
-        threads (safe to call from any thread); pass the result to ``write``, which
-        waits for it. Both release the GIL, so this runs beside the store thread."""
+        threads (safe to call from any thread); pass the result to ``write`` once it
+        is done (``engine.wait_future``). Both release the GIL."""
         if len(data) < self.store.block_size // 2:
             return None
         return self._codec.submit(codec.prepare, data, off, self.store.block_size)
@@ -318,38 +323,9 @@ class FileSystem:
         self._changed(self.m.stored_bytes - before)
         return len(data)
 
-    def may_write_behind(self, fh: int) -> bool:
-        """Whether a write on ``fh`` may be acknowledged before it is applied.
-
-        True for ordinary opens: the kernel's page cache already holds the data,
-        every later request is applied after it, and a failure is reported at
-        the next fsync or close of the file, as on any filesystem with writeback.
-        O_DIRECT and O_SYNC writers wait. Safe to call from any thread.
-        """
-        h = self._handles.get(fh)
-        return h is not None and not h.flags & system.O_WAITS
-
-    def write_behind(self, fh: int, off: int, data: bytes,
-                     prepared: Prepared | None = None) -> None:
-        """``write`` whose failure is kept for the file's next fsync or close."""
-        try:
-            self.write(fh, off, data, prepared)
-        except Exception as exc:  # every failure must reach fsync/close, bugs too
-            ino = self._handles[fh].ino if fh in self._handles else 0
-            log.error("write of %d bytes at %d to inode %d failed: %s", len(data), off, ino, exc)
-            err = exc if isinstance(exc, CdpfsError) else CdpfsError(str(exc))
-            self.write_errors.setdefault(ino, err)
-
-    def check_write_errors(self, fh: int) -> None:
-        """Raise (once) a failure of a write-behind on the file of ``fh``."""
-        h = self._handles.get(fh)
-        if h is not None and h.ino in self.write_errors:
-            raise self.write_errors.pop(h.ino)
-
     def fsync(self, fh: int) -> int:
         """Run with ``durable=True``: everything before is committed when it returns.
         Returns the newest seq (committed by then: what sync replicas must have)."""
-        self.check_write_errors(fh)
         return self.m.last_seq
 
     def release(self, fh: int) -> None:

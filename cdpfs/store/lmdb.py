@@ -46,27 +46,36 @@ _ALLOWED_BEFORE = {"tls", "cdpfs.log", "replica.log", LOCK_NAME}  # may predate 
 
 
 class BlockCache:
-    """A small LRU of verified, decompressed blocks keyed by hash."""
+    """A small LRU of verified, decompressed blocks keyed by hash, shared by the
+    threads that read (a lock keeps its order consistent)."""
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def has(self, key: bytes) -> bool:
+        return key in self._items
 
     def get(self, key: bytes) -> bytes | None:
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
 
     def put(self, key: bytes, data: bytes) -> None:
-        if key in self._items or len(data) > self.max_bytes // 4:
+        if len(data) > self.max_bytes // 4:
             return
-        self._items[key] = data
-        self.bytes += len(data)
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= len(old)
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self.bytes += len(data)
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= len(old)
 
 
 def is_store(path: Path) -> bool:
@@ -270,6 +279,9 @@ class Store:
 
     # --- blocks ----------------------------------------------------------------
 
+    def has_block(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        return txn.get(key, db=self.db["blocks"]) is not None
+
     def put_block(self, txn: lmdb.Transaction, data: bytes | memoryview,
                   prepared: tuple[bytes, bytes] | None = None) -> tuple[bytes, int]:
         """Store ``data`` once under its hash; return (hash, bytes newly stored).
@@ -277,7 +289,7 @@ class Store:
         ``prepared`` is (hash, stored form) when computed ahead (codec.prepare).
         """
         key = prepared[0] if prepared else codec.digest(data)
-        if txn.get(key, db=self.db["blocks"]) is not None:
+        if self.has_block(txn, key):
             return key, 0
         stored = prepared[1] if prepared else codec.encode(data)
         txn.put(key, stored, db=self.db["blocks"])
@@ -304,10 +316,13 @@ class Store:
         return len(value)
 
     def get_piece(self, txn: lmdb.Transaction, pack: int, off: int, length: int,
-                  digest: bytes) -> bytes:
-        """A small write kept in a pack, checked against its hash."""
-        if pack == self.open_pack[0]:
-            data: bytes | bytearray = self.open_pack[1]
+                  digest: bytes, sealed: bytes | None = None) -> bytes:
+        """A small write kept in a pack, checked against its hash. ``sealed``: the
+        pack's plaintext when it is sealed but not committed yet."""
+        if sealed is not None:
+            data: bytes | bytearray = sealed
+        elif pack == self.open_pack[0]:
+            data = self.open_pack[1]
         else:
             key = b"pack" + u64(pack)
             cached = self.cache.get(key)

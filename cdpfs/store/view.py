@@ -1,8 +1,9 @@
 """Read the volume as of a sequence number by ordered seeks, never by replay.
 
-A ``View`` wraps one LMDB transaction (a read transaction for past or
-read-only views, the writer's transaction for the live volume) and a
-sequence number; every lookup seeks to the newest version <= that number.
+A ``View`` wraps one LMDB transaction and a sequence number; every lookup
+seeks to the newest version <= that number. The live volume's view also lays
+the changes applied but not yet committed (``store.pending``) over what the
+transaction sees.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from contextlib import contextmanager
 import lmdb
 
 from ..errors import Corrupt, NotFound
-from . import journal
+from . import codec, journal
 from .lmdb import Store
+from .pending import MISSING, Pending
 from .schema import (
     HOLE,
     MAX_SEQ,
     ROOT_INO,
+    T_DIRENT,
+    T_EXTENT,
+    T_INODE,
+    T_XATTR,
     U64,
     Extent,
     Inode,
@@ -32,6 +38,7 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 _PAST = b"\xff" * 8  # sorts after every version (seq 0 is never used)
+_CODES = {"inodes": T_INODE, "dirents": T_DIRENT, "extents": T_EXTENT, "xattrs": T_XATTR}
 
 
 class View:
@@ -41,17 +48,24 @@ class View:
         store: the open store.
         txn: the LMDB transaction all reads go through.
         seq: the newest journal record this view shows.
+        pending: changes not yet committed, laid over ``txn`` (the live volume).
     """
 
-    def __init__(self, store: Store, txn: lmdb.Transaction, seq: int = MAX_SEQ) -> None:
+    def __init__(self, store: Store, txn: lmdb.Transaction, seq: int = MAX_SEQ,
+                 pending: Pending | None = None) -> None:
         self.store = store
         self.txn = txn
         self.seq = seq
+        self.pending = pending
         self._inv = inv(seq)
         self._db = store.db
 
     def _newest(self, db: str, prefix: bytes) -> bytes | None:
         """Value of the newest version <= seq of the object at ``prefix``."""
+        if self.pending is not None:
+            value = self.pending.newest(_CODES[db], prefix, self.seq)
+            if value is not MISSING:
+                return value  # type: ignore[no-any-return]
         cur = self.txn.cursor(db=self._db[db])
         if not cur.set_range(prefix + self._inv):
             return None
@@ -93,7 +107,41 @@ class View:
         return U64.unpack(raw)[0] if raw else None
 
     def _names(self, db: str, base: bytes, after: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-        """(name, newest value <= seq) of each NUL-terminated name under ``base``."""
+        """(name, newest value <= seq) of each NUL-terminated name under ``base``:
+        what LMDB holds, with the pending changes merged in, in name order."""
+        stored = self._stored_names(db, base, after)
+        if self.pending is None:
+            yield from stored
+            return
+        table = _CODES[db]
+        changed = {}
+        for name in self.pending.names(table, base):
+            if after is None or name > after:
+                value = self.pending.newest(table, base + name + b"\0", self.seq)
+                if value is not MISSING:
+                    changed[name] = value
+        if not changed:
+            yield from stored
+            return
+        order = sorted(changed)
+        i = 0
+        for name, value in stored:
+            while i < len(order) and order[i] < name:
+                if changed[order[i]]:
+                    yield order[i], changed[order[i]]
+                i += 1
+            if name in changed:  # order[i] is name: everything before it is out
+                i += 1
+                if changed[name]:
+                    yield name, changed[name]
+            else:
+                yield name, value
+        for name in order[i:]:
+            if changed[name]:
+                yield name, changed[name]
+
+    def _stored_names(self, db: str, base: bytes, after: bytes | None,
+                      ) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         ok = cur.set_range(base if after is None else base + after + b"\0" + _PAST)
         while ok:
@@ -135,6 +183,8 @@ class View:
             if name != last:
                 yield name
                 last = name
+        if self.pending is not None:
+            yield from self.pending.all_names(T_XATTR)
 
     def xattrs(self, ino: int) -> list[bytes]:
         return [name for name, _ in self._names("xattrs", U64.pack(ino), None)]
@@ -144,8 +194,14 @@ class View:
     def chain(self, ino: int, index: int) -> list[Extent]:
         """Extents of block ``index`` newest first, down to the first FULL or HOLE."""
         prefix = extent_prefix(ino, index)
-        cur = self.txn.cursor(db=self._db["extents"])
         out: list[Extent] = []
+        if self.pending is not None:
+            for value in self.pending.versions(T_EXTENT, prefix, self.seq):
+                ext = Extent.unpack(value)
+                out.append(ext)
+                if ext.is_base:
+                    return out
+        cur = self.txn.cursor(db=self._db["extents"])
         if not cur.set_range(prefix + self._inv):
             return out
         for key, value in cur:
@@ -160,6 +216,10 @@ class View:
     def allocated(self, ino: int, index: int) -> bool:
         """Whether block ``index`` holds data (its newest extent is not a hole)."""
         prefix = extent_prefix(ino, index)
+        if self.pending is not None:
+            value = self.pending.newest(T_EXTENT, prefix, self.seq)
+            if value is not MISSING:
+                return value[:1] != HOLE  # type: ignore[no-any-return]
         cur = self.txn.cursor(db=self._db["extents"])
         if not cur.set_range(prefix + self._inv) or not cur.key().startswith(prefix):
             return False
@@ -167,61 +227,56 @@ class View:
 
     def block_range(self, ino: int, index: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of block ``index`` (zeros where nothing was written)."""
-        chain = self.chain(ino, index)
-        if not chain:
-            return bytes(hi - lo)
-        base = chain[-1]
-        if len(chain) == 1 and base.kind == "F":
-            data = self._block(ino, index, base.digest)
-            out = data[lo:hi]
-            return out if len(out) == hi - lo else out + bytes(hi - lo - len(out))
-        buf = bytearray(hi - lo)
-        if base.kind == "F":
-            data = self._block(ino, index, base.digest)[lo:hi]
-            buf[: len(data)] = data
-        for ext in reversed(chain):
-            if ext.kind in "FH":
-                continue
-            a, b = max(lo, ext.off), min(hi, ext.off + ext.length)
-            if a >= b:
-                continue
-            if ext.kind == "Z":
-                buf[a - lo : b - lo] = bytes(b - a)
-            else:
-                data = self._piece(index, ext)
-                buf[a - lo : b - lo] = data[a - ext.off : b - ext.off]
-        return bytes(buf)
-
-    def _block(self, ino: int, index: int, digest: bytes) -> bytes:
-        try:
-            return self.store.get_block(self.txn, digest)
-        except Corrupt as exc:
-            raise Corrupt(digest, f"{exc} (file block {index}, offset "
-                                       f"{index * self.store.block_size})") from None
-
-    def _piece(self, index: int, ext: Extent) -> bytes:
-        try:
-            return self.store.get_piece(self.txn, ext.pack, ext.pack_off, ext.length, ext.digest)
-        except Corrupt as exc:
-            raise Corrupt(ext.digest, f"{exc} (file block {index}, offset "
-                                           f"{index * self.store.block_size + ext.off})") from None
+        return self.plan(ino, index * self.store.block_size + lo, hi - lo,
+                         index * self.store.block_size + hi).run(self.txn)
 
     def read(self, ino: int, off: int, size: int, file_size: int) -> bytes:
+        return self.plan(ino, off, size, file_size).run(self.txn)
+
+    def plan(self, ino: int, off: int, size: int, file_size: int) -> ReadPlan:
+        """What a read of ``size`` bytes at ``off`` needs: each block's extents, and
+        the data of blocks and packs not committed yet (``ReadPlan.run`` fetches the
+        rest, on any thread)."""
         end = min(off + size, file_size)
-        if off >= end:
-            return b""
         bs = self.store.block_size
         parts = []
+        held: dict[bytes, bytes] = {}
+        packs: dict[int, bytes] = {}
         pos = off
         while pos < end:
             index, lo = divmod(pos, bs)
             hi = min(bs, end - index * bs)
-            parts.append(self.block_range(ino, index, lo, hi))
+            chain = self.chain(ino, index)
+            parts.append((index, lo, hi, chain))
+            if self.pending is not None:
+                self._take_pending(chain, held, packs)
             pos = index * bs + hi
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return ReadPlan(self.store, parts, held, packs)
+
+    def _take_pending(self, chain: list[Extent], held: dict[bytes, bytes],
+                      packs: dict[int, bytes]) -> None:
+        assert self.pending is not None
+        for ext in chain:
+            if ext.kind == "F" and ext.digest not in held:
+                stored = self.pending.block(ext.digest)
+                if stored is not None:
+                    held[ext.digest] = stored
+            elif ext.kind == "P" and ext.pack not in packs:
+                data = self.pending.pack(ext.pack)
+                if data is None and ext.pack == self.store.open_pack[0]:
+                    data = bytes(self.store.open_pack[1])
+                if data is not None:
+                    packs[ext.pack] = data
 
     def block_indices(self, ino: int, first: int = 0) -> Iterator[int]:
         """Indices >= first of blocks of ``ino`` that have any version at all."""
+        extra = self.pending.indices(ino) if self.pending is not None else None
+        if not extra:
+            yield from self._stored_indices(ino, first)
+            return
+        yield from sorted({i for i in extra if i >= first} | set(self._stored_indices(ino, first)))
+
+    def _stored_indices(self, ino: int, first: int) -> Iterator[int]:
         base = U64.pack(ino)
         cur = self.txn.cursor(db=self._db["extents"])
         index = first
@@ -249,3 +304,82 @@ def open_view(store: Store, *, seq: int | None = None, time_ns: int | None = Non
                 raise NotFound("the volume did not exist yet at that time")
 
         yield View(store, txn, MAX_SEQ if seq is None else seq)
+
+
+class ReadPlan:
+    """The extents a read needs, found by a view (metadata only), with the data of
+    what was not committed when it was made: ``run`` fetches the committed blocks
+    and packs, checks and decompresses them (the GIL is released for that), on any
+    thread, in a read transaction of its own."""
+
+    def __init__(self, store: Store, parts: list[tuple[int, int, int, list[Extent]]],
+                 held: dict[bytes, bytes], packs: dict[int, bytes]) -> None:
+        self.store = store
+        self.parts = parts  # (block index, lo, hi, extents newest first)
+        self.held = held  # hash -> stored form of blocks not committed
+        self.packs = packs  # pack id -> plaintext of packs not committed
+
+    def cached(self) -> bool:
+        """Whether ``run`` needs nothing from LMDB (every block held or cached)."""
+        cache = self.store.cache
+        for _, _, _, chain in self.parts:
+            for ext in chain:
+                if ext.kind == "F" and ext.digest not in self.held \
+                        and not cache.has(ext.digest):
+                    return False
+                if ext.kind == "P" and ext.pack not in self.packs \
+                        and not cache.has(b"pack" + U64.pack(ext.pack)):
+                    return False
+        return True
+
+    def run(self, txn: lmdb.Transaction | None = None) -> bytes:
+        """The bytes read (in ``txn``, or in a read transaction of its own)."""
+        if txn is None:
+            with self.store.txn() as own:
+                return self.run(own)
+        out = [self._range(txn, *part) for part in self.parts]
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _range(self, txn: lmdb.Transaction, index: int, lo: int, hi: int,
+               chain: list[Extent]) -> bytes:
+        if not chain:
+            return bytes(hi - lo)
+        base = chain[-1]
+        if len(chain) == 1 and base.kind == "F":
+            data = self._block(txn, index, base.digest)
+            out = data[lo:hi]
+            return out if len(out) == hi - lo else out + bytes(hi - lo - len(out))
+        buf = bytearray(hi - lo)
+        if base.kind == "F":
+            data = self._block(txn, index, base.digest)[lo:hi]
+            buf[: len(data)] = data
+        for ext in reversed(chain):
+            if ext.kind in "FH":
+                continue
+            a, b = max(lo, ext.off), min(hi, ext.off + ext.length)
+            if a >= b:
+                continue
+            if ext.kind == "Z":
+                buf[a - lo : b - lo] = bytes(b - a)
+            else:
+                data = self._piece(txn, index, ext)
+                buf[a - lo : b - lo] = data[a - ext.off : b - ext.off]
+        return bytes(buf)
+
+    def _block(self, txn: lmdb.Transaction, index: int, digest: bytes) -> bytes:
+        try:
+            stored = self.held.get(digest)
+            if stored is not None:
+                return codec.decode(stored, digest, self.store.block_size)
+            return self.store.get_block(txn, digest)
+        except Corrupt as exc:
+            raise Corrupt(digest, f"{exc} (file block {index}, offset "
+                                       f"{index * self.store.block_size})") from None
+
+    def _piece(self, txn: lmdb.Transaction, index: int, ext: Extent) -> bytes:
+        try:
+            return self.store.get_piece(txn, ext.pack, ext.pack_off, ext.length, ext.digest,
+                                        self.packs.get(ext.pack))
+        except Corrupt as exc:
+            raise Corrupt(ext.digest, f"{exc} (file block {index}, offset "
+                                           f"{index * self.store.block_size + ext.off})") from None
