@@ -21,7 +21,7 @@ Workloads (all data is generated or read before timing starts):
 * creation of many 4 KiB files in one directory, then a sync, in files/s;
 * ``tar -xf`` of the Python standard library sources, then a sync, in s and MB/s;
 * the compressor ceiling: ``cdpfs.codec.encode`` alone on 128 KiB blocks of the
-  same text, one thread (cdpfs compresses on its single store thread).
+  same text, one thread (cdpfs compresses whole blocks on two codec threads).
 
 Usage: ``python bench/run.py [--quick] [--size-mb N] [--markdown FILE]``
 (root needed: FUSE mounts and ``/proc/sys/vm/drop_caches``). Every mount made
