@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import lmdb
@@ -132,18 +131,17 @@ class Engine:
 
     # --- running operations -----------------------------------------------------------
 
-    @contextmanager
-    def bound(self) -> Iterator[lmdb.Transaction]:
-        """The read transaction operations see the store through, for one call."""
+    def _bound(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """``fn(*args)`` inside a read transaction of its own (the one ``reader``
+        returns), or inside the one already bound."""
         if self._txn is not None:
-            yield self._txn
-            return
-        with self.store.txn() as txn:
-            self._txn = txn
-            try:
-                yield txn
-            finally:
-                self._txn = None
+            return fn(*args)
+        self._txn = txn = self.store.begin()
+        try:
+            return fn(*args)
+        finally:
+            self._txn = None
+            self.store.end(txn)
 
     def reader(self) -> lmdb.Transaction:
         """The current call's read transaction."""
@@ -164,14 +162,13 @@ class Engine:
         commit before returning."""
         while True:
             self._check()
-            with self.bound():
-                try:
-                    result = fn(*args)
-                    break
-                except NeedsCommit:
-                    pass
-                finally:
-                    self._retry = False
+            try:
+                result = self._bound(fn, args)
+                break
+            except NeedsCommit:
+                pass
+            finally:
+                self._retry = False
             self.commit_sync()
             self._retry = True
         if durable:
@@ -183,14 +180,13 @@ class Engine:
         it and everything before it is committed."""
         while True:
             self._check()
-            with self.bound():
-                try:
-                    result = fn(*args)
-                    break
-                except NeedsCommit:
-                    pass
-                finally:
-                    self._retry = False
+            try:
+                result = self._bound(fn, args)
+                break
+            except NeedsCommit:
+                pass
+            finally:
+                self._retry = False
             await self.commit()
             self._retry = True
         if durable:

@@ -490,11 +490,8 @@ class Mutator:
                 return -had
             op.put(T_EXTENT, prefix, full(self._store(piece, prepared), n))
             return 1 - had
-        chain = self.view.chain(ino, index)
-        had = bool(chain) and chain[0].kind != "H"
-        patches = [e for e in chain if not e.is_base]
-        if (len(patches) + 1 > self.max_patches
-                or sum(e.length for e in patches) + n > self.max_patch_bytes):
+        had, patches, patch_bytes = self.view.patches(ino, index)
+        if patches + 1 > self.max_patches or patch_bytes + n > self.max_patch_bytes:
             length = max(existing, boff + n)
             buf = bytearray(self.view.block_range(ino, index, 0, length))
             buf[boff : boff + n] = piece

@@ -10,8 +10,7 @@ reproduces the operation exactly (replication relies on this). ``timeidx`` maps
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 import msgpack
@@ -19,8 +18,7 @@ import msgpack
 from .schema import TABLE_NAMES, U64, inv
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One journal record: what happened (op, ino, args) and the puts it made."""
 
     seq: int

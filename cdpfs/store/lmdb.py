@@ -225,29 +225,42 @@ class Store:
 
     @contextmanager
     def txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:
-        """A transaction for tools and read-only mounts, which share the store with a
-        running mount: when that mount has grown the LMDB map, adopt the new size
-        (LMDB allows this only while this process has no transaction open, so
-        transactions begun here are counted) and retry. Commits on success."""
+        """A transaction (``begin`` and ``end``), committed on success."""
+        txn = self.begin(write)
+        try:
+            yield txn
+        except BaseException:
+            self.end(txn)
+            raise
+        self.end(txn, commit=True)
+
+    def begin(self, write: bool = False) -> lmdb.Transaction:
+        """Begin a transaction (end it with ``end``). Another process (a running
+        mount) may have grown the LMDB map: then adopt the new size and retry
+        (LMDB allows it only while this process has no transaction open, so
+        transactions begun here are counted)."""
         while True:
             with self._cond:
                 self._active += 1
             try:
-                txn = self.env.begin(write=write)
+                return self.env.begin(write=write)
             except lmdb.MapResizedError:
                 with self._cond:
                     self._active -= 1
                     self._cond.wait_for(lambda: self._active == 0)
                     self.env.set_mapsize(0)
                     self._cond.notify_all()
-                continue
             except BaseException:
                 self._end_txn()
                 raise
-            break
+
+    def end(self, txn: lmdb.Transaction, commit: bool = False) -> None:
+        """Commit (``commit``) or abort a transaction from ``begin``."""
         try:
-            with txn:
-                yield txn
+            if commit:
+                txn.commit()
+            else:
+                txn.abort()
         finally:
             self._end_txn()
 

@@ -9,6 +9,7 @@ transaction sees.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,6 +40,8 @@ from .schema import (
 log = logging.getLogger(__name__)
 _PAST = b"\xff" * 8  # sorts after every version (seq 0 is never used)
 _CODES = {"inodes": T_INODE, "dirents": T_DIRENT, "extents": T_EXTENT, "xattrs": T_XATTR}
+_BASES = b"FH"  # extent kinds that end a chain
+_LEN = struct.Struct(">I")  # the length of a PATCH or ZERO extent, at offset 5
 
 
 class View:
@@ -212,6 +215,34 @@ class View:
             if ext.is_base:
                 break
         return out
+
+    def patches(self, ino: int, index: int) -> tuple[bool, int, int]:
+        """(holds data, patches, their bytes) of block ``index``: the newest extents
+        down to the first FULL or HOLE, read without decoding them (what a small
+        write needs to choose between a patch and a rewrite)."""
+        prefix = extent_prefix(ino, index)
+        count = size = 0
+        first: bytes | None = None
+        values: Iterator[bytes] = iter(())
+        if self.pending is not None:
+            values = self.pending.versions(T_EXTENT, prefix, self.seq)
+        for value in values:
+            first = value if first is None else first
+            if value[0] in _BASES:
+                return first[:1] != HOLE, count, size
+            count += 1
+            size += _LEN.unpack_from(value, 5)[0]
+        cur = self.txn.cursor(db=self._db["extents"])
+        if cur.set_range(prefix + self._inv):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                first = value if first is None else first
+                if value[0] in _BASES:
+                    break
+                count += 1
+                size += _LEN.unpack_from(value, 5)[0]
+        return first is not None and first[:1] != HOLE, count, size
 
     def allocated(self, ino: int, index: int) -> bool:
         """Whether block ``index`` holds data (its newest extent is not a hole)."""
