@@ -34,17 +34,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import Backend, Cdpfs, PassthroughFs, git_version
+from run import Backend, Cdpfs, MemFs, PassthroughFs, cpu_seconds, git_version
 
 log = logging.getLogger("bench.ops")
-TICK = os.sysconf("SC_CLK_TCK")
 KINDS = ("create", "mkdir", "stat", "read", "randwrite")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (every thread), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,6 +72,13 @@ def measure(backend: Backend, kind: str, n: int, body: Callable[[int], None]) ->
     return Result(kind, n, cpu_seconds(pid) - start_cpu, lat, wall)
 
 
+def cold(backend: Backend) -> None:
+    """Empty the kernel's caches of the mount (a remount; the in-memory fs drops
+    the kernel's caches instead, see run.MemFs)."""
+    backend.stop()
+    backend.start()
+
+
 def run_kinds(backend: Backend, kinds: list[str], n: int) -> dict[str, Result]:
     out: dict[str, Result] = {}
     text = b"".join(b"line %06d of a small file\n" % i for i in range(160))[:4096]
@@ -100,14 +100,12 @@ def run_kinds(backend: Backend, kinds: list[str], n: int) -> dict[str, Result]:
             out["mkdir"] = measure(backend, "mkdir", n,
                                    lambda i: os.mkdir(root / "dirs" / f"d{i:06d}"))
         if "stat" in kinds or "read" in kinds:
-            backend.stop()
-            backend.start()
+            cold(backend)
             if "stat" in kinds:
                 out["stat"] = measure(backend, "stat", n,
                                       lambda i: os.lstat(files / f"f{i:06d}"))
             if "read" in kinds:
-                backend.stop()
-                backend.start()
+                cold(backend)
 
                 def read(i: int) -> None:
                     fd = os.open(files / f"f{i:06d}", os.O_RDONLY)
@@ -143,24 +141,28 @@ def run_kinds(backend: Backend, kinds: list[str], n: int) -> dict[str, Result]:
     return out
 
 
+SHORT = {"cdpfs": "cdpfs", "passthrough": "pt", "memfs": "mem"}
+
+
 def table(results: dict[str, dict[str, Result]], markdown: bool) -> str:
-    head = ["operation", "cdpfs CPU ms/op", "pt CPU ms/op", "CPU cdpfs/pt",
-            "cdpfs p50 / p99 ms", "pt p50 / p99 ms", "cdpfs ops/s", "pt ops/s"]
+    names = list(results)
+    head = ["operation"] + [f"{SHORT[b]} CPU ms/op" for b in names]
+    if "cdpfs" in results and "passthrough" in results:
+        head.append("CPU cdpfs/pt")
+    head += [f"{SHORT[b]} p50 / p99 ms" for b in names] + [f"{SHORT[b]} ops/s" for b in names]
     rows = []
     for kind in KINDS:
-        c, p = results.get("cdpfs", {}).get(kind), results.get("passthrough", {}).get(kind)
-        if c is None and p is None:
+        got = [results[b].get(kind) for b in names]
+        if all(r is None for r in got):
             continue
-
-        def lat(r: Result | None) -> str:
-            if r is None:
-                return "-"
-            return f"{1000 * statistics.median(r.lat):.3f} / {1000 * percentile(r.lat, 0.99):.3f}"
-
-        rows.append([kind, f"{c.cpu_ms:.3f}" if c else "-", f"{p.cpu_ms:.3f}" if p else "-",
-                     f"{c.cpu_ms / p.cpu_ms:.2f}" if c and p and p.cpu_ms else "-",
-                     lat(c), lat(p), f"{c.rate:,.0f}" if c else "-",
-                     f"{p.rate:,.0f}" if p else "-"])
+        row = [kind] + [f"{r.cpu_ms:.3f}" if r else "-" for r in got]
+        if "CPU cdpfs/pt" in head:
+            c, p = results["cdpfs"].get(kind), results["passthrough"].get(kind)
+            row.append(f"{c.cpu_ms / p.cpu_ms:.2f}" if c and p and p.cpu_ms else "-")
+        row += [f"{1000 * statistics.median(r.lat):.3f} / {1000 * percentile(r.lat, 0.99):.3f}"
+                if r else "-" for r in got]
+        row += [f"{r.rate:,.0f}" if r else "-" for r in got]
+        rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -174,7 +176,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=3000, help="operations of each kind")
     ap.add_argument("--only", help="comma-separated kinds (" + ",".join(KINDS) + ")")
-    ap.add_argument("--backends", default="cdpfs,passthrough")
+    ap.add_argument("--backends", default="cdpfs,passthrough,memfs")
     ap.add_argument("--dir", default="/var/tmp", help="work directory (not tmpfs)")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
@@ -183,7 +185,7 @@ def main() -> int:
     results: dict[str, dict[str, Result]] = {}
     with tempfile.TemporaryDirectory(prefix="cdpfs-ops-", dir=args.dir) as work:
         for name in args.backends.split(","):
-            cls = {"cdpfs": Cdpfs, "passthrough": PassthroughFs}[name]
+            cls = {"cdpfs": Cdpfs, "passthrough": PassthroughFs, "memfs": MemFs}[name]
             backend = cls(Path(work) / name)
             backend.work.mkdir()
             try:

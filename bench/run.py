@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -68,9 +70,12 @@ BLOCK = 128 * KiB  # cdpfs block size (checked against the store after init)
 STAMP = 16  # bytes of counter stamped at the head of each 4 KiB of text
 BENCH_DIR = Path(__file__).resolve().parent
 PASSTHROUGH = BENCH_DIR / "passthrough.py"
+MEMFS = BENCH_DIR / "memfs.py"
 STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-WORKLOADS = ("zstd", "seq-text", "seq-random", "rand", "files", "tar")
-BACKENDS = ("cdpfs", "passthrough", "native")
+WORKLOADS = ("zstd", "seq-text", "seq-random", "rand", "files", "tar", "fio", "stat", "git",
+             "latency")
+TICK = os.sysconf("SC_CLK_TCK")
+BACKENDS = ("cdpfs", "passthrough", "native", "memfs")
 
 
 # A benchmark's own failure, and the harness's (a command or process that failed).
@@ -88,6 +93,7 @@ class Config:
     rand_file: int  # size of the preallocated random-write file
     rand_writes: int  # number of random 4 KiB writes
     rand_sync_every: int  # fsync after this many random writes
+    stat_files: int  # entries of the directory listed with ls -l
     repeat: int  # runs per workload and target; the best is reported
     tar_excludes: tuple[str, ...]  # tar --exclude patterns for the stdlib tree
     base: Path  # directory for the temporary work directory
@@ -211,6 +217,14 @@ def settle_readahead(mountpoint: Path, timeout: float = 2.0) -> int | None:
     return kb
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of process ``pid`` (all its threads), in seconds; 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def drop_caches() -> bool:
     """Write back and drop the page cache; False if not allowed."""
     os.sync()
@@ -329,19 +343,21 @@ class PassthroughFs(Backend):
     def start(self) -> None:
         lazy_unmount(self.root)  # a dead mount left by a crashed daemon
         with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=logf)
         deadline = time.monotonic() + 20
         while not is_mounted(self.root):
             if self.proc.poll() is not None:
-                raise BenchError(f"passthrough exited with {self.proc.returncode}; "
+                raise BenchError(f"{self.name} exited with {self.proc.returncode}; "
                                  f"see {self.logfile}")
             if time.monotonic() > deadline:
-                raise BenchError("passthrough did not mount in 20 s")
+                raise BenchError(f"{self.name} did not mount in 20 s")
             time.sleep(0.02)
         self.running = True
         self.readahead_kb = settle_readahead(self.root)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root)]
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -366,6 +382,43 @@ class PassthroughFs(Backend):
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+        with contextlib.suppress(Exception):
+            lazy_unmount(self.root)
+
+
+class MemFs(PassthroughFs):
+    """``bench/memfs.py``: pyfuse3 answering from dicts, the ceiling of pyfuse3 itself.
+    Its files live as long as its process, so ``stop`` keeps the process and empties
+    the kernel's caches of it instead (what a remount does to the others); ``reset``
+    ends the process: the next ``start`` is empty."""
+
+    name = "memfs"
+
+    def setup(self) -> None:
+        self.root = self.work / "mem-mnt"
+        self.logfile = self.work / "memfs.log"
+        self.root.mkdir()
+        self.proc = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(MEMFS), str(self.root)]
+
+    def start(self) -> None:
+        if self.proc is None:
+            super().start()
+        self.running = True
+
+    def stop(self) -> None:
+        os.sync()
+        drop_caches()
+        self.running = False
+
+    def reset(self) -> None:
+        super().stop()
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            super().stop()
         with contextlib.suppress(Exception):
             lazy_unmount(self.root)
 
@@ -613,7 +666,8 @@ class Row:
     def verdict(self) -> str:
         if self.target is None:
             return ""
-        short = {"passthrough": "pt", "native": "native", "zstd": "zstd"}[self.target.ref]
+        short = {"passthrough": "pt", "native": "native", "zstd": "zstd",
+                 "memfs": "memfs"}[self.target.ref]
         r = self.target_ratio()
         head = f"cdpfs/{short} >= {self.target.minimum:.2f}"
         if r is None:
@@ -631,8 +685,8 @@ def fmt(v: float | None) -> str:
     return f"{v:.2f}"
 
 
-HEADER = ("workload", "data", "unit", "cdpfs", "passthrough", "native", "cdpfs/pt",
-          "cdpfs/native", "store growth", "target")
+HEADER = ("workload", "data", "unit", "cdpfs", "passthrough", "native", "memfs", "cdpfs/pt",
+          "cdpfs/native", "cdpfs/memfs", "store growth", "target")
 
 
 def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
@@ -640,8 +694,9 @@ def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
     for r in rows:
         out.append((r.workload, r.data, r.unit, fmt(r.values.get("cdpfs")),
                     fmt(r.values.get("passthrough")), fmt(r.values.get("native")),
+                    fmt(r.values.get("memfs")),
                     fmt(r.speed_ratio("passthrough")), fmt(r.speed_ratio("native")),
-                    fmt(r.growth), r.verdict()))
+                    fmt(r.speed_ratio("memfs")), fmt(r.growth), r.verdict()))
     return out
 
 
@@ -666,7 +721,7 @@ def format_markdown(header: Sequence[str], cells: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
-_RIGHT = {3, 4, 5, 6, 7, 8}
+_RIGHT = set(range(3, 11))
 
 
 def text_table(rows: list[Row]) -> str:
@@ -850,7 +905,7 @@ class Bench:
         self.errors: list[str] = []
         self.cold_ok = True
         kinds: dict[str, type[Backend]] = {"cdpfs": Cdpfs, "passthrough": PassthroughFs,
-                                           "native": Native}
+                                           "native": Native, "memfs": MemFs}
         self.backends = [kinds[name](work) for name in cfg.backends]
         self.profiler = (Profiler(cfg.profile_dir, cfg.profile_mode) if cfg.profile_dir
                          else None)
@@ -896,10 +951,23 @@ class Bench:
             yield
 
     def _timed(self, b: Backend, label: str, fn: Callable[[], float]) -> float:
+        """Run a timed section; its daemon CPU seconds are left in ``self.cpu``."""
+        pid = b.pid()
+        cpu = cpu_seconds(pid)
         with self._timed_section(b, label):
             dt = fn()
+        self.cpu = cpu_seconds(pid) - cpu
         log.info("%-12s %-22s %8.2f s", b.name, label, dt)
         return dt
+
+    def _cpu_row(self, res: dict[str, dict[str, float]], workload: str, data: str,
+                 note: str = "") -> None:
+        """The daemon's CPU time per operation of a workload (from /proc)."""
+        daemons = {name: m for name, m in res.items() if name != "native"}
+        row = self._row(daemons, "cpu", workload=workload, data=data, unit="CPU ms/op",
+                        with_growth=False, higher_better=False, note=note)
+        if row.values:
+            self.rows.append(row)
 
     def _each(self, workload: str, fn: Callable[[Backend], dict[str, float]]
               ) -> dict[str, dict[str, float]]:
@@ -934,7 +1002,7 @@ class Bench:
                 for k, v in m.items():
                     if k not in best:
                         best[k] = v
-                    elif k == "s":
+                    elif k == "s" or k.startswith("cpu") or k.startswith("lat"):
                         best[k] = min(best[k], v)
                     elif k != "growth":
                         best[k] = max(best[k], v)
@@ -1039,6 +1107,7 @@ class Bench:
                 path, inp.rand_offsets, inp.rand_src, cfg.rand_sync_every))
             b.stop()
             m = {"write": written / MB / dt, "iops": len(inp.rand_offsets) / dt,
+                 "cpu": 1000 * self.cpu / len(inp.rand_offsets),
                  **self._growth(b, before, written)}
             if cfg.verify:
                 expected = bytearray(base)
@@ -1059,6 +1128,7 @@ class Bench:
                                    unit="MB/s", target=Target("passthrough", 0.3), note=note))
         self.rows.append(self._row(res, "iops", workload="random 4 KiB write", data="random",
                                    unit="writes/s", with_growth=False))
+        self._cpu_row(res, "random 4 KiB write", "random", "per write")
 
     def wl_files(self) -> None:
         cfg, text = self.cfg, self.inputs.text
@@ -1069,7 +1139,8 @@ class Bench:
             b.start()
             dt = self._timed(b, "create-files", lambda: create_files(d, cfg.files, text))
             b.stop()
-            m = {"rate": cfg.files / dt, **self._growth(b, before, cfg.files * SMALL)}
+            m = {"rate": cfg.files / dt, "cpu": 1000 * self.cpu / cfg.files,
+                 **self._growth(b, before, cfg.files * SMALL)}
             if cfg.verify:
                 b.start()
                 try:
@@ -1082,6 +1153,7 @@ class Bench:
         self.rows.append(self._row(res, "rate", workload=f"create {cfg.files} 4 KiB files",
                                    data="text", unit="files/s", target=Target("passthrough", 0.7),
                                    note="one directory, then fsync(dir) + sync"))
+        self._cpu_row(res, f"create {cfg.files} 4 KiB files", "text", "per file")
 
     def wl_tar(self) -> None:
         inp, cfg = self.inputs, self.cfg
@@ -1095,7 +1167,7 @@ class Bench:
             b.start()
             dt = self._timed(b, "tar-extract", lambda: extract_tar(tar, d))
             b.stop()
-            m = {"s": dt, "mbs": inp.tar_bytes / MB / dt,
+            m = {"s": dt, "mbs": inp.tar_bytes / MB / dt, "cpu": 1000 * self.cpu / inp.tar_files,
                  **self._growth(b, before, inp.tar_bytes)}
             if cfg.verify:
                 b.start()
@@ -1111,6 +1183,199 @@ class Bench:
                                    unit="s", higher_better=False, note=what))
         self.rows.append(self._row(res, "mbs", workload="tar -xf stdlib", data="source",
                                    unit="MB/s", with_growth=False))
+        self._cpu_row(res, "tar -xf stdlib", "source", "per file")
+
+    def wl_fio(self) -> None:
+        """fio (Debian's): random 4 KiB writes with an fsync every 256, random 4 KiB reads
+        of that file after a remount, and 4 jobs writing at once."""
+        cfg = self.cfg
+        n = cfg.rand_writes
+        size = cfg.rand_file
+
+        def job(b: Backend, label: str, *args: str) -> dict[str, Any]:
+            d = b.root / "fio"
+            d.mkdir(exist_ok=True)
+            out: dict[str, Any] = {}
+
+            def run() -> float:
+                t = time.perf_counter()
+                proc = subprocess.run(
+                    ["fio", "--output-format=json", f"--directory={d}", "--bs=4k",
+                     "--ioengine=psync", "--randrepeat=1", "--norandommap", *args],
+                    capture_output=True, text=True)
+                if proc.returncode:
+                    raise BenchError(f"fio {label}: {proc.stderr.strip()[-300:]}")
+                out.update(json.loads(proc.stdout))
+                return time.perf_counter() - t
+
+            self._timed(b, label, run)
+            return out
+
+        def iops(result: dict[str, Any], kind: str) -> float:
+            return float(sum(j[kind]["iops"] for j in result["jobs"]))
+
+        def one(b: Backend) -> dict[str, float]:
+            b.start()
+            try:  # the files are laid out first (untimed), then written at random
+                one_file, four = (f"--size={size}", "--filename=one"), \
+                    (f"--size={size // 4}", "--numjobs=4")
+                job(b, "fio-layout", "--name=one", "--rw=write", *one_file, "--end_fsync=1")
+                job(b, "fio-layout", "--name=four", "--rw=write", *four, "--end_fsync=1")
+                w = job(b, "fio-randwrite", "--name=one", "--rw=randwrite", *one_file,
+                        f"--number_ios={n}", "--fsync=256")
+                m = {"w": iops(w, "write"), "cpu_w": 1000 * self.cpu / n}
+                j4 = job(b, "fio-4jobs", "--name=four", "--rw=randwrite", *four,
+                         f"--number_ios={n // 4}", "--fsync=256")
+                m.update(j4=iops(j4, "write"), cpu_j4=1000 * self.cpu / n)
+            finally:
+                b.stop()
+            self._cold()
+            b.start()
+            try:
+                r = job(b, "fio-randread", "--name=one", "--rw=randread", f"--size={size}",
+                        "--filename=one", f"--number_ios={n}")
+                m.update(r=iops(r, "read"), cpu_r=1000 * self.cpu / n)
+            finally:
+                b.stop()
+            return m
+
+        res = self._each("fio", one)
+        note = f"{n} x 4 KiB in {size // MiB} MiB"
+        for key, name, target in (("w", "fio random 4 KiB write, fsync 256", 0.6),
+                                  ("r", "fio random 4 KiB read, cold", None),
+                                  ("j4", "fio 4 jobs random 4 KiB write", 0.7)):
+            self.rows.append(self._row(res, key, workload=name, data="random", unit="IOPS",
+                                       with_growth=False, note=note,
+                                       target=Target("passthrough", target) if target else None))
+            res_cpu = {k: {"cpu": v["cpu_" + key]} for k, v in res.items() if "cpu_" + key in v}
+            self._cpu_row(res_cpu, name, "random", "per I/O")
+
+    def wl_stat(self) -> None:
+        """ls -l of a directory of many files: listdir and lstat of each, after a remount."""
+        cfg = self.cfg
+        n = cfg.stat_files
+
+        def one(b: Backend) -> dict[str, float]:
+            d = b.root / "many"
+            b.start()
+            try:
+                d.mkdir()
+                for i in range(n):
+                    os.close(os.open(d / f"e{i:07d}", os.O_CREAT | os.O_WRONLY, 0o644))
+            finally:
+                b.stop()
+            self._cold()
+            b.start()
+
+            def listing() -> float:
+                t = time.perf_counter()
+                names = os.listdir(d)
+                for name in names:
+                    os.lstat(d / name)
+                if len(names) != n:
+                    raise BenchError(f"{b.name}: listed {len(names)} of {n}")
+                return time.perf_counter() - t
+
+            try:
+                dt = self._timed(b, "ls-l", listing)
+                return {"rate": n / dt, "cpu": 1000 * self.cpu / n}
+            finally:
+                b.stop()
+
+        res = self._each("stat", one)
+        name = f"ls -l of {n:,} files"
+        self.rows.append(self._row(res, "rate", workload=name, data="empty", unit="entries/s",
+                                   with_growth=False, target=Target("passthrough", 0.9),
+                                   note="listdir + lstat of each, after a remount"))
+        self._cpu_row(res, name, "empty", "per entry")
+
+    def wl_git(self) -> None:
+        """git status in a checkout of a real repository (this one), after a remount."""
+        source = BENCH_DIR.parent
+
+        def one(b: Backend) -> dict[str, float]:
+            d = b.root / "repo"
+            b.start()
+            try:
+                subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(source), str(d)],
+                               check=True, capture_output=True)
+                files = int(subprocess.run(["git", "-C", str(d), "ls-files", "-z"], check=True,
+                                           capture_output=True).stdout.count(b"\0"))
+            finally:
+                b.stop()
+            self._cold()
+            b.start()
+
+            def status() -> float:
+                t = time.perf_counter()
+                subprocess.run(["git", "-C", str(d), "status", "--porcelain"], check=True,
+                               capture_output=True)
+                return time.perf_counter() - t
+
+            try:
+                dt = self._timed(b, "git-status", status)
+                return {"s": dt, "cpu": 1000 * self.cpu / max(1, files)}
+            finally:
+                b.stop()
+
+        res = self._each("git", one)
+        self.rows.append(self._row(res, "s", workload="git status, cold", data="checkout",
+                                   unit="s", higher_better=False, with_growth=False,
+                                   note="a clone of this repository, after a remount"))
+        self._cpu_row(res, "git status, cold", "checkout", "per file in the checkout")
+
+    def wl_latency(self) -> None:
+        """p50/p99 of a 4 KiB write + fsync while another process writes sequentially."""
+        count = 400 if self.cfg.quick else 2000
+
+        def one(b: Backend) -> dict[str, float]:
+            b.start()
+            stop = threading.Event()
+            big = b.root / "stream.bin"
+            chunk = os.urandom(1 << 20)
+
+            def stream() -> None:
+                with open(big, "wb") as f:
+                    while not stop.is_set():
+                        f.write(chunk)
+                        if f.tell() > 2 << 30:
+                            f.seek(0)
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            lat: list[float] = []
+
+            def probe() -> float:
+                t0 = time.perf_counter()
+                fd = os.open(b.root / "probe", os.O_CREAT | os.O_WRONLY, 0o644)
+                try:
+                    data = os.urandom(4096)
+                    for i in range(count):
+                        t = time.perf_counter()
+                        os.pwrite(fd, data, (i % 256) * 4096)
+                        os.fsync(fd)
+                        lat.append(time.perf_counter() - t)
+                finally:
+                    os.close(fd)
+                return time.perf_counter() - t0
+
+            try:
+                streamer.start()
+                time.sleep(0.5)  # the stream is under way
+                self._timed(b, "fsync-latency", probe)
+            finally:
+                stop.set()
+                streamer.join()
+                b.stop()
+            lat.sort()
+            return {"lat50": 1000 * lat[len(lat) // 2],
+                    "lat99": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+        res = self._each("latency", one)
+        for key, what in (("lat50", "p50"), ("lat99", "p99")):
+            self.rows.append(self._row(res, key, workload=f"4 KiB write+fsync {what}",
+                                       data="random", unit="ms", higher_better=False,
+                                       with_growth=False,
+                                       note="while another writer streams 1 MiB writes"))
 
     # --- report --------------------------------------------------------------------
 
@@ -1162,13 +1427,14 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--files", type=int, help="number of 4 KiB files (default 10000)")
     p.add_argument("--rand-writes", type=int, help="random 4 KiB writes (default 20000)")
     p.add_argument("--rand-file-mb", type=int, help="random-write file MiB (default 256)")
+    p.add_argument("--stat-files", type=int, help="entries listed by ls -l (default 100000)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each workload N times per target and report the best (default 1)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                    help="where to make the temporary work directory (not tmpfs)")
     p.add_argument("--only", help=f"comma list of workloads: {','.join(WORKLOADS)}")
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma list of targets (default all: cdpfs,passthrough,native)")
+                   help="comma list of targets (default all: cdpfs,passthrough,native,memfs)")
     p.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy the cdpfs daemon during timed sections (perturbs figures)")
@@ -1201,6 +1467,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         rand_file=rand_file,
         rand_writes=a.rand_writes or (4000 if a.quick else 20000),
         rand_sync_every=256,
+        stat_files=a.stat_files or (10000 if a.quick else 100000),
         repeat=max(1, a.repeat),
         tar_excludes=excludes,
         base=a.dir,
