@@ -314,30 +314,32 @@ class Engine:
 
 
 class ReadEngine:
-    """The engine of a read-only (snapshot) mount: each call runs in a worker
-    thread inside a fresh read transaction (``txn`` in that thread), so reads run
-    in parallel and no transaction outlives a request. Nothing is ever written."""
-
-    posted = 0
+    """The engine of a read-only (snapshot, follow) volume: each call runs on the
+    caller's thread (the trio thread of a mount), one at a time, inside a read
+    transaction of its own that ends with the call, so the filesystem layer is
+    only ever used by one thread and sees one consistent state per request; file
+    data is fetched and decompressed in reader threads (``ReadPlan``). Nothing is
+    ever written."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._local = threading.local()
+        self._txn: lmdb.Transaction | None = None
 
     @property
     def txn(self) -> lmdb.Transaction:
-        return self._local.txn
+        if self._txn is None:
+            raise RuntimeError("the volume's state was read outside an engine call")
+        return self._txn
 
-    async def call(self, fn: Callable[..., Any], *args: Any, durable: bool = False) -> Any:
-        return await trio.to_thread.run_sync(self._run, fn, args)
+    async def call(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
+        return self.run_sync(fn, *args)
 
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        with self.store.txn() as txn:
-            self._local.txn = txn
-            try:
-                return fn(*args)
-            finally:
-                self._local.txn = None
-
-    async def post(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0) -> None:
-        await self.call(fn, *args)
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._txn is not None:
+            return fn(*args)
+        self._txn = txn = self.store.begin()
+        try:
+            return fn(*args)
+        finally:
+            self._txn = None
+            self.store.end(txn)
