@@ -160,38 +160,37 @@ class Engine:
     def run_sync(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
         """Run ``fn(*args)`` here, from plain code (tools, tests); with ``durable``,
         commit before returning."""
-        while True:
-            self._check()
-            try:
-                result = self._bound(fn, args)
-                break
-            except NeedsCommit:
-                pass
-            finally:
-                self._retry = False
+        done, result = self._attempt(fn, args)
+        while not done:
             self.commit_sync()
             self._retry = True
+            done, result = self._attempt(fn, args)
         if durable:
             self.commit_sync()
-        return result
+        return result  # type: ignore[return-value]
 
     async def call(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
         """Run ``fn(*args)`` on this (the trio) thread; with ``durable``, return once
         it and everything before it is committed."""
-        while True:
-            self._check()
-            try:
-                result = self._bound(fn, args)
-                break
-            except NeedsCommit:
-                pass
-            finally:
-                self._retry = False
+        done, result = self._attempt(fn, args)
+        while not done:
             await self.commit()
             self._retry = True
+            done, result = self._attempt(fn, args)
         if durable:
             await self.commit()
-        return result
+        return result  # type: ignore[return-value]
+
+    def _attempt(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, T | None]:
+        """One try of a call: (True, its result), or (False, None) when it asked for a
+        commit first (NeedsCommit, raised before it changed anything)."""
+        self._check()
+        try:
+            return True, self._bound(fn, args)
+        except NeedsCommit:
+            return False, None
+        finally:
+            self._retry = False
 
     def job(self, fn: Job) -> list[Any]:
         """Run ``fn(txn)`` in the write transaction of the next commit, after the
