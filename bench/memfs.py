@@ -26,9 +26,7 @@ from typing import Any
 
 import pyfuse3
 import trio
-from passthrough import MAX_TASKS, MIN_TASKS, TIMEOUT, _tune_after_init
-
-from cdpfs.mount import runner as cdpfs_runner
+from passthrough import TIMEOUT, _serve
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +239,6 @@ class MemFs(pyfuse3.Operations):
         out.f_files = out.f_ffree = out.f_favail = 1 << 24
         out.f_namemax = 255
         return out
-
-
-async def _serve(mountpoint: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(cdpfs_runner.stop_on_signal)
-        nursery.start_soon(_tune_after_init, mountpoint)
-        await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
-        nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:

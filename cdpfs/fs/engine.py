@@ -58,7 +58,34 @@ async def wait_future(fut: Future[Any]) -> None:
     await done.wait()
 
 
-class Engine:
+class _Calls:
+    """What both engines share: each call runs inside a read transaction of its own,
+    begun for it and ended when it returns (``reader`` gives it to the call)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._txn: lmdb.Transaction | None = None
+
+    def _bound(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """``fn(*args)`` inside a read transaction of its own, or inside the one
+        already bound (a call made by a call)."""
+        if self._txn is not None:
+            return fn(*args)
+        self._txn = txn = self.store.begin()
+        try:
+            return fn(*args)
+        finally:
+            self._txn = None
+            self.store.end(txn)
+
+    def reader(self) -> lmdb.Transaction:
+        """The current call's read transaction."""
+        if self._txn is None:
+            raise RuntimeError("the volume's state was read outside an engine call")
+        return self._txn
+
+
+class Engine(_Calls):
     """Runs operations over the store and the pending changes, and commits them.
 
     Attributes:
@@ -72,13 +99,12 @@ class Engine:
 
     def __init__(self, store: Store, *, interval: float = 0.25, max_dirty: int = 64 << 20,
                  reserve: int = 64 << 20, counters: Counters | None = None) -> None:
-        self.store = store
+        super().__init__(store)
         self.interval = interval
         self.max_dirty = max_dirty
         self.reserve = reserve
         self.counters = counters or Counters()
         self.pending = Pending()
-        self._txn: lmdb.Transaction | None = None
         self._dirty = 0  # bytes applied to the current layer
         self._dirty_since = 0.0
         self._writing = 0  # bytes of the layer being committed
@@ -130,24 +156,6 @@ class Engine:
                 self._urgent = trio.Event()
 
     # --- running operations -----------------------------------------------------------
-
-    def _bound(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        """``fn(*args)`` inside a read transaction of its own (the one ``reader``
-        returns), or inside the one already bound."""
-        if self._txn is not None:
-            return fn(*args)
-        self._txn = txn = self.store.begin()
-        try:
-            return fn(*args)
-        finally:
-            self._txn = None
-            self.store.end(txn)
-
-    def reader(self) -> lmdb.Transaction:
-        """The current call's read transaction."""
-        if self._txn is None:
-            raise RuntimeError("the volume's state was read outside an engine call")
-        return self._txn
 
     def view(self, seq: int = MAX_SEQ) -> View:
         """The volume as of ``seq``, pending changes included."""
@@ -312,7 +320,7 @@ class Engine:
             self._committed(layer)
 
 
-class ReadEngine:
+class ReadEngine(_Calls):
     """The engine of a read-only (snapshot, follow) volume: each call runs on the
     caller's thread (the trio thread of a mount), one at a time, inside a read
     transaction of its own that ends with the call, so the filesystem layer is
@@ -320,25 +328,9 @@ class ReadEngine:
     data is fetched and decompressed in reader threads (``ReadPlan``). Nothing is
     ever written."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._txn: lmdb.Transaction | None = None
-
     @property
     def txn(self) -> lmdb.Transaction:
-        if self._txn is None:
-            raise RuntimeError("the volume's state was read outside an engine call")
-        return self._txn
+        return self.reader()
 
     async def call(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
-        return self.run_sync(fn, *args)
-
-    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._txn is not None:
-            return fn(*args)
-        self._txn = txn = self.store.begin()
-        try:
-            return fn(*args)
-        finally:
-            self._txn = None
-            self.store.end(txn)
+        return self._bound(fn, args)
