@@ -295,19 +295,6 @@ class Store:
     def has_block(self, txn: lmdb.Transaction, key: bytes) -> bool:
         return txn.get(key, db=self.db["blocks"]) is not None
 
-    def put_block(self, txn: lmdb.Transaction, data: bytes | memoryview,
-                  prepared: tuple[bytes, bytes] | None = None) -> tuple[bytes, int]:
-        """Store ``data`` once under its hash; return (hash, bytes newly stored).
-
-        ``prepared`` is (hash, stored form) when computed ahead (codec.prepare).
-        """
-        key = prepared[0] if prepared else codec.digest(data)
-        if self.has_block(txn, key):
-            return key, 0
-        stored = prepared[1] if prepared else codec.encode(data)
-        txn.put(key, stored, db=self.db["blocks"])
-        return key, len(stored)
-
     def get_block(self, txn: lmdb.Transaction, key: bytes) -> bytes:
         """The verified plaintext of block ``key``; Corrupt if it does not match."""
         data = self.cache.get(key)

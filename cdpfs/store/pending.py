@@ -160,19 +160,13 @@ class Pending:
 
     def block(self, key: bytes) -> bytes | None:
         """The stored form of a block not yet committed, or None."""
-        for layer in reversed(self.layers):
-            stored = layer.blocks.get(key)
-            if stored is not None:
-                return stored
-        return None
+        return next((layer.blocks[key] for layer in reversed(self.layers)
+                     if key in layer.blocks), None)
 
     def pack(self, pack: int) -> bytes | None:
         """The plaintext of a sealed pack not yet committed, or None."""
-        for layer in reversed(self.layers):
-            data = layer.packs.get(pack)
-            if data is not None:
-                return data
-        return None
+        return next((layer.packs[pack] for layer in reversed(self.layers)
+                     if pack in layer.packs), None)
 
 
 def write(store: Store, txn: lmdb.Transaction, layer: Layer) -> int:
