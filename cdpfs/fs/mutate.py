@@ -113,6 +113,7 @@ class Mutator:
         self.stored_bytes = 0
         self.pack_id: int | None = None
         self.pack_buf = bytearray()
+        self._added: list[tuple[dict[Any, Any], Any]] = []  # this op's blocks and packs
         txn = reader()
         self.last_seq, self.last_ts = journal.last(txn, store.db)
         raw = txn.get(b"next_ino", db=store.db["meta"])
@@ -131,7 +132,8 @@ class Mutator:
     def run(self, name: str, args: dict[str, Any], body: Callable[[Op], T]) -> T:
         """Run ``body`` as one journaled operation, atomically."""
         layer = self.pending.current
-        mark, blocks, packs = layer.mark(), set(layer.blocks), set(layer.packs)
+        mark = layer.mark()
+        self._added = []  # blocks and packs it adds: taken back if it fails
         op = Op(self, self.last_seq + 1, max(self.clock(), self.last_ts))
         next_ino, next_pack = self.next_ino, self.next_pack
         pack = (self.pack_id, self.pack_buf, len(self.pack_buf))
@@ -139,10 +141,8 @@ class Mutator:
             result = body(op)
         except BaseException:
             layer.undo(mark)
-            for key in set(layer.blocks) - blocks:
-                del layer.blocks[key]
-            for key in set(layer.packs) - packs:
-                del layer.packs[key]
+            for table, key in self._added:
+                table.pop(key, None)
             self.next_ino, self.next_pack = next_ino, next_pack
             self.pack_id, self.pack_buf = pack[0], pack[1]
             del self.pack_buf[pack[2] :]
@@ -452,7 +452,9 @@ class Mutator:
         """End the open pack: it takes no more writes (it is hashed and compressed
         when committed)."""
         if self.pack_id is not None:
-            self.pending.current.packs[self.pack_id] = bytes(self.pack_buf)
+            packs = self.pending.current.packs
+            packs[self.pack_id] = bytes(self.pack_buf)
+            self._added.append((packs, self.pack_id))
             self.stored_bytes += len(self.pack_buf)
             self.pack_id = None
             self.pack_buf = bytearray()
@@ -472,6 +474,7 @@ class Mutator:
             return key
         stored = prepared[1] if prepared else codec.encode(data)
         layer.blocks[key] = stored
+        self._added.append((layer.blocks, key))
         layer.nbytes += len(stored)
         self.stored_bytes += len(stored)
         return key
