@@ -80,6 +80,7 @@ from run import (
     BenchError,
     MiB,
     cdpfs_command,
+    cpu_seconds,
     drop_caches,
     fmt,
     fs_type,
@@ -490,6 +491,7 @@ class Bench:
     closers: list[Callable[[], None]] = field(default_factory=list)
     keep: bool = False  # keep the stores (and the work directory)
     local_rate: float | None = None  # bytes/s of the local write (1)
+    local_cpu: float | None = None  # CPU s/GiB of the mount for that write
     repl_rate: float | None = None  # bytes/s of cdpfs replicate (1)
 
     def row(self, *args: Any, **kw: Any) -> Row:
@@ -553,7 +555,10 @@ class Bench:
         os.sync()
         p = self.pair(1)
         p.vol.mount()
+        pid = harness.holder_pid(p.vol.store)
+        cpu = cpu_seconds(pid)
         second = size / seq_write(p.vol.mnt / "big.bin", data)
+        self.local_cpu = (cpu_seconds(pid) - cpu) / (size / (1 << 30))
         self.local_rate = max(first, second)
         self.row("1 throughput", f"local write, {label}, 1 MiB writes + fsync, no replica "
                  "(best of 2)", "MB/s", self.local_rate / MB)
@@ -716,12 +721,16 @@ class Bench:
         # 1, live: the same amount of data while shipping
         size = cfg.size
         data = os.urandom(size)
+        mount_pid = harness.holder_pid(p.vol.store)
+        server_pid = p.server.proc.pid if p.server.proc else None
+        cpu0 = cpu_seconds(mount_pid), cpu_seconds(server_pid)
         t0 = time.monotonic()
         took = seq_write(p.vol.mnt / "big.bin", data)
         done = t0 + took
         del data
         last = watch.last()
         acked_at = watch.wait_acked(last, timeout=600)
+        cpu1 = cpu_seconds(mount_pid), cpu_seconds(server_pid)
         local = self.local_rate
         self.row("1 throughput", "live async: writer, same file, replica shipping", "MB/s",
                  size / took / MB, local / MB if local else None, "no replica",
@@ -730,7 +739,18 @@ class Bench:
                  "s", acked_at - done, took, "writer's time", "catch-up/write")
         self.row("1 throughput", "live async: effective (write start -> last seq acked)",
                  "MB/s", size / (acked_at - t0) / MB, local / MB if local else None,
-                 "local write", "eff/local")
+                 "local write", "eff/local", ratio_min=0.8)
+        # Where the time goes: CPU seconds per GiB of file data, from /proc, beside the
+        # mount's own CPU for the same write without a replica (both processes and the
+        # bench share this machine's CPUs).
+        gib = size / (1 << 30)
+        mount_cpu, server_cpu = ((b - a) / gib for a, b in zip(cpu0, cpu1, strict=True))
+        self.row("1 throughput", "live async: CPU of the mount process", "s/GiB", mount_cpu,
+                 self.local_cpu, "no replica", "with/without")
+        self.row("1 throughput", "live async: CPU of the replica server", "s/GiB", server_cpu)
+        self.row("1 throughput", "live async: CPUs busy with both, write start -> last ack",
+                 "CPUs", (mount_cpu + server_cpu) * gib / (acked_at - t0),
+                 float(os.cpu_count() or 1), "CPUs in the machine", "busy/all")
         for section in (self.lag, self.lag_sustainable, self.resume):
             try:
                 section(p, watch)
