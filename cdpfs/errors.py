@@ -138,6 +138,13 @@ class NoSpace(CdpfsError):
     default = "no space left for the store"
 
 
+class ClusterError(CdpfsError):
+    """The coordination service (etcd) refused a request or no member of it answered;
+    or the cluster's settings in it say the request cannot be done."""
+
+    default = "the cluster cannot be reached"
+
+
 def root_cause(exc: BaseException) -> str:
     """The innermost cause of a (possibly wrapped or grouped) error, in one line."""
     while True:

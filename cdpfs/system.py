@@ -1,10 +1,11 @@
 """What cdpfs asks of the operating system, in one place, so ``import cdpfs`` works anywhere.
 
 File locks, whether a process still runs, a process's groups, the coarse clock,
-free space, making a rename durable, and the open flags the filesystem layer
-reads. Linux is what cdpfs runs on today (and what the tests exercise); other
-systems get the nearest portable equivalent, so the library imports and its
-tools run there, and a front end for them (WinFsp) needs no change below it.
+the clock leases are timed on, free space, making a rename durable, and the open
+flags the filesystem layer reads. Linux is what cdpfs runs on today (and what
+the tests exercise); other systems get the nearest portable equivalent, so the
+library imports and its tools run there, and a front end for them (WinFsp)
+needs no change below it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def coarse_time_ns() -> int:
     if _COARSE is not None and hasattr(time, "clock_gettime_ns"):
         return time.clock_gettime_ns(_COARSE)
     return time.time_ns()
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def boot_clock() -> float:
+    """Seconds on a clock that never goes back and keeps counting while the process
+    is stopped (SIGSTOP) and, unlike ``time.monotonic`` on Linux, while the machine
+    is suspended or its VM frozen: what a lease deadline must be measured on."""
+    if _BOOTTIME is not None:
+        return time.clock_gettime(_BOOTTIME)
+    return time.monotonic()
 
 
 # --- file locks ------------------------------------------------------------------------

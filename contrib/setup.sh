@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
       sqlite3 git rsync tar xz-utils attr util-linux postgresql stress-ng tzdata
-      iproute2)  # ip netns: replication tests between network namespaces
+      iproute2   # ip netns: replication tests between network namespaces
+      etcd-server)  # high availability: leases on a real 3-member etcd cluster
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -38,7 +38,7 @@ from cdpfs.replication.protocol import ANSWER_TIMEOUT, BASE_TABLES, PROTOCOL
 from cdpfs.replication.receiver import BASE_PENDING, ROLE_REPLICA, Receiver
 from cdpfs.replication.registry import ReplicaState
 from cdpfs.replication.sender import Connect, Sender
-from cdpfs.store import codec, journal
+from cdpfs.store import codec, epochs, journal
 from cdpfs.store.lmdb import Store, is_store
 from cdpfs.store.schema import U64
 from cdpfs.store.view import View
@@ -873,3 +873,127 @@ async def test_a_degraded_sync_replica_is_waited_for_again_once_caught_up(
                 assert vol.fanout.degraded == set()
                 assert vol.counters.records_shipped == receiver.counters.records_applied == top
 
+
+
+# --- epochs: a primary that lost its role, a replica that follows a new one ------------
+
+
+def _promote(path: Path, epoch: int) -> list[tuple[int, int]]:
+    """What a promotion does to a store: a new epoch, and the store writable."""
+    with Store(path) as store, store.txn(write=True) as txn:
+        txn.delete(b"config.role", db=store.db["meta"])
+        return epochs.begin(store, txn, epoch)
+
+
+def _as_replica(path: Path) -> None:
+    with Store(path) as store, store.txn(write=True) as txn:
+        store.set_config(txn, "role", ROLE_REPLICA)
+
+
+def _lineage(path: Path) -> tuple[list[tuple[int, int]], int]:
+    with Store(path) as store, store.txn() as txn:
+        return epochs.lineage(store, txn), epochs.seen(store, txn)
+
+
+@pytest.mark.parametrize(("mine", "theirs", "last", "shared"), [
+    ([(0, 1)], [(0, 1)], 50, 50),  # one lineage: all shared
+    ([(0, 1)], [(0, 1), (1, 41)], 50, 40),  # they were promoted at 41; my 41..50 diverged
+    ([(0, 1)], [(0, 1), (1, 61)], 50, 50),  # promoted after my last record: nothing lost
+    ([(0, 1), (1, 41)], [(0, 1)], 50, 40),  # I was promoted at 41, they never saw it
+    ([(0, 1), (1, 41)], [(0, 1), (2, 31)], 50, 30),  # two promotions of one epoch's replicas
+    ([(0, 1), (2, 31)], [(0, 1), (2, 31), (3, 45)], 50, 44),
+])
+def test_the_fork_of_two_lineages(mine, theirs, last, shared) -> None:
+    assert epochs.fork(mine, theirs, last) == shared
+    assert epochs.valid(mine) and epochs.valid(theirs)
+
+
+def test_an_epoch_starts_at_the_next_record_and_only_ever_grows(tmp_path: Path) -> None:
+    path = tmp_path / "vol"
+    _make(path)
+    trio.run(_write, path, {b"f": b"x" * 1000})
+    with Store(path) as store, store.txn(write=True) as txn:
+        top = journal.last(txn, store.db)[0]
+        assert epochs.lineage(store, txn) == [(0, 1)] and epochs.seen(store, txn) == 0
+        assert epochs.begin(store, txn, 3) == [(0, 1), (3, top + 1)]
+        for stale in (3, 2):
+            with pytest.raises(ValueError):
+                epochs.begin(store, txn, stale)
+        assert epochs.begin(store, txn, 4) == [(0, 1), (4, top + 1)]  # 3 wrote nothing
+        assert epochs.epoch_of(epochs.lineage(store, txn), top) == 0
+        assert epochs.epoch_of(epochs.lineage(store, txn), top + 1) == 4
+    assert not epochs.valid([]) and not epochs.valid([[1, 5], [1, 9]])
+    assert not epochs.valid([[0, 1], [2, 1]])
+
+
+async def test_a_replica_follows_the_promoted_replica_without_a_resync(tmp_path: Path) -> None:
+    """A ships to R and S; R is promoted (epoch 1) and writes; R then ships to S, which
+    was never ahead of it: S resumes at its own position with R's lineage."""
+    a, r, s = tmp_path / "a", tmp_path / "r", tmp_path / "s"
+    _make(a)
+    shipped = await _write(a, {b"f": os.urandom(40_000)})
+    for replica in (r, s):
+        with trio.fail_after(20):
+            async with _linked(replica) as (links, _):
+                await _ship(a, links.connect(NAME))
+    line = _promote(r, 1)
+    assert line == [(0, 1), (1, shipped + 1)]
+    top = await _write(r, {b"after failover": b"new primary" * 100})
+    with trio.fail_after(20):
+        async with _linked(s) as (links, receiver):
+            await _ship(r, links.connect(NAME))
+            assert receiver.counters.records_applied == top - shipped
+    assert _lineage(s) == (line, 1)
+    assert _tree_at(s, top) == _tree_at(r, top)
+
+
+async def test_a_primary_of_an_older_epoch_is_refused_and_changes_nothing(
+        tmp_path: Path) -> None:
+    """The fencing of replicas: once a replica has seen epoch 1, the primary of epoch 0
+    (paused or cut off while another node was promoted) gets nothing onto it."""
+    a, r, s = tmp_path / "a", tmp_path / "r", tmp_path / "s"
+    _make(a)
+    await _write(a, {b"f": os.urandom(40_000)})
+    for replica in (r, s):
+        with trio.fail_after(20):
+            async with _linked(replica) as (links, _):
+                await _ship(a, links.connect(NAME))
+    _promote(r, 1)
+    await _write(r, {b"g": b"epoch 1" * 100})
+    with trio.fail_after(20):
+        async with _linked(s) as (links, _):
+            await _ship(r, links.connect(NAME))
+    await _write(a, {b"zombie": b"written by the old primary" * 100})
+    before = _tables(s)
+    with trio.fail_after(20):
+        async with _linked(s) as (links, receiver):
+            err = await _refused(a, links.connect(NAME))
+            assert "epoch 0 is refused" in str(err) and "seen epoch 1" in str(err)
+            assert "\n" not in str(err)
+            assert receiver.counters.records_applied == 0
+            assert links.connections == 1  # a refusal is not retried
+    assert _tables(s) == before
+
+
+async def test_an_old_primary_that_wrote_on_is_told_where_history_parted(
+        tmp_path: Path) -> None:
+    """A wrote after R was promoted: shipping from R to A is refused with the fork
+    point, and A keeps every record it wrote (failback keeps them, never drops them)."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    _make(a)
+    shipped = await _write(a, {b"f": os.urandom(40_000)})
+    with trio.fail_after(20):
+        async with _linked(r) as (links, _):
+            await _ship(a, links.connect(NAME))
+    _promote(r, 1)
+    await _write(r, {b"g": b"epoch 1" * 100})
+    own = await _write(a, {b"zombie": b"written by the old primary" * 100})
+    _as_replica(a)
+    before = _tables(a)
+    with trio.fail_after(20):
+        async with _linked(a) as (links, receiver):
+            err = await _refused(r, links.connect(NAME))
+            assert f"history parted after #{shipped}" in str(err)
+            assert f"up to #{own} were written in epoch 0" in str(err)
+            assert receiver.counters.records_applied == 0
+    assert _tables(a) == before

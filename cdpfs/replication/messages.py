@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CdpfsError
+from ..store.epochs import MAX_EPOCHS
 
 # Frame types
 HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS = range(1, 10)
@@ -116,7 +117,8 @@ _REFS = _map({"blocks": _list(_bytes(HASH_LEN)), "packs": _list(_int())})
 
 SHAPES: dict[int, Check] = {
     HELLO: _map({"proto": _int(0, 2**31)},
-                {"uuid": _text(64, least=1), "block_size": _int(1, 2**31), "name": _text(256)}),
+                {"uuid": _text(64, least=1), "block_size": _int(1, 2**31), "name": _text(256),
+                 "epochs": _list(_pair(_int(), _int(1)), limit=MAX_EPOCHS)}),
     WELCOME: _map({"acked": _SEQ},
                   {"uuid": _text(64, least=1), "base_pending": _bool,
                    "check": _bytes(limit=CHECK_LEN)}),

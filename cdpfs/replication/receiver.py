@@ -34,7 +34,7 @@ import trio
 from ..counters import Counters
 from ..errors import CdpfsError, Corrupt, first_error, root_cause
 from ..history import bookmarks
-from ..store import codec, journal
+from ..store import codec, epochs, journal
 from ..store.lmdb import Store, is_store
 from ..store.schema import U64
 from . import wire
@@ -170,7 +170,37 @@ class Receiver:
             raise CdpfsError(f"this replica holds volume {self.store.uuid}, not {hello['uuid']}")
         if self.store.block_size != int(hello["block_size"]):
             raise CdpfsError("block size differs from the primary's")
+        self._follow(self.store, [(int(e), int(s)) for e, s in hello.get("epochs") or [[0, 1]]])
         return self.store
+
+    @staticmethod
+    def _follow(store: Store, line: epochs.Lineage) -> None:
+        """Take the primary's lineage, unless it is of an older epoch than one this
+        store has seen (a primary that lost its role) or says this store's newest
+        record was written in another epoch than the one this store wrote it in."""
+        if not epochs.valid(line):
+            raise wire.WireError("HELLO with a lineage whose epochs do not rise")
+        with store.txn(write=True) as txn:
+            stale = _stale(line, epochs.seen(store, txn))
+            if stale:
+                raise CdpfsError(stale)
+            mine = epochs.lineage(store, txn)
+            top = journal.last(txn, store.db)[0]
+            if top and epochs.epoch_of(mine, top) != epochs.epoch_of(line, top):
+                shared = epochs.fork(mine, line, top)
+                raise CdpfsError(f"history parted after #{shared}: this replica's records "
+                                 f"up to #{top} were written in epoch "
+                                 f"{epochs.epoch_of(mine, top)}, the primary's in epoch "
+                                 f"{epochs.epoch_of(line, top)}")
+            epochs.follow(store, txn, line)
+
+    def _stale(self, hello: dict[str, Any]) -> str:
+        """Why a HELLO comes from a primary that lost its role ("" if it does not)."""
+        line = hello.get("epochs") or [[0, 1]]
+        if self.store is None or not epochs.valid(line):
+            return ""
+        with self.store.txn() as txn:
+            return _stale(line, epochs.seen(self.store, txn))
 
     def position(self) -> tuple[int, bool, bytes]:
         """(acknowledged seq, whether a full resync was cut short, the check of the
@@ -217,6 +247,11 @@ class Receiver:
                         self.store.uuid, hello.get("uuid"))
             await conn.send(wire.ERROR, {"message": f"this replica holds volume "
                                                     f"{self.store.uuid}, not {hello.get('uuid')}"})
+            return
+        stale = self._stale(hello)
+        if stale:  # checked before it can replace the session of the primary of now
+            log.warning("%s: refused: %s", peer, stale)
+            await conn.send(wire.ERROR, {"message": stale})
             return
         if self._session is not None:  # a reconnect: the old link is dead or dying
             log.info("%s: replaces the connection of the previous primary session", peer)
@@ -387,3 +422,10 @@ def _peer(stream: trio.SocketStream) -> str:
         return f"{host}:{port}"
     except OSError:
         return "?"
+
+
+def _stale(line: Sequence[Sequence[int]], newest: int) -> str:
+    if line[-1][0] >= newest:
+        return ""
+    return (f"a primary of epoch {line[-1][0]} is refused: this replica has seen epoch "
+            f"{newest} (a newer primary exists)")

@@ -29,7 +29,7 @@ import trio
 from ..counters import Counters
 from ..errors import CdpfsError, first_error, root_cause
 from ..history import bookmarks
-from ..store import journal
+from ..store import epochs, journal
 from ..store.lmdb import Store
 from . import registry, wire
 from .batches import JournalGap, data_frame, read_base_chunk, read_batch
@@ -193,9 +193,12 @@ class Sender:
             tls = await self.connect()
         try:
             conn = wire.Connection(tls)
+            with self.store.txn() as txn:
+                line = epochs.lineage(self.store, txn)
             await conn.send(wire.HELLO, {"proto": PROTOCOL, "uuid": self.store.uuid,
                                          "block_size": self.store.block_size,
-                                         "name": self.state.name})
+                                         "name": self.state.name,
+                                         "epochs": [list(x) for x in line]})
             with trio.fail_after(ANSWER_TIMEOUT):  # a replica that never welcomes
                 _, welcome = await conn.recv(wire.WELCOME)
             self._registered = True
