@@ -83,6 +83,13 @@ class ReadOnly(FsError):
     default = "read-only"
 
 
+class Fenced(ReadOnly):
+    """This node may no longer change the volume: it lost (or never had) the primary
+    role's lease. Reads go on; writes and fsyncs are refused."""
+
+    default = "writes refused: this node does not hold the primary role"
+
+
 class CrossDevice(FsError):
     """A link or rename between history and the live tree."""
 

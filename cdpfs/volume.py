@@ -40,6 +40,7 @@ from .errors import CdpfsError, Corrupt, StoreError, first_error
 from .fs.engine import Engine, ReadEngine, wait_future
 from .fs.timefs import TimeFS
 from .fs.vfs import FileSystem
+from .ha.fence import Fence
 from .history import bookmarks
 from .history.points import resolve
 from .history.prune import Pruner, PruneResult, prune_store
@@ -90,7 +91,7 @@ class Volume:
                  owner: str = "mount",
                  listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
                  connector: Connector = tls_connector,
-                 clock: Callable[[], int] | None = None) -> None:
+                 clock: Callable[[], int] | None = None, fence: Fence | None = None) -> None:
         if (mode is Mode.SNAPSHOT) != (at is not None):
             raise ValueError("a snapshot volume, and only one, needs a moment")
         if mode is Mode.REPLICA and (listen is None or server_ctx is None):
@@ -105,6 +106,7 @@ class Volume:
         self.server_ctx = server_ctx
         self.connector = connector
         self.clock = clock
+        self.fence = fence  # high availability: changes only while the role's lease holds
         self.counters = Counters()
         self.store: Store | None = None
         self.fs: TimeFS | None = None
@@ -160,6 +162,8 @@ class Volume:
         await trio.to_thread.run_sync(engine.start)
         # Nothing else runs yet: the recovery may run, and commit, in a worker thread.
         await trio.to_thread.run_sync(lambda: engine.run_sync(fs.recover, durable=True))
+        if self.fence is not None:  # what a crash left is cleaned up, role or not
+            fs.gate = self.fence.check
         self.fs = TimeFS(store, engine.view, live=fs, show_history=self.show_history,
                          on_slot=self._hold, settle=engine.settle, **self._clocked())
         fanout = self.fanout = await trio.to_thread.run_sync(
@@ -366,14 +370,21 @@ class Volume:
         """Everything written before is durable (and on the sync replicas) on return."""
         assert self.fs is not None
         seq = await self.call(self.fs.fsync, fh, durable=True)
-        if self.fanout is not None:
-            await self.fanout.synced(seq)
+        await self._synced(seq)
 
     async def fsyncdir(self) -> None:
         assert self.fs is not None
         seq = await self.call(self.fs.sync, durable=True)
+        await self._synced(seq)
+
+    async def _synced(self, seq: int) -> None:
+        """The end of an fsync: wait for the sync replicas, then acknowledge it only if
+        this node still holds the primary role (a fence that closed during the
+        commit fails the fsync: the data is on disk here, but not acknowledged)."""
         if self.fanout is not None:
             await self.fanout.synced(seq)
+        if self.fence is not None:
+            self.fence.check()
 
     # --- shipping (source mode) ----------------------------------------------------------
 

@@ -17,8 +17,17 @@ import pytest
 import trio
 import trio.testing
 
-from cdpfs.errors import CdpfsError, IsADirectory, NotFound, ReadOnly, StoreError, StoreLocked
+from cdpfs.errors import (
+    CdpfsError,
+    Fenced,
+    IsADirectory,
+    NotFound,
+    ReadOnly,
+    StoreError,
+    StoreLocked,
+)
 from cdpfs.fs.mutate import init_volume
+from cdpfs.ha.fence import Fence
 from cdpfs.history import bookmarks
 from cdpfs.history.moments import BadMoment
 from cdpfs.history.points import resolve
@@ -502,3 +511,50 @@ async def test_requests_go_on_while_a_commit_is_under_way(tmp_path: Path) -> Non
     with Store(path) as store, open_view(store) as view:
         assert sorted(n for n, _ in view.listdir(1)) == [b"b", b"d"]
         assert view.read_file("b") == b"made during the commit"
+
+
+# --- the fence of high availability ----------------------------------------------------
+
+
+async def test_a_fenced_volume_refuses_every_change_and_still_reads(tmp_path: Path) -> None:
+    """Past its deadline (a lease not renewed, or a pause longer than the lease) the
+    volume refuses creates, writes, renames, attribute and xattr changes before they
+    change anything, and fsyncs after their commit; reads go on. The deadline is read
+    on the fence's clock at each request, with no renewal or timer needed."""
+    path = new_store(tmp_path / "vol")
+    now = [1000.0]
+    fence = Fence(until=1005.0, clock=lambda: now[0])
+    with trio.fail_after(TIMEOUT):
+        async with served(path, fence=fence) as vol:
+            fs = vol.fs
+            assert fs is not None
+            fh, ino = await create(vol, b"kept")
+            await vol.write(fh, 0, b"before the deadline")
+            await vol.fsync(fh)
+            top = fs.live.m.last_seq
+            now[0] = 1005.0  # the deadline: the lease may be gone
+            with pytest.raises(Fenced) as info:
+                await vol.write(fh, 0, b"after it")
+            assert isinstance(info.value, ReadOnly) and "\n" not in str(info.value)
+            refused = [
+                (fs.create, 1, b"new", 0o644, os.O_RDWR, 0, 0),
+                (fs.mknod, 1, b"dir", 0o40755, 0, 0),
+                (fs.rename, 1, b"kept", 1, b"moved", 0),
+                (fs.unlink, 1, b"kept"),
+                (fs.setattr, ino, {"size": 0}),
+                (fs.setxattr, ino, b"user.x", b"1"),
+            ]
+            for fn, *args in refused:
+                kw = args.pop() if isinstance(args[-1], dict) else {}
+                with pytest.raises(Fenced):
+                    await vol.call(lambda fn=fn, args=args, kw=kw: fn(*args, **kw))
+            with pytest.raises(Fenced):
+                await vol.fsync(fh)
+            assert fs.live.m.last_seq == top, "a refused change left a record"
+            assert await read_path(vol, b"kept") == b"before the deadline"
+            now[0] = 1000.0
+            fence.open_until(1010.0)  # renewed: changes go through again
+            await vol.write(fh, 0, b"renewed")
+            fence.shut("the role was handed over")
+            with pytest.raises(Fenced, match="handed over"):
+                await vol.fsync(fh)  # applied before, refused at the acknowledgement

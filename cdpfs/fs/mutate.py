@@ -98,6 +98,8 @@ class Mutator:
         stored_bytes: bytes of new blocks written through this mutator.
         max_patches, max_patch_bytes: the bounds of a block's patch chain.
         clock: the wall clock records are stamped with (ns; made non-decreasing).
+        gate: called before every operation changes anything; raises to refuse it
+            (a fenced primary: ``ha.fence``); None lets everything through.
     """
 
     def __init__(self, store: Store, reader: Callable[[], lmdb.Transaction], pending: Pending,
@@ -111,6 +113,7 @@ class Mutator:
         self.max_patches = 64
         self.max_patch_bytes = 2 * self.bs
         self.stored_bytes = 0
+        self.gate: Callable[[], None] | None = None
         self.pack_id: int | None = None
         self.pack_buf = bytearray()
         self._added: list[tuple[dict[Any, Any], Any]] = []  # this op's blocks and packs
@@ -131,6 +134,8 @@ class Mutator:
 
     def run(self, name: str, args: dict[str, Any], body: Callable[[Op], T]) -> T:
         """Run ``body`` as one journaled operation, atomically."""
+        if self.gate is not None:
+            self.gate()
         layer = self.pending.current
         mark = layer.mark()
         self._added = []  # blocks and packs it adds: taken back if it fails

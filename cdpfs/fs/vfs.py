@@ -69,8 +69,10 @@ class FileSystem:
     """
 
     def __init__(self, store: Store, engine: Engine, *, kernel_mtime: bool = False,
-                 clock: Callable[[], int] = system.coarse_time_ns) -> None:
+                 clock: Callable[[], int] = system.coarse_time_ns,
+                 gate: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.gate = gate  # asked before every change (a fence: ha.fence)
         self.engine = engine
         self.clock = clock
         # With FUSE's writeback cache the kernel stamps mtime on write(2) and sends
@@ -99,8 +101,13 @@ class FileSystem:
         if self.mutator is None:
             self.mutator = Mutator(self.store, self.engine.reader, self.engine.pending,
                                    self.clock)
+            self.mutator.gate = self._gate
             self._xattr_names = set(self.view.xattr_names())
         return self.mutator
+
+    def _gate(self) -> None:
+        if self.gate is not None:
+            self.gate()
 
     @property
     def view(self) -> View:
