@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcdcluster import EtcdCluster
 from harness import Procs, Volume, can_mount
 
 HAVE_FUSE = can_mount()
@@ -67,3 +68,15 @@ def procs() -> Iterator[Procs]:
         yield p
     finally:
         p.kill_all()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster with TLS on loopback, for the whole session (each
+    test keeps to keys of its own); every member killed at the end."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

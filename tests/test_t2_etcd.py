@@ -9,7 +9,6 @@ lost without losing the lease, and a client nobody vouched for refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import etcdcluster
@@ -21,14 +20,9 @@ from cdpfs.ha.etcd import Etcd
 from cdpfs.ha.lease import Lease
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcdcluster.EtcdCluster]:
-    c = etcdcluster.EtcdCluster(tmp_path_factory.mktemp("etcd"))
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+@pytest.fixture
+def cluster(etcd_cluster: etcdcluster.EtcdCluster) -> etcdcluster.EtcdCluster:
+    return etcd_cluster
 
 
 def client(cluster: etcdcluster.EtcdCluster, **kw: object) -> Etcd:

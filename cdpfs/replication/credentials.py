@@ -88,9 +88,17 @@ def trust(store: Path, cert_file: Path, name: str) -> str:
     """Trust a peer's certificate under ``name``; return its fingerprint."""
     try:
         pem = Path(cert_file).read_bytes()
-        fp = fingerprint(pem)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise CdpfsError(f"{cert_file}: not a PEM certificate ({exc})") from None
+    return trust_pem(store, pem, name, str(cert_file))
+
+
+def trust_pem(store: Path, pem: bytes, name: str, source: str = "certificate") -> str:
+    """Trust the PEM certificate ``pem`` under ``name``; return its fingerprint."""
+    try:
+        fp = fingerprint(pem)
+    except ValueError as exc:
+        raise CdpfsError(f"{source}: not a PEM certificate ({exc})") from None
     d = tls_dir(store) / "trusted"
     if not d.is_dir():
         raise CdpfsError(f"{store}: no TLS identity yet (run 'cdpfs replica keygen {store}')")

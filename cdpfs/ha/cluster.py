@@ -1,0 +1,171 @@
+"""A cluster as etcd holds it: its settings, its nodes, the primary role, the epoch.
+
+Keys, under ``/cdpfs/clusters/<name>/``:
+
+- ``settings``: the volume (its uuid), the lease TTL, the check interval, the
+  replication mode of replicas, the lag a replica may have and still be promoted;
+- ``nodes/<node>``: each node's store, replication address, mount point and TLS
+  certificate (etcd is reached over mutual TLS, so a certificate read here is as
+  trusted as the cluster: nodes trust each other's from here);
+- ``primary``: ``{node, epoch}``, attached to the primary's lease: it disappears
+  when etcd lets the lease go, and only then may another node take it;
+- ``epoch``: the newest epoch given out (grown by compare-and-set);
+- ``state/<node>``: what each node last reported (role, epoch, newest seq, time).
+
+Values are JSON. Nothing here decides anything: ``ha.node`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ClusterError
+from .etcd import KV, Etcd
+
+ROOT = "/cdpfs/clusters/"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+MODES = ("sync", "async")
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME.match(name):
+        raise ClusterError(f"{name!r}: a {what} name is 1-63 letters, digits, '_', '.' or '-'")
+    return name
+
+
+@dataclass
+class Settings:
+    volume: str  # the volume's uuid: every node's store must hold it
+    ttl: int = 5  # seconds the primary's lease lives without a renewal
+    interval: float = 1.0  # seconds between the primary's checks and renewals
+    mode: str = "sync"  # how the primary ships to the other nodes
+    max_lag: int = 0  # records a replica may lack and still be promoted (async mode)
+
+    def check(self) -> Settings:
+        if self.mode not in MODES:
+            raise ClusterError(f"mode {self.mode!r}: one of {', '.join(MODES)}")
+        if not 2 <= self.ttl <= 600:
+            raise ClusterError(f"ttl {self.ttl}: from 2 to 600 seconds")
+        if not 0.05 <= self.interval <= self.ttl / 2:
+            raise ClusterError(f"interval {self.interval}: from 0.05 s to half the ttl")
+        if self.max_lag < 0:
+            raise ClusterError("max_lag: not negative")
+        return self
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    store: str  # path of the node's store on its machine
+    address: str  # host:port its replica server listens on
+    cert: str = ""  # the store's TLS certificate (PEM)
+    mount: str = ""  # where the primary mounts the volume ("" : no mount)
+    health: str = ""  # host:port of its HTTP health endpoint ("" : none)
+
+
+@dataclass
+class Primary:
+    node: str
+    epoch: int
+    lease: int = 0
+    revision: int = 0
+
+
+@dataclass
+class NodeState:
+    role: str  # replica, primary, fenced, stopped
+    epoch: int
+    seq: int
+    time: float = field(default_factory=time.time)
+
+
+class Cluster:
+    """One cluster's keys in etcd."""
+
+    def __init__(self, etcd: Etcd, name: str) -> None:
+        self.etcd = etcd
+        self.name = check_name(name, "cluster")
+        self.prefix = f"{ROOT}{name}/"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    async def _json(self, key: str) -> tuple[Any, KV] | None:
+        kv = await self.etcd.get(key)
+        if kv is None:
+            return None
+        try:
+            return json.loads(kv.value), kv
+        except ValueError:
+            raise ClusterError(f"{key}: not JSON in etcd") from None
+
+    # --- settings and nodes ----------------------------------------------------------
+
+    async def create(self, settings: Settings) -> None:
+        settings.check()
+        body = json.dumps(asdict(settings)).encode()
+        if not await self.etcd.swap(self.key("settings"), body):
+            raise ClusterError(f"cluster {self.name} exists already")
+
+    async def settings(self) -> Settings:
+        got = await self._json(self.key("settings"))
+        if got is None:
+            raise ClusterError(f"no cluster {self.name} (make it with 'cdpfs ha create')")
+        return Settings(**got[0])
+
+    async def join(self, spec: NodeSpec) -> None:
+        check_name(spec.name, "node")
+        await self.settings()
+        await self.etcd.put(self.key("nodes", spec.name), json.dumps(asdict(spec)).encode())
+
+    async def leave(self, name: str) -> None:
+        if not await self.etcd.delete(self.key("nodes", name)):
+            raise ClusterError(f"cluster {self.name} has no node {name!r}")
+        await self.etcd.delete(self.key("state", name))
+
+    async def nodes(self) -> dict[str, NodeSpec]:
+        out = {}
+        for kv in await self.etcd.get_prefix(self.key("nodes", "")):
+            spec = NodeSpec(**json.loads(kv.value))
+            out[spec.name] = spec
+        return out
+
+    async def node(self, name: str) -> NodeSpec:
+        got = await self._json(self.key("nodes", name))
+        if got is None:
+            known = ", ".join(sorted(await self.nodes())) or "none"
+            raise ClusterError(f"cluster {self.name} has no node {name!r} (nodes: {known})")
+        return NodeSpec(**got[0])
+
+    # --- the role and the epoch -------------------------------------------------------
+
+    async def primary(self) -> Primary | None:
+        got = await self._json(self.key("primary"))
+        if got is None:
+            return None
+        value, kv = got
+        return Primary(value["node"], int(value["epoch"]), kv.lease, kv.mod_revision)
+
+    async def next_epoch(self, floor: int = 0) -> int:
+        """A new epoch, newer than every one given out before (and than ``floor``)."""
+        while True:
+            got = await self._json(self.key("epoch"))
+            current, rev = (int(got[0]), got[1].mod_revision) if got else (0, 0)
+            epoch = max(current, floor) + 1
+            if await self.etcd.swap(self.key("epoch"), str(epoch).encode(), mod_revision=rev):
+                return epoch
+
+    # --- what nodes report --------------------------------------------------------------
+
+    async def report(self, name: str, state: NodeState) -> None:
+        await self.etcd.put(self.key("state", name), json.dumps(asdict(state)).encode())
+
+    async def states(self) -> dict[str, NodeState]:
+        out = {}
+        for kv in await self.etcd.get_prefix(self.key("state", "")):
+            out[kv.key.rsplit("/", 1)[1]] = NodeState(**json.loads(kv.value))
+        return out

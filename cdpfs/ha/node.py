@@ -1,0 +1,307 @@
+"""One node of a cluster: a replica until it wins the primary role, the primary while
+it holds the role's lease, and a replica again once it has lost it.
+
+As a **replica** the node serves its store to the primary (``Volume`` in replica
+mode: the receiver on the node's address) and waits for the ``primary`` key to go
+(a watch on etcd). When it has gone, a node may campaign if its store exists
+and is caught up: in sync mode at least as far as every other replica reported,
+in async mode also within ``max_lag`` records of what the primary last reported.
+It takes a new lease and a new epoch and claims the key; one node wins.
+
+The winner, as **primary**, makes its store the live one of the new epoch
+(``epochs.begin``: no record of this epoch can be mistaken for one of another),
+registers the other nodes as its replicas, serves the volume live with a
+``Fence`` open until the lease's deadline, and then, every ``interval``, checks
+that the store commits and that the front end's own check passes, and only then
+renews the lease and moves the fence's deadline on. A check that fails, a
+renewal that does not reach etcd, or a pause longer than the deadline leaves the
+lease to run out: the fence shuts first (the deadline is earlier than etcd's
+expiry) and the volume goes on serving reads, refusing every change, until etcd
+answers again and shows the role taken by another node or free; then the volume
+stops, the store is marked a replica again and the node goes back to waiting.
+A node that finds the key gone never waits for an old lease: etcd removed the
+key only once that lease had expired, and its holder's fence had shut before.
+
+The front end (FUSE) takes part through ``serve``: called with the live volume
+when the node becomes primary, it mounts it and runs until cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from ..errors import ClusterError
+from ..replication import credentials, registry
+from ..replication.fanout import Connector, tls_connector
+from ..replication.receiver import ROLE_REPLICA
+from ..replication.registry import ReplicaState
+from ..store import epochs, journal
+from ..store.lmdb import Store, is_store
+from ..system import boot_clock
+from ..volume import Mode, Volume
+from .cluster import Cluster, NodeSpec, NodeState, Primary, Settings
+from .fence import Fence
+from .lease import Lease
+
+log = logging.getLogger(__name__)
+
+ROLE_LIVE = "live"
+Serve = Callable[[Volume], Awaitable[None]]
+
+
+class Node:
+    """The daemon of node ``name`` of ``cluster`` (``run`` in a nursery).
+
+    Attributes:
+        role: "starting", "replica", "primary" or "fenced".
+        epoch: the epoch it is primary in (0 when it is not).
+        volume: the volume it serves now (a replica or the live volume).
+        fence: what the live volume's changes ask.
+        changed: set (and replaced) whenever the role changes.
+    """
+
+    def __init__(self, cluster: Cluster, name: str, *, serve: Serve | None = None,
+                 check: Callable[[], Awaitable[bool]] | None = None,
+                 connector: Connector = tls_connector,
+                 clock: Callable[[], float] = boot_clock) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.serve = serve
+        self.check = check
+        self.connector = connector
+        self.clock = clock
+        self.role = "starting"
+        self.epoch = 0
+        self.volume: Volume | None = None
+        self.fence = Fence(clock=clock)
+        self.changed = trio.Event()
+        self.spec: NodeSpec | None = None
+        self.settings: Settings | None = None
+        self.release_on_stop = False  # a planned stop hands the role on at once
+
+    def _set_role(self, role: str) -> None:
+        if role != self.role:
+            log.info("node %s: %s -> %s%s", self.name, self.role, role,
+                     f" (epoch {self.epoch})" if role == "primary" else "")
+        self.role = role
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @property
+    def store_path(self) -> Path:
+        assert self.spec is not None
+        return Path(self.spec.store)
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        self.settings = await self.cluster.settings()
+        self.spec = await self.cluster.node(self.name)
+        nodes = await self.cluster.nodes()
+        await trio.to_thread.run_sync(self._trust, nodes)
+        task_status.started(self)
+        while True:
+            lease, epoch = await self._as_replica()
+            try:
+                nodes = await self.cluster.nodes()  # a node may have joined meanwhile
+            except ClusterError as exc:
+                log.warning("node %s: the nodes as they were: %s", self.name, exc)
+            await trio.to_thread.run_sync(self._trust, nodes)
+            await self._as_primary(lease, epoch, nodes)
+
+    def _trust(self, nodes: dict[str, NodeSpec]) -> None:
+        """Trust the certificate of every other node, as the cluster lists them."""
+        for other in nodes.values():
+            if other.name != self.name and other.cert:
+                credentials.trust_pem(self.store_path, other.cert.encode(), other.name,
+                                      f"node {other.name}'s certificate")
+
+    # --- replica ------------------------------------------------------------------------
+
+    async def _as_replica(self) -> tuple[Lease, int]:
+        assert self.spec is not None
+        ctx = await trio.to_thread.run_sync(credentials.server_context, self.store_path)
+        volume = Volume(self.store_path, Mode.REPLICA, listen=self.spec.address,
+                        server_ctx=ctx, connector=self.connector, owner="ha replica")
+        async with trio.open_nursery() as nursery:
+            self.volume = await nursery.start(volume.run)
+            self.epoch = 0
+            self._set_role("replica")
+            nursery.start_soon(self._report_loop)
+            won = await self._campaign()
+            nursery.cancel_scope.cancel()
+        self.volume = None
+        return won
+
+    def _position(self) -> tuple[int, int] | None:
+        """(newest seq, newest epoch seen) of this node's store; None without one."""
+        if not is_store(self.store_path):
+            return None
+        volume = self.volume
+        store = volume.store if volume is not None else None
+        if store is None:
+            return None
+        with store.txn() as txn:
+            return journal.last(txn, store.db)[0], epochs.seen(store, txn)
+
+    async def _eligible(self, last: Primary | None) -> int | None:
+        """The epoch this node's store has seen, if it may campaign now; else None."""
+        assert self.settings is not None
+        pos = self._position()
+        if pos is None:
+            return None
+        seq, seen = pos
+        states = await self.cluster.states()
+        for name, state in states.items():
+            if name == self.name:
+                continue
+            if state.role in ("primary", "fenced") or (last is not None and name == last.node):
+                if self.settings.mode == "async" and seq < state.seq - self.settings.max_lag:
+                    return None  # the old primary's last report: more than max_lag ahead
+                continue  # sync: every acknowledged write is here already
+            if state.role == "replica" and state.seq > seq:
+                return None  # another replica has more: it should win
+        return seen
+
+    async def _campaign(self) -> tuple[Lease, int]:
+        """Wait until the role is free and this node wins it."""
+        assert self.settings is not None
+        last: Primary | None = None
+        while True:
+            try:
+                holder = await self.cluster.primary()
+                if holder is not None:
+                    last = holder
+                    await self._wait_gone(holder)
+                    continue
+                seen = await self._eligible(last)
+                if seen is not None:
+                    lease = await Lease.grant(self.cluster.etcd, self.settings.ttl, self.clock)
+                    epoch = await self.cluster.next_epoch(seen)
+                    body = json.dumps({"node": self.name, "epoch": epoch}).encode()
+                    if await lease.claim(self.cluster.key("primary"), body) is None:
+                        return lease, epoch
+                    await lease.release()
+            except ClusterError as exc:
+                log.warning("node %s: %s", self.name, exc)
+            await trio.sleep(self.settings.interval)
+
+    async def _wait_gone(self, holder: Primary) -> None:
+        """Return once the primary key has changed or gone (or after a while, to look
+        again: a watch may end with its etcd member)."""
+        assert self.settings is not None
+        with trio.move_on_after(max(5.0, self.settings.ttl)):
+            async for events in self.cluster.etcd.watch(self.cluster.key("primary"),
+                                                       holder.revision + 1):
+                if events:
+                    return
+
+    async def _report_loop(self) -> None:
+        assert self.settings is not None
+        while True:
+            try:
+                await self._report()
+            except ClusterError as exc:
+                log.warning("node %s: report: %s", self.name, exc)
+            await trio.sleep(self.settings.interval)
+
+    async def _report(self) -> None:
+        pos = self._position()
+        seq = pos[0] if pos else 0
+        await self.cluster.report(self.name, NodeState(self.role, self.epoch, seq))
+
+    # --- primary ------------------------------------------------------------------------
+
+    def _promote(self, epoch: int, nodes: dict[str, NodeSpec]) -> None:
+        """Make the store the live one of ``epoch``, shipping to every other node."""
+        assert self.settings is not None
+        with Store(self.store_path) as store, store.txn(write=True) as txn:
+            store.set_config(txn, "role", ROLE_LIVE)
+            epochs.begin(store, txn, epoch)
+            for other in nodes.values():
+                if other.name == self.name:
+                    continue
+                state = registry.get(txn, store.db, other.name)
+                if state is None:
+                    state = ReplicaState(other.name, other.address, self.settings.mode)
+                state.address, state.mode = other.address, self.settings.mode
+                registry.put(txn, store.db, state)
+
+    def _demote(self) -> None:
+        """The store is a replica again: no mount takes it live, it ships nowhere."""
+        with Store(self.store_path) as store, store.txn(write=True) as txn:
+            store.set_config(txn, "role", ROLE_REPLICA)
+            for state in registry.states(txn, store.db):
+                registry.delete(txn, store.db, state.name)
+
+    async def _as_primary(self, lease: Lease, epoch: int, nodes: dict[str, NodeSpec]) -> None:
+        self.epoch = epoch
+        try:
+            await trio.to_thread.run_sync(self._promote, epoch, nodes)
+            self.fence.open_until(lease.valid_until)
+            volume = Volume(self.store_path, Mode.LIVE, fence=self.fence,
+                            connector=self.connector, owner="ha primary")
+            async with trio.open_nursery() as nursery:
+                self.volume = await nursery.start(volume.run)
+                self._set_role("primary")
+                nursery.start_soon(self._report_loop)
+                if self.serve is not None:
+                    nursery.start_soon(self.serve, volume)
+                await self._hold(lease, volume)
+                self.fence.shut("this node lost the primary role's lease")
+                self._set_role("fenced")
+                await self._until_replaced()  # reads go on meanwhile
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            self.fence.shut("this node stopped")
+            if self.release_on_stop:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await lease.release()
+            raise
+        finally:
+            self.volume = None
+        await trio.to_thread.run_sync(self._demote)
+
+    async def _until_replaced(self) -> None:
+        """Return once etcd can be asked again and the role is another node's or free:
+        until then the fenced volume goes on serving reads."""
+        assert self.settings is not None
+        while True:
+            try:
+                holder = await self.cluster.primary()
+                if holder is None or holder.node != self.name:
+                    return
+            except ClusterError as exc:
+                log.info("node %s: fenced, etcd not reachable: %s", self.name, exc)
+            await trio.sleep(self.settings.interval)
+
+    async def _hold(self, lease: Lease, volume: Volume) -> None:
+        """Renew the lease while the checks pass; return once it may have run out."""
+        assert self.settings is not None and volume.fs is not None
+        fs = volume.fs
+        while True:
+            await trio.sleep(min(self.settings.interval, max(0.0, lease.left() / 2)))
+            if not lease.valid():
+                log.warning("node %s: the lease's deadline passed: fenced", self.name)
+                return
+            healthy = False
+            with trio.move_on_after(max(0.05, lease.left())):
+                await volume.call(fs.sync, durable=True)  # the store commits
+                healthy = self.check is None or await self.check()
+            if not healthy:
+                log.warning("node %s: a check failed: the lease is left to run out", self.name)
+                continue
+            try:
+                with trio.fail_after(max(0.05, lease.left())):
+                    if not await lease.renew():
+                        log.warning("node %s: etcd let the lease go: fenced", self.name)
+                        return
+            except (ClusterError, trio.TooSlowError) as exc:
+                log.warning("node %s: renewal failed: %s", self.name, exc)
+                continue
+            self.fence.open_until(lease.valid_until)
+
