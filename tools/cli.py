@@ -259,10 +259,11 @@ def status(store: Path) -> None:
 
 
 def _register() -> None:
+    from .ha import COMMANDS as HA
     from .replication import COMMANDS as REPLICATION
     from .timetravel import COMMANDS, stat_cmd
 
-    for command in COMMANDS + REPLICATION:
+    for command in COMMANDS + REPLICATION + HA:
         main.add_command(command)
     main.add_command(stat_cmd, "df")
 

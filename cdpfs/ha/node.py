@@ -67,12 +67,14 @@ class Node:
 
     def __init__(self, cluster: Cluster, name: str, *, serve: Serve | None = None,
                  check: Callable[[], Awaitable[bool]] | None = None,
+                 drain: Callable[[], Awaitable[None]] | None = None,
                  connector: Connector = tls_connector,
                  clock: Callable[[], float] = boot_clock) -> None:
         self.cluster = cluster
         self.name = name
         self.serve = serve
         self.check = check
+        self.drain = drain  # the front end hands in what the kernel still holds
         self.connector = connector
         self.clock = clock
         self.role = "starting"
@@ -82,7 +84,7 @@ class Node:
         self.changed = trio.Event()
         self.spec: NodeSpec | None = None
         self.settings: Settings | None = None
-        self.release_on_stop = False  # a planned stop hands the role on at once
+        self._stopping = trio.Event()
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -91,6 +93,12 @@ class Node:
         self.role = role
         self.changed.set()
         self.changed = trio.Event()
+
+    def stop(self) -> None:
+        """A planned stop: a primary drains (every change committed and on the sync
+        replicas, then refused), unmounts and hands the role on at once; ``run``
+        returns once that is done."""
+        self._stopping.set()
 
     @property
     def store_path(self) -> Path:
@@ -104,8 +112,11 @@ class Node:
         nodes = await self.cluster.nodes()
         await trio.to_thread.run_sync(self._trust, nodes)
         task_status.started(self)
-        while True:
-            lease, epoch = await self._as_replica()
+        while not self._stopping.is_set():
+            won = await self._as_replica()
+            if won is None:
+                return
+            lease, epoch = won
             try:
                 nodes = await self.cluster.nodes()  # a node may have joined meanwhile
             except ClusterError as exc:
@@ -122,7 +133,11 @@ class Node:
 
     # --- replica ------------------------------------------------------------------------
 
-    async def _as_replica(self) -> tuple[Lease, int]:
+    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
+        await self._stopping.wait()
+        scope.cancel()
+
+    async def _as_replica(self) -> tuple[Lease, int] | None:
         assert self.spec is not None
         ctx = await trio.to_thread.run_sync(credentials.server_context, self.store_path)
         volume = Volume(self.store_path, Mode.REPLICA, listen=self.spec.address,
@@ -132,10 +147,11 @@ class Node:
             self.epoch = 0
             self._set_role("replica")
             nursery.start_soon(self._report_loop)
+            nursery.start_soon(self._cancel_on_stop, nursery.cancel_scope)
             won = await self._campaign()
             nursery.cancel_scope.cancel()
         self.volume = None
-        return won
+        return None if self._stopping.is_set() else won
 
     def _position(self) -> tuple[int, int] | None:
         """(newest seq, newest epoch seen) of this node's store; None without one."""
@@ -252,19 +268,39 @@ class Node:
                 if self.serve is not None:
                     nursery.start_soon(self.serve, volume)
                 await self._hold(lease, volume)
-                self.fence.shut("this node lost the primary role's lease")
-                self._set_role("fenced")
-                await self._until_replaced()  # reads go on meanwhile
+                if self._stopping.is_set():
+                    await self._drain(volume)
+                else:
+                    self.fence.shut("this node lost the primary role's lease")
+                    self._set_role("fenced")
+                    await self._until_replaced()  # reads go on meanwhile
                 nursery.cancel_scope.cancel()
         except BaseException:
-            self.fence.shut("this node stopped")
-            if self.release_on_stop:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await lease.release()
+            self.fence.shut("this node stopped")  # a crash: the lease runs out
             raise
         finally:
             self.volume = None
         await trio.to_thread.run_sync(self._demote)
+        if self._stopping.is_set():
+            try:
+                await lease.release()  # committed, unmounted: the role goes at once
+                log.info("node %s: the primary role is handed on", self.name)
+            except ClusterError as exc:
+                log.warning("node %s: the role goes when the lease runs out: %s", self.name,
+                            exc)
+
+    async def _drain(self, volume: Volume) -> None:
+        """Before a planned hand-over: what the kernel holds comes in, every change is
+        committed and on the sync replicas, and from then on changes are refused."""
+        assert self.settings is not None and volume.fs is not None
+        with trio.move_on_after(self.settings.ttl * 2):
+            if self.drain is not None:
+                await self.drain()
+            self.fence.shut("this node is handing the primary role on")
+            seq = await volume.call(volume.fs.sync, durable=True)
+            if volume.fanout is not None:
+                await volume.fanout.synced(seq)
+        self.fence.shut("this node is handing the primary role on")
 
     async def _until_replaced(self) -> None:
         """Return once etcd can be asked again and the role is another node's or free:
@@ -284,7 +320,10 @@ class Node:
         assert self.settings is not None and volume.fs is not None
         fs = volume.fs
         while True:
-            await trio.sleep(min(self.settings.interval, max(0.0, lease.left() / 2)))
+            with trio.move_on_after(min(self.settings.interval, max(0.0, lease.left() / 2))):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return
             if not lease.valid():
                 log.warning("node %s: the lease's deadline passed: fenced", self.name)
                 return

@@ -1,0 +1,155 @@
+"""High availability through the command line, with real mounts and a real etcd.
+
+``cdpfs ha create/join/status/run`` as a user runs them: two node daemons as
+processes on this machine (loopback ports, their own stores and mount points)
+against the session's 3-member etcd with TLS. The primary's daemon is killed
+with SIGKILL while an application's fsynced file is on its mount; the replica's
+daemon mounts the volume at its own mount point with the file there; the killed
+node comes back as a replica. A SIGTERM hands the role on at once. Bad input
+gets one line. Every mount is unmounted and every process killed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import etcdcluster
+import pytest
+from harness import CLI, Procs, can_mount, cdpfs, force_unmount, wait_until
+
+pytestmark = pytest.mark.skipif(not can_mount(), reason="needs /dev/fuse and CAP_SYS_ADMIN")
+
+
+class Nodes:
+    """A cluster of nodes a, b, ... with their stores, mounts and daemons."""
+
+    def __init__(self, base: Path, etcd: etcdcluster.EtcdCluster, procs: Procs,
+                 names: tuple[str, ...] = ("a", "b"), ttl: int = 2) -> None:
+        self.base, self.procs, self.names = base, procs, names
+        self.env = {**os.environ, "CDPFS_ETCD": ",".join(etcd.endpoints),
+                    "CDPFS_ETCD_CA": str(etcd.client.ca),
+                    "CDPFS_ETCD_CERT": str(etcd.client.cert),
+                    "CDPFS_ETCD_KEY": str(etcd.client.key)}
+        self.cluster = base.name.replace("_", "-")[-60:]
+        self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        first = self.store(names[0])
+        cdpfs("init", first)
+        cdpfs("ha", "create", self.cluster, "--volume", first, "--ttl", str(ttl),
+              "--interval", "0.3", env=self.env)
+        for n in names:
+            self.mnt(n).mkdir()
+            cdpfs("ha", "join", self.cluster, n, "--store", self.store(n), "--address",
+                  f"127.0.0.1:{etcdcluster.free_port()}", "--mount", self.mnt(n), env=self.env)
+
+    def store(self, n: str) -> Path:
+        return self.base / f"{n}.store"
+
+    def mnt(self, n: str) -> Path:
+        return self.base / f"{n}.mnt"
+
+    def start(self, n: str) -> None:
+        log = self.base / f"{n}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([*CLI, "-v", "ha", "run", self.cluster, n],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=self.env)
+        self.procs.all.append(proc)
+        self.daemons[n] = proc
+
+    def status(self) -> dict:
+        return json.loads(cdpfs("ha", "status", self.cluster, "--json", env=self.env).stdout)
+
+    def primary(self) -> str | None:
+        return self.status()["primary"]
+
+    def cleanup(self) -> None:
+        self.procs.kill_all()
+        for n in self.names:
+            force_unmount(self.mnt(n))
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, procs: Procs
+          ) -> Iterator[Nodes]:
+    n = Nodes(tmp_path, etcd_cluster, procs)
+    try:
+        yield n
+    finally:
+        n.cleanup()
+
+
+def _mounted(mnt: Path) -> bool:
+    return os.path.ismount(mnt)
+
+
+def test_the_replica_mounts_the_volume_when_the_primary_is_killed(nodes: Nodes) -> None:
+    nodes.start("a")
+    nodes.start("b")
+    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
+    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    data = os.urandom(200_000)
+    path = nodes.mnt("a") / "acknowledged.bin"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # sync mode: on b when this returns
+    killed = time.monotonic()
+    nodes.daemons["a"].send_signal(signal.SIGKILL)
+    nodes.daemons["a"].wait(timeout=10)
+    force_unmount(nodes.mnt("a"))
+    wait_until(lambda: _mounted(nodes.mnt("b")), timeout=30, what="b's mount")
+    took = time.monotonic() - killed
+    assert (nodes.mnt("b") / "acknowledged.bin").read_bytes() == data
+    status = nodes.status()
+    assert status["primary"] == "b" and status["epoch"] == 2
+    assert took < 2 + 4, f"failover took {took:.1f} s"
+    # The old primary comes back: a replica of b, with b's newer writes.
+    (nodes.mnt("b") / "after.txt").write_text("written on b")
+    with open(nodes.mnt("b") / "after.txt") as f:
+        os.fsync(f.fileno())
+    nodes.start("a")
+    wait_until(lambda: nodes.status()["nodes"]["a"]["role"] == "replica", what="a rejoined")
+    wait_until(lambda: nodes.status()["nodes"]["a"]["lag"] == 0, what="a caught up")
+    assert not _mounted(nodes.mnt("a"))
+
+
+def test_a_sigterm_hands_the_role_on_at_once(nodes: Nodes) -> None:
+    nodes.start("a")
+    nodes.start("b")
+    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
+    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    (nodes.mnt("a") / "f").write_text("before the handover")
+    stopped = time.monotonic()
+    nodes.daemons["a"].send_signal(signal.SIGTERM)
+    assert nodes.daemons["a"].wait(timeout=20) == 0
+    assert not _mounted(nodes.mnt("a"))
+    wait_until(lambda: _mounted(nodes.mnt("b")), timeout=30, what="b's mount")
+    took = time.monotonic() - stopped
+    assert (nodes.mnt("b") / "f").read_text() == "before the handover"
+    assert took < 2, f"a planned stop still waited for the lease: {took:.1f} s"
+
+
+def test_bad_input_is_one_line(nodes: Nodes, tmp_path: Path) -> None:
+    env = nodes.env
+    cases = [
+        ["ha", "status", "no-such-cluster"],
+        ["ha", "create", nodes.cluster, "--volume", nodes.store("a")],  # exists already
+        ["ha", "run", nodes.cluster, "nobody"],
+        ["ha", "join", nodes.cluster, "c", "--store", tmp_path / "c", "--address", "nowhere"],
+        ["ha", "create", "bad/name", "--volume", nodes.store("a")],
+        ["ha", "status", nodes.cluster, "--etcd", "https://127.0.0.1:1"],
+    ]
+    for args in cases:
+        proc = cdpfs(*args, check=False, env=env, timeout=60)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), (args, proc.stderr)
+    # nothing changed: the cluster still has its two nodes and no primary
+    status = nodes.status()
+    assert sorted(status["nodes"]) == ["a", "b"] and status["primary"] is None

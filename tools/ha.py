@@ -1,0 +1,214 @@
+"""The high-availability commands: ``cdpfs ha create/join/leave/status/run``.
+
+Every command talks to the cluster's etcd: ``--etcd`` names its members
+(``https://host:2379,...``) and ``--etcd-ca/--etcd-cert/--etcd-key`` the files a
+node authenticates with (or ``CDPFS_ETCD``, ``CDPFS_ETCD_CA``, ... in the
+environment, as a systemd unit would set them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from cdpfs.errors import ClusterError, first_error
+from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings
+from cdpfs.ha.etcd import Etcd, Tls
+from cdpfs.replication import credentials
+from cdpfs.replication.protocol import parse_address
+from cdpfs.store.lmdb import Store, is_store
+
+
+def etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--etcd", "endpoints", envvar="CDPFS_ETCD", required=True,
+                     metavar="URL,...", help="The etcd members' client URLs."),
+        click.option("--etcd-ca", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     envvar="CDPFS_ETCD_CA", help="The CA that signed etcd's certificates."),
+        click.option("--etcd-cert", type=click.Path(path_type=Path, exists=True,
+                                                    dir_okay=False),
+                     envvar="CDPFS_ETCD_CERT", help="This node's client certificate for etcd."),
+        click.option("--etcd-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     envvar="CDPFS_ETCD_KEY", help="Its key."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _connection(endpoints: str, ca: Path | None, cert: Path | None,
+                key: Path | None) -> tuple[list[str], Tls | None]:
+    urls = [u.strip() for u in endpoints.split(",") if u.strip()]
+    if not urls:
+        raise ClusterError("--etcd: no URL given")
+    if any(not u.startswith(("https://", "http://")) for u in urls):
+        raise ClusterError(f"--etcd {endpoints}: URLs start with https:// (or http://)")
+    given = [x is not None for x in (ca, cert, key)]
+    if any(given) and not all(given):
+        raise ClusterError("--etcd-ca, --etcd-cert and --etcd-key go together")
+    tls = Tls(ca, cert, key) if all(given) else None  # type: ignore[arg-type]
+    if tls is None and any(u.startswith("https://") for u in urls):
+        raise ClusterError("an https:// etcd needs --etcd-ca, --etcd-cert and --etcd-key")
+    return urls, tls
+
+
+def _with_cluster(conn: tuple[list[str], Tls | None], name: str,
+                  fn: Callable[[Cluster], Any]) -> Any:
+    async def run() -> Any:
+        async with Etcd(conn[0], conn[1]) as etcd:
+            return await fn(Cluster(etcd, name))
+
+    try:
+        return trio.run(run)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+@click.group("ha")
+def ha() -> None:
+    """High availability: nodes, the primary role on an etcd lease, failover."""
+
+
+@ha.command("create")
+@click.argument("cluster")
+@click.option("--volume", "store", required=True, type=click.Path(path_type=Path),
+              help="The store holding the volume now (its node becomes the first primary).")
+@click.option("--ttl", default=5, show_default=True, help="Seconds the primary's lease lives.")
+@click.option("--interval", default=1.0, show_default=True,
+              help="Seconds between the primary's checks and renewals.")
+@click.option("--mode", type=click.Choice(MODES), default="sync", show_default=True,
+              help="How the primary ships to the other nodes.")
+@click.option("--max-lag", default=0, show_default=True,
+              help="Records an async replica may lack and still be promoted.")
+@etcd_options
+def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, max_lag: int,
+               endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
+               etcd_key: Path | None) -> None:
+    """Make CLUSTER for the volume in STORE."""
+    if not is_store(store):
+        raise ClusterError(f"{store}: not a cdpfs store")
+    with Store(store, readonly=True) as s:
+        uuid = s.uuid
+    settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag).check()
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    _with_cluster(conn, cluster, lambda c: c.create(settings))
+    click.echo(f"cluster {cluster} made for volume {uuid}: ttl {ttl}s, checks every "
+               f"{interval}s, {mode} replication")
+
+
+@ha.command("join")
+@click.argument("cluster")
+@click.argument("node")
+@click.option("--store", required=True, type=click.Path(path_type=Path),
+              help="The node's store (it may not exist yet on a replica).")
+@click.option("--address", required=True, metavar="HOST:PORT",
+              help="Where the node's replica server listens.")
+@click.option("--mount", "mountpoint", type=click.Path(path_type=Path),
+              help="Where the node mounts the volume while it is primary.")
+@etcd_options
+def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Path | None,
+             endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
+             etcd_key: Path | None) -> None:
+    """Add NODE (this machine's store, address, mount point) to CLUSTER."""
+    parse_address(address)
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    cert_path = credentials.tls_dir(store) / "node.crt"
+    if not cert_path.exists():
+        credentials.keygen(store, node)
+    if is_store(store):
+        with Store(store, readonly=True) as s:
+            uuid = s.uuid
+    else:
+        uuid = None
+    spec = NodeSpec(node, str(store.resolve()), address, cert=cert_path.read_text(),
+                    mount=str(mountpoint.resolve()) if mountpoint else "")
+
+    async def join(c: Cluster) -> None:
+        settings = await c.settings()
+        if uuid is not None and uuid != settings.volume:
+            raise ClusterError(f"{store} holds volume {uuid}, cluster {cluster} volume "
+                               f"{settings.volume}")
+        await c.join(spec)
+
+    _with_cluster(conn, cluster, join)
+    click.echo(f"node {node} joined cluster {cluster}: store {spec.store}, replication on "
+               f"{address}" + (f", mounts on {spec.mount}" if spec.mount else ""))
+
+
+@ha.command("leave")
+@click.argument("cluster")
+@click.argument("node")
+@etcd_options
+def leave_cmd(cluster: str, node: str, endpoints: str, etcd_ca: Path | None,
+              etcd_cert: Path | None, etcd_key: Path | None) -> None:
+    """Take NODE out of CLUSTER (stop its daemon first)."""
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    _with_cluster(conn, cluster, lambda c: c.leave(node))
+    click.echo(f"node {node} left cluster {cluster}")
+
+
+@ha.command("status")
+@click.argument("cluster")
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+@etcd_options
+def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None,
+               etcd_cert: Path | None, etcd_key: Path | None) -> None:
+    """The primary, its epoch, and each node's role, position and last report."""
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+
+    async def read(c: Cluster) -> dict[str, Any]:
+        settings = await c.settings()
+        primary = await c.primary()
+        nodes = await c.nodes()
+        states = await c.states()
+        top = max((s.seq for s in states.values()), default=0)
+        now = time.time()
+        return {
+            "cluster": cluster, "volume": settings.volume, "settings": asdict(settings),
+            "primary": primary.node if primary else None,
+            "epoch": primary.epoch if primary else None,
+            "nodes": {n: {"address": spec.address, "mount": spec.mount,
+                          **({"role": states[n].role, "seq": states[n].seq,
+                              "lag": top - states[n].seq,
+                              "reported_ago": round(now - states[n].time, 1)}
+                             if n in states else {"role": "unknown"})}
+                      for n, spec in sorted(nodes.items())},
+        }
+
+    out = _with_cluster(conn, cluster, read)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"cluster {cluster}, volume {out['volume']}: primary "
+               + (f"{out['primary']} (epoch {out['epoch']})" if out["primary"] else "none"))
+    for n, info in out["nodes"].items():
+        line = f"  {n}: {info['role']}"
+        if "seq" in info:
+            line += (f", at #{info['seq']} (lag {info['lag']} records), "
+                     f"reported {info['reported_ago']}s ago")
+        click.echo(line + f", replication on {info['address']}"
+                   + (f", mount {info['mount']}" if info["mount"] else ""))
+
+
+@ha.command("run")
+@click.argument("cluster")
+@click.argument("node")
+@click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
+@etcd_options
+def run_cmd(cluster: str, node: str, allow_other: bool, endpoints: str,
+            etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
+    """Run NODE's daemon in the foreground: a replica until it wins the primary role,
+    the primary (mounted) while it holds it. SIGTERM hands the role on."""
+    from cdpfs.mount.hanode import run_node
+
+    urls, tls = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    run_node(urls, tls, cluster, node, allow_other=allow_other)
+
+
+COMMANDS = [ha]
