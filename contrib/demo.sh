@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: set up, create a demo volume,
 # mount it, use it like any disk, travel back in time (an @ path, log, diff,
 # bookmark, restore, a snapshot mount), ship it to a local replica and read the
-# replica while it receives, unmount, remount, verify the store.
+# replica while it receives, fail over between two high-availability nodes on
+# a 3-member etcd, unmount, remount, verify the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
@@ -11,7 +12,7 @@ DEMO=${CDPFS_DEMO_DIR:-/var/tmp/cdpfs-demo}
 STORE="$DEMO/store"
 MNT="$DEMO/mnt"
 
-for m in "$MNT" "$DEMO/replica-view" "$DEMO/snap"; do
+for m in "$MNT" "$DEMO/replica-view" "$DEMO/snap" "$DEMO/ha/a.mnt" "$DEMO/ha/b.mnt"; do
   if mountpoint -q "$m" 2>/dev/null; then "$CDPFS" umount "$m"; fi
 done
 rm -rf "$DEMO"
@@ -100,6 +101,42 @@ echo "bookmarks travel too: ls $VIEW/@replicated -> $(ls "$VIEW/@replicated" | t
 "$CDPFS" umount "$MNT"
 "$CDPFS" verify --compare "$STORE" "$REPLICA"
 kill $SERVE; wait $SERVE 2>/dev/null || true
+trap - EXIT
+
+step "high availability: two nodes, a 3-member etcd, the primary killed"
+HA="$DEMO/ha"
+mkdir -p "$HA/a.mnt" "$HA/b.mnt"
+.venv/bin/python bench/etcdcluster.py "$HA/etcd" > "$HA/etcd.env" 2>"$HA/etcd.log" &
+ETCD=$!
+for _ in $(seq 1 300); do grep -q ETCD_KEY "$HA/etcd.env" 2>/dev/null && break; sleep 0.1; done
+# shellcheck disable=SC1091
+. "$HA/etcd.env"
+export CDPFS_ETCD="$ETCD_ENDPOINTS" CDPFS_ETCD_CA="$ETCD_CA" CDPFS_ETCD_CERT="$ETCD_CERT" \
+       CDPFS_ETCD_KEY="$ETCD_KEY"
+"$CDPFS" init "$HA/a.store"
+"$CDPFS" ha create demo --volume "$HA/a.store" --ttl 3 --interval 0.5
+"$CDPFS" ha join demo a --store "$HA/a.store" --address "127.0.0.1:$((PORT + 1))" --mount "$HA/a.mnt"
+"$CDPFS" ha join demo b --store "$HA/b.store" --address "127.0.0.1:$((PORT + 2))" --mount "$HA/b.mnt"
+"$CDPFS" -v ha run demo a 2>"$HA/a.log" &
+NODE_A=$!
+"$CDPFS" -v ha run demo b 2>"$HA/b.log" &
+NODE_B=$!
+trap 'kill $NODE_A $NODE_B 2>/dev/null || true; sleep 1; kill $ETCD 2>/dev/null || true; "$CDPFS" umount "$HA/a.mnt" 2>/dev/null || true; "$CDPFS" umount "$HA/b.mnt" 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do mountpoint -q "$HA/a.mnt" && break; sleep 0.1; done
+for _ in $(seq 1 300); do "$CDPFS" ha status demo | grep -q "b: replica" && break; sleep 0.1; done
+"$CDPFS" ha status demo
+echo "written on a just before it dies" | dd of="$HA/a.mnt/last-words.txt" conv=fsync status=none
+kill -9 $NODE_A; wait $NODE_A 2>/dev/null || true
+"$CDPFS" umount "$HA/a.mnt" 2>/dev/null || true  # the dead daemon's mount
+KILLED=$(date +%s.%N)
+for _ in $(seq 1 300); do mountpoint -q "$HA/b.mnt" && break; sleep 0.05; done
+echo "b took over in $(.venv/bin/python -c "print(round($(date +%s.%N) - $KILLED, 1))") s; on b's mount: $(cat "$HA/b.mnt/last-words.txt")"
+"$CDPFS" -v ha run demo a 2>>"$HA/a.log" &  # the old primary comes back: a replica of b
+NODE_A=$!
+for _ in $(seq 1 300); do "$CDPFS" ha status demo | grep -q "a: replica" && break; sleep 0.1; done
+"$CDPFS" ha status demo
+kill $NODE_A $NODE_B; wait $NODE_A $NODE_B 2>/dev/null || true
+kill $ETCD; wait $ETCD 2>/dev/null || true
 trap - EXIT
 
 step "every write was journaled"
