@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import etcdcluster
+import httpx
 import pytest
 import trio
 
@@ -66,7 +67,8 @@ async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: 
         for n, store in stores.items():
             cert = (credentials.tls_dir(store) / "node.crt").read_text()
             await cluster.join(NodeSpec(n, str(store), f"127.0.0.1:{etcdcluster.free_port()}",
-                                        cert=cert))
+                                        cert=cert,
+                                        health=f"127.0.0.1:{etcdcluster.free_port()}"))
         running: dict[str, tuple[Node, trio.CancelScope]] = {}
         clients = []
         try:
@@ -87,6 +89,14 @@ async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: 
         finally:
             for etcd in clients:
                 await etcd.aclose()
+
+
+async def _health(node: Node, path: str) -> tuple[int, dict]:
+    """GET ``path`` from the node's health endpoint: (status, body)."""
+    assert node.spec is not None
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(f"http://{node.spec.health}{path}", timeout=5)
+    return resp.status_code, resp.json()
 
 
 async def _write(vol: Volume, name: bytes, data: bytes) -> None:
@@ -125,6 +135,12 @@ async def test_a_replica_takes_over_within_the_ttl_when_the_primary_dies(
             await _until("a primary", lambda: a.role == "primary" and b.role == "replica")
             assert a.epoch == 1
             assert a.volume is not None
+            await _until("b's lag known", lambda: b.lag is not None)
+            assert await _health(a, "/primary") == (200, {"role": "primary", "lag": 0})
+            assert (await _health(b, "/primary"))[0] == 503
+            assert (await _health(b, "/replica?lag=0"))[0] == 200
+            assert (await _health(a, "/replica"))[0] == 503
+            assert (await _health(a, "/nothing"))[0] == 404
             data = os.urandom(300_000)
             await _write(a.volume, b"acknowledged", data)  # sync mode: on b when it returns
             crashed = trio.current_time()
@@ -136,6 +152,7 @@ async def test_a_replica_takes_over_within_the_ttl_when_the_primary_dies(
             top, line = _journal(b)
             assert line[-1] == (2, line[-1][1]) and line[-1][1] <= top + 1
             await _write(b.volume, b"after", b"written by the new primary")
+            assert (await _health(b, "/primary"))[0] == 200
 
 
 async def test_a_primary_cut_off_from_etcd_is_fenced_before_another_takes_over(
@@ -155,6 +172,7 @@ async def test_a_primary_cut_off_from_etcd_is_fenced_before_another_takes_over(
             fenced = await _until("a fenced", lambda: not a.fence.is_open())
             with pytest.raises(Fenced):
                 await _write(vol, b"zombie write", b"must be refused")
+            assert (await _health(a, "/primary"))[0] == 503  # a balancer moves away
             promoted = await _until("b primary", lambda: b.role == "primary")
             assert promoted - fenced > 0.2, "the role moved while the old primary could write"
             a.cluster.etcd.endpoints = endpoints  # the partition heals

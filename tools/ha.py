@@ -111,12 +111,16 @@ def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, 
               help="Where the node's replica server listens.")
 @click.option("--mount", "mountpoint", type=click.Path(path_type=Path),
               help="Where the node mounts the volume while it is primary.")
+@click.option("--health", metavar="HOST:PORT",
+              help="Where the node answers GET /primary, /replica?lag=N, /health.")
 @etcd_options
 def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Path | None,
-             endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
+             health: str | None, endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
              etcd_key: Path | None) -> None:
     """Add NODE (this machine's store, address, mount point) to CLUSTER."""
     parse_address(address)
+    if health:
+        parse_address(health)
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     cert_path = credentials.tls_dir(store) / "node.crt"
     if not cert_path.exists():
@@ -127,7 +131,7 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
     else:
         uuid = None
     spec = NodeSpec(node, str(store.resolve()), address, cert=cert_path.read_text(),
-                    mount=str(mountpoint.resolve()) if mountpoint else "")
+                    mount=str(mountpoint.resolve()) if mountpoint else "", health=health or "")
 
     async def join(c: Cluster) -> None:
         settings = await c.settings()

@@ -46,6 +46,7 @@ from ..system import boot_clock
 from ..volume import Mode, Volume
 from .cluster import Cluster, NodeSpec, NodeState, Primary, Settings
 from .fence import Fence
+from .health import serve_health
 from .lease import Lease
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Node:
         self.spec: NodeSpec | None = None
         self.settings: Settings | None = None
         self._stopping = trio.Event()
+        self.lag: int | None = None  # records behind the newest position reported
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -111,18 +113,26 @@ class Node:
         self.spec = await self.cluster.node(self.name)
         nodes = await self.cluster.nodes()
         await trio.to_thread.run_sync(self._trust, nodes)
-        task_status.started(self)
-        while not self._stopping.is_set():
-            won = await self._as_replica()
-            if won is None:
-                return
-            lease, epoch = won
-            try:
-                nodes = await self.cluster.nodes()  # a node may have joined meanwhile
-            except ClusterError as exc:
-                log.warning("node %s: the nodes as they were: %s", self.name, exc)
-            await trio.to_thread.run_sync(self._trust, nodes)
-            await self._as_primary(lease, epoch, nodes)
+        async with trio.open_nursery() as nursery:
+            if self.spec.health:
+                await nursery.start(serve_health, self.spec.health, self.health)
+            task_status.started(self)
+            while not self._stopping.is_set():
+                won = await self._as_replica()
+                if won is None:
+                    break
+                lease, epoch = won
+                try:
+                    nodes = await self.cluster.nodes()  # a node may have joined meanwhile
+                except ClusterError as exc:
+                    log.warning("node %s: the nodes as they were: %s", self.name, exc)
+                await trio.to_thread.run_sync(self._trust, nodes)
+                await self._as_primary(lease, epoch, nodes)
+            nursery.cancel_scope.cancel()
+
+    def health(self) -> tuple[str, int | None, bool]:
+        """What the health endpoint tells: role, lag in records, whether it may write."""
+        return self.role, self.lag, self.fence.is_open()
 
     def _trust(self, nodes: dict[str, NodeSpec]) -> None:
         """Trust the certificate of every other node, as the cluster lists them."""
@@ -229,6 +239,12 @@ class Node:
         pos = self._position()
         seq = pos[0] if pos else 0
         await self.cluster.report(self.name, NodeState(self.role, self.epoch, seq))
+        if self.role == "primary":
+            self.lag = 0
+        else:
+            states = await self.cluster.states()
+            top = max((s.seq for s in states.values()), default=seq)
+            self.lag = max(0, top - seq) if pos else None
 
     # --- primary ------------------------------------------------------------------------
 
