@@ -997,3 +997,30 @@ async def test_an_old_primary_that_wrote_on_is_told_where_history_parted(
             assert f"up to #{own} were written in epoch 0" in str(err)
             assert receiver.counters.records_applied == 0
     assert _tables(a) == before
+
+
+async def test_a_promoted_replica_hands_out_no_inode_or_pack_that_is_taken(
+        tmp_path: Path) -> None:
+    """A replica receives inodes and packs without the primary's counters; made the
+    primary, its new files must neither reuse an inode number nor overwrite a pack
+    holding small writes of the files it received."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    _make(a)
+    small = {b"s%d" % i: b"small write %d" % i for i in range(20)}  # kept in packs
+    shipped = await _write(a, small)
+    with trio.fail_after(20):
+        async with _linked(r) as (links, _):
+            await _ship(a, links.connect(NAME))
+    _promote(r, 1)
+    await _write(r, {b"new%d" % i: b"written after the failover %d" % i for i in range(20)})
+    assert _tree_at(r, shipped) == _tree_at(a, shipped)
+    async with served(r) as vol:
+        fs = vol.fs
+        assert fs is not None
+        for name, data in small.items():
+            entry = await vol.call(fs.lookup, 1, name)
+            fh = await vol.call(fs.open, entry.ino, os.O_RDONLY)
+            assert await vol.read(fh, 0, 1000) == data
+            await vol.call(fs.release, fh)
+        inos = {(await vol.call(fs.lookup, 1, n)).ino for n in [*small, b"new0", b"new19"]}
+    assert len(inos) == len(small) + 2

@@ -135,6 +135,29 @@ def test_a_sigterm_hands_the_role_on_at_once(nodes: Nodes) -> None:
     assert took < 2, f"a planned stop still waited for the lease: {took:.1f} s"
 
 
+def test_a_switchover_moves_the_role_and_back_with_nothing_lost(nodes: Nodes) -> None:
+    nodes.start("a")
+    nodes.start("b")
+    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
+    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    (nodes.mnt("a") / "from-a.txt").write_text("written on a, never fsynced")
+    out = cdpfs("ha", "switchover", nodes.cluster, "b", env=nodes.env).stdout
+    assert "node b is the primary" in out
+    wait_until(lambda: _mounted(nodes.mnt("b")), what="b's mount")
+    assert not _mounted(nodes.mnt("a"))
+    assert (nodes.mnt("b") / "from-a.txt").read_text() == "written on a, never fsynced"
+    (nodes.mnt("b") / "from-b.txt").write_text("written on b")
+    wait_until(lambda: nodes.status()["nodes"]["a"]["role"] == "replica", what="a a replica")
+    cdpfs("ha", "switchover", nodes.cluster, "a", env=nodes.env)
+    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount again")
+    assert (nodes.mnt("a") / "from-b.txt").read_text() == "written on b"
+    assert (nodes.mnt("a") / "from-a.txt").read_text() == "written on a, never fsynced"
+    status = nodes.status()
+    assert status["primary"] == "a" and status["epoch"] == 3
+    proc = cdpfs("ha", "promote", nodes.cluster, "a", check=False, env=nodes.env)
+    assert proc.returncode == 1 and "primary already" in proc.stderr
+
+
 def test_bad_input_is_one_line(nodes: Nodes, tmp_path: Path) -> None:
     env = nodes.env
     cases = [
@@ -144,6 +167,9 @@ def test_bad_input_is_one_line(nodes: Nodes, tmp_path: Path) -> None:
         ["ha", "join", nodes.cluster, "c", "--store", tmp_path / "c", "--address", "nowhere"],
         ["ha", "create", "bad/name", "--volume", nodes.store("a")],
         ["ha", "status", nodes.cluster, "--etcd", "https://127.0.0.1:1"],
+        ["ha", "switchover", nodes.cluster, "nobody"],
+        ["ha", "switchover", nodes.cluster, "b"],  # its daemon is not running
+        ["ha", "promote", nodes.cluster, "b", "--force"],
     ]
     for args in cases:
         proc = cdpfs(*args, check=False, env=env, timeout=60)

@@ -200,6 +200,68 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
                    + (f", mount {info['mount']}" if info["mount"] else ""))
 
 
+async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> float:
+    """Ask for the role to go to ``node``; seconds until it holds it."""
+    nodes = await c.nodes()
+    if node not in nodes:
+        raise ClusterError(f"cluster {c.name} has no node {node!r} (nodes: "
+                           f"{', '.join(sorted(nodes)) or 'none'})")
+    primary = await c.primary()
+    if primary is not None and primary.node == node:
+        raise ClusterError(f"node {node} is the primary already (epoch {primary.epoch})")
+    states = await c.states()
+    state = states.get(node)
+    if state is None or state.role != "replica":
+        raise ClusterError(f"node {node} is not running as a replica "
+                           f"({state.role if state else 'no report'}): start its daemon")
+    top = max(s.seq for s in states.values())
+    if state.seq < top and not force:
+        raise ClusterError(f"node {node} is {top - state.seq} records behind: wait until it "
+                           "has caught up, or promote it with --force (losing those records)")
+    started = time.monotonic()
+    await c.ask(node, force)
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                holder = await c.primary()
+                if holder is not None and holder.node == node:
+                    return time.monotonic() - started
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        await c.clear_request()
+        raise ClusterError(f"node {node} did not take the role within {timeout:.0f} s "
+                           "(the request is withdrawn)") from None
+
+
+@ha.command("switchover")
+@click.argument("cluster")
+@click.argument("node")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+@etcd_options
+def switchover_cmd(cluster: str, node: str, timeout: float, endpoints: str,
+                   etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
+    """Hand the primary role to NODE, a caught-up replica: the primary drains (every
+    change committed and on the sync replicas), unmounts and gives the role up."""
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, False, timeout))
+    click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
+
+
+@ha.command("promote")
+@click.argument("cluster")
+@click.argument("node")
+@click.option("--force", is_flag=True,
+              help="Even if NODE lags: the records it lacks are not on the new primary.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+@etcd_options
+def promote_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints: str,
+                etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
+    """Make NODE the primary (as switchover; --force also when it lags)."""
+    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
+    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, force, timeout))
+    click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
+
+
 @ha.command("run")
 @click.argument("cluster")
 @click.argument("node")

@@ -10,7 +10,11 @@ Keys, under ``/cdpfs/clusters/<name>/``:
 - ``primary``: ``{node, epoch}``, attached to the primary's lease: it disappears
   when etcd lets the lease go, and only then may another node take it;
 - ``epoch``: the newest epoch given out (grown by compare-and-set);
-- ``state/<node>``: what each node last reported (role, epoch, newest seq, time).
+- ``state/<node>``: what each node last reported (role, epoch, newest seq, time);
+- ``request``: ``{node, force, time}``, a hand-over asked for by ``ha switchover``
+  or ``ha promote``: the primary drains and gives the role up, only that node
+  campaigns (``force``: even if it lags), and it removes the request once it
+  holds the role. A request older than ``REQUEST_TTL`` is ignored.
 
 Values are JSON. Nothing here decides anything: ``ha.node`` does.
 """
@@ -27,6 +31,7 @@ from ..errors import ClusterError
 from .etcd import KV, Etcd
 
 ROOT = "/cdpfs/clusters/"
+REQUEST_TTL = 30.0  # seconds a hand-over request stands
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MODES = ("sync", "async")
 
@@ -158,6 +163,25 @@ class Cluster:
             epoch = max(current, floor) + 1
             if await self.etcd.swap(self.key("epoch"), str(epoch).encode(), mod_revision=rev):
                 return epoch
+
+    # --- hand-over requests ---------------------------------------------------------------
+
+    async def request(self) -> dict[str, Any] | None:
+        """The standing hand-over request, if any (one older than REQUEST_TTL is none)."""
+        got = await self._json(self.key("request"))
+        if got is None:
+            return None
+        value = got[0]
+        if time.time() - float(value.get("time", 0)) > REQUEST_TTL:
+            return None
+        return value
+
+    async def ask(self, node: str, force: bool = False) -> None:
+        await self.etcd.put(self.key("request"), json.dumps(
+            {"node": node, "force": force, "time": time.time()}).encode())
+
+    async def clear_request(self) -> None:
+        await self.etcd.delete(self.key("request"))
 
     # --- what nodes report --------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class Node:
         self.settings: Settings | None = None
         self._stopping = trio.Event()
         self.lag: int | None = None  # records behind the newest position reported
+        self._handing_over = False  # a switchover asked this primary to give the role up
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -181,6 +182,12 @@ class Node:
         if pos is None:
             return None
         seq, seen = pos
+        request = await self.cluster.request()
+        if request is not None:
+            if request["node"] != self.name:
+                return None  # the role is being handed to another node
+            if request.get("force"):
+                return seen  # promoted by hand, lag or not
         states = await self.cluster.states()
         for name, state in states.items():
             if name == self.name:
@@ -210,6 +217,9 @@ class Node:
                     epoch = await self.cluster.next_epoch(seen)
                     body = json.dumps({"node": self.name, "epoch": epoch}).encode()
                     if await lease.claim(self.cluster.key("primary"), body) is None:
+                        request = await self.cluster.request()
+                        if request is not None and request["node"] == self.name:
+                            await self.cluster.clear_request()
                         return lease, epoch
                     await lease.release()
             except ClusterError as exc:
@@ -283,8 +293,9 @@ class Node:
                 nursery.start_soon(self._report_loop)
                 if self.serve is not None:
                     nursery.start_soon(self.serve, volume)
+                self._handing_over = False
                 await self._hold(lease, volume)
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._handing_over:
                     await self._drain(volume)
                 else:
                     self.fence.shut("this node lost the primary role's lease")
@@ -297,7 +308,7 @@ class Node:
         finally:
             self.volume = None
         await trio.to_thread.run_sync(self._demote)
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._handing_over:
             try:
                 await lease.release()  # committed, unmounted: the role goes at once
                 log.info("node %s: the primary role is handed on", self.name)
@@ -359,4 +370,12 @@ class Node:
                 log.warning("node %s: renewal failed: %s", self.name, exc)
                 continue
             self.fence.open_until(lease.valid_until)
+            try:
+                request = await self.cluster.request()
+            except ClusterError:
+                continue
+            if request is not None and request["node"] != self.name:
+                log.info("node %s: asked to hand the role to %s", self.name, request["node"])
+                self._handing_over = True
+                return
 
