@@ -62,6 +62,14 @@ class Nodes:
         self.procs.all.append(proc)
         self.daemons[n] = proc
 
+    def start_primary_and_replica(self) -> None:
+        """Start a and b; return once a is mounted (the primary) and b a replica."""
+        self.start("a")
+        self.start("b")
+        wait_until(lambda: _mounted(self.mnt("a")), what="a's mount")
+        wait_until(lambda: self.status()["nodes"]["b"]["role"] == "replica",
+                   what="b a replica")
+
     def status(self) -> dict:
         return json.loads(cdpfs("ha", "status", self.cluster, "--json", env=self.env).stdout)
 
@@ -89,10 +97,7 @@ def _mounted(mnt: Path) -> bool:
 
 
 def test_the_replica_mounts_the_volume_when_the_primary_is_killed(nodes: Nodes) -> None:
-    nodes.start("a")
-    nodes.start("b")
-    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
-    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    nodes.start_primary_and_replica()
     data = os.urandom(200_000)
     path = nodes.mnt("a") / "acknowledged.bin"
     with open(path, "wb") as f:
@@ -120,10 +125,7 @@ def test_the_replica_mounts_the_volume_when_the_primary_is_killed(nodes: Nodes) 
 
 
 def test_a_sigterm_hands_the_role_on_at_once(nodes: Nodes) -> None:
-    nodes.start("a")
-    nodes.start("b")
-    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
-    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    nodes.start_primary_and_replica()
     (nodes.mnt("a") / "f").write_text("before the handover")
     stopped = time.monotonic()
     nodes.daemons["a"].send_signal(signal.SIGTERM)
@@ -136,10 +138,7 @@ def test_a_sigterm_hands_the_role_on_at_once(nodes: Nodes) -> None:
 
 
 def test_a_switchover_moves_the_role_and_back_with_nothing_lost(nodes: Nodes) -> None:
-    nodes.start("a")
-    nodes.start("b")
-    wait_until(lambda: _mounted(nodes.mnt("a")), what="a's mount")
-    wait_until(lambda: nodes.status()["nodes"]["b"]["role"] == "replica", what="b a replica")
+    nodes.start_primary_and_replica()
     (nodes.mnt("a") / "from-a.txt").write_text("written on a, never fsynced")
     out = cdpfs("ha", "switchover", nodes.cluster, "b", env=nodes.env).stdout
     assert "node b is the primary" in out
