@@ -11,10 +11,12 @@ gets one line. Every mount is unmounted and every process killed afterwards.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +124,51 @@ def test_the_replica_mounts_the_volume_when_the_primary_is_killed(nodes: Nodes) 
     wait_until(lambda: nodes.status()["nodes"]["a"]["role"] == "replica", what="a rejoined")
     wait_until(lambda: nodes.status()["nodes"]["a"]["lag"] == 0, what="a caught up")
     assert not _mounted(nodes.mnt("a"))
+
+
+def test_a_primary_paused_past_its_lease_acknowledges_nothing_on_waking(nodes: Nodes) -> None:
+    """SIGSTOP of the primary's daemon for twice the TTL: b takes over meanwhile; a
+    write+fsync an application started on a's mount before the pause never succeeds
+    (a checks its deadline on waking, before it acknowledges anything); a then gives
+    up its mount and rejoins as a replica of b without the write."""
+    nodes.start_primary_and_replica()
+    with open(nodes.mnt("a") / "before.txt", "w") as f:
+        f.write("before the pause")
+        f.flush()
+        os.fsync(f.fileno())
+    result: list[object] = []
+
+    def zombie_write() -> None:
+        try:
+            fd = os.open(nodes.mnt("a") / "zombie.txt", os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                os.write(fd, b"written by a paused primary")
+                os.fsync(fd)
+                result.append("acknowledged")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            result.append(exc.errno)
+
+    daemon = nodes.daemons["a"]
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        writer = threading.Thread(target=zombie_write, daemon=True)
+        writer.start()
+        wait_until(lambda: _mounted(nodes.mnt("b")), timeout=30, what="b's mount")
+        assert (nodes.mnt("b") / "before.txt").read_text() == "before the pause"
+        (nodes.mnt("b") / "after.txt").write_text("written on b")
+        time.sleep(2)  # paused for about twice the TTL in all
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    writer.join(timeout=30)
+    # refused by the fence, before anything changed: not a write lost later at unmount
+    assert result == [errno.EROFS], f"the paused primary answered {result}"
+    wait_until(lambda: nodes.status()["nodes"]["a"]["role"] == "replica", timeout=30,
+               what="a a replica")
+    wait_until(lambda: not _mounted(nodes.mnt("a")), what="a's mount gone")
+    assert not (nodes.mnt("b") / "zombie.txt").exists()
+    wait_until(lambda: nodes.status()["nodes"]["a"]["lag"] == 0, what="a caught up")
 
 
 def test_a_sigterm_hands_the_role_on_at_once(nodes: Nodes) -> None:
