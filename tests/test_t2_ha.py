@@ -53,6 +53,7 @@ async def _until(what: str, cond: Callable[[], bool], timeout: float = 30) -> fl
 @asynccontextmanager
 async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: str,
                    nodes: tuple[str, ...] = ("a", "b"), mode: str = "sync",
+                   checks: tuple[str, ...] = (),
                    ) -> AsyncIterator[dict[str, tuple[Node, trio.CancelScope]]]:
     """A cluster ``name`` whose first node holds the volume; every node's daemon
     running (each in a cancel scope of its own: cancelling one is its crash)."""
@@ -63,7 +64,7 @@ async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: 
     async with Etcd(etcd_cluster.endpoints, etcd_cluster.client) as admin:
         cluster = Cluster(admin, name)
         await cluster.create(Settings(_uuid(stores[nodes[0]]), ttl=TTL, interval=INTERVAL,
-                                      mode=mode))
+                                      mode=mode, checks=list(checks), check_timeout=1.0))
         for n, store in stores.items():
             cert = (credentials.tls_dir(store) / "node.crt").read_text()
             await cluster.join(NodeSpec(n, str(store), f"127.0.0.1:{etcdcluster.free_port()}",
@@ -185,3 +186,25 @@ async def test_a_primary_cut_off_from_etcd_is_fenced_before_another_takes_over(
             assert _journal(a)[1] == line_b
             assert a.volume.receiver is not None
             assert a.volume.receiver.counters.records_applied == top_b - line_b[-1][1] + 1
+
+
+async def test_a_failing_application_check_moves_the_role(
+        tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster) -> None:
+    """The primary renews only while the application's check passes: when it fails
+    on a (here a file the check looks for, per node), b takes over."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    check = f'test ! -e {flags}/broken-"$CDPFS_NODE"'
+    with trio.fail_after(60):
+        async with _cluster(tmp_path, etcd_cluster, "appcheck", checks=(check,)) as nodes:
+            (a, _), (b, _) = nodes["a"], nodes["b"]
+            await _until("a primary", lambda: a.role == "primary" and b.role == "replica")
+            assert a.volume is not None
+            await _write(a.volume, b"f", b"before the application failed")
+            (flags / "broken-a").touch()
+            await _until("b primary", lambda: b.role == "primary")
+            assert b.volume is not None
+            assert await _read(b.volume, b"f") == b"before the application failed"
+            await _until("a a replica", lambda: a.role == "replica")
+            await trio.sleep(TTL * 1.5)  # b's own check passes: it keeps the role
+            assert b.role == "primary" and a.role == "replica"

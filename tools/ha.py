@@ -86,16 +86,22 @@ def ha() -> None:
               help="How the primary ships to the other nodes.")
 @click.option("--max-lag", default=0, show_default=True,
               help="Records an async replica may lack and still be promoted.")
+@click.option("--check", "checks", multiple=True, metavar="COMMAND",
+              help="An application check the primary runs before each renewal (a shell "
+                   "command that must exit 0; repeat for more). A failing one fails over.")
+@click.option("--check-timeout", default=2.0, show_default=True,
+              help="Seconds each check may take.")
 @etcd_options
 def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, max_lag: int,
-               endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
-               etcd_key: Path | None) -> None:
+               checks: tuple[str, ...], check_timeout: float, endpoints: str,
+               etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Make CLUSTER for the volume in STORE."""
     if not is_store(store):
         raise ClusterError(f"{store}: not a cdpfs store")
     with Store(store, readonly=True) as s:
         uuid = s.uuid
-    settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag).check()
+    settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag,
+                        checks=list(checks), check_timeout=check_timeout).check()
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     _with_cluster(conn, cluster, lambda c: c.create(settings))
     click.echo(f"cluster {cluster} made for volume {uuid}: ttl {ttl}s, checks every "

@@ -3,7 +3,8 @@
 Keys, under ``/cdpfs/clusters/<name>/``:
 
 - ``settings``: the volume (its uuid), the lease TTL, the check interval, the
-  replication mode of replicas, the lag a replica may have and still be promoted;
+  replication mode of replicas, the lag a replica may have and still be
+  promoted, the application checks (commands) and their timeout;
 - ``nodes/<node>``: each node's store, replication address, mount point and TLS
   certificate (etcd is reached over mutual TLS, so a certificate read here is as
   trusted as the cluster: nodes trust each other's from here);
@@ -49,6 +50,8 @@ class Settings:
     interval: float = 1.0  # seconds between the primary's checks and renewals
     mode: str = "sync"  # how the primary ships to the other nodes
     max_lag: int = 0  # records a replica may lack and still be promoted (async mode)
+    checks: list[str] = field(default_factory=list)  # application checks (shell commands)
+    check_timeout: float = 2.0  # seconds each check may take
 
     def check(self) -> Settings:
         if self.mode not in MODES:
@@ -59,6 +62,8 @@ class Settings:
             raise ClusterError(f"interval {self.interval}: from 0.05 s to half the ttl")
         if self.max_lag < 0:
             raise ClusterError("max_lag: not negative")
+        if not 0.1 <= self.check_timeout <= self.ttl / 2:
+            raise ClusterError(f"check timeout {self.check_timeout}: from 0.1 s to half the ttl")
         return self
 
 

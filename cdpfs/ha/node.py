@@ -12,15 +12,17 @@ The winner, as **primary**, makes its store the live one of the new epoch
 (``epochs.begin``: no record of this epoch can be mistaken for one of another),
 registers the other nodes as its replicas, serves the volume live with a
 ``Fence`` open until the lease's deadline, and then, every ``interval``, checks
-that the store commits and that the front end's own check passes, and only then
-renews the lease and moves the fence's deadline on. A check that fails, a
-renewal that does not reach etcd, or a pause longer than the deadline leaves the
-lease to run out: the fence shuts first (the deadline is earlier than etcd's
-expiry) and the volume goes on serving reads, refusing every change, until etcd
-answers again and shows the role taken by another node or free; then the volume
-stops, the store is marked a replica again and the node goes back to waiting.
-A node that finds the key gone never waits for an old lease: etcd removed the
-key only once that lease had expired, and its holder's fence had shut before.
+that the store commits, that the front end's own check passes and that every
+application check of the cluster's settings (a command: ``pg_isready``, a TCP
+connect, a file read) exits 0 in time, and only then renews the lease and moves
+the fence's deadline on. A check that fails, a renewal that does not reach etcd,
+or a pause longer than the deadline leaves the lease to run out: the fence shuts
+first (the deadline is earlier than etcd's expiry) and the volume goes on
+serving reads, refusing every change, until etcd answers again and shows the
+role taken by another node or free; then the volume stops, the store is marked a
+replica again and the node goes back to waiting. A node that finds the key gone
+never waits for an old lease: etcd removed the key only once that lease had
+expired, and its holder's fence had shut before.
 
 The front end (FUSE) takes part through ``serve``: called with the live volume
 when the node becomes primary, it mounts it and runs until cancelled.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -329,6 +332,31 @@ class Node:
                 await volume.fanout.synced(seq)
         self.fence.shut("this node is handing the primary role on")
 
+    async def _app_checks(self) -> bool:
+        """The cluster's application checks: each command must exit 0 in time. They
+        run with CDPFS_CLUSTER, CDPFS_NODE, CDPFS_STORE and CDPFS_MOUNT set."""
+        assert self.settings is not None and self.spec is not None
+        env = {**os.environ, "CDPFS_CLUSTER": self.cluster.name, "CDPFS_NODE": self.name,
+               "CDPFS_STORE": self.spec.store, "CDPFS_MOUNT": self.spec.mount}
+        for command in self.settings.checks:
+            try:
+                with trio.fail_after(self.settings.check_timeout):
+                    proc = await trio.run_process(command, shell=True, check=False, env=env,
+                                                  capture_stdout=True, capture_stderr=True)
+            except trio.TooSlowError:
+                log.warning("node %s: check %r took over %.1f s", self.name, command,
+                            self.settings.check_timeout)
+                return False
+            except OSError as exc:
+                log.warning("node %s: check %r: %s", self.name, command, exc)
+                return False
+            if proc.returncode != 0:
+                said = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+                log.warning("node %s: check %r failed (%d)%s", self.name, command,
+                            proc.returncode, f": {said.splitlines()[0]}" if said else "")
+                return False
+        return True
+
     async def _until_replaced(self) -> None:
         """Return once etcd can be asked again and the role is another node's or free:
         until then the fenced volume goes on serving reads."""
@@ -357,7 +385,8 @@ class Node:
             healthy = False
             with trio.move_on_after(max(0.05, lease.left())):
                 await volume.call(fs.sync, durable=True)  # the store commits
-                healthy = self.check is None or await self.check()
+                healthy = ((self.check is None or await self.check())
+                           and await self._app_checks())
             if not healthy:
                 log.warning("node %s: a check failed: the lease is left to run out", self.name)
                 continue
