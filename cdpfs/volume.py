@@ -91,7 +91,8 @@ class Volume:
                  owner: str = "mount",
                  listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
                  connector: Connector = tls_connector,
-                 clock: Callable[[], int] | None = None, fence: Fence | None = None) -> None:
+                 clock: Callable[[], int] | None = None, fence: Fence | None = None,
+                 failback: bool = False) -> None:
         if (mode is Mode.SNAPSHOT) != (at is not None):
             raise ValueError("a snapshot volume, and only one, needs a moment")
         if mode is Mode.REPLICA and (listen is None or server_ctx is None):
@@ -107,6 +108,7 @@ class Volume:
         self.connector = connector
         self.clock = clock
         self.fence = fence  # high availability: changes only while the role's lease holds
+        self.failback = failback  # a replica keeps, then takes out, what a parted history wrote
         self.counters = Counters()
         self.store: Store | None = None
         self.fs: TimeFS | None = None
@@ -135,7 +137,8 @@ class Volume:
 
     async def _open(self) -> None:
         if self.mode is Mode.REPLICA:
-            self.receiver = await trio.to_thread.run_sync(Receiver, self.path, self.counters)
+            self.receiver = await trio.to_thread.run_sync(
+                lambda: Receiver(self.path, self.counters, failback=self.failback))
             self.store = self.receiver.store
             return
         self.store = store = await trio.to_thread.run_sync(Store, self.path)

@@ -138,9 +138,9 @@ def _tree_at(path: Path, seq: int) -> tuple[str, int]:
 
 
 @asynccontextmanager
-async def _linked(replica: Path) -> AsyncIterator[tuple[MemoryLinks, Receiver]]:
+async def _linked(replica: Path, **options: Any) -> AsyncIterator[tuple[MemoryLinks, Receiver]]:
     """A receiver for ``replica`` served over in-memory links (closed afterwards)."""
-    receiver = Receiver(replica)
+    receiver = Receiver(replica, **options)
     try:
         async with trio.open_nursery() as nursery:
             links = MemoryLinks(nursery)
@@ -1024,3 +1024,36 @@ async def test_a_promoted_replica_hands_out_no_inode_or_pack_that_is_taken(
             await vol.call(fs.release, fh)
         inos = {(await vol.call(fs.lookup, 1, n)).ino for n in [*small, b"new0", b"new19"]}
     assert len(inos) == len(small) + 2
+
+
+async def test_failback_keeps_what_the_old_primary_wrote_and_resumes_at_the_fork(
+        tmp_path: Path) -> None:
+    """With failback (a node of a cluster rejoining), the old primary's records after
+    the fork go to a copy of its store, kept and named, and are taken out of the
+    store; the new primary then ships only what came after the fork: no resync."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    _make(a)
+    shipped = await _write(a, {b"f": os.urandom(40_000)})
+    with trio.fail_after(20):
+        async with _linked(r) as (links, _):
+            await _ship(a, links.connect(NAME))
+    _promote(r, 1)
+    top_r = await _write(r, {b"g": b"epoch 1" * 100})
+    own = await _write(a, {b"zombie": b"written by the old primary" * 100})
+    assert own > shipped
+    own_tree = _tree_at(a, own)
+    _as_replica(a)
+    with trio.fail_after(20):
+        async with _linked(a, failback=True) as (links, receiver):
+            await _ship(r, links.connect(NAME))
+            # only the records after the fork were shipped: no full resync
+            assert receiver.counters.records_applied == top_r - shipped
+            [kept] = receiver.diverged
+    assert _tree_at(a, top_r) == _tree_at(r, top_r)  # a holds r's history exactly
+    assert kept.name.startswith("a.diverged-0-")
+    assert _tree_at(kept, own) == own_tree  # nothing a wrote is lost
+    with Store(kept) as store, store.txn() as txn:
+        assert bookmarks.get(txn, store.db, "diverged").seq == own
+    with Store(a) as store, store.txn() as txn:
+        assert bookmarks.get(txn, store.db, "diverged") is None
+        assert epochs.lineage(store, txn) == [(0, 1), (1, shipped + 1)]

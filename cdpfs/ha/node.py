@@ -155,7 +155,8 @@ class Node:
         assert self.spec is not None
         ctx = await trio.to_thread.run_sync(credentials.server_context, self.store_path)
         volume = Volume(self.store_path, Mode.REPLICA, listen=self.spec.address,
-                        server_ctx=ctx, connector=self.connector, owner="ha replica")
+                        server_ctx=ctx, connector=self.connector, owner="ha replica",
+                        failback=True)
         async with trio.open_nursery() as nursery:
             self.volume = await nursery.start(volume.run)
             self.epoch = 0

@@ -34,6 +34,7 @@ import trio
 from ..counters import Counters
 from ..errors import CdpfsError, Corrupt, first_error, root_cause
 from ..history import bookmarks
+from ..history.diverged import keep_and_truncate
 from ..store import codec, epochs, journal
 from ..store.lmdb import Store, is_store
 from ..store.schema import U64
@@ -136,8 +137,11 @@ class Receiver:
         on_applied: called (trio thread) after each commit of received records.
     """
 
-    def __init__(self, path: Path, counters: Counters | None = None) -> None:
+    def __init__(self, path: Path, counters: Counters | None = None, *,
+                 failback: bool = False) -> None:
         self.path = Path(path)
+        self.failback = failback  # keep and take out records a parted history wrote
+        self.diverged: list[Path] = []  # the copies made of them
         self.counters = counters or Counters()
         self.store_ready = trio.Event()
         self.on_applied: Callable[[], None] | None = None
@@ -173,25 +177,31 @@ class Receiver:
         self._follow(self.store, [(int(e), int(s)) for e, s in hello.get("epochs") or [[0, 1]]])
         return self.store
 
-    @staticmethod
-    def _follow(store: Store, line: epochs.Lineage) -> None:
+    def _follow(self, store: Store, line: epochs.Lineage) -> None:
         """Take the primary's lineage, unless it is of an older epoch than one this
         store has seen (a primary that lost its role) or says this store's newest
-        record was written in another epoch than the one this store wrote it in."""
+        record was written in another epoch than the one this store wrote it in:
+        then the histories parted, and unless ``failback`` allows it (a node of a
+        cluster rejoining), the primary is refused. With it, what this store wrote
+        after the fork is kept in a copy and taken out (``history.diverged``), and
+        the primary resumes after the fork."""
         if not epochs.valid(line):
             raise wire.WireError("HELLO with a lineage whose epochs do not rise")
-        with store.txn(write=True) as txn:
+        with store.txn() as txn:
             stale = _stale(line, epochs.seen(store, txn))
-            if stale:
-                raise CdpfsError(stale)
             mine = epochs.lineage(store, txn)
             top = journal.last(txn, store.db)[0]
-            if top and epochs.epoch_of(mine, top) != epochs.epoch_of(line, top):
-                shared = epochs.fork(mine, line, top)
+        if stale:
+            raise CdpfsError(stale)
+        if top and epochs.epoch_of(mine, top) != epochs.epoch_of(line, top):
+            shared = epochs.fork(mine, line, top)
+            if not self.failback:
                 raise CdpfsError(f"history parted after #{shared}: this replica's records "
                                  f"up to #{top} were written in epoch "
                                  f"{epochs.epoch_of(mine, top)}, the primary's in epoch "
                                  f"{epochs.epoch_of(line, top)}")
+            self.diverged.append(keep_and_truncate(store, shared)[0])
+        with store.txn(write=True) as txn:
             epochs.follow(store, txn, line)
 
     def _stale(self, hello: dict[str, Any]) -> str:
