@@ -15,6 +15,7 @@ shell assignments, then waits until SIGTERM/SIGINT (the README's demo uses it):
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -37,6 +38,14 @@ from harness import HarnessError, free_port, stop_process
 from cdpfs.ha.etcd import Tls
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started it ends, so a
+    test run that is killed leaves no etcd behind (Linux's PR_SET_PDEATHSIG; start
+    members from the main thread, not from a worker thread that may end first)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def available() -> bool:
@@ -161,7 +170,7 @@ class EtcdCluster:
         m = self.members[i]
         with open(m.log, "ab") as out:
             m.proc = subprocess.Popen(self._args(m), stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         if wait:
             self.wait_healthy(i)
 
