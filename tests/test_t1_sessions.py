@@ -975,19 +975,27 @@ async def test_a_primary_of_an_older_epoch_is_refused_and_changes_nothing(
     assert _tables(s) == before
 
 
-async def test_an_old_primary_that_wrote_on_is_told_where_history_parted(
-        tmp_path: Path) -> None:
-    """A wrote after R was promoted: shipping from R to A is refused with the fork
-    point, and A keeps every record it wrote (failback keeps them, never drops them)."""
-    a, r = tmp_path / "a", tmp_path / "r"
+async def _parted(a: Path, r: Path) -> tuple[int, int, int]:
+    """A ships to R; R is promoted (epoch 1) and writes; A, not knowing, writes on and
+    is then made a replica: (seq shipped, R's newest seq, A's newest seq)."""
     _make(a)
     shipped = await _write(a, {b"f": os.urandom(40_000)})
     with trio.fail_after(20):
         async with _linked(r) as (links, _):
             await _ship(a, links.connect(NAME))
     _promote(r, 1)
-    await _write(r, {b"g": b"epoch 1" * 100})
+    top_r = await _write(r, {b"g": b"epoch 1" * 100})
     own = await _write(a, {b"zombie": b"written by the old primary" * 100})
+    assert own > shipped
+    return shipped, top_r, own
+
+
+async def test_an_old_primary_that_wrote_on_is_told_where_history_parted(
+        tmp_path: Path) -> None:
+    """A wrote after R was promoted: shipping from R to A is refused with the fork
+    point, and A keeps every record it wrote (failback keeps them, never drops them)."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    shipped, _, own = await _parted(a, r)
     _as_replica(a)
     before = _tables(a)
     with trio.fail_after(20):
@@ -1032,15 +1040,7 @@ async def test_failback_keeps_what_the_old_primary_wrote_and_resumes_at_the_fork
     the fork go to a copy of its store, kept and named, and are taken out of the
     store; the new primary then ships only what came after the fork: no resync."""
     a, r = tmp_path / "a", tmp_path / "r"
-    _make(a)
-    shipped = await _write(a, {b"f": os.urandom(40_000)})
-    with trio.fail_after(20):
-        async with _linked(r) as (links, _):
-            await _ship(a, links.connect(NAME))
-    _promote(r, 1)
-    top_r = await _write(r, {b"g": b"epoch 1" * 100})
-    own = await _write(a, {b"zombie": b"written by the old primary" * 100})
-    assert own > shipped
+    shipped, top_r, own = await _parted(a, r)
     own_tree = _tree_at(a, own)
     _as_replica(a)
     with trio.fail_after(20):
