@@ -137,6 +137,12 @@ def pair_stores(upstream: Path, downstream: Path, down: str = "r1",
     cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values`` by nearest rank."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+
+
 def wait_until(cond: Callable[[], object], timeout: float = 30.0,
                what: str = "condition") -> None:
     deadline = time.monotonic() + timeout

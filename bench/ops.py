@@ -34,15 +34,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from harness import percentile
 from run import Backend, Cdpfs, MemFs, PassthroughFs, cpu_seconds, git_version
 
 log = logging.getLogger("bench.ops")
 KINDS = ("create", "mkdir", "stat", "read", "randwrite")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Result:

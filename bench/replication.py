@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import Proxy
+from harness import Proxy, percentile
 from history import Volume, cli
 from run import (
     MB,
@@ -321,12 +321,6 @@ class LagSampler:
         self._stop.set()
         self._thread.join(5)
         self.replica.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by nearest rank."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
 
 
 # --- writers -----------------------------------------------------------------------------

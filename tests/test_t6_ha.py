@@ -12,10 +12,8 @@ gets one line. Every mount is unmounted and every process killed afterwards.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,65 +21,11 @@ from pathlib import Path
 
 import etcdcluster
 import pytest
-from harness import CLI, Procs, can_mount, cdpfs, force_unmount, wait_until
+from hacluster import HaNodes as Nodes
+from hacluster import mounted as _mounted
+from harness import Procs, can_mount, cdpfs, force_unmount, wait_until
 
 pytestmark = pytest.mark.skipif(not can_mount(), reason="needs /dev/fuse and CAP_SYS_ADMIN")
-
-
-class Nodes:
-    """A cluster of nodes a, b, ... with their stores, mounts and daemons."""
-
-    def __init__(self, base: Path, etcd: etcdcluster.EtcdCluster, procs: Procs,
-                 names: tuple[str, ...] = ("a", "b"), ttl: int = 2) -> None:
-        self.base, self.procs, self.names = base, procs, names
-        self.env = {**os.environ, "CDPFS_ETCD": ",".join(etcd.endpoints),
-                    "CDPFS_ETCD_CA": str(etcd.client.ca),
-                    "CDPFS_ETCD_CERT": str(etcd.client.cert),
-                    "CDPFS_ETCD_KEY": str(etcd.client.key)}
-        self.cluster = base.name.replace("_", "-")[-60:]
-        self.daemons: dict[str, subprocess.Popen[bytes]] = {}
-        first = self.store(names[0])
-        cdpfs("init", first)
-        cdpfs("ha", "create", self.cluster, "--volume", first, "--ttl", str(ttl),
-              "--interval", "0.3", env=self.env)
-        for n in names:
-            self.mnt(n).mkdir()
-            cdpfs("ha", "join", self.cluster, n, "--store", self.store(n), "--address",
-                  f"127.0.0.1:{etcdcluster.free_port()}", "--mount", self.mnt(n), env=self.env)
-
-    def store(self, n: str) -> Path:
-        return self.base / f"{n}.store"
-
-    def mnt(self, n: str) -> Path:
-        return self.base / f"{n}.mnt"
-
-    def start(self, n: str) -> None:
-        log = self.base / f"{n}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([*CLI, "-v", "ha", "run", self.cluster, n],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    env=self.env)
-        self.procs.all.append(proc)
-        self.daemons[n] = proc
-
-    def start_primary_and_replica(self) -> None:
-        """Start a and b; return once a is mounted (the primary) and b a replica."""
-        self.start("a")
-        self.start("b")
-        wait_until(lambda: _mounted(self.mnt("a")), what="a's mount")
-        wait_until(lambda: self.status()["nodes"]["b"]["role"] == "replica",
-                   what="b a replica")
-
-    def status(self) -> dict:
-        return json.loads(cdpfs("ha", "status", self.cluster, "--json", env=self.env).stdout)
-
-    def primary(self) -> str | None:
-        return self.status()["primary"]
-
-    def cleanup(self) -> None:
-        self.procs.kill_all()
-        for n in self.names:
-            force_unmount(self.mnt(n))
 
 
 @pytest.fixture
@@ -92,10 +36,6 @@ def nodes(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, procs: Procs
         yield n
     finally:
         n.cleanup()
-
-
-def _mounted(mnt: Path) -> bool:
-    return os.path.ismount(mnt)
 
 
 def test_the_replica_mounts_the_volume_when_the_primary_is_killed(nodes: Nodes) -> None:
