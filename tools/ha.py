@@ -89,11 +89,11 @@ def ha() -> None:
 @click.option("--check", "checks", multiple=True, metavar="COMMAND",
               help="An application check the primary runs before each renewal (a shell "
                    "command that must exit 0; repeat for more). A failing one fails over.")
-@click.option("--check-timeout", default=2.0, show_default=True,
-              help="Seconds each check may take.")
+@click.option("--check-timeout", type=float,
+              help="Seconds each check may take (default: 2, at most half the ttl).")
 @etcd_options
 def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, max_lag: int,
-               checks: tuple[str, ...], check_timeout: float, endpoints: str,
+               checks: tuple[str, ...], check_timeout: float | None, endpoints: str,
                etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Make CLUSTER for the volume in STORE."""
     if not is_store(store):
@@ -101,7 +101,8 @@ def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, 
     with Store(store, readonly=True) as s:
         uuid = s.uuid
     settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag,
-                        checks=list(checks), check_timeout=check_timeout).check()
+                        checks=list(checks),
+                        check_timeout=check_timeout or min(2.0, ttl / 2)).check()
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     _with_cluster(conn, cluster, lambda c: c.create(settings))
     click.echo(f"cluster {cluster} made for volume {uuid}: ttl {ttl}s, checks every "
@@ -221,7 +222,9 @@ async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> floa
         raise ClusterError(f"node {node} is not running as a replica "
                            f"({state.role if state else 'no report'}): start its daemon")
     top = max(s.seq for s in states.values())
-    if state.seq < top and not force:
+    # With a primary there, it drains until the target has everything before it lets
+    # the role go; without one, a target that lags would lose what it lacks.
+    if primary is None and state.seq < top and not force:
         raise ClusterError(f"node {node} is {top - state.seq} records behind: wait until it "
                            "has caught up, or promote it with --force (losing those records)")
     started = time.monotonic()

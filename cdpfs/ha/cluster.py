@@ -62,7 +62,7 @@ class Settings:
             raise ClusterError(f"interval {self.interval}: from 0.05 s to half the ttl")
         if self.max_lag < 0:
             raise ClusterError("max_lag: not negative")
-        if not 0.1 <= self.check_timeout <= self.ttl / 2:
+        if self.checks and not 0.1 <= self.check_timeout <= self.ttl / 2:
             raise ClusterError(f"check timeout {self.check_timeout}: from 0.1 s to half the ttl")
         return self
 

@@ -322,7 +322,8 @@ class Node:
 
     async def _drain(self, volume: Volume) -> None:
         """Before a planned hand-over: what the kernel holds comes in, every change is
-        committed and on the sync replicas, and from then on changes are refused."""
+        committed and on every replica (async ones too, within twice the TTL), and
+        from then on changes are refused."""
         assert self.settings is not None and volume.fs is not None
         with trio.move_on_after(self.settings.ttl * 2):
             if self.drain is not None:
@@ -331,6 +332,8 @@ class Node:
             seq = await volume.call(volume.fs.sync, durable=True)
             if volume.fanout is not None:
                 await volume.fanout.synced(seq)
+                for sender in list(volume.fanout.senders.values()):  # async ones too
+                    await sender.wait_acked(seq)
         self.fence.shut("this node is handing the primary role on")
 
     async def _app_checks(self) -> bool:
