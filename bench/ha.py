@@ -15,7 +15,8 @@ the first write+fsync acknowledged by the other node (p50, p99, max); for
 switchover the command's own time and the longest gap between acknowledged
 writes; acknowledged writes missing from the new primary afterwards (every file
 read back; sync mode: the target is 0); writes acknowledged by the old primary
-after the fault (the fenced primary: the target is 0). Targets from the issue:
+after the fault, or for a switchover after the new primary's first (the target
+is 0). Targets from the issue:
 unplanned failover p99 <= 8 s, switchover <= 2 s. Default TTL 5 s and interval
 1 s, the product's defaults.
 
@@ -149,7 +150,10 @@ def trial(work: Path, etcd: EtcdCluster, kind: str, n: int, ttl: int,
         times = [t for _, _, t in acks]
         around = [t for t in times if fault - 1 <= t <= first_b + 0.5]
         result.pause = max((b - a_ for a_, b in itertools.pairwise(around)), default=None)
-        result.zombie = sum(1 for _, node, t in acks if node == "a" and t > fault + 0.05)
+        # acks by the old primary once it may no longer give them: after the fault (a
+        # killed or stopped daemon), after the new primary's first (a switchover)
+        since = first_b if kind == "switchover" else fault + 0.05
+        result.zombie = sum(1 for _, node, t in acks if node == "a" and t > since)
         for i, _, _ in acks:
             f = nodes.mnt("b") / f"w{i}"
             if not f.exists() or f.read_bytes() != b"write %d\n" % i:

@@ -52,6 +52,7 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
         async def serve(volume: Volume) -> None:
             spec = node.spec
             if spec is None or not spec.mount:
+                node.serving = True  # no mount: the volume serves through nothing else
                 await trio.sleep_forever()
             mountpoint = Path(spec.mount)
             await trio.to_thread.run_sync(check_mountpoint, mountpoint)
@@ -59,12 +60,14 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
             pyfuse3.init(FuseOperations(volume), str(mountpoint),
                          fuse_options(volume.store.path, allow_other))
             mounted.append(mountpoint)
+            node.serving = True  # the mount is there: /primary may send clients
             log.info("node %s: mounted %s on %s", name, volume.store.path, mountpoint)
             try:
                 async with trio.open_nursery() as inner:
                     inner.start_soon(trio.to_thread.run_sync, set_readahead, mountpoint)
                     await pyfuse3.main(min_tasks=4, max_tasks=32)
             finally:
+                node.serving = False
                 mounted.remove(mountpoint)
                 pyfuse3.close(unmount=True)
                 log.info("node %s: unmounted %s", name, mountpoint)

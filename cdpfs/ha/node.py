@@ -91,6 +91,8 @@ class Node:
         self._stopping = trio.Event()
         self.lag: int | None = None  # records behind the newest position reported
         self._handing_over = False  # a switchover asked this primary to give the role up
+        self.last_primary: Primary | None = None  # who held the role before this node
+        self.serving = False  # the live volume is served by the front end (set by it)
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -135,8 +137,10 @@ class Node:
             nursery.cancel_scope.cancel()
 
     def health(self) -> tuple[str, int | None, bool]:
-        """What the health endpoint tells: role, lag in records, whether it may write."""
-        return self.role, self.lag, self.fence.is_open()
+        """What the health endpoint tells: role, lag in records, and whether it takes
+        writes now (the fence open and the front end serving: a client sent here
+        before the mount is there would write into the empty mount point)."""
+        return self.role, self.lag, self.fence.is_open() and self.serving
 
     def _trust(self, nodes: dict[str, NodeSpec]) -> None:
         """Trust the certificate of every other node, as the cluster lists them."""
@@ -212,7 +216,7 @@ class Node:
             try:
                 holder = await self.cluster.primary()
                 if holder is not None:
-                    last = holder
+                    last = self.last_primary = holder
                     await self._wait_gone(holder)
                     continue
                 seen = await self._eligible(last)
@@ -293,10 +297,17 @@ class Node:
                             connector=self.connector, owner="ha primary")
             async with trio.open_nursery() as nursery:
                 self.volume = await nursery.start(volume.run)
+                if volume.fanout is not None and self.last_primary is not None:
+                    # The node that lost the role is not waited for by fsync until it
+                    # has rejoined and caught up: it cannot answer now.
+                    top = self._position()
+                    volume.fanout.degrade(self.last_primary.node, top[0] if top else 0)
                 self._set_role("primary")
                 nursery.start_soon(self._report_loop)
                 if self.serve is not None:
-                    nursery.start_soon(self.serve, volume)
+                    nursery.start_soon(self.serve, volume)  # it sets ``serving``
+                else:
+                    self.serving = True
                 self._handing_over = False
                 await self._hold(lease, volume)
                 if self._stopping.is_set() or self._handing_over:
@@ -311,6 +322,7 @@ class Node:
             raise
         finally:
             self.volume = None
+            self.serving = False
         await trio.to_thread.run_sync(self._demote)
         if self._stopping.is_set() or self._handing_over:
             try:

@@ -141,6 +141,13 @@ class Fanout:
         for sender in self.senders.values():
             sender.poke()
 
+    def degrade(self, name: str, upto: int) -> None:
+        """Let fsync not wait for sync replica ``name`` until it has acknowledged
+        ``upto``: it is known not to answer now (a node that just lost the primary
+        role), so waiting ``sync_timeout`` for it first would only stall writes."""
+        self.degraded.add(name)
+        self._synced = max(self._synced, upto)
+
     async def synced(self, seq: int) -> None:
         """Return once every sync replica has acknowledged ``seq`` (see the module doc)."""
         sync = [s for s in self.senders.values() if s.state.mode == "sync"]
