@@ -242,6 +242,13 @@ async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> floa
                            "(the request is withdrawn)") from None
 
 
+def _hand_over_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints: str,
+                   ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    conn = _connection(endpoints, ca, cert, key)
+    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, force, timeout))
+    click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
+
+
 @ha.command("switchover")
 @click.argument("cluster")
 @click.argument("node")
@@ -250,10 +257,8 @@ async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> floa
 def switchover_cmd(cluster: str, node: str, timeout: float, endpoints: str,
                    etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Hand the primary role to NODE, a caught-up replica: the primary drains (every
-    change committed and on the sync replicas), unmounts and gives the role up."""
-    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
-    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, False, timeout))
-    click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
+    change committed and on every replica), unmounts and gives the role up."""
+    _hand_over_cmd(cluster, node, False, timeout, endpoints, etcd_ca, etcd_cert, etcd_key)
 
 
 @ha.command("promote")
@@ -266,9 +271,7 @@ def switchover_cmd(cluster: str, node: str, timeout: float, endpoints: str,
 def promote_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints: str,
                 etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Make NODE the primary (as switchover; --force also when it lags)."""
-    conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
-    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, force, timeout))
-    click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
+    _hand_over_cmd(cluster, node, force, timeout, endpoints, etcd_ca, etcd_cert, etcd_key)
 
 
 @ha.command("run")
