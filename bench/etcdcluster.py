@@ -192,11 +192,15 @@ class EtcdCluster:
     def wait_healthy(self, i: int, timeout: float = 30.0) -> None:
         m = self.members[i]
         end = time.monotonic() + timeout
-        while not self.healthy(i):
+        while True:
+            # the process first: a member that could not listen must not pass for
+            # healthy because another one answers on its port
             if m.proc is None or m.proc.poll() is not None:
                 raise HarnessError(f"etcd member {m.name} exited:\n{m.log.read_text()[-2000:]}")
             if time.monotonic() > end:
                 raise HarnessError(f"etcd member {m.name} not healthy in {timeout:.0f} s")
+            if self.healthy(i):
+                return
             time.sleep(0.1)
 
     def close(self) -> None:

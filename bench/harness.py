@@ -152,11 +152,20 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0,
         time.sleep(0.02)
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on (bound once to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on (bound once to port 0, then released),
+    never one this process was given before: two members of a cluster once got the
+    same port, the second could not listen, and the cluster ran one member short."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
