@@ -53,7 +53,7 @@ async def _until(what: str, cond: Callable[[], bool], timeout: float = 30) -> fl
 @asynccontextmanager
 async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: str,
                    nodes: tuple[str, ...] = ("a", "b"), mode: str = "sync",
-                   checks: tuple[str, ...] = (),
+                   checks: tuple[str, ...] = (), scenario: str = "",
                    ) -> AsyncIterator[dict[str, tuple[Node, trio.CancelScope]]]:
     """A cluster ``name`` whose first node holds the volume; every node's daemon
     running (each in a cancel scope of its own: cancelling one is its crash)."""
@@ -64,7 +64,8 @@ async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: 
     async with Etcd(etcd_cluster.endpoints, etcd_cluster.client) as admin:
         cluster = Cluster(admin, name)
         await cluster.create(Settings(_uuid(stores[nodes[0]]), ttl=TTL, interval=INTERVAL,
-                                      mode=mode, checks=list(checks), check_timeout=1.0))
+                                      mode=mode, checks=list(checks), check_timeout=1.0,
+                                      scenario=scenario))
         for n, store in stores.items():
             cert = (credentials.tls_dir(store) / "node.crt").read_text()
             await cluster.join(NodeSpec(n, str(store), f"127.0.0.1:{etcdcluster.free_port()}",
@@ -208,3 +209,73 @@ async def test_a_failing_application_check_moves_the_role(
             await _until("a a replica", lambda: a.role == "replica")
             await trio.sleep(TTL * 1.5)  # b's own check passes: it keeps the role
             assert b.role == "primary" and a.role == "replica"
+
+
+async def test_the_scenario_starts_the_application_on_the_primary_only(
+        tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster) -> None:
+    """The cluster's scenario: every node runs its demote hooks when it starts (what
+    a crash left behind goes), the primary its promote hooks, and /primary sends
+    clients only once they are done; a failing [[check]] moves the role, the node
+    that lost it runs its demote hooks and the new primary its promote hooks."""
+    log, flags = tmp_path / "hooks.log", tmp_path / "flags"
+    flags.mkdir()
+    scenario = f"""
+[vars]
+LOG = "{log}"
+[[check]]
+run = 'test ! -e {flags}/broken-"$CDPFS_NODE"'
+[[promote]]
+run = 'sleep 1; echo "promote $CDPFS_NODE $CDPFS_EPOCH" >> "$LOG"'
+[[demote]]
+run = 'echo "demote $CDPFS_NODE" >> "$LOG"'
+"""
+
+    def lines() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    with trio.fail_after(60):
+        async with _cluster(tmp_path, etcd_cluster, "hooks", scenario=scenario) as nodes:
+            (a, _), (b, _) = nodes["a"], nodes["b"]
+            await _until("a primary", lambda: a.role == "primary")
+            epoch = a.epoch
+            assert not any(line.startswith("promote") for line in lines())
+            assert (await _health(a, "/primary"))[0] == 503  # the application not up
+            await _until("a promoted", lambda: f"promote a {epoch}" in lines())
+            assert sorted(lines()[:2]) == ["demote a", "demote b"]
+            await _until("/primary", lambda: a.health()[2])
+            assert (await _health(a, "/primary"))[0] == 200
+            (flags / "broken-a").touch()
+            await _until("b promoted", lambda: f"promote b {b.epoch}" in lines())
+            assert b.epoch > epoch
+            said = lines()
+            assert said.index("demote a", 2) < said.index(f"promote b {b.epoch}")
+            assert said.count("promote a " + str(epoch)) == 1
+
+
+async def test_a_sync_replica_is_dropped_only_once_etcd_knows(
+        tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster) -> None:
+    """When a sync replica stops answering, the primary's fsync stops waiting for it
+    only once etcd records that it is no longer in sync (a failover promotes only
+    the replicas recorded in sync): a primary that cannot tell etcd never returns
+    that fsync, it is fenced first."""
+    with trio.fail_after(90):
+        async with _cluster(tmp_path, etcd_cluster, "insync", nodes=("a", "b", "c")) as nodes:
+            (a, _), (b, b_scope), (c, _) = nodes["a"], nodes["b"], nodes["c"]
+            await _until("a primary", lambda: a.role == "primary" and b.role == "replica"
+                         and c.role == "replica")
+            vol = a.volume
+            assert vol is not None and vol.fanout is not None
+            vol.fanout.sync_timeout = 1.0
+            await _write(vol, b"one", b"on all three")
+            await _until("in sync", lambda: vol.fanout is not None
+                         and vol.fanout.in_sync() == ["b", "c"])
+            b_scope.cancel()  # b crashes
+            await _write(vol, b"two", b"on a and c")  # returns once etcd knows
+            async with Etcd(etcd_cluster.endpoints, etcd_cluster.client) as etcd:
+                states = await Cluster(etcd, "insync").states()
+            assert states["a"].role == "primary" and states["a"].synced == ["c"]
+            c_scope = nodes["c"][1]
+            a.cluster.etcd.endpoints = [f"https://127.0.0.1:{etcdcluster.free_port()}"]
+            c_scope.cancel()  # c crashes too, and a cannot tell etcd
+            with pytest.raises(Fenced):
+                await _write(vol, b"three", b"on a alone: must never be acknowledged")

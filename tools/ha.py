@@ -23,6 +23,7 @@ from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings
 from cdpfs.ha.etcd import Etcd, Tls
 from cdpfs.replication import credentials
 from cdpfs.replication.protocol import parse_address
+from cdpfs.scenario import Scenario, parse_assignments
 from cdpfs.store.lmdb import Store, is_store
 
 
@@ -91,18 +92,29 @@ def ha() -> None:
                    "command that must exit 0; repeat for more). A failing one fails over.")
 @click.option("--check-timeout", type=float,
               help="Seconds each check may take (default: 2, at most half the ttl).")
+@click.option("--scenario", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A scenario file: its [[check]] steps are checks, its [[promote]] and "
+                   "[[demote]] steps run when a node gains or gives up the role.")
+@click.option("--set", "variables", multiple=True, metavar="KEY=VALUE",
+              help="A variable of the scenario, for every node (repeatable).")
 @etcd_options
 def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, max_lag: int,
-               checks: tuple[str, ...], check_timeout: float | None, endpoints: str,
-               etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
+               checks: tuple[str, ...], check_timeout: float | None, scenario: Path | None,
+               variables: tuple[str, ...], endpoints: str, etcd_ca: Path | None,
+               etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Make CLUSTER for the volume in STORE."""
     if not is_store(store):
         raise ClusterError(f"{store}: not a cdpfs store")
     with Store(store, readonly=True) as s:
         uuid = s.uuid
+    text = ""
+    if scenario is not None:
+        text = scenario.read_text()
+        Scenario.parse(text, str(scenario), variables, complete=False)
     settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag,
                         checks=list(checks),
-                        check_timeout=check_timeout or min(2.0, ttl / 2)).check()
+                        check_timeout=check_timeout or min(2.0, ttl / 2), scenario=text,
+                        vars=parse_assignments(variables)).check()
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     _with_cluster(conn, cluster, lambda c: c.create(settings))
     click.echo(f"cluster {cluster} made for volume {uuid}: ttl {ttl}s, checks every "
@@ -120,10 +132,12 @@ def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, 
               help="Where the node mounts the volume while it is primary.")
 @click.option("--health", metavar="HOST:PORT",
               help="Where the node answers GET /primary, /replica?lag=N, /health.")
+@click.option("--set", "variables", multiple=True, metavar="KEY=VALUE",
+              help="A variable of the cluster's scenario on this node (repeatable).")
 @etcd_options
 def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Path | None,
-             health: str | None, endpoints: str, etcd_ca: Path | None, etcd_cert: Path | None,
-             etcd_key: Path | None) -> None:
+             health: str | None, variables: tuple[str, ...], endpoints: str,
+             etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Add NODE (this machine's store, address, mount point) to CLUSTER."""
     parse_address(address)
     if health:
@@ -138,13 +152,15 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
     else:
         uuid = None
     spec = NodeSpec(node, str(store.resolve()), address, cert=cert_path.read_text(),
-                    mount=str(mountpoint.resolve()) if mountpoint else "", health=health or "")
+                    mount=str(mountpoint.resolve()) if mountpoint else "", health=health or "",
+                    vars=parse_assignments(variables))
 
     async def join(c: Cluster) -> None:
         settings = await c.settings()
         if uuid is not None and uuid != settings.volume:
             raise ClusterError(f"{store} holds volume {uuid}, cluster {cluster} volume "
                                f"{settings.volume}")
+        settings.hooks(node, spec.vars)  # every variable of the scenario set
         await c.join(spec)
 
     _with_cluster(conn, cluster, join)

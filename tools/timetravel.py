@@ -23,12 +23,12 @@ from cdpfs.history.points import resolve as resolve_point
 from cdpfs.history.retention import Policy, load_policy, parse_duration, save_policy
 from cdpfs.history.versions import diff as tree_diff
 from cdpfs.history.versions import versions
+from cdpfs.scenario import Scenario
 from cdpfs.store.lmdb import Store
 from cdpfs.store.view import View
 from cdpfs.volume import HISTORY_SETTING
 
 from .locate import Target, locate
-from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 

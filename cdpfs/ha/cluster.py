@@ -4,14 +4,16 @@ Keys, under ``/cdpfs/clusters/<name>/``:
 
 - ``settings``: the volume (its uuid), the lease TTL, the check interval, the
   replication mode of replicas, the lag a replica may have and still be
-  promoted, the application checks (commands) and their timeout;
+  promoted, the application checks (commands) and their timeout, the scenario
+  (a scenario file's text: checks, promote and demote hooks) and its variables;
 - ``nodes/<node>``: each node's store, replication address, mount point and TLS
   certificate (etcd is reached over mutual TLS, so a certificate read here is as
   trusted as the cluster: nodes trust each other's from here);
 - ``primary``: ``{node, epoch}``, attached to the primary's lease: it disappears
   when etcd lets the lease go, and only then may another node take it;
 - ``epoch``: the newest epoch given out (grown by compare-and-set);
-- ``state/<node>``: what each node last reported (role, epoch, newest seq, time);
+- ``state/<node>``: what each node last reported (role, epoch, newest seq, time;
+  a primary also the sync replicas every fsync it returned is on);
 - ``request``: ``{node, force, time}``, a hand-over asked for by ``ha switchover``
   or ``ha promote``: the primary drains and gives the role up, only that node
   campaigns (``force``: even if it lags), and it removes the request once it
@@ -28,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ClusterError
+from ..errors import CdpfsError, ClusterError
+from ..scenario import Scenario, Step
 from .etcd import KV, Etcd
 
 ROOT = "/cdpfs/clusters/"
@@ -52,6 +55,8 @@ class Settings:
     max_lag: int = 0  # records a replica may lack and still be promoted (async mode)
     checks: list[str] = field(default_factory=list)  # application checks (shell commands)
     check_timeout: float = 2.0  # seconds each check may take
+    scenario: str = ""  # a scenario file's text: checks, promote and demote hooks
+    vars: dict[str, str] = field(default_factory=dict)  # its variables, for every node
 
     def check(self) -> Settings:
         if self.mode not in MODES:
@@ -62,9 +67,25 @@ class Settings:
             raise ClusterError(f"interval {self.interval}: from 0.05 s to half the ttl")
         if self.max_lag < 0:
             raise ClusterError("max_lag: not negative")
-        if self.checks and not 0.1 <= self.check_timeout <= self.ttl / 2:
+        has_checks = bool(self.checks) or "[[check]]" in self.scenario
+        if has_checks and not 0.1 <= self.check_timeout <= self.ttl / 2:
             raise ClusterError(f"check timeout {self.check_timeout}: from 0.1 s to half the ttl")
         return self
+
+    def hooks(self, name: str, node_vars: dict[str, str]) -> Scenario:
+        """The cluster's scenario for node ``name`` (its own variables over the
+        cluster's), with the ``checks`` as check steps; every check is given at most
+        ``check_timeout``: a slower one could outlive the lease."""
+        try:
+            scenario = Scenario.parse(self.scenario, f"cluster scenario (node {name})",
+                                      [f"{k}={v}" for k, v in {**self.vars,
+                                                               **node_vars}.items()])
+        except CdpfsError as exc:
+            raise ClusterError(str(exc)) from None
+        checks = [Step(s.run, min(s.timeout, self.check_timeout))
+                  for s in scenario.steps("check")]
+        checks += [Step(c, self.check_timeout) for c in self.checks]
+        return scenario.replace("check", checks)
 
 
 @dataclass
@@ -75,6 +96,7 @@ class NodeSpec:
     cert: str = ""  # the store's TLS certificate (PEM)
     mount: str = ""  # where the primary mounts the volume ("" : no mount)
     health: str = ""  # host:port of its HTTP health endpoint ("" : none)
+    vars: dict[str, str] = field(default_factory=dict)  # the scenario's, on this node
 
 
 @dataclass
@@ -91,6 +113,9 @@ class NodeState:
     epoch: int
     seq: int
     time: float = field(default_factory=time.time)
+    # a primary's sync replicas that every returned fsync is on (None: not known);
+    # one leaves this list before an fsync returns without it
+    synced: list[str] | None = None
 
 
 class Cluster:

@@ -38,11 +38,12 @@ from pathlib import Path
 
 import trio
 
-from ..errors import ClusterError
+from ..errors import CdpfsError, ClusterError
 from ..replication import credentials, registry
 from ..replication.fanout import Connector, tls_connector
 from ..replication.receiver import ROLE_REPLICA
 from ..replication.registry import ReplicaState
+from ..scenario import Scenario
 from ..store import epochs, journal
 from ..store.lmdb import Store, is_store
 from ..system import boot_clock
@@ -92,7 +93,9 @@ class Node:
         self.lag: int | None = None  # records behind the newest position reported
         self._handing_over = False  # a switchover asked this primary to give the role up
         self.last_primary: Primary | None = None  # who held the role before this node
-        self.serving = False  # the live volume is served by the front end (set by it)
+        self._served = trio.Event()  # the front end serves the live volume
+        self.ready: bool | None = None  # the promote hooks passed (None: not yet run)
+        self.scenario = Scenario("none")
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -117,12 +120,14 @@ class Node:
                   ) -> None:
         self.settings = await self.cluster.settings()
         self.spec = await self.cluster.node(self.name)
+        self.scenario = self.settings.hooks(self.name, self.spec.vars)
         nodes = await self.cluster.nodes()
         await trio.to_thread.run_sync(self._trust, nodes)
         async with trio.open_nursery() as nursery:
             if self.spec.health:
                 await nursery.start(serve_health, self.spec.health, self.health)
             task_status.started(self)
+            await self._hooks("demote")  # whatever a crash left running or configured
             while not self._stopping.is_set():
                 won = await self._as_replica()
                 if won is None:
@@ -136,11 +141,24 @@ class Node:
                 await self._as_primary(lease, epoch, nodes)
             nursery.cancel_scope.cancel()
 
+    @property
+    def serving(self) -> bool:
+        """The front end serves the live volume (it sets this once its mount is up)."""
+        return self._served.is_set()
+
+    @serving.setter
+    def serving(self, value: bool) -> None:
+        if value:
+            self._served.set()
+        elif self._served.is_set():
+            self._served = trio.Event()
+
     def health(self) -> tuple[str, int | None, bool]:
         """What the health endpoint tells: role, lag in records, and whether it takes
-        writes now (the fence open and the front end serving: a client sent here
-        before the mount is there would write into the empty mount point)."""
-        return self.role, self.lag, self.fence.is_open() and self.serving
+        writes now (the fence open, the front end serving and the promote hooks
+        done: a client sent here before the mount is there would write into the
+        empty mount point, one sent before the application started would fail)."""
+        return self.role, self.lag, self.fence.is_open() and self.serving and bool(self.ready)
 
     def _trust(self, nodes: dict[str, NodeSpec]) -> None:
         """Trust the certificate of every other node, as the cluster lists them."""
@@ -200,9 +218,13 @@ class Node:
         for name, state in states.items():
             if name == self.name:
                 continue
-            if state.role in ("primary", "fenced") or (last is not None and name == last.node):
+            if state.role in ("primary", "fenced", "stopped") or (
+                    last is not None and name == last.node):
                 if self.settings.mode == "async" and seq < state.seq - self.settings.max_lag:
                     return None  # the old primary's last report: more than max_lag ahead
+                if (self.settings.mode == "sync" and state.synced is not None
+                        and self.name not in state.synced):
+                    return None  # fsyncs may have returned without this node
                 continue  # sync: every acknowledged write is here already
             if state.role == "replica" and state.seq > seq:
                 return None  # another replica has more: it should win
@@ -253,10 +275,18 @@ class Node:
                 log.warning("node %s: report: %s", self.name, exc)
             await trio.sleep(self.settings.interval)
 
-    async def _report(self) -> None:
+    def _synced(self) -> list[str] | None:
+        volume = self.volume
+        if self.role not in ("primary", "fenced") or volume is None or volume.fanout is None:
+            return None
+        return volume.fanout.in_sync()
+
+    async def _report(self, role: str | None = None, synced: list[str] | None = None) -> None:
         pos = self._position()
         seq = pos[0] if pos else 0
-        await self.cluster.report(self.name, NodeState(self.role, self.epoch, seq))
+        await self.cluster.report(self.name, NodeState(
+            role or self.role, self.epoch, seq,
+            synced=synced if synced is not None else self._synced()))
         if self.role == "primary":
             self.lag = 0
         else:
@@ -302,6 +332,8 @@ class Node:
                     # has rejoined and caught up: it cannot answer now.
                     top = self._position()
                     volume.fanout.degrade(self.last_primary.node, top[0] if top else 0)
+                if volume.fanout is not None:
+                    volume.fanout.before_degrade = self._record_in_sync
                 self._set_role("primary")
                 nursery.start_soon(self._report_loop)
                 if self.serve is not None:
@@ -309,12 +341,15 @@ class Node:
                 else:
                     self.serving = True
                 self._handing_over = False
+                nursery.start_soon(self._promote_hooks)
                 await self._hold(lease, volume)
                 if self._stopping.is_set() or self._handing_over:
+                    await self._hooks("demote")  # the application stops, then the drain
                     await self._drain(volume)
                 else:
                     self.fence.shut("this node lost the primary role's lease")
                     self._set_role("fenced")
+                    await self._hooks("demote")
                     await self._until_replaced()  # reads go on meanwhile
                 nursery.cancel_scope.cancel()
         except BaseException:
@@ -323,6 +358,7 @@ class Node:
         finally:
             self.volume = None
             self.serving = False
+            self.ready = None
         await trio.to_thread.run_sync(self._demote)
         if self._stopping.is_set() or self._handing_over:
             try:
@@ -347,31 +383,59 @@ class Node:
                 for sender in list(volume.fanout.senders.values()):  # async ones too
                     await sender.wait_acked(seq)
         self.fence.shut("this node is handing the primary role on")
-
-    async def _app_checks(self) -> bool:
-        """The cluster's application checks: each command must exit 0 in time. They
-        run with CDPFS_CLUSTER, CDPFS_NODE, CDPFS_STORE and CDPFS_MOUNT set."""
-        assert self.settings is not None and self.spec is not None
-        env = {**os.environ, "CDPFS_CLUSTER": self.cluster.name, "CDPFS_NODE": self.name,
-               "CDPFS_STORE": self.spec.store, "CDPFS_MOUNT": self.spec.mount}
-        for command in self.settings.checks:
+        if volume.fanout is not None:  # who has every change, for the next one's campaign
+            seq = self._position()[0] if self._position() else 0
+            synced = sorted(n for n, s in volume.fanout.senders.items() if s.state.acked >= seq)
             try:
-                with trio.fail_after(self.settings.check_timeout):
-                    proc = await trio.run_process(command, shell=True, check=False, env=env,
-                                                  capture_stdout=True, capture_stderr=True)
-            except trio.TooSlowError:
-                log.warning("node %s: check %r took over %.1f s", self.name, command,
-                            self.settings.check_timeout)
-                return False
-            except OSError as exc:
-                log.warning("node %s: check %r: %s", self.name, command, exc)
-                return False
-            if proc.returncode != 0:
-                said = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-                log.warning("node %s: check %r failed (%d)%s", self.name, command,
-                            proc.returncode, f": {said.splitlines()[0]}" if said else "")
-                return False
-        return True
+                await self._report("stopped", synced)
+            except ClusterError as exc:
+                log.warning("node %s: final report: %s", self.name, exc)
+
+    async def _record_in_sync(self, synced: list[str]) -> bool:
+        """Record in etcd, before an fsync returns without a sync replica, the ones it
+        is on: a failover promotes only those (see ``Fanout.before_degrade``). Once
+        the fence has shut, the fsync waiting for this fails (EROFS)."""
+        assert self.settings is not None
+        self.fence.check()
+        try:
+            with trio.fail_after(self.settings.ttl):
+                await self._report(synced=synced)
+            return True
+        except (ClusterError, trio.TooSlowError) as exc:
+            log.warning("node %s: could not record the sync replicas: %s", self.name, exc)
+            return False
+
+    # --- the scenario's hooks -------------------------------------------------------------
+
+    def _hook_env(self) -> dict[str, str]:
+        assert self.spec is not None
+        return {"CDPFS_CLUSTER": self.cluster.name, "CDPFS_NODE": self.name,
+                "CDPFS_STORE": self.spec.store, "CDPFS_MOUNT": self.spec.mount,
+                "CDPFS_ADDRESS": self.spec.address.rpartition(":")[0],
+                "CDPFS_EPOCH": str(self.epoch)}
+
+    def _hook_dir(self) -> Path | None:
+        assert self.spec is not None
+        mount = Path(self.spec.mount) if self.spec.mount else None
+        return mount if mount is not None and os.path.ismount(mount) else None
+
+    async def _hooks(self, phase: str) -> bool:
+        """Run the scenario's ``phase`` commands; False (logged) if one failed."""
+        if not self.scenario.steps(phase):
+            return True
+        try:
+            await self.scenario.arun(phase, self._hook_dir(), self._hook_env())
+            return True
+        except CdpfsError as exc:
+            log.warning("node %s: %s", self.name, exc)
+            return False
+
+    async def _promote_hooks(self) -> None:
+        """Once the front end serves the volume: the promote hooks (the application
+        starts, a virtual IP moves); only then does /primary send clients. One that
+        fails leaves the lease to run out, as a failing check does."""
+        await self._served.wait()
+        self.ready = await self._hooks("promote")
 
     async def _until_replaced(self) -> None:
         """Return once etcd can be asked again and the role is another node's or free:
@@ -401,8 +465,9 @@ class Node:
             healthy = False
             with trio.move_on_after(max(0.05, lease.left())):
                 await volume.call(fs.sync, durable=True)  # the store commits
-                healthy = ((self.check is None or await self.check())
-                           and await self._app_checks())
+                healthy = (self.ready is not False
+                           and (self.check is None or await self.check())
+                           and await self._hooks("check"))
             if not healthy:
                 log.warning("node %s: a check failed: the lease is left to run out", self.name)
                 continue

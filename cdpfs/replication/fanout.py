@@ -16,7 +16,7 @@ calls ``rediscover()``: nothing here polls.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -58,6 +58,11 @@ class Fanout:
         self._synced = 0  # the newest seq an fsync returned for
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # a running sender's, by name
+        # Asked, with the sync replicas fsync will wait for, before one is dropped;
+        # True once that is recorded where a failover looks (an HA primary: etcd).
+        # Until it is, fsync goes on waiting: a failover must never promote a
+        # replica an fsync returned without.
+        self.before_degrade: Callable[[list[str]], Awaitable[bool]] | None = None
         # Known before the volume serves its first request, so an fsync in the first
         # moments already waits for the sync replicas.
         self._new: list[Sender] = []
@@ -165,6 +170,8 @@ class Fanout:
                 with trio.move_on_at(float("inf") if self.block_when_dead else deadline):
                     await sender.wait_acked(seq)
                 if sender.state.acked < seq:
+                    await self._record_degraded(sender, seq)
+                if sender.state.acked < seq:
                     self.degraded.add(sender.state.name)
                     log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
                                 "fsync no longer waits for it until it catches up",
@@ -172,6 +179,26 @@ class Fanout:
                                 sender.state.last_error or "no answer")
         self._synced = max(self._synced, seq)
 
+
+    def in_sync(self, without: str | None = None) -> list[str]:
+        """The sync replicas every fsync that returned is on (less ``without``)."""
+        return sorted(name for name, s in self.senders.items()
+                      if s.state.mode == "sync" and name not in self.degraded
+                      and name != without)
+
+    async def _record_degraded(self, sender: Sender, seq: int) -> None:
+        """Have ``before_degrade`` record that fsync stops waiting for ``sender``;
+        until it has, or the replica acknowledges ``seq``, wait on."""
+        if self.before_degrade is None:
+            return
+        name = sender.state.name
+        while not await self.before_degrade(self.in_sync(without=name)):
+            log.warning("sync replica %s: its loss could not be recorded: fsync waits on",
+                        name)
+            with trio.move_on_after(1.0):
+                await sender.wait_acked(seq)
+            if sender.state.acked >= seq:
+                return
 
     def lag(self, newest: int) -> dict[str, int]:
         """Records each replica is behind ``newest``."""
