@@ -28,21 +28,17 @@ out.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import itertools
 import logging
-import os
 import signal
 import statistics
 import sys
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from etcdcluster import EtcdCluster
-from hacluster import HaNodes, mounted
+from hacluster import HaNodes, Writer, mounted
 from harness import Procs, cdpfs, force_unmount, percentile, wait_until
 from run import Figure as Row
 from run import git_version, report_figures, start_run, work_dir
@@ -50,54 +46,6 @@ from run import git_version, report_figures, start_run, work_dir
 log = logging.getLogger("bench.ha")
 
 KINDS = ("kill", "stop", "switchover")
-
-
-def _primary(nodes: HaNodes) -> str | None:
-    """The node whose health endpoint says it is the primary that may write."""
-    for n, address in nodes.health.items():
-        try:
-            with urllib.request.urlopen(f"http://{address}/primary", timeout=0.2) as r:
-                if r.status == 200:
-                    return n
-        except OSError:
-            continue
-    return None
-
-
-@dataclass
-class Writer:
-    """Writes ``w<i>`` files through the primary, each fsynced; notes every ack."""
-
-    nodes: HaNodes
-    acks: list[tuple[int, str, float]] = field(default_factory=list)  # (i, node, time)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _one(self, i: int, node: str) -> None:
-        path = self.nodes.mnt(node) / f"w{i}"
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"write %d\n" % i)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.acks.append((i, node, time.monotonic()))
-
-    def run(self) -> None:
-        pool = concurrent.futures.ThreadPoolExecutor(16)  # a write may hang on a stopped node
-        i = 0
-        while not self.stop.is_set():
-            node = _primary(self.nodes)
-            if node is None:
-                time.sleep(0.02)
-                continue
-            i += 1
-            future = pool.submit(self._one, i, node)
-            try:
-                future.result(timeout=1.0)
-            except (OSError, concurrent.futures.TimeoutError):
-                pass
-            time.sleep(0.02)
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -120,8 +68,7 @@ def trial(work: Path, etcd: EtcdCluster, kind: str, n: int, ttl: int,
     try:
         nodes.start_primary_and_replica()
         writer = Writer(nodes)
-        thread = threading.Thread(target=writer.run, daemon=True)
-        thread.start()
+        thread = writer.start()
         time.sleep(1.0)
         a = nodes.daemons["a"]
         fault = time.monotonic()
@@ -154,10 +101,7 @@ def trial(work: Path, etcd: EtcdCluster, kind: str, n: int, ttl: int,
         # killed or stopped daemon), after the new primary's first (a switchover)
         since = first_b if kind == "switchover" else fault + 0.05
         result.zombie = sum(1 for _, node, t in acks if node == "a" and t > since)
-        for i, _, _ in acks:
-            f = nodes.mnt("b") / f"w{i}"
-            if not f.exists() or f.read_bytes() != b"write %d\n" % i:
-                result.lost += 1
+        result.lost = len(writer.missing(nodes.mnt("b")))
     finally:
         for proc in nodes.daemons.values():
             if proc.poll() is None:

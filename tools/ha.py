@@ -202,7 +202,7 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
             "epoch": primary.epoch if primary else None,
             "nodes": {n: {"address": spec.address, "mount": spec.mount,
                           **({"role": states[n].role, "seq": states[n].seq,
-                              "lag": top - states[n].seq,
+                              "lag": top - states[n].seq, "synced": states[n].synced,
                               "reported_ago": round(now - states[n].time, 1)}
                              if n in states else {"role": "unknown"})}
                       for n, spec in sorted(nodes.items())},

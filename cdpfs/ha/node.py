@@ -175,6 +175,10 @@ class Node:
 
     async def _as_replica(self) -> tuple[Lease, int] | None:
         assert self.spec is not None
+        if is_store(self.store_path):
+            # A primary that crashed left its role and its replicas in the store: as
+            # a replica it must not ship to them (it would make itself their primary).
+            await trio.to_thread.run_sync(self._demote)
         ctx = await trio.to_thread.run_sync(credentials.server_context, self.store_path)
         volume = Volume(self.store_path, Mode.REPLICA, listen=self.spec.address,
                         server_ctx=ctx, connector=self.connector, owner="ha replica",
@@ -451,7 +455,15 @@ class Node:
             await trio.sleep(self.settings.interval)
 
     async def _hold(self, lease: Lease, volume: Volume) -> None:
-        """Renew the lease while the checks pass; return once it may have run out."""
+        """Renew the lease while the checks pass; return once it has been lost.
+
+        A renewal that does not reach etcd before the lease's deadline leaves the
+        fence shut (``fenced``: reads go on, changes are refused) but the node goes
+        on trying: if etcd then shows the lease alive and the role still this
+        node's, no other node can have held it, and the node resumes (an etcd
+        leader election can take longer than a short TTL's margin). It returns
+        when etcd says the lease is gone, or when a check fails past the deadline.
+        """
         assert self.settings is not None and volume.fs is not None
         fs = volume.fs
         while True:
@@ -459,27 +471,39 @@ class Node:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
-            if not lease.valid():
-                log.warning("node %s: the lease's deadline passed: fenced", self.name)
-                return
+            fenced = not lease.valid()
+            if fenced and self.role == "primary":
+                log.warning("node %s: the lease's deadline passed: fenced until etcd shows "
+                            "the lease still held", self.name)
+                self.fence.shut("this node could not renew the primary role's lease in time")
+                self._set_role("fenced")
+            budget = self.settings.ttl if fenced else max(0.05, lease.left())
             healthy = False
-            with trio.move_on_after(max(0.05, lease.left())):
+            with trio.move_on_after(budget):
                 await volume.call(fs.sync, durable=True)  # the store commits
                 healthy = (self.ready is not False
                            and (self.check is None or await self.check())
                            and await self._hooks("check"))
             if not healthy:
                 log.warning("node %s: a check failed: the lease is left to run out", self.name)
+                if fenced:
+                    return
                 continue
             try:
-                with trio.fail_after(max(0.05, lease.left())):
+                with trio.fail_after(budget):
                     if not await lease.renew():
                         log.warning("node %s: etcd let the lease go: fenced", self.name)
                         return
+                    if fenced and not await self._still_holder(lease):
+                        return
             except (ClusterError, trio.TooSlowError) as exc:
-                log.warning("node %s: renewal failed: %s", self.name, exc)
+                log.warning("node %s: renewal failed: %s", self.name,
+                            exc or f"no answer in {budget:.1f} s")
                 continue
             self.fence.open_until(lease.valid_until)
+            if fenced:
+                log.warning("node %s: etcd shows the lease still held: writes resume", self.name)
+                self._set_role("primary")
             try:
                 request = await self.cluster.request()
             except ClusterError:
@@ -489,3 +513,6 @@ class Node:
                 self._handing_over = True
                 return
 
+    async def _still_holder(self, lease: Lease) -> bool:
+        holder = await self.cluster.primary()
+        return holder is not None and holder.node == self.name and holder.lease == lease.id
