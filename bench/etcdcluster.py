@@ -15,7 +15,6 @@ shell assignments, then waits until SIGTERM/SIGINT (the README's demo uses it):
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -40,12 +39,12 @@ from cdpfs.ha.etcd import Tls
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the thread that started it ends, so a
-    test run that is killed leaves no etcd behind (Linux's PR_SET_PDEATHSIG; start
-    members from the main thread, not from a worker thread that may end first)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# In the child: SIGKILL when the thread that started it ends, so a test run that is
+# killed leaves no etcd behind (Linux's PR_SET_PDEATHSIG, set by setpriv before it
+# execs etcd; start members from the main thread, not from a worker thread that may
+# end first). Not a preexec_fn: Python code between fork and exec can deadlock when
+# other threads run (a test's writer threads did).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
 def available() -> bool:
@@ -169,8 +168,8 @@ class EtcdCluster:
     def start_member(self, i: int, wait: bool = True) -> None:
         m = self.members[i]
         with open(m.log, "ab") as out:
-            m.proc = subprocess.Popen(self._args(m), stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            m.proc = subprocess.Popen([*DIE_WITH_PARENT, *self._args(m)], stdout=out,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_healthy(i)
 

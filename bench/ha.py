@@ -68,7 +68,7 @@ def trial(work: Path, etcd: EtcdCluster, kind: str, n: int, ttl: int,
     try:
         nodes.start_primary_and_replica()
         writer = Writer(nodes)
-        thread = writer.start()
+        writer.start()
         time.sleep(1.0)
         a = nodes.daemons["a"]
         fault = time.monotonic()
@@ -89,8 +89,7 @@ def trial(work: Path, etcd: EtcdCluster, kind: str, n: int, ttl: int,
             a.send_signal(signal.SIGCONT)
             wait_until(lambda: not mounted(nodes.mnt("a")), timeout=30, what="a unmounted")
         time.sleep(0.5)
-        writer.stop.set()
-        thread.join(timeout=10)
+        writer.finish()
         acks = sorted(writer.acks, key=lambda x: x[2])
         first_b = min(t for _, node, t in acks if node == "b")
         result.failover = first_b - fault

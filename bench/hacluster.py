@@ -13,11 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class HaNodes:
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.health: dict[str, str] = {}
         first = self.store(names[0])
-        cdpfs("init", first)
+        if not first.exists():  # a test may have made it, with data, before
+            cdpfs("init", first)
         cdpfs("ha", "create", self.cluster, "--volume", first, "--ttl", str(ttl),
               "--interval", str(interval), "--mode", mode, *create, env=self.env)
         for n in names:
@@ -96,7 +98,11 @@ class HaNodes:
 
 def writable(nodes: HaNodes) -> str | None:
     """The node whose health endpoint says it is the primary that may write."""
-    for n, address in nodes.health.items():
+    return _writable(nodes.health)
+
+
+def _writable(health: dict[str, str]) -> str | None:
+    for n, address in health.items():
         try:
             with urllib.request.urlopen(f"http://{address}/primary", timeout=0.2) as r:
                 if r.status == 200:
@@ -106,45 +112,49 @@ def writable(nodes: HaNodes) -> str | None:
     return None
 
 
-@dataclass
 class Writer:
-    """Writes ``w<i>`` files through the primary, each fsynced; notes every ack."""
+    """Writes ``w<i>`` files through the primary every 20 ms, each fsynced, and notes
+    every acknowledgement (``acks``: (i, node, CLOCK_MONOTONIC time)).
 
-    nodes: HaNodes
-    acks: list[tuple[int, str, float]] = field(default_factory=list)  # (i, node, time)
-    stop: threading.Event = field(default_factory=threading.Event)
+    It runs as a process of its own: a process that holds files open on a mount
+    must not fork (a child closing its inherited copy of a file on a stopped
+    node's mount blocks in FLUSH, and the parent's fork with it), and a test forks
+    all the time.
+    """
 
-    def _one(self, i: int, node: str) -> None:
-        path = self.nodes.mnt(node) / f"w{i}"
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"write %d\n" % i)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.acks.append((i, node, time.monotonic()))
+    def __init__(self, nodes: HaNodes) -> None:
+        self.nodes = nodes
+        self.log = nodes.base / "writer.acks"
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def run(self) -> None:
-        pool = concurrent.futures.ThreadPoolExecutor(16)  # a write may hang on a stopped node
-        i = 0
-        while not self.stop.is_set():
-            node = writable(self.nodes)
-            if node is None:
-                time.sleep(0.02)
-                continue
-            i += 1
-            future = pool.submit(self._one, i, node)
+    def start(self) -> Writer:
+        spec = json.dumps({"health": self.nodes.health, "log": str(self.log),
+                           "mounts": {n: str(self.nodes.mnt(n)) for n in self.nodes.names}})
+        with open(self.nodes.base / "writer.log", "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, __file__, "write", spec],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.nodes.procs.all.append(self.proc)
+        return self
+
+    def finish(self) -> None:
+        """Stop writing (and wait for the process)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                future.result(timeout=1.0)
-            except (OSError, concurrent.futures.TimeoutError):
-                pass
-            time.sleep(0.02)
-        pool.shutdown(wait=False, cancel_futures=True)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, daemon=True)
-        thread.start()
-        return thread
+    @property
+    def acks(self) -> list[tuple[int, str, float]]:
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            i, node, t = line.split()
+            out.append((int(i), node, float(t)))
+        return out
 
     def missing(self, mnt: Path) -> list[int]:
         """The acknowledged writes not in ``mnt`` as they were written."""
@@ -153,3 +163,46 @@ class Writer:
             return f.exists() and f.read_bytes() == b"write %d\n" % i
 
         return [i for i, _, _ in self.acks if not held(i)]
+
+
+def _write(spec: dict[str, Any]) -> None:
+    """The writer process: until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    mounts = {n: Path(m) for n, m in spec["mounts"].items()}
+    lock = threading.Lock()
+    with open(spec["log"], "a") as log:
+
+        def one(i: int, node: str) -> None:
+            fd = os.open(mounts[node] / f"w{i}", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, b"write %d\n" % i)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with lock:
+                log.write(f"{i} {node} {time.monotonic()}\n")
+                log.flush()
+
+        pool = concurrent.futures.ThreadPoolExecutor(16)  # a write may hang on a stopped node
+        i = 0
+        while not stop.is_set():
+            node = _writable(spec["health"])
+            if node is None:
+                time.sleep(0.02)
+                continue
+            i += 1
+            future = pool.submit(one, i, node)
+            try:
+                future.result(timeout=1.0)
+            except (OSError, concurrent.futures.TimeoutError):
+                pass
+            time.sleep(0.02)
+        with lock:
+            log.flush()
+        os._exit(0)  # threads stuck on a stopped mount must not hold the exit
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["write"]:
+        _write(json.loads(sys.argv[2]))
