@@ -421,7 +421,7 @@ class Postgres:
 
 
 @pytest.fixture
-def postgres(procs: Procs) -> Iterator[Postgres]:
+def postgres(procs: Procs, tmp_path: Path) -> Iterator[Postgres]:
     if not PG_BIN.exists():
         pytest.skip("needs PostgreSQL 15")
     base = Path(tempfile.mkdtemp(prefix="cdpfs-t6-pg-"))
@@ -433,6 +433,8 @@ def postgres(procs: Procs) -> Iterator[Postgres]:
     finally:
         if pg is not None:
             pg.close()
+        for log in [*base.glob("*.log"), *base.glob("sock-*/*.log")]:  # kept for a look
+            shutil.copy(log, tmp_path / f"{log.parent.name}-{log.name}")
         if not any(os.path.ismount(p) for p in base.glob("*.mnt")):
             shutil.rmtree(base, ignore_errors=True)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -419,9 +418,10 @@ class Node:
                 "CDPFS_EPOCH": str(self.epoch)}
 
     def _hook_dir(self) -> Path | None:
+        """The mount point while the front end serves it (never a stat of it here: this
+        thread answers the mount's requests)."""
         assert self.spec is not None
-        mount = Path(self.spec.mount) if self.spec.mount else None
-        return mount if mount is not None and os.path.ismount(mount) else None
+        return Path(self.spec.mount) if self.spec.mount and self.serving else None
 
     async def _hooks(self, phase: str) -> bool:
         """Run the scenario's ``phase`` commands; False (logged) if one failed."""
@@ -481,9 +481,11 @@ class Node:
             healthy = False
             with trio.move_on_after(budget):
                 await volume.call(fs.sync, durable=True)  # the store commits
+                # while the promote hooks run, the application is starting: only the
+                # store and the front end are checked
                 healthy = (self.ready is not False
                            and (self.check is None or await self.check())
-                           and await self._hooks("check"))
+                           and (self.ready is None or await self._hooks("check")))
             if not healthy:
                 log.warning("node %s: a check failed: the lease is left to run out", self.name)
                 if fenced:
