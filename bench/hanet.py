@@ -63,6 +63,11 @@ class Net:
     def ip(self, host: str) -> str:
         return self._ips[host]
 
+    def addresses(self, host: str) -> str:
+        """``ip -o addr show eth0`` in ``host``: the addresses it holds now."""
+        return subprocess.run(["ip", "-n", self._ns[host], "-o", "addr", "show", "eth0"],
+                              capture_output=True, text=True, check=True).stdout
+
     def prefix(self, host: str) -> list[str]:
         """What runs a command in ``host``'s network (and only its network)."""
         return ["nsenter", f"--net=/run/netns/{self._ns[host]}"]

@@ -14,6 +14,11 @@ The checker, at the end: no acknowledged write is missing (sync mode); every sto
 shows one lineage of epochs, each starting after the one before (no two primaries
 wrote in one range); no node was resynced in full after a rejoin; all three stores
 hold the same tree (``verify --compare``).
+
+PostgreSQL runs on the volume through the shipped scenario (its promote steps
+start it on the new primary and move a virtual IP, its demote steps stop it),
+with pgbench and a stream of single-row commits through ``/primary``, while the
+primary's host crashes, the role is switched over and the primary is cut off.
 """
 
 from __future__ import annotations
@@ -405,10 +410,6 @@ class Postgres:
                 os.kill(pid, signal.SIGKILL)
         force_unmount(self.nodes.mnt(n))
 
-    def addresses(self, n: str) -> str:
-        return subprocess.run(["ip", "-n", self.net._ns[n], "-o", "addr", "show", "eth0"],
-                              capture_output=True, text=True, check=True).stdout
-
     def close(self) -> None:
         self.stop.set()
         for thread in self.threads:
@@ -483,7 +484,7 @@ def test_postgresql_fails_over_with_every_committed_transaction(postgres: Postgr
                           "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)").stdout.split()
     assert len(sums) == 4 and len(set(sums)) == 1, f"pgbench's bank does not balance: {sums}"
     assert pg.runs > 0
-    held = [n for n in HOSTS if f" {pg.vip}/24 " in pg.addresses(n)]
+    held = [n for n in HOSTS if f" {pg.vip}/24 " in pg.net.addresses(n)]
     assert held == [fourth], f"the virtual IP is on {held}, the primary is {fourth}"
     print(f"PostgreSQL: primaries {first} -> {second} -> {third} -> {fourth}; "
           f"{len(pg.acked)} commits acknowledged, none missing; {pg.runs} pgbench runs")
