@@ -243,11 +243,12 @@ class ReplicaServer:
         """The position of every accepted primary, in order (``resuming after #N``)."""
         return [int(n) for n in RESUMING.findall(self.text())]
 
-    def start(self, timeout: float = 30.0) -> ReplicaServer:
-        """Start it and wait until it listens (it logs so: no probe connection)."""
+    def start(self, *args: str, timeout: float = 30.0) -> ReplicaServer:
+        """Start it (``args``: more options of ``replica serve``) and wait until it
+        listens (it logs so: no probe connection)."""
         before = self.text().count(" listening on ")
-        self.proc = self.procs.start(["replica", "serve", self.store, "--listen", self.address],
-                                     self.log)
+        self.proc = self.procs.start(["replica", "serve", self.store, "--listen", self.address,
+                                      *args], self.log)
 
         def listening() -> bool:
             assert self.proc is not None

@@ -187,7 +187,8 @@ class Volume:
             if store.config(txn, "role") == ROLE_REPLICA:
                 raise StoreError(f"{store.path} is a replica: mount it with --follow or --at "
                                  "to read it (writing would part its history from the "
-                                 "primary's; failover is not built yet)")
+                                 "primary's; to make it the primary: 'cdpfs replica "
+                                 "promote', or a cluster: 'cdpfs ha')")
 
     def _hold_snapshot(self, store: Store) -> int:
         assert self.at is not None

@@ -124,12 +124,22 @@ class Faults:
             return now is not None and now[0] != old[0] and now[1] > old[1]
         return moved
 
-    def kill(self) -> None:
-        """SIGKILL of the primary's daemon; another node takes over; it comes back."""
+    def _current(self) -> tuple[tuple[str, int], subprocess.Popen[bytes]]:
+        """The primary (node, epoch) and its daemon."""
         assert self.nodes is not None
         old = self.primary()
         assert old is not None
-        proc = self.nodes.daemons[old[0]]
+        return old, self.nodes.daemons[old[0]]
+
+    def _until_replaced(self, old: tuple[str, int], since: float, what: str) -> None:
+        """Return once another node holds the role, and twice the TTL after ``since``."""
+        wait_until(self._moved_from(old), timeout=30, what=f"a new primary after {what}")
+        time.sleep(max(0.0, since + 2 * TTL - time.monotonic()))
+
+    def kill(self) -> None:
+        """SIGKILL of the primary's daemon; another node takes over; it comes back."""
+        assert self.nodes is not None
+        old, proc = self._current()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         force_unmount(self.nodes.mnt(old[0]))
@@ -139,14 +149,10 @@ class Faults:
     def stop(self) -> None:
         """SIGSTOP of the primary for twice the TTL: on waking it acknowledges nothing."""
         assert self.nodes is not None
-        old = self.primary()
-        assert old is not None
-        proc = self.nodes.daemons[old[0]]
+        old, proc = self._current()
         proc.send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
         try:
-            wait_until(self._moved_from(old), timeout=30, what="a new primary after SIGSTOP")
-            time.sleep(max(0.0, stopped + 2 * TTL - time.monotonic()))
+            self._until_replaced(old, time.monotonic(), "SIGSTOP")
         finally:
             proc.send_signal(signal.SIGCONT)
         woke = time.monotonic()
@@ -156,13 +162,11 @@ class Faults:
 
     def partition(self) -> None:
         """The primary's link down (it reaches nothing) for twice the TTL and more."""
-        old = self.primary()
-        assert old is not None
+        old, _ = self._current()
         self.net.partition(old[0])
         cut = time.monotonic()
         try:
-            wait_until(self._moved_from(old), timeout=30, what="a new primary after a partition")
-            time.sleep(max(0.0, cut + 2 * TTL - time.monotonic()))
+            self._until_replaced(old, cut, "a partition")
         finally:
             self.net.heal(old[0])
         assert self.acked_by(old[0], cut + TTL) == 0, "a cut-off primary acknowledged a write"
@@ -171,8 +175,7 @@ class Faults:
         """The primary reaches etcd but no other node: it keeps the role (its lease is
         fine) and, once etcd records that they are out of sync, writes without them;
         healed, they catch up."""
-        old = self.primary()
-        assert old is not None
+        old, _ = self._current()
         self.net.isolate_peers(old[0])
         try:
             time.sleep(3 * TTL)
@@ -259,13 +262,11 @@ class Faults:
 
 @pytest.fixture
 def faults(tmp_path: Path, procs: Procs) -> Iterator[Faults]:
-    f = None
+    f = Faults(tmp_path, procs)  # it cleans up after itself if it fails to start
     try:
-        f = Faults(tmp_path, procs)
         yield f
     finally:
-        if f is not None:
-            f.close()
+        f.close()
 
 
 def test_each_kind_of_fault_loses_no_acknowledged_write(faults: Faults) -> None:

@@ -12,10 +12,12 @@ import click
 import trio
 
 from cdpfs.errors import CdpfsError, first_error
+from cdpfs.ha import roles
 from cdpfs.history.treehash import tree_hash
 from cdpfs.mount.control import live_mount_of
 from cdpfs.replication import credentials, registry
 from cdpfs.replication.protocol import parse_address
+from cdpfs.replication.receiver import ROLE_REPLICA
 from cdpfs.replication.registry import ReplicaState
 from cdpfs.replication.sender import tls_connect
 from cdpfs.store import journal
@@ -57,7 +59,11 @@ def trust_cmd(store: Path, cert: Path, name: str) -> None:
 @replica.command("serve")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Address to listen on.")
-def serve_cmd(store: Path, listen: str) -> None:
+@click.option("--failback", is_flag=True,
+              help="Follow a primary whose history parted from this store's (an old "
+                   "primary rejoining): what only this store has is first copied to "
+                   "STORE.diverged-<epoch>-<time>, then taken out.")
+def serve_cmd(store: Path, listen: str, failback: bool) -> None:
     """Receive a primary's changes into STORE (created on first contact); runs until stopped."""
     parse_address(listen)
     ctx = credentials.server_context(store)
@@ -68,7 +74,7 @@ def serve_cmd(store: Path, listen: str) -> None:
         with trio.open_signal_receiver(2, 15) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(Volume(store, Mode.REPLICA, listen=listen,
-                                           server_ctx=ctx).run)
+                                           server_ctx=ctx, failback=failback).run)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
@@ -81,6 +87,37 @@ def _run(main: Any, *args: Any) -> Any:
         return trio.run(main, *args)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+
+
+@replica.command("promote")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+def promote_cmd(store: Path) -> None:
+    """Make replica STORE the primary by hand (without a cluster: for one in etcd,
+    'cdpfs ha promote'). Stop its replica server first. It starts a new epoch, so
+    every replica that follows it refuses the old primary from then on; mount it
+    to write, and register its replicas with 'cdpfs replica add'."""
+    if not is_store(store):
+        raise CdpfsError(f"{store}: not a cdpfs store")
+    if roles.role(store) != ROLE_REPLICA:
+        raise CdpfsError(f"{store} is not a replica: it is the primary already")
+    epoch = roles.promote(store)
+    click.echo(f"{store} is the primary now, epoch {epoch}: mount it; an old primary that "
+               f"comes back must be demoted ('cdpfs replica demote') before it serves")
+
+
+@replica.command("demote")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+def demote_cmd(store: Path) -> None:
+    """Make STORE (an old primary, unmounted) a replica: it ships nowhere and can be
+    served ('cdpfs replica serve --failback') to follow the new primary; what it
+    wrote that the new primary lacks is kept in a copy beside it."""
+    if not is_store(store):
+        raise CdpfsError(f"{store}: not a cdpfs store")
+    if roles.role(store) == ROLE_REPLICA:
+        raise CdpfsError(f"{store} is a replica already")
+    forgot = roles.demote(store)
+    click.echo(f"{store} is a replica now" + (f" (it no longer ships to {', '.join(forgot)})"
+                                             if forgot else ""))
 
 
 @replica.command("add")

@@ -38,15 +38,14 @@ from pathlib import Path
 import trio
 
 from ..errors import CdpfsError, ClusterError
-from ..replication import credentials, registry
+from ..replication import credentials
 from ..replication.fanout import Connector, tls_connector
-from ..replication.receiver import ROLE_REPLICA
-from ..replication.registry import ReplicaState
 from ..scenario import Scenario
 from ..store import epochs, journal
-from ..store.lmdb import Store, is_store
+from ..store.lmdb import is_store
 from ..system import boot_clock
 from ..volume import Mode, Volume
+from . import roles
 from .cluster import Cluster, NodeSpec, NodeState, Primary, Settings
 from .fence import Fence
 from .health import serve_health
@@ -54,7 +53,6 @@ from .lease import Lease
 
 log = logging.getLogger(__name__)
 
-ROLE_LIVE = "live"
 Serve = Callable[[Volume], Awaitable[None]]
 
 
@@ -302,24 +300,13 @@ class Node:
     def _promote(self, epoch: int, nodes: dict[str, NodeSpec]) -> None:
         """Make the store the live one of ``epoch``, shipping to every other node."""
         assert self.settings is not None
-        with Store(self.store_path) as store, store.txn(write=True) as txn:
-            store.set_config(txn, "role", ROLE_LIVE)
-            epochs.begin(store, txn, epoch)
-            for other in nodes.values():
-                if other.name == self.name:
-                    continue
-                state = registry.get(txn, store.db, other.name)
-                if state is None:
-                    state = ReplicaState(other.name, other.address, self.settings.mode)
-                state.address, state.mode = other.address, self.settings.mode
-                registry.put(txn, store.db, state)
+        mode = self.settings.mode
+        roles.promote(self.store_path, epoch, [(o.name, o.address, mode)
+                                               for o in nodes.values() if o.name != self.name])
 
     def _demote(self) -> None:
         """The store is a replica again: no mount takes it live, it ships nowhere."""
-        with Store(self.store_path) as store, store.txn(write=True) as txn:
-            store.set_config(txn, "role", ROLE_REPLICA)
-            for state in registry.states(txn, store.db):
-                registry.delete(txn, store.db, state.name)
+        roles.demote(self.store_path)
 
     async def _as_primary(self, lease: Lease, epoch: int, nodes: dict[str, NodeSpec]) -> None:
         self.epoch = epoch
