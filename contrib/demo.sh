@@ -103,7 +103,7 @@ echo "bookmarks travel too: ls $VIEW/@replicated -> $(ls "$VIEW/@replicated" | t
 kill $SERVE; wait $SERVE 2>/dev/null || true
 trap - EXIT
 
-step "high availability: two nodes, a 3-member etcd, the primary killed"
+step "high availability: two nodes, a 3-member etcd, the primary killed, then a switchover back"
 HA="$DEMO/ha"
 mkdir -p "$HA/a.mnt" "$HA/b.mnt"
 .venv/bin/python bench/etcdcluster.py "$HA/etcd" > "$HA/etcd.env" 2>"$HA/etcd.log" &
@@ -134,7 +134,11 @@ echo "b took over in $(.venv/bin/python -c "print(round($(date +%s.%N) - $KILLED
 "$CDPFS" -v ha run demo a 2>>"$HA/a.log" &  # the old primary comes back: a replica of b
 NODE_A=$!
 for _ in $(seq 1 300); do "$CDPFS" ha status demo | grep -q "a: replica" && break; sleep 0.1; done
+for _ in $(seq 1 300); do "$CDPFS" ha status demo | grep -q "a: replica, at #[0-9]* (lag 0" && break; sleep 0.1; done
 "$CDPFS" ha status demo
+"$CDPFS" ha switchover demo a  # planned: the role goes back to a with nothing lost
+for _ in $(seq 1 300); do mountpoint -q "$HA/a.mnt" && break; sleep 0.05; done
+echo "on a's mount again: $(cat "$HA/a.mnt/last-words.txt")"
 kill $NODE_A $NODE_B; wait $NODE_A $NODE_B 2>/dev/null || true
 kill $ETCD; wait $ETCD 2>/dev/null || true
 trap - EXIT
