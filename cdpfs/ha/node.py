@@ -87,6 +87,7 @@ class Node:
         self.spec: NodeSpec | None = None
         self.settings: Settings | None = None
         self._stopping = trio.Event()
+        self._nudged = trio.Event()  # a primary's hold loop looks again at once
         self.lag: int | None = None  # records behind the newest position reported
         self._handing_over = False  # a switchover asked this primary to give the role up
         self.last_primary: Primary | None = None  # who held the role before this node
@@ -107,6 +108,7 @@ class Node:
         replicas, then refused), unmounts and hands the role on at once; ``run``
         returns once that is done."""
         self._stopping.set()
+        self._nudged.set()
 
     @property
     def store_path(self) -> Path:
@@ -332,6 +334,7 @@ class Node:
                     self.serving = True
                 self._handing_over = False
                 nursery.start_soon(self._promote_hooks)
+                nursery.start_soon(self._watch_requests)
                 await self._hold(lease, volume)
                 if self._stopping.is_set() or self._handing_over:
                     await self._hooks("demote")  # the application stops, then the drain
@@ -455,9 +458,11 @@ class Node:
         fs = volume.fs
         while True:
             with trio.move_on_after(min(self.settings.interval, max(0.0, lease.left() / 2))):
-                await self._stopping.wait()
+                await self._nudged.wait()
             if self._stopping.is_set():
                 return
+            if self._nudged.is_set():
+                self._nudged = trio.Event()
             fenced = not lease.valid()
             if fenced and self.role == "primary":
                 log.warning("node %s: the lease's deadline passed: fenced until etcd shows "
@@ -501,6 +506,19 @@ class Node:
                 log.info("node %s: asked to hand the role to %s", self.name, request["node"])
                 self._handing_over = True
                 return
+
+    async def _watch_requests(self) -> None:
+        """Wake the hold loop when a hand-over is asked for: a switchover then waits
+        for one renewal, not for the next interval."""
+        assert self.settings is not None
+        while True:
+            try:
+                async for events in self.cluster.etcd.watch(self.cluster.key("request")):
+                    if any(not e.deleted for e in events):
+                        self._nudged.set()
+            except ClusterError as exc:
+                log.info("node %s: watching for hand-over requests: %s", self.name, exc)
+            await trio.sleep(self.settings.interval)
 
     async def _still_holder(self, lease: Lease) -> bool:
         holder = await self.cluster.primary()
