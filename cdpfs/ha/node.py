@@ -377,7 +377,8 @@ class Node:
                     await sender.wait_acked(seq)
         self.fence.shut("this node is handing the primary role on")
         if volume.fanout is not None:  # who has every change, for the next one's campaign
-            seq = self._position()[0] if self._position() else 0
+            pos = self._position()
+            seq = pos[0] if pos else 0
             synced = sorted(n for n, s in volume.fanout.senders.items() if s.state.acked >= seq)
             try:
                 await self._report("stopped", synced)
