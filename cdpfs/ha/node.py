@@ -88,6 +88,7 @@ class Node:
         self.settings: Settings | None = None
         self._stopping = trio.Event()
         self._nudged = trio.Event()  # a primary's hold loop looks again at once
+        self._report_lock = trio.Lock()
         self.lag: int | None = None  # records behind the newest position reported
         self._handing_over = False  # a switchover asked this primary to give the role up
         self.last_primary: Primary | None = None  # who held the role before this node
@@ -285,11 +286,14 @@ class Node:
         return volume.fanout.in_sync()
 
     async def _report(self, role: str | None = None, synced: list[str] | None = None) -> None:
-        pos = self._position()
-        seq = pos[0] if pos else 0
-        await self.cluster.report(self.name, NodeState(
-            role or self.role, self.epoch, seq,
-            synced=synced if synced is not None else self._synced()))
+        """Report this node's state; one report at a time, its in-sync list taken
+        under the lock, so an older list never lands after a newer one."""
+        async with self._report_lock:
+            pos = self._position()
+            seq = pos[0] if pos else 0
+            await self.cluster.report(self.name, NodeState(
+                role or self.role, self.epoch, seq,
+                synced=synced if synced is not None else self._synced()))
         if self.role == "primary":
             self.lag = 0
         else:
@@ -393,7 +397,7 @@ class Node:
         self.fence.check()
         try:
             with trio.fail_after(self.settings.ttl):
-                await self._report(synced=synced)
+                await self._report(synced=synced)  # ``synced`` excludes the leaving one
             return True
         except (ClusterError, trio.TooSlowError) as exc:
             log.warning("node %s: could not record the sync replicas: %s", self.name, exc)

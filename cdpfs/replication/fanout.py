@@ -63,6 +63,7 @@ class Fanout:
         # Until it is, fsync goes on waiting: a failover must never promote a
         # replica an fsync returned without.
         self.before_degrade: Callable[[list[str]], Awaitable[bool]] | None = None
+        self._leaving: set[str] = set()  # being recorded out of sync: not in in_sync()
         # Known before the volume serves its first request, so an fsync in the first
         # moments already waits for the sync replicas.
         self._new: list[Sender] = []
@@ -184,7 +185,7 @@ class Fanout:
         """The sync replicas every fsync that returned is on (less ``without``)."""
         return sorted(name for name, s in self.senders.items()
                       if s.state.mode == "sync" and name not in self.degraded
-                      and name != without)
+                      and name not in self._leaving and name != without)
 
     async def _record_degraded(self, sender: Sender, seq: int) -> None:
         """Have ``before_degrade`` record that fsync stops waiting for ``sender``;
@@ -192,13 +193,18 @@ class Fanout:
         if self.before_degrade is None:
             return
         name = sender.state.name
-        while not await self.before_degrade(self.in_sync(without=name)):
-            log.warning("sync replica %s: its loss could not be recorded: fsync waits on",
-                        name)
-            with trio.move_on_after(1.0):
-                await sender.wait_acked(seq)
-            if sender.state.acked >= seq:
-                return
+        self._leaving.add(name)  # from now on no report may list it again
+        try:
+            while not await self.before_degrade(self.in_sync()):
+                log.warning("sync replica %s: its loss could not be recorded: fsync waits on",
+                            name)
+                with trio.move_on_after(1.0):
+                    await sender.wait_acked(seq)
+                if sender.state.acked >= seq:
+                    return
+            self.degraded.add(name)
+        finally:
+            self._leaving.discard(name)
 
     def lag(self, newest: int) -> dict[str, int]:
         """Records each replica is behind ``newest``."""
