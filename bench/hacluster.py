@@ -178,10 +178,11 @@ def _write(spec: dict[str, Any]) -> None:
             try:
                 os.write(fd, b"write %d\n" % i)
                 os.fsync(fd)
+                acked = time.monotonic()  # the fsync's answer: close's FLUSH may wait on
             finally:
                 os.close(fd)
             with lock:
-                log.write(f"{i} {node} {time.monotonic()}\n")
+                log.write(f"{i} {node} {acked}\n")
                 log.flush()
 
         pool = concurrent.futures.ThreadPoolExecutor(16)  # a write may hang on a stopped node
