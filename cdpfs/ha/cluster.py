@@ -67,7 +67,11 @@ class Settings:
             raise ClusterError(f"interval {self.interval}: from 0.05 s to half the ttl")
         if self.max_lag < 0:
             raise ClusterError("max_lag: not negative")
-        has_checks = bool(self.checks) or "[[check]]" in self.scenario
+        try:
+            scenario = Scenario.parse(self.scenario, "the cluster's scenario", complete=False)
+        except CdpfsError as exc:
+            raise ClusterError(str(exc)) from None
+        has_checks = bool(self.checks) or bool(scenario.steps("check"))
         if has_checks and not 0.1 <= self.check_timeout <= self.ttl / 2:
             raise ClusterError(f"check timeout {self.check_timeout}: from 0.1 s to half the ttl")
         return self

@@ -181,11 +181,11 @@ class Fanout:
         self._synced = max(self._synced, seq)
 
 
-    def in_sync(self, without: str | None = None) -> list[str]:
-        """The sync replicas every fsync that returned is on (less ``without``)."""
+    def in_sync(self) -> list[str]:
+        """The sync replicas every fsync that returned is on."""
         return sorted(name for name, s in self.senders.items()
                       if s.state.mode == "sync" and name not in self.degraded
-                      and name not in self._leaving and name != without)
+                      and name not in self._leaving)
 
     async def _record_degraded(self, sender: Sender, seq: int) -> None:
         """Have ``before_degrade`` record that fsync stops waiting for ``sender``;
