@@ -45,8 +45,9 @@ class FakeClock:
 
 
 class LiveStore:
-    """A new store with its engine and filesystem layer running, as a mount has
-    them, driven from plain (non-trio) code: ``live(fn, *args)`` runs ``fn`` as an
+    """A new store (or with ``existing``, one made before: a clone) with its engine
+    and filesystem layer running, as a mount has them, driven from plain (non-trio)
+    code: ``live(fn, *args)`` runs ``fn`` as an
     engine call on the calling thread and returns its result (or raises its error).
 
     Attributes:
@@ -54,8 +55,9 @@ class LiveStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *,
-                 clock: Callable[[], int] | None = None, **engine_options: Any) -> None:
-        self.store = init_volume(path)
+                 clock: Callable[[], int] | None = None, existing: bool = False,
+                 **engine_options: Any) -> None:
+        self.store = Store(path) if existing else init_volume(path)
         self.engine = Engine(self.store, **engine_options)
         kw = {} if clock is None else {"clock": clock}
         self.fs = FileSystem(self.store, self.engine, **kw)

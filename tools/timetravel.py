@@ -1,4 +1,5 @@
-"""The time-travel commands: log, diff, restore, rewind, bookmark(s), prune, stat, retention.
+"""The time-travel commands: log, diff, restore, rewind, bookmark(s), clone, prune, stat,
+retention.
 
 Read-only commands open the store directly (after asking a live mount to commit);
 ``restore`` and ``rewind`` copy from ``@#seq`` trees into the live tree through the
@@ -277,6 +278,9 @@ def stat_cmd(volume: Path) -> None:
     def mib(n: int) -> str:
         return f"{n / 2**20:,.1f} MiB"
 
+    if s.clone_of is not None:
+        click.echo(f"clone of         {s.clone_of} as of #{s.clone_seq} ({when(s.clone_ts)}); "
+                   f"adds {s.records - 1} records and {mib(s.stored_bytes)} stored of its own")
     click.echo(f"live data        {mib(s.live_bytes)} in {s.live_files} files "
                f"({mib(s.live_stored)} stored)")
     click.echo(f"history          {mib(s.history_stored)} stored for older versions")
@@ -289,6 +293,37 @@ def stat_cmd(volume: Path) -> None:
     click.echo(f"oldest point     {when(s.oldest_ts)} (#{s.oldest_seq})")
     click.echo(f"journal          {s.records} records, newest #{s.last_seq} at {when(s.last_ts)}")
     click.echo(f"retention        {s.policy}")
+
+
+@click.command("clone")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("clone", type=click.Path(path_type=Path), required=False)
+@click.option("--at", "at", metavar="MOMENT",
+              help="The moment to clone: a time, -15m, #seq or bookmark (default: now).")
+@click.option("--delete", is_flag=True, help="Delete the clone STORE and release its hold.")
+def clone_cmd(store: Path, clone: Path | None, at: str | None, delete: bool) -> None:
+    """Make CLONE, a writable copy of the volume in STORE as it was at a moment, in
+    constant time: CLONE keeps its own changes and reads the rest from STORE, which
+    keeps that moment while the clone exists. Mount it with cdpfs mount CLONE MNT.
+
+    With --delete: remove the clone STORE (cdpfs clone --delete CLONE)."""
+    from cdpfs.history import clones
+
+    if delete:
+        if clone is not None or at is not None:
+            raise click.UsageError("--delete takes the clone alone: cdpfs clone --delete CLONE")
+        gone = clones.delete(store)
+        click.echo(f"deleted clone {gone.path} (of {gone.base} as of #{gone.seq}); "
+                   "its hold on the base is released")
+        return
+    if clone is None:
+        raise click.UsageError("give the store and the clone to make: cdpfs clone STORE CLONE")
+    target = locate(store)
+    if target.rel:
+        raise CdpfsError(f"{store}: give the store or the mount point, not a path inside it")
+    target.settle()
+    made = clones.make(target.store, clone, at)
+    click.echo(f"cloned {made.base} as of #{made.seq} ({when(made.ts)}) into {made.path}")
 
 
 @click.command("retention")
@@ -356,4 +391,4 @@ def config_cmd(volume: Path, settings: tuple[str, ...]) -> None:
 
 
 COMMANDS = [log_cmd, diff_cmd, restore_cmd, rewind_cmd, bookmark_cmd, bookmarks_cmd,
-            prune_cmd, stat_cmd, retention_cmd, config_cmd]
+            clone_cmd, prune_cmd, stat_cmd, retention_cmd, config_cmd]

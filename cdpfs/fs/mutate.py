@@ -123,9 +123,9 @@ class Mutator:
         # inodes and packs without the primary's counters, so a replica made the
         # primary (a failover) must not hand out a number that is taken.
         raw = txn.get(b"next_ino", db=store.db["meta"])
-        self.next_ino = max(int(raw) if raw else ROOT_INO + 1, _after_last(txn, store, "inodes"))
+        self.next_ino = max(int(raw) if raw else ROOT_INO + 1, store.after_last(txn, "inodes"))
         raw = txn.get(b"next_pack", db=store.db["meta"])
-        self.next_pack = max(int(raw) if raw else 1, _after_last(txn, store, "packs"))
+        self.next_pack = max(int(raw) if raw else 1, store.after_last(txn, "packs"))
 
     @property
     def view(self) -> View:
@@ -534,12 +534,6 @@ class Mutator:
                 op.put(T_EXTENT, extent_prefix(ino, j), HOLE)
                 freed += 1
         return -freed
-
-
-def _after_last(txn: lmdb.Transaction, store: Store, table: str) -> int:
-    """One more than the number the last key of ``table`` starts with (0 if empty)."""
-    cur = txn.cursor(db=store.db[table])
-    return U64.unpack(bytes(cur.key()[:8]))[0] + 1 if cur.last() else 0
 
 
 def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE) -> Store:

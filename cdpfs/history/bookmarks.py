@@ -4,7 +4,8 @@ Both live in the ``bookmarks`` table, keyed by name, value ``seq(8) + created_ns
 A bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
 named ``.hold.<pid>.<tag>`` that a mount writes while it shows a past state (an
 ``@`` directory, a snapshot mount); retention keeps its point while the process
-lives and drops holds of dead processes.
+lives and drops holds of dead processes. A clone's hold, ``.hold.clone:<path>``,
+keeps the point the clone reads through to while a store is at that path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lmdb
@@ -19,10 +21,12 @@ import lmdb
 from .. import system
 from ..errors import Exists
 from ..store import journal
+from ..store.lmdb import is_store
 from ..store.schema import U64
 from .moments import BadMoment, parse
 
 HOLD = ".hold."
+CLONE_HOLD = HOLD + "clone:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,10 @@ class Bookmark:
 
     @property
     def holder_alive(self) -> bool:
-        """For a hold: whether the process that wrote it still runs."""
+        """For a hold: whether the process that wrote it still runs (for a clone's:
+        whether the clone is still there)."""
+        if self.name.startswith(CLONE_HOLD):
+            return is_store(Path(self.name[len(CLONE_HOLD):]))
         try:
             pid = int(self.name[len(HOLD):].split(".", 1)[0])
         except ValueError:
@@ -91,6 +98,15 @@ def valid_name(name: str) -> bool:
 def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Bookmark:
     """Hold point ``seq`` for this process (``tag`` names the holder within it)."""
     return _write(txn, dbs, hold_name(tag), seq)
+
+
+def hold_clone(txn: lmdb.Transaction, dbs: dict[str, Any], clone: Path, seq: int) -> Bookmark:
+    """Hold point ``seq`` for the clone at ``clone`` (an absolute path) while it is there."""
+    return _write(txn, dbs, f"{CLONE_HOLD}{clone}", seq)
+
+
+def release_clone(txn: lmdb.Transaction, dbs: dict[str, Any], clone: Path) -> None:
+    txn.delete(f"{CLONE_HOLD}{clone}".encode(), db=dbs["bookmarks"])
 
 
 def release(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str) -> None:

@@ -67,6 +67,8 @@ class Points:
         self.marks = [b for b in bookmarks.all_points(txn, self.dbs)
                       if not b.is_hold or b.holder_alive]
         self._marked_set = {b.seq for b in self.marks}
+        if store.base is not None:  # a clone keeps the point it was made at
+            self._marked_set.add(store.base.seq)
         self._marked = sorted(self._marked_set)
 
     def ts(self, seq: int) -> int | None:

@@ -32,6 +32,7 @@ from ..store import journal
 from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import MAX_SEQ, U64, Extent, seq_of
+from ..store.view import View
 from . import bookmarks
 from .points import Points
 
@@ -167,8 +168,8 @@ class Pruner:
     def _prune_ino(self, txn: lmdb.Transaction, ino: int) -> int:
         seen = 0
         alive: list[tuple[int, int]] = []
+        hi = INF
         for group in self._groups(txn, "inodes", ino):
-            hi = INF
             for _key, seq, value in group:
                 if value:  # back-to-back versions make one interval: one per lifetime
                     if alive and alive[-1][0] == hi:
@@ -177,6 +178,13 @@ class Pruner:
                         alive.append((seq, hi))
                 hi = seq
             seen += self._decide(txn, "inodes", group, [(0, INF)])
+        under = View(self.store, txn).under
+        if under is not None and under.inode(ino) is not None:
+            # A clone: the base's inode lives on here until the clone's oldest version.
+            if alive and alive[-1][0] == hi:
+                alive[-1] = (0, alive[-1][1])
+            else:
+                alive.append((0, hi))
         for table in ("dirents", "xattrs", "extents"):
             for group in self._groups(txn, table, ino):
                 seen += self._decide(txn, table, group, alive)
@@ -191,8 +199,11 @@ class Pruner:
             keep.append(any(self.kept_in(max(seq, a), min(hi, b)) for a, b in alive))
             if not extents or Extent.unpack(value).is_base:
                 hi = seq
-        # A tombstone with nothing kept under it says what absence says.
+        # A tombstone with nothing kept under it says what absence says (but not in
+        # a clone, where absence shows the base).
         for i in range(len(group) - 1, -1, -1):
+            if self.store.base is not None:
+                break
             if not keep[i]:
                 continue
             value = group[i][2]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lmdb
+
 from ..store import codec, journal
 from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import U64, Extent, Inode
+from ..store.view import View
 from .points import Points
 from .retention import load_policy
 
@@ -30,7 +33,7 @@ class StoreStats:
 
 
 def store_stats(store: Store) -> StoreStats:
-    with store.env.begin() as txn:
+    with store.txn() as txn:
         seq, ts = journal.last(txn, store.db)
 
         def count(name: str) -> int:
@@ -65,21 +68,16 @@ class SpaceStats:
     last_ts: int
     records: int
     policy: str
+    clone_of: str | None = None  # a clone: its base store
+    clone_seq: int = 0  # ... the point of the base it was made at
+    clone_ts: int = 0
 
 
 def space_stats(store: Store) -> SpaceStats:
     """Scan the store (every inode, extent and block once) for ``cdpfs stat``."""
 
     with store.txn() as txn:
-        live: dict[int, Inode] = {}
-        cur = txn.cursor(db=store.db["inodes"])
-        last_ino = None
-        for key, value in cur:
-            ino = U64.unpack_from(key)[0]
-            if ino != last_ino:  # the newest version comes first
-                last_ino = ino
-                if value:
-                    live[ino] = Inode.unpack(value)
+        live = _live(store, txn)
         refs = Refs()  # what live files use
         logical = 0
         prefix = None
@@ -118,6 +116,7 @@ def space_stats(store: Store) -> SpaceStats:
                 oldest_seq, oldest_ts = seq, journal.ts_of(raw)
                 break
         last_seq, last_ts = journal.last(txn, store.db)
+        base = store.base
         return SpaceStats(
             live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),
             live_bytes=sum(n.size for n in live.values() if n.is_reg and n.nlink),
@@ -127,4 +126,33 @@ def space_stats(store: Store) -> SpaceStats:
             compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
             oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
             records=int(txn.stat(store.db["journal"])["entries"]),
-            policy=load_policy(store, txn).describe())
+            policy=load_policy(store, txn).describe(),
+            clone_of=None if base is None else str(base.store.path),
+            clone_seq=0 if base is None else base.seq,
+            clone_ts=0 if base is None else points.ts(base.seq) or 0)
+
+
+def _live(store: Store, txn: lmdb.Transaction) -> dict[int, Inode]:
+    """The inodes of the newest state (a clone's: its own and its base's it shows)."""
+    live: dict[int, Inode] = {}
+    cur = txn.cursor(db=store.db["inodes"])
+    last_ino = None
+    for key, value in cur:
+        ino = U64.unpack_from(key)[0]
+        if ino != last_ino:  # the newest version comes first
+            last_ino = ino
+            if value:
+                live[ino] = Inode.unpack(value)
+    under = View(store, txn).under
+    if under is not None:  # what the clone has no version of shows the base at its point
+        cur = under.txn.cursor(db=under.store.db["inodes"])
+        own = txn.cursor(db=store.db["inodes"])
+        ok = cur.first()
+        while ok:
+            prefix = bytes(cur.key()[:8])
+            if not (own.set_range(prefix) and own.key().startswith(prefix)):
+                node = under.inode(U64.unpack(prefix)[0])
+                if node is not None:
+                    live[U64.unpack(prefix)[0]] = node
+            ok = cur.set_range(prefix + b"\xff" * 9)
+    return live

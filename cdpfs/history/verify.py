@@ -72,6 +72,7 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
     # name's next version exists.
     prefix, newer = b"", MAX_SEQ + 1
     inodes = txn.cursor(db=store.db["inodes"])
+    under = View(store, txn).under  # a clone's names may lead to its base's inodes
     for key, value in txn.cursor(db=store.db["dirents"]):
         seq = seq_of(key)
         until = newer - 1 if key[:-8] == prefix else MAX_SEQ
@@ -79,7 +80,7 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
         if not value:
             continue
         child = U64.unpack(value)[0]
-        if not _existed(inodes, child, until):
+        if not _existed(inodes, child, until) and (under is None or under.inode(child) is None):
             parent = U64.unpack_from(key, 0)[0]
             name = key[8:-9].decode(errors="replace")
             yield f"dangling name: {name!r} in directory {parent} -> inode {child} at seq {seq}"
@@ -101,7 +102,7 @@ def _existed(cur: lmdb.Cursor, ino: int, until: int) -> bool:
 def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[str]:
     """Every problem found in ``store`` (empty when it is sound)."""
     problems: list[str] = []
-    with store.env.begin() as txn:
+    with store.txn() as txn:
         cur = txn.cursor(db=store.db["journal"])
         last = U64.unpack(cur.key())[0] if cur.last() else 0
         if progress:

@@ -4,6 +4,12 @@ A store is a directory holding ``data.mdb``/``lock.mdb`` (LMDB) and ``cdpfs.lock
 (the writer lock that keeps a second writer out, ``lock.py``). This module opens
 and creates stores, grows the LMDB map, and reads and writes content-addressed
 blocks and packs.
+
+A *clone* is a store whose meta names a base store and a point of it
+(``clone.base``, ``clone.seq``): what the clone's own tables do not hold is read
+from the base as of that point (``Base``; ``view.View`` falls through to it),
+and its blocks and packs likewise. The base keeps the point from pruning with a
+hold (``history.clones``).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -29,7 +36,7 @@ from .. import system
 from ..errors import Corrupt, StoreError
 from . import codec
 from .lock import LOCK_NAME, Holder, WriterLock, holder
-from .schema import u64
+from .schema import U64, u64
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,31 @@ def is_store(path: Path) -> bool:
     return (path / "data.mdb").is_file()
 
 
+class CloneOf(NamedTuple):
+    """What a clone's meta says of its base: the store's path and volume id, the
+    point read through to, and the first pack number that is the clone's own."""
+
+    path: Path
+    uuid: str
+    seq: int
+    pack_start: int
+
+
+class Base(NamedTuple):
+    """What a clone reads through to: the base store (open read-only) as of ``seq``.
+    Packs numbered below ``pack_start`` are the base's; the clone's own start there.
+    ``shared``: the base was open in this process already (LMDB allows one
+    environment per file in a process), and stays open when the clone closes."""
+
+    store: Store
+    seq: int
+    pack_start: int
+    shared: bool = False
+
+
+_open_stores: weakref.WeakValueDictionary[Path, Store] = weakref.WeakValueDictionary()
+
+
 class Store:
     """An open store: the LMDB environment, its named databases and the block cache.
 
@@ -93,7 +125,8 @@ class Store:
         readonly: opened without write access.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
+                 open_base: bool = True) -> None:
         self.path = Path(path)
         self.readonly = readonly
         if not self.path.is_dir():
@@ -103,6 +136,7 @@ class Store:
         self.writer = WriterLock(self.path)
         size = check_file(self.path / "data.mdb")
         self.env = self._open_env(max(MIN_MAP, _round_up(size * 2)))
+        _open_stores[self.path.resolve()] = self
         try:
             self.db = {name.decode(): self.env.open_db(name, create=not readonly)
                        for name in DB_NAMES}
@@ -117,12 +151,58 @@ class Store:
                 raise StoreError(f"{self.path}: unsupported store format {fmt!r} (want {FORMAT!r})")
             self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
             self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
+            raw = txn.get(b"clone", db=self.db["meta"])
+        self.clone_of = None if raw is None else CloneOf(*_decode_clone(raw))
         self.cache = BlockCache()
         self._active = 0  # transactions begun by txn() and not yet ended
         self._cond = threading.Condition()
+        self._under: dict[int, lmdb.Transaction] = {}  # id(txn) -> the base's, for a clone
+        self.base: Base | None = None
+        if self.clone_of is not None and open_base:
+            try:
+                self.base = self._open_base(self.clone_of)
+            except BaseException:
+                self.env.close()
+                raise
         # The pack the writer is filling: in memory until sealed, which happens
         # before every commit, so no committed extent ever points into it.
         self.open_pack: tuple[int, bytearray] = (0, bytearray())
+
+    def _open_base(self, clone: CloneOf) -> Base:
+        base = _open_stores.get(clone.path.resolve())
+        if base is not None:
+            return Base(base, clone.seq, clone.pack_start, shared=True)
+        try:
+            base = Store(clone.path, readonly=True)
+        except StoreError as exc:
+            raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, whose "
+                             f"base cannot be opened: {exc}") from None
+        try:
+            if base.uuid != clone.uuid:
+                raise StoreError(f"{self.path}: a clone of {clone.path}, which now holds "
+                                 "another volume")
+            with base.txn() as txn:
+                if txn.get(u64(clone.seq), db=base.db["journal"]) is None:
+                    raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, "
+                                     "which that store no longer has")
+        except BaseException:
+            base.close()
+            raise
+        return Base(base, clone.seq, clone.pack_start)
+
+    def after_last(self, txn: lmdb.Transaction, table: str) -> int:
+        """One more than the number the last key of ``table`` starts with (0 if empty)."""
+        cur = txn.cursor(db=self.db[table])
+        return U64.unpack(bytes(cur.key()[:8]))[0] + 1 if cur.last() else 0
+
+    def under(self, txn: lmdb.Transaction) -> lmdb.Transaction:
+        """A clone's read transaction of its base, paired with ``txn`` (begun with
+        its first use, ended with ``txn`` by ``end``)."""
+        assert self.base is not None
+        under = self._under.get(id(txn))
+        if under is None:
+            under = self._under[id(txn)] = self.base.store.begin()
+        return under
 
     def _open_env(self, map_size: int) -> lmdb.Environment:
         try:
@@ -256,6 +336,10 @@ class Store:
 
     def end(self, txn: lmdb.Transaction, commit: bool = False) -> None:
         """Commit (``commit``) or abort a transaction from ``begin``."""
+        under = self._under.pop(id(txn), None) if self._under else None
+        if under is not None:
+            assert self.base is not None
+            self.base.store.end(under)
         try:
             if commit:
                 txn.commit()
@@ -282,6 +366,9 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        _open_stores.pop(self.path.resolve(), None)
+        if self.base is not None and not self.base.shared:
+            self.base.store.close()
         self.unlock()
 
     def __enter__(self) -> Store:
@@ -301,6 +388,8 @@ class Store:
         if data is not None:
             return data
         stored = txn.get(key, db=self.db["blocks"])
+        if stored is None and self.base is not None:
+            return self.base.store.get_block(self.under(txn), key)
         if stored is None:
             raise Corrupt(key, f"block {key.hex()} is missing from the store")
         data = codec.decode(stored, key, self.block_size)
@@ -323,6 +412,8 @@ class Store:
             data: bytes | bytearray = sealed
         elif pack == self.open_pack[0]:
             data = self.open_pack[1]
+        elif self.base is not None and pack < self.base.pack_start:
+            return self.base.store.get_piece(self.under(txn), pack, off, length, digest)
         else:
             key = b"pack" + u64(pack)
             cached = self.cache.get(key)
@@ -340,6 +431,17 @@ class Store:
                                        "(hash mismatch)")
         return piece
 
+
+
+def encode_clone(clone: CloneOf) -> bytes:
+    """The meta value ``clone`` of a clone store."""
+    return json.dumps({"base": str(clone.path), "uuid": clone.uuid, "seq": clone.seq,
+                       "pack_start": clone.pack_start}).encode()
+
+
+def _decode_clone(raw: bytes) -> tuple[Path, str, int, int]:
+    value = json.loads(raw)
+    return Path(value["base"]), value["uuid"], int(value["seq"]), int(value["pack_start"])
 
 
 _MAGIC, _VERSION = 0xBEEFC0DE, 1  # LMDB's meta page magic and data format version

@@ -3,7 +3,8 @@
 A ``View`` wraps one LMDB transaction and a sequence number; every lookup
 seeks to the newest version <= that number. The live volume's view also lays
 the changes applied but not yet committed (``store.pending``) over what the
-transaction sees.
+transaction sees. A clone's view lays its own tables over its base as of the
+clone's point (``under``): an object the clone has no version of is the base's.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ class View:
         self.pending = pending
         self._inv = inv(seq)
         self._db = store.db
+        self._under: View | None = None
+
+    @property
+    def under(self) -> View | None:
+        """For a clone: the base as of the clone's point, read where the clone's own
+        tables hold no version of an object (None for any other store)."""
+        base = self.store.base
+        if base is None:
+            return None
+        if self._under is None:
+            self._under = View(base.store, self.store.under(self.txn), base.seq)
+        return self._under
 
     def _newest(self, db: str, prefix: bytes) -> bytes | None:
         """Value of the newest version <= seq of the object at ``prefix``."""
@@ -70,12 +83,12 @@ class View:
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
         cur = self.txn.cursor(db=self._db[db])
-        if not cur.set_range(prefix + self._inv):
-            return None
-        key = cur.key()
-        if len(key) != len(prefix) + 8 or not key.startswith(prefix):
-            return None
-        return cur.value()
+        if cur.set_range(prefix + self._inv):
+            key = cur.key()
+            if len(key) == len(prefix) + 8 and key.startswith(prefix):
+                return cur.value()
+        under = self.under
+        return None if under is None else under._newest(db, prefix)
 
     # --- inodes and names -------------------------------------------------------
 
@@ -112,7 +125,12 @@ class View:
     def _names(self, db: str, base: bytes, after: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         """(name, newest value <= seq) of each NUL-terminated name under ``base``:
         what LMDB holds, with the pending changes merged in, in name order."""
-        stored = self._stored_names(db, base, after)
+        under = self.under
+        if under is None:
+            stored = self._stored_names(db, base, after)
+        else:  # a clone: its own names, removals included, over the base's
+            stored = _overlay(under._names(db, base, after),
+                              self._stored_names(db, base, after, removed=True))
         if self.pending is None:
             yield from stored
             return
@@ -126,25 +144,10 @@ class View:
         if not changed:
             yield from stored
             return
-        order = sorted(changed)
-        i = 0
-        for name, value in stored:
-            while i < len(order) and order[i] < name:
-                if changed[order[i]]:
-                    yield order[i], changed[order[i]]
-                i += 1
-            if name in changed:  # order[i] is name: everything before it is out
-                i += 1
-                if changed[name]:
-                    yield name, changed[name]
-            else:
-                yield name, value
-        for name in order[i:]:
-            if changed[name]:
-                yield name, changed[name]
+        yield from _overlay(stored, ((name, changed[name]) for name in sorted(changed)))
 
     def _stored_names(self, db: str, base: bytes, after: bytes | None,
-                      ) -> Iterator[tuple[bytes, bytes]]:
+                      removed: bool = False) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         ok = cur.set_range(base if after is None else base + after + b"\0" + _PAST)
         while ok:
@@ -157,7 +160,7 @@ class View:
                 key = cur.key() if ok else b""
             if ok and key.startswith(prefix) and len(key) == len(prefix) + 8:
                 value = cur.value()
-                if value:
+                if value or removed:
                     yield prefix[len(base) : -1], value
             ok = cur.set_range(prefix + _PAST)
 
@@ -188,6 +191,8 @@ class View:
                 last = name
         if self.pending is not None:
             yield from self.pending.all_names(T_XATTR)
+        if self.under is not None:
+            yield from self.under.xattr_names()
 
     def xattrs(self, ino: int) -> list[bytes]:
         return [name for name, _ in self._names("xattrs", U64.pack(ino), None)]
@@ -205,16 +210,16 @@ class View:
                 if ext.is_base:
                     return out
         cur = self.txn.cursor(db=self._db["extents"])
-        if not cur.set_range(prefix + self._inv):
-            return out
-        for key, value in cur:
-            if not key.startswith(prefix):
-                break
-            ext = Extent.unpack(value)
-            out.append(ext)
-            if ext.is_base:
-                break
-        return out
+        if cur.set_range(prefix + self._inv):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                ext = Extent.unpack(value)
+                out.append(ext)
+                if ext.is_base:
+                    return out
+        under = self.under
+        return out if under is None else out + under.chain(ino, index)
 
     def patches(self, ino: int, index: int) -> tuple[bool, int, int]:
         """(holds data, patches, their bytes) of block ``index``: the newest extents
@@ -239,9 +244,13 @@ class View:
                     break
                 first = value if first is None else first
                 if value[0] in _BASES:
-                    break
+                    return first[:1] != HOLE, count, size
                 count += 1
                 size += _LEN.unpack_from(value, 5)[0]
+        under = self.under
+        if under is not None:
+            data, more, more_size = under.patches(ino, index)
+            return (data if first is None else first[:1] != HOLE), count + more, size + more_size
         return first is not None and first[:1] != HOLE, count, size
 
     def allocated(self, ino: int, index: int) -> bool:
@@ -252,9 +261,9 @@ class View:
             if value is not MISSING:
                 return value[:1] != HOLE  # type: ignore[no-any-return]
         cur = self.txn.cursor(db=self._db["extents"])
-        if not cur.set_range(prefix + self._inv) or not cur.key().startswith(prefix):
-            return False
-        return cur.value()[:1] != HOLE
+        if cur.set_range(prefix + self._inv) and cur.key().startswith(prefix):
+            return cur.value()[:1] != HOLE
+        return self.under is not None and self.under.allocated(ino, index)
 
     def block_range(self, ino: int, index: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of block ``index`` (zeros where nothing was written)."""
@@ -301,7 +310,9 @@ class View:
 
     def block_indices(self, ino: int, first: int = 0) -> Iterator[int]:
         """Indices >= first of blocks of ``ino`` that have any version at all."""
-        extra = self.pending.indices(ino) if self.pending is not None else None
+        extra = self.pending.indices(ino) if self.pending is not None else set()
+        if self.under is not None:
+            extra.update(self.under.block_indices(ino, first))
         if not extra:
             yield from self._stored_indices(ino, first)
             return
@@ -320,6 +331,28 @@ class View:
             index += 1
 
 
+def _overlay(lower: Iterator[tuple[bytes, bytes]], upper: Iterator[tuple[bytes, bytes]],
+             ) -> Iterator[tuple[bytes, bytes]]:
+    """Merge two name-ordered listings of (name, value): a name in ``upper`` takes its
+    value from there, and an empty value there removes it."""
+    nxt = next(upper, None)
+    for name, value in lower:
+        while nxt is not None and nxt[0] < name:
+            if nxt[1]:
+                yield nxt
+            nxt = next(upper, None)
+        if nxt is not None and nxt[0] == name:
+            if nxt[1]:
+                yield nxt
+            nxt = next(upper, None)
+        else:
+            yield name, value
+    while nxt is not None:
+        if nxt[1]:
+            yield nxt
+        nxt = next(upper, None)
+
+
 @contextmanager
 def open_view(store: Store, *, seq: int | None = None, time_ns: int | None = None,
               ) -> Iterator[View]:
@@ -328,7 +361,7 @@ def open_view(store: Store, *, seq: int | None = None, time_ns: int | None = Non
     With neither, the newest committed state. The view holds a read
     transaction until the ``with`` block ends.
     """
-    with store.env.begin() as txn:
+    with store.txn() as txn:
         if time_ns is not None:
             seq = journal.seq_at(txn, store.db, time_ns)
             if seq == 0:
