@@ -1070,7 +1070,7 @@ class Bench:
 
         res = self._each(f"seq-{kind}", one)
         mib = f"{size // MiB} MiB"
-        write_target = Target("zstd", 0.6) if kind == "text" else Target("passthrough", 0.6)
+        write_target = Target("zstd", 0.8) if kind == "text" else Target("passthrough", 0.8)
         zstd = getattr(self, "zstd_mbs", None) if kind == "text" else None
         note = f"1 MiB writes, fsync at end; {mib}"
         self.rows.append(self._row(res, "write", workload="seq write", data=kind, unit="MB/s",
@@ -1078,7 +1078,7 @@ class Bench:
         cold_note = "" if self.cold_ok else "page cache NOT dropped"
         self.rows.append(self._row(res, "cold", workload="seq read cold", data=kind,
                                    unit="MB/s", with_growth=False,
-                                   target=Target("passthrough", 0.6), note=cold_note))
+                                   target=Target("passthrough", 0.8), note=cold_note))
         self.rows.append(self._row(res, "warm", workload="seq read warm", data=kind,
                                    unit="MB/s", with_growth=False))
 
@@ -1125,7 +1125,7 @@ class Bench:
         note = (f"{cfg.rand_writes} x 4 KiB into {cfg.rand_file // MiB} MiB, "
                 f"fsync every {cfg.rand_sync_every}")
         self.rows.append(self._row(res, "write", workload="random 4 KiB write", data="random",
-                                   unit="MB/s", target=Target("passthrough", 0.3), note=note))
+                                   unit="MB/s", target=Target("passthrough", 0.6), note=note))
         self.rows.append(self._row(res, "iops", workload="random 4 KiB write", data="random",
                                    unit="writes/s", with_growth=False))
         self._cpu_row(res, "random 4 KiB write", "random", "per write")
@@ -1151,7 +1151,7 @@ class Bench:
 
         res = self._each("files", one)
         self.rows.append(self._row(res, "rate", workload=f"create {cfg.files} 4 KiB files",
-                                   data="text", unit="files/s", target=Target("passthrough", 0.7),
+                                   data="text", unit="files/s", target=Target("passthrough", 0.9),
                                    note="one directory, then fsync(dir) + sync"))
         self._cpu_row(res, f"create {cfg.files} 4 KiB files", "text", "per file")
 
@@ -1182,7 +1182,8 @@ class Bench:
         self.rows.append(self._row(res, "s", workload="tar -xf stdlib", data="source",
                                    unit="s", higher_better=False, note=what))
         self.rows.append(self._row(res, "mbs", workload="tar -xf stdlib", data="source",
-                                   unit="MB/s", with_growth=False))
+                                   unit="MB/s", with_growth=False,
+                                   target=Target("passthrough", 0.8)))
         self._cpu_row(res, "tar -xf stdlib", "source", "per file")
 
     def wl_fio(self) -> None:
