@@ -2,7 +2,8 @@
 file (see contrib/scenarios/).
 
 One file serves bookmarks (``before``/``after``: a database checkpoint, a freeze
-and a thaw) and high availability (``check``: is the application alive on the
+and a thaw), DR tests (``test``/``test_stop``: start the application on a clone
+of a replica, check it, stop it) and high availability (``check``: is the application alive on the
 primary; ``promote``: start it on a node that has just become the primary, move a
 virtual IP; ``demote``: stop it on a node that has lost or is handing on the
 role)::
@@ -20,6 +21,10 @@ role)::
     [[promote]]       # in order, once the volume is mounted on the new primary
     run = "..."
     [[demote]]        # in order, before a planned hand-over drains and when fenced
+    run = "..."
+    [[test]]          # a DR test (cdpfs replica test), in order, on a clone's mount
+    run = "..."       # (CDPFS_MOUNT, CDPFS_SEQ); the first failure fails the test
+    [[test_stop]]     # always after the test steps: stop what they started
     run = "..."
 
 Commands run through ``bash -c`` in the volume's mount directory with the
@@ -43,7 +48,7 @@ from .errors import CdpfsError
 
 log = logging.getLogger(__name__)
 
-PHASES = ("before", "after", "check", "promote", "demote")
+PHASES = ("before", "after", "check", "promote", "demote", "test", "test_stop")
 DEFAULT_TIMEOUT = 120.0
 
 

@@ -155,7 +155,10 @@ def test_bad_clone_requests_are_one_line_and_change_nothing(
     seq = store_seq(base.store)
     taken = tmp_path / "taken"
     taken.mkdir()
+    other = tmp_path / "other"
+    cdpfs("clone", base.store, other)
     cases = [
+        (["replica", "add", other, "r1", "127.0.0.1:1"], "cannot be replicated"),
         (["clone", base.store, taken], "exists already"),
         (["clone", base.store, clone.store, "--at", f"#{seq + 50}"], "no record"),
         (["clone", base.store, clone.store, "--at", "yesterday-ish"], ""),
@@ -168,8 +171,10 @@ def test_bad_clone_requests_are_one_line_and_change_nothing(
         assert words in line, (args, line)
     assert not clone.store.exists() and os.listdir(taken) == []
     assert store_seq(base.store) == seq
-    proc = cdpfs("bookmarks", "--volume", base.store)
-    assert "clone" not in proc.stdout
+    cdpfs("clone", "--delete", other)
+    with Store(base.store, readonly=True) as st, st.txn() as txn:
+        holds = [bytes(k) for k, _ in txn.cursor(db=st.db["bookmarks"])]
+    assert not [h for h in holds if b"clone" in h], holds
 
 
 def test_the_base_keeps_the_moment_while_the_clone_exists(base: Volume, clone: Volume) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -228,9 +229,12 @@ def status(store: Path) -> None:
     from cdpfs.replication.registry import load_states
 
 
+    from .drtest import last as last_test
+
     st = Store(store, readonly=True)
     try:
         s = store_stats(st)
+        tested = last_test(st)
         holder = st.holder()
         replicas = load_states(st)
         with st.txn() as txn:
@@ -244,6 +248,12 @@ def status(store: Path) -> None:
     click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
+    if tested is not None:
+        age = (time.time_ns() - tested.ts) / 1e9
+        how = (f"passed, bookmarked {tested.bookmark}" if tested.ok
+               else f"FAILED: {tested.failed}" + (f" (clone kept: {tested.clone})"
+                                                  if tested.clone else ""))
+        click.echo(f"dr test      #{tested.seq}, {age / 3600:.1f} h ago, {how}")
     for r in replicas:
         lag = s.last_seq - r.acked
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0

@@ -135,6 +135,10 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
     parse_address(address)
     rate = parse_rate(limit)
     with Store(store) as st, st.txn(write=True) as txn:
+        if st.clone_of is not None:
+            raise CdpfsError(f"{store}: is a clone of {st.clone_of.path}; a clone cannot be "
+                             "replicated (its history starts at #"
+                             f"{st.clone_of.seq}, which a replica would lack)")
         state = registry.get(txn, st.db, name) or ReplicaState(name, address)
         state.address, state.mode, state.limit = address, mode, rate
         registry.put(txn, st.db, state)
@@ -243,6 +247,41 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
     if ha != hb:
         raise CdpfsError(f"differ at #{seq}: {primary} {ha[:16]}, {replica_path} {hb[:16]}")
     click.echo(f"identical at #{seq}: {n} entries, tree hash {ha[:16]}")
+
+
+@replica.command("test")
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.option("--scenario", "scenario_path", required=True,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The scenario whose [[test]] steps check the application.")
+@click.option("--set", "variables", multiple=True, metavar="KEY=VALUE",
+              help="A variable of the scenario.")
+@click.option("--at", "at", metavar="MOMENT", help="The moment to test (default: the newest).")
+@click.option("--primary", type=click.Path(path_type=Path, exists=True),
+              help="The primary's store, where this machine can read it: the tested "
+              "point's tree hash must match its own.")
+@click.option("--keep-failed/--no-keep-failed", default=True, show_default=True,
+              help="Keep the clone of a failed test for inspection.")
+@click.option("--allow-other", is_flag=True,
+              help="Mount the clone for other users too (an application run as its own "
+              "user, such as PostgreSQL).")
+def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: str | None,
+             primary: Path | None, keep_failed: bool, allow_other: bool) -> None:
+    """Prove replica STORE can be recovered from, while it keeps receiving: clone it at
+    a moment, start and check the application on the clone (the scenario's [[test]]
+    steps), then remove the clone. A pass bookmarks the point as tested-<time>."""
+    from cdpfs.scenario import Scenario
+
+    from .drtest import run
+
+    result = run(store, Scenario.load(scenario_path, variables), at=at, primary=primary,
+                 keep_failed=keep_failed, allow_other=allow_other, echo=click.echo)
+    click.echo(f"tree hash: {result.tree_hash}")
+    if not result.ok:
+        kept = f"; the clone is kept at {result.clone}" if result.clone else ""
+        raise CdpfsError(f"DR test of {store} at #{result.seq} failed: {result.failed}{kept}")
+    click.echo(f"DR test of {store} at #{result.seq} passed in {result.seconds:.1f}s; "
+               f"bookmarked as {result.bookmark}")
 
 
 @click.command("assess")

@@ -27,6 +27,7 @@ from .moments import BadMoment, parse
 
 HOLD = ".hold."
 CLONE_HOLD = HOLD + "clone:"
+TESTED = "tested-"  # a replica's own bookmarks of points a DR test passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +139,12 @@ def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
 
 def mirror(txn: lmdb.Transaction, dbs: dict[str, Any], marks: dict[str, list[int]]) -> int:
     """Make the user's bookmarks those of ``marks`` ({name: [seq, created_ns]}, a
-    primary's, on its replica), leaving holds alone and skipping points not in the
-    journal here. The number of bookmarks changed."""
+    primary's, on its replica), leaving holds and the replica's own DR test
+    bookmarks (``tested-*``) alone and skipping points not in the journal here.
+    The number of bookmarks changed."""
     changed = 0
     for mark in bookmarks(txn, dbs):
-        if mark.name not in marks:
+        if mark.name not in marks and not mark.name.startswith(TESTED):
             txn.delete(mark.name.encode(), db=dbs["bookmarks"])
             changed += 1
     for name, (seq, created_ns) in marks.items():

@@ -1,0 +1,167 @@
+"""DR tests on a live replica (``cdpfs replica test``): real processes on loopback.
+
+A mounted primary ships (async) to ``cdpfs replica serve`` while a writer keeps
+committing rows to a SQLite database on it. The DR test clones the replica,
+mounts the clone, runs the SQLite scenario's test steps on it and compares tree
+hashes with the primary; the replica keeps applying the whole time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import (
+    ReplicaServer,
+    Volume,
+    cdpfs,
+    last_seq,
+    pair_stores,
+    store_seq,
+    wait_until,
+)
+from test_t3_history import one_line_error
+
+from cdpfs.store.lmdb import Store
+
+SQLITE = Path(__file__).parent.parent / "contrib" / "scenarios" / "sqlite.toml"
+Served = tuple[Volume, Path, ReplicaServer]
+
+
+@pytest.fixture
+def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[Served]:
+    """A mounted primary with a SQLite database, shipping (async) to a replica server."""
+    vol = make_volume("primary").init()
+    replica = tmp_path / "replica.store"
+    pair_stores(vol.store, replica)
+    server = ReplicaServer(replica, tmp_path / "serve.log")
+    try:
+        server.start()
+        cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
+        vol.mount()
+        subprocess.run(["sqlite3", str(vol.mnt / "app.db"),
+                        "PRAGMA journal_mode=WAL; create table t(x integer);"],
+                       check=True, capture_output=True)
+        yield vol, replica, server
+    finally:
+        server.kill()
+        vol.cleanup()
+
+
+def _synced(vol: Volume, replica: Path) -> int:
+    last = last_seq(vol)
+    wait_until(lambda: store_seq(replica) >= last, timeout=30, what=f"the replica at #{last}")
+    return last
+
+
+class Writer(threading.Thread):
+    """Commits a row a time to the primary's database until stopped."""
+
+    def __init__(self, db: Path) -> None:
+        super().__init__(daemon=True)
+        self.db = db
+        self.rows = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            subprocess.run(["sqlite3", str(self.db), f"insert into t values ({self.rows})"],
+                           check=True, capture_output=True)
+            self.rows += 1
+
+
+def _bookmarks(store: Path) -> list[str]:
+    return cdpfs("bookmarks", "--volume", store).stdout.split()
+
+
+def test_a_dr_test_passes_on_a_replica_that_keeps_receiving(
+        served: Served, tmp_path: Path) -> None:
+    vol, replica, server = served
+    writer = Writer(vol.mnt / "app.db")
+    writer.start()
+    try:
+        wait_until(lambda: writer.rows > 20, what="the first rows")
+        before = _synced(vol, replica)
+        out = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
+                    "--set", "TEST_QUERY=select count(*) from t", "--primary", vol.store).stdout
+        rows_during = writer.rows
+        after = _synced(vol, replica)
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert "passed" in out and "matches the primary" in out, out
+    assert out.count("ok:") == 2, out
+    assert after > before, "the replica applied nothing while the test ran"
+    assert rows_during > 20
+    tested = [b for b in _bookmarks(replica) if b.startswith("tested-")]
+    assert len(tested) == 1, _bookmarks(replica)
+    # The clone and its mount are gone; the replica holds no clone's hold.
+    assert not list(tmp_path.glob("replica.store.drtest-*"))
+    with Store(replica, readonly=True) as st, st.txn() as txn:
+        holds = [bytes(k) for k, _ in txn.cursor(db=st.db["bookmarks"])]
+    assert not [h for h in holds if b"clone" in h], holds
+    assert "full resync" not in server.text()
+    # The bookmark stays through more shipping (the primary's bookmarks are mirrored).
+    (vol.mnt / "more").write_text("more")
+    _synced(vol, replica)
+    cdpfs("bookmark", "after-test", "--volume", vol.mnt)
+    wait_until(lambda: "after-test" in _bookmarks(replica), what="the primary's bookmark")
+    assert tested[0] in _bookmarks(replica)
+    status = cdpfs("status", replica).stdout
+    assert "dr test" in status and "passed" in status and tested[0] in status, status
+
+
+def test_a_failing_dr_test_names_its_step_and_keeps_the_clone(
+        served: Served, tmp_path: Path) -> None:
+    vol, replica, _ = served
+    _synced(vol, replica)
+    proc = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
+                 "--set", "TEST_QUERY=select * from no_such_table", check=False)
+    line = one_line_error(proc)
+    assert "step 2 of 2" in line and "no_such_table" in line, line
+    kept = list(tmp_path.glob("replica.store.drtest-*"))
+    assert len(kept) == 1 and str(kept[0]) in line, (kept, line)
+    assert not [b for b in _bookmarks(replica) if b.startswith("tested-")]
+    assert "FAILED" in cdpfs("status", replica).stdout
+    # The kept clone is an ordinary clone: mountable, then deleted.
+    probe = Volume(tmp_path, "probe")
+    probe.store = kept[0]
+    try:
+        probe.mount()
+        assert (probe.mnt / "app.db").exists()
+        probe.umount()
+    finally:
+        probe.cleanup()
+    cdpfs("clone", "--delete", kept[0])
+
+
+def test_a_corrupt_database_on_the_replica_fails_the_integrity_step(
+        served: Served, tmp_path: Path) -> None:
+    """A database damaged on the primary (and so on the replica) fails the check."""
+    vol, replica, _ = served
+    subprocess.run(["sqlite3", str(vol.mnt / "app.db"),
+                    "PRAGMA journal_mode=DELETE; insert into t select value from "
+                    "generate_series(1, 20000); create index ix on t(x);"],
+                   check=True, capture_output=True)
+    with open(vol.mnt / "app.db", "r+b") as f:  # scribble over pages of the table
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 2)
+        f.write(os.urandom(16384))
+        os.fsync(f.fileno())
+    _synced(vol, replica)
+    proc = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
+                 "--no-keep-failed", check=False)
+    line = one_line_error(proc)
+    assert "step 1 of 2" in line and "integrity_check" in line, line
+    assert not list(tmp_path.glob("replica.store.drtest-*"))
+
+
+def test_a_dr_test_of_a_primary_store_is_refused(served: Served) -> None:
+    vol, _, _ = served
+    line = one_line_error(cdpfs("replica", "test", vol.store, "--scenario", SQLITE,
+                                "--set", "DB=app.db", check=False))
+    assert "not a replica store" in line, line
