@@ -158,7 +158,7 @@ def test_bad_clone_requests_are_one_line_and_change_nothing(
     other = tmp_path / "other"
     cdpfs("clone", base.store, other)
     cases = [
-        (["replica", "add", other, "r1", "127.0.0.1:1"], "cannot be replicated"),
+        (["replica", "add", other, "r1", "--address", "127.0.0.1:1"], "cannot be replicated"),
         (["clone", base.store, taken], "exists already"),
         (["clone", base.store, clone.store, "--at", f"#{seq + 50}"], "no record"),
         (["clone", base.store, clone.store, "--at", "yesterday-ish"], ""),
