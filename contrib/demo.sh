@@ -97,6 +97,28 @@ for _ in $(seq 1 50); do  # the following mount shows changes within a second
 done
 echo "on the replica, while it receives: $(cat "$VIEW/late.txt")"
 echo "bookmarks travel too: ls $VIEW/@replicated -> $(ls "$VIEW/@replicated" | tr '\n' ' ')"
+
+step "a writable clone of any moment, and a DR test on the live replica"
+CLONE="$DEMO/clone"
+mkdir -p "$DEMO/clone.mnt"
+"$CDPFS" clone "$MNT" "$CLONE" --at before-cleanup   # no copy: well under a second
+"$CDPFS" mount "$CLONE" "$DEMO/clone.mnt"
+echo "changed on the clone only" > "$DEMO/clone.mnt/hello.txt"
+echo "the clone (read-write): $(cat "$DEMO/clone.mnt/hello.txt"); the live volume: $(cat "$MNT/hello.txt")"
+"$CDPFS" umount "$DEMO/clone.mnt"
+"$CDPFS" stat "$CLONE" | head -2
+"$CDPFS" clone --delete "$CLONE"
+sqlite3 "$MNT/app.db" "create table orders(id integer primary key, item text);
+  insert into orders(item) values ('disk'), ('tape'), ('cloud');"
+"$CDPFS" bookmark with-orders --volume "$MNT"
+for _ in $(seq 1 100); do
+  "$CDPFS" status "$STORE" | grep -q 'lag 0 records' && break
+  sleep 0.2
+done
+# Clone the replica while it receives, check the database on the clone, drop the clone.
+"$CDPFS" replica test "$REPLICA" --scenario contrib/scenarios/sqlite.toml --set DB=app.db \
+  --set TEST_QUERY="select count(*) from orders" --primary "$STORE"
+"$CDPFS" status "$REPLICA" | grep "dr test"
 "$CDPFS" umount "$VIEW"
 "$CDPFS" umount "$MNT"
 "$CDPFS" verify --compare "$STORE" "$REPLICA"

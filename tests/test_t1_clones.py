@@ -286,3 +286,14 @@ def test_stat_of_a_clone_counts_its_base_files_and_its_own_bytes(
     assert before.stored_bytes < 4096, "a new clone stores nothing of its own"
     assert after.live_files == len(files) + 1
     assert after.stored_bytes >= 1 << 20
+
+
+def test_a_scheduled_dr_test_is_overdue_after_two_missed_periods() -> None:
+    from cdpfs.tools.drtest import Result
+
+    day = 86400
+    now = time.time_ns()
+    ran = Result(now - int(1.5 * day * 1e9), 7, True, 3.0, "s.toml", every=day)
+    assert not ran.overdue(now)
+    assert ran.overdue(now + int(0.6 * day * 1e9))
+    assert not Result(now - 10 * day * 10**9, 7, True, 3.0, "s.toml").overdue(now)

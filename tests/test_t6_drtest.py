@@ -165,3 +165,33 @@ def test_a_dr_test_of_a_primary_store_is_refused(served: Served) -> None:
     line = one_line_error(cdpfs("replica", "test", vol.store, "--scenario", SQLITE,
                                 "--set", "DB=app.db", check=False))
     assert "not a replica store" in line, line
+
+
+def test_replica_serve_runs_dr_tests_on_a_schedule(served: Served) -> None:
+    vol, replica, server = served
+    _synced(vol, replica)
+    server.kill()
+    server.start("--test-every", "1s", "--test-scenario", str(SQLITE),
+                 "--test-set", "DB=app.db")
+    (vol.mnt / "while-serving").write_text("x")
+
+    def tested() -> list[str]:
+        return [b for b in _bookmarks(replica) if b.startswith("tested-")]
+
+    wait_until(lambda: len(tested()) >= 2, timeout=90, what="two scheduled DR tests")
+    _synced(vol, replica)
+    status = cdpfs("status", replica).stdout
+    assert "passed" in status and "every 1s" in status, status
+    assert "scheduled DR test" in server.text()
+
+
+def test_a_bad_schedule_is_refused_before_serving(served: Served) -> None:
+    _, replica, _ = served
+    for args, words in ((["--test-every", "1d"], "go together"),
+                        (["--test-every", "soon", "--test-scenario", str(SQLITE),
+                          "--test-set", "DB=x"], "soon"),
+                        (["--test-every", "1d", "--test-scenario", str(SQLITE)], "DB")):
+        proc = cdpfs("replica", "serve", replica, "--listen", "127.0.0.1:1", *args,
+                     check=False)
+        assert proc.returncode != 0 and words in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr

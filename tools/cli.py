@@ -253,7 +253,11 @@ def status(store: Path) -> None:
         how = (f"passed, bookmarked {tested.bookmark}" if tested.ok
                else f"FAILED: {tested.failed}" + (f" (clone kept: {tested.clone})"
                                                   if tested.clone else ""))
-        click.echo(f"dr test      #{tested.seq}, {age / 3600:.1f} h ago, {how}")
+        due = ""
+        if tested.every:
+            due = (f"; OVERDUE (every {tested.every}s, two missed)"
+                   if tested.overdue(time.time_ns()) else f"; every {tested.every}s")
+        click.echo(f"dr test      #{tested.seq}, {age / 3600:.1f} h ago, {how}{due}")
     for r in replicas:
         lag = s.last_seq - r.acked
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0

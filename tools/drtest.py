@@ -52,6 +52,11 @@ class Result:
     bookmark: str = ""  # the bookmark of a passed test
     clone: str = ""  # a failed test's clone, kept for inspection
     tree_hash: str = ""  # "matches the primary", or why it was not compared
+    every: int = 0  # seconds between scheduled tests (replica serve --test-every), or 0
+
+    def overdue(self, now_ns: int) -> bool:
+        """Whether two scheduled tests have been missed since this one."""
+        return bool(self.every) and now_ns - self.ts > 2 * self.every * 10**9
 
 
 def last(store: Store) -> Result | None:
@@ -63,7 +68,7 @@ def last(store: Store) -> Result | None:
 
 def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         primary: Path | None = None, keep_failed: bool = True, allow_other: bool = False,
-        echo: Callable[[str], None] = print) -> Result:
+        every: int = 0, echo: Callable[[str], None] = print) -> Result:
     """Test ``replica`` at moment ``at`` (default: its newest record) with ``scenario``."""
     replica = Path(os.path.abspath(replica))
     with Store(replica, readonly=True) as st, st.txn() as txn:
@@ -100,7 +105,7 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         if not os.path.ismount(mnt):
             os.rmdir(mnt)
     result = Result(started, made.seq, not failed, time.monotonic() - t0, scenario.name,
-                    failed=failed, tree_hash=hashed)
+                    failed=failed, tree_hash=hashed, every=every)
     if failed and keep_failed:
         result.clone = str(clone_path)
     else:

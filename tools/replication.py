@@ -63,22 +63,73 @@ def trust_cmd(store: Path, cert: Path, name: str) -> None:
               help="Follow a primary whose history parted from this store's (an old "
                    "primary rejoining): what only this store has is first copied to "
                    "STORE.diverged-<epoch>-<time>, then taken out.")
-def serve_cmd(store: Path, listen: str, failback: bool) -> None:
+@click.option("--test-every", metavar="DURATION",
+              help="Run a DR test (cdpfs replica test) this often, e.g. 1d; needs "
+              "--test-scenario.")
+@click.option("--test-scenario", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The scenario of the scheduled DR tests.")
+@click.option("--test-set", "test_vars", multiple=True, metavar="KEY=VALUE",
+              help="A variable of the DR test scenario.")
+@click.option("--test-allow-other", is_flag=True,
+              help="Mount the DR tests' clones for other users too.")
+def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
+              test_scenario: Path | None, test_vars: tuple[str, ...],
+              test_allow_other: bool) -> None:
     """Receive a primary's changes into STORE (created on first contact); runs until stopped."""
+    from cdpfs.history.retention import parse_duration
+    from cdpfs.scenario import Scenario
+
     parse_address(listen)
+    every = 0
+    if test_every is not None or test_scenario is not None:
+        if test_every is None or test_scenario is None:
+            raise click.UsageError("--test-every and --test-scenario go together")
+        try:
+            every = parse_duration(test_every)
+        except ValueError as exc:
+            raise CdpfsError(str(exc)) from None
+        if every <= 0:
+            raise CdpfsError(f"--test-every {test_every}: must be longer than 0s")
+        Scenario.load(test_scenario, test_vars)  # a bad scenario fails here, not a day later
     ctx = credentials.server_context(store)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
+    test = ["replica", "test", str(store.resolve()), "--scenario", str(test_scenario),
+            "--every", str(every), *(f"--set={v}" for v in test_vars),
+            *(["--allow-other"] if test_allow_other else [])]
 
     async def main() -> None:
         with trio.open_signal_receiver(2, 15) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(Volume(store, Mode.REPLICA, listen=listen,
-                                           server_ctx=ctx, failback=failback).run)
+                volume = Volume(store, Mode.REPLICA, listen=listen, server_ctx=ctx,
+                                failback=failback)
+                await nursery.start(volume.run)
+                if every:
+                    nursery.start_soon(_scheduled_tests, volume, every, test)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
     _run(main)
+
+
+async def _scheduled_tests(volume: Volume, every: int, args: list[str]) -> None:
+    """Run ``cdpfs replica test`` (as its own process: the test opens the store and
+    mounts a clone) every ``every`` seconds, the first one ``every`` after the
+    last recorded test (at once if that is longer ago)."""
+    from .drtest import CLI, last
+
+    assert volume.store is not None
+    done = last(volume.store)
+    due = time.time() + (0 if done is None else every - (time.time_ns() - done.ts) / 1e9)
+    while True:
+        await trio.sleep(max(0.0, due - time.time()))
+        log.info("scheduled DR test of %s starting", volume.path)
+        proc = await trio.run_process([*CLI, *args], check=False, capture_stdout=True,
+                                      capture_stderr=True)
+        said = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+        log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
+                "scheduled DR test: %s", said[-1] if said else f"exit {proc.returncode}")
+        due = time.time() + every
 
 
 def _run(main: Any, *args: Any) -> Any:
@@ -265,8 +316,10 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
 @click.option("--allow-other", is_flag=True,
               help="Mount the clone for other users too (an application run as its own "
               "user, such as PostgreSQL).")
+@click.option("--every", type=int, default=0, hidden=True,
+              help="Seconds between scheduled tests (replica serve --test-every).")
 def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: str | None,
-             primary: Path | None, keep_failed: bool, allow_other: bool) -> None:
+             primary: Path | None, keep_failed: bool, allow_other: bool, every: int) -> None:
     """Prove replica STORE can be recovered from, while it keeps receiving: clone it at
     a moment, start and check the application on the clone (the scenario's [[test]]
     steps), then remove the clone. A pass bookmarks the point as tested-<time>."""
@@ -275,7 +328,8 @@ def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: s
     from .drtest import run
 
     result = run(store, Scenario.load(scenario_path, variables), at=at, primary=primary,
-                 keep_failed=keep_failed, allow_other=allow_other, echo=click.echo)
+                 keep_failed=keep_failed, allow_other=allow_other, every=every,
+                 echo=click.echo)
     click.echo(f"tree hash: {result.tree_hash}")
     if not result.ok:
         kept = f"; the clone is kept at {result.clone}" if result.clone else ""
