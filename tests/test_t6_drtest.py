@@ -9,22 +9,29 @@ hashes with the primary; the replica keeps applying the whole time.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import HAVE_FUSE
 from harness import (
     ReplicaServer,
     Volume,
     cdpfs,
+    free_port,
     last_seq,
     pair_stores,
     store_seq,
     wait_until,
 )
 from test_t3_history import one_line_error
+from test_t4_apps import Postgres
 
 from cdpfs.store.lmdb import Store
 
@@ -195,3 +202,63 @@ def test_a_bad_schedule_is_refused_before_serving(served: Served) -> None:
                      check=False)
         assert proc.returncode != 0 and words in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+POSTGRESQL = Path(__file__).parent.parent / "contrib" / "scenarios" / "postgresql.toml"
+
+
+@pytest.mark.slow
+def test_a_dr_test_starts_postgresql_on_a_clone_while_pgbench_runs() -> None:
+    """The primary runs pgbench on its mount and ships to the replica; the DR test
+    starts a second server on a clone of the replica, which recovers, answers the
+    query and passes pg_amcheck; the primary's load goes on meanwhile."""
+    if not HAVE_FUSE:
+        pytest.skip("needs /dev/fuse and CAP_SYS_ADMIN")
+    base = Path(tempfile.mkdtemp(prefix="cdpfs-drtest-pg-"))  # reachable by postgres
+    os.chmod(base, 0o755)
+    vol = Volume(base, "pg").init()
+    replica = base / "replica.store"
+    pair_stores(vol.store, replica)
+    server = ReplicaServer(replica, base / "serve.log")
+    sock = base / "sock"
+    sock.mkdir()
+    shutil.chown(sock, "postgres", "postgres")
+    pg = Postgres(vol.mnt / "pgdata", sock, base / "pg.log", vol)
+    load = None
+    try:
+        server.start()
+        cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
+        vol.mount("--allow-other")
+        pg.data.mkdir(mode=0o700)
+        shutil.chown(pg.data, "postgres", "postgres")
+        pg.as_postgres("initdb", "-D", pg.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                       "--locale=C", "--no-instructions", timeout=300)
+        pg.start()
+        pg.as_postgres("pgbench", "-q", "-i", "-s", "2", timeout=300)
+        load = pg.bench_in_background(40)
+        time.sleep(3)
+        _synced(vol, replica)
+        out = cdpfs("replica", "test", replica, "--scenario", POSTGRESQL,
+                    "--set", "PGDATA=pgdata", "--set", f"TEST_SOCKETS={sock}",
+                    "--set", f"TEST_PORT={free_port()}", "--set",
+                    "TEST_QUERY=select count(*) from pgbench_accounts", "--allow-other",
+                    "--primary", vol.store, timeout=900).stdout
+        assert load.poll() is None, "pgbench stopped while the DR test ran"
+        report, _ = load.communicate(timeout=120)
+        load = None
+        assert out.count(": ok:") == 4 and "passed" in out, out
+        assert "matches the primary" in out, out
+        failed = re.search(r"number of failed transactions: (\d+)", report)
+        assert failed is not None and failed.group(1) == "0", report
+        assert [b for b in _bookmarks(replica) if b.startswith("tested-")]
+        assert not list(base.glob("replica.store.drtest-*"))
+        pg.stop()
+        vol.umount()
+    finally:
+        if load is not None:
+            load.kill()
+        pg.kill()
+        server.kill()
+        vol.cleanup()
+        if not os.path.ismount(vol.mnt):
+            shutil.rmtree(base, ignore_errors=True)
