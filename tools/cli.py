@@ -228,7 +228,6 @@ def status(store: Path) -> None:
     from cdpfs.replication.batches import backlog
     from cdpfs.replication.registry import load_states
 
-
     from .drtest import last as last_test
 
     st = Store(store, readonly=True)
