@@ -137,6 +137,14 @@ def pair_stores(upstream: Path, downstream: Path, down: str = "r1",
     cdpfs("replica", "trust", downstream, upstream / "tls" / "node.crt", "--name", up)
 
 
+def wait_replicated(vol: Volume, replica: Path, timeout: float = 30) -> int:
+    """Wait until ``replica`` holds everything ``vol``'s mount committed; that seq."""
+    last = last_seq(vol)
+    wait_until(lambda: store_seq(replica) >= last, timeout=timeout,
+               what=f"the replica at #{last}")
+    return last
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of ``values`` by nearest rank."""
     s = sorted(values)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from etcdcluster import EtcdCluster
-from harness import Procs, Volume, can_mount
+from harness import Procs, ReplicaServer, Volume, can_mount, cdpfs, pair_stores
 
 HAVE_FUSE = can_mount()
 
@@ -80,3 +80,23 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
         yield cluster
     finally:
         cluster.close()
+
+
+Served = tuple[Volume, Path, ReplicaServer]
+
+
+@pytest.fixture
+def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[Served]:
+    """A mounted primary shipping (async) to a replica server on loopback."""
+    vol = make_volume("primary").init()
+    replica = tmp_path / "replica.store"
+    pair_stores(vol.store, replica)
+    server = ReplicaServer(replica, tmp_path / "serve.log")
+    try:
+        server.start()
+        cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
+        vol.mount()
+        yield vol, replica, server
+    finally:
+        server.kill()
+        vol.cleanup()

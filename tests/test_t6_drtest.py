@@ -15,19 +15,17 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HAVE_FUSE
+from conftest import HAVE_FUSE, Served
 from harness import (
     ReplicaServer,
     Volume,
     cdpfs,
     free_port,
-    last_seq,
     pair_stores,
-    store_seq,
+    wait_replicated,
     wait_until,
 )
 from test_t3_history import one_line_error
@@ -36,33 +34,16 @@ from test_t4_apps import Postgres
 from cdpfs.store.lmdb import Store
 
 SQLITE = Path(__file__).parent.parent / "contrib" / "scenarios" / "sqlite.toml"
-Served = tuple[Volume, Path, ReplicaServer]
 
 
 @pytest.fixture
-def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[Served]:
+def served(served: Served) -> Served:
     """A mounted primary with a SQLite database, shipping (async) to a replica server."""
-    vol = make_volume("primary").init()
-    replica = tmp_path / "replica.store"
-    pair_stores(vol.store, replica)
-    server = ReplicaServer(replica, tmp_path / "serve.log")
-    try:
-        server.start()
-        cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
-        vol.mount()
-        subprocess.run(["sqlite3", str(vol.mnt / "app.db"),
-                        "PRAGMA journal_mode=WAL; create table t(x integer);"],
-                       check=True, capture_output=True)
-        yield vol, replica, server
-    finally:
-        server.kill()
-        vol.cleanup()
-
-
-def _synced(vol: Volume, replica: Path) -> int:
-    last = last_seq(vol)
-    wait_until(lambda: store_seq(replica) >= last, timeout=30, what=f"the replica at #{last}")
-    return last
+    vol = served[0]
+    subprocess.run(["sqlite3", str(vol.mnt / "app.db"),
+                    "PRAGMA journal_mode=WAL; create table t(x integer);"],
+                   check=True, capture_output=True)
+    return served
 
 
 class Writer(threading.Thread):
@@ -92,11 +73,11 @@ def test_a_dr_test_passes_on_a_replica_that_keeps_receiving(
     writer.start()
     try:
         wait_until(lambda: writer.rows > 20, what="the first rows")
-        before = _synced(vol, replica)
+        before = wait_replicated(vol, replica)
         out = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
                     "--set", "TEST_QUERY=select count(*) from t", "--primary", vol.store).stdout
         rows_during = writer.rows
-        after = _synced(vol, replica)
+        after = wait_replicated(vol, replica)
     finally:
         writer.stop.set()
         writer.join()
@@ -114,7 +95,7 @@ def test_a_dr_test_passes_on_a_replica_that_keeps_receiving(
     assert "full resync" not in server.text()
     # The bookmark stays through more shipping (the primary's bookmarks are mirrored).
     (vol.mnt / "more").write_text("more")
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     cdpfs("bookmark", "after-test", "--volume", vol.mnt)
     wait_until(lambda: "after-test" in _bookmarks(replica), what="the primary's bookmark")
     assert tested[0] in _bookmarks(replica)
@@ -125,7 +106,7 @@ def test_a_dr_test_passes_on_a_replica_that_keeps_receiving(
 def test_a_failing_dr_test_names_its_step_and_keeps_the_clone(
         served: Served, tmp_path: Path) -> None:
     vol, replica, _ = served
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     proc = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
                  "--set", "TEST_QUERY=select * from no_such_table", check=False)
     line = one_line_error(proc)
@@ -159,7 +140,7 @@ def test_a_corrupt_database_on_the_replica_fails_the_integrity_step(
         f.seek(size // 2)
         f.write(os.urandom(16384))
         os.fsync(f.fileno())
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     proc = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
                  "--no-keep-failed", check=False)
     line = one_line_error(proc)
@@ -176,7 +157,7 @@ def test_a_dr_test_of_a_primary_store_is_refused(served: Served) -> None:
 
 def test_replica_serve_runs_dr_tests_on_a_schedule(served: Served) -> None:
     vol, replica, server = served
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     server.kill()
     server.start("--test-every", "1s", "--test-scenario", str(SQLITE),
                  "--test-set", "DB=app.db")
@@ -186,7 +167,7 @@ def test_replica_serve_runs_dr_tests_on_a_schedule(served: Served) -> None:
         return [b for b in _bookmarks(replica) if b.startswith("tested-")]
 
     wait_until(lambda: len(tested()) >= 2, timeout=90, what="two scheduled DR tests")
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     status = cdpfs("status", replica).stdout
     assert "passed" in status and "every 1s" in status, status
     assert "scheduled DR test" in server.text()
@@ -237,7 +218,7 @@ def test_a_dr_test_starts_postgresql_on_a_clone_while_pgbench_runs() -> None:
         pg.as_postgres("pgbench", "-q", "-i", "-s", "2", timeout=300)
         load = pg.bench_in_background(40)
         time.sleep(3)
-        _synced(vol, replica)
+        wait_replicated(vol, replica)
         out = cdpfs("replica", "test", replica, "--scenario", POSTGRESQL,
                     "--set", "PGDATA=pgdata", "--set", f"TEST_SOCKETS={sock}",
                     "--set", f"TEST_PORT={free_port()}", "--set",

@@ -12,48 +12,21 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Served
 from harness import (
-    ReplicaServer,
-    Volume,
     cdpfs,
     force_unmount,
     holder_pid,
     last_seq,
-    pair_stores,
     store_seq,
+    wait_replicated,
     wait_until,
 )
 
 MIB = 1 << 20
-Served = tuple[Volume, Path, ReplicaServer]
-
-
-@pytest.fixture
-def served(make_volume: type[Volume], tmp_path: Path) -> Iterator[Served]:
-    """A mounted primary shipping (async) to a replica server on loopback."""
-    vol = make_volume("primary").init()
-    replica = tmp_path / "replica.store"
-    pair_stores(vol.store, replica)
-    server = ReplicaServer(replica, tmp_path / "serve.log")
-    try:
-        server.start()
-        cdpfs("replica", "add", vol.store, "r1", "--address", server.address)
-        vol.mount()
-        yield vol, replica, server
-    finally:
-        server.kill()
-        vol.cleanup()
-
-
-def _synced(vol: Volume, replica: Path) -> int:
-    """Wait until the replica holds everything the primary committed; that seq."""
-    last = last_seq(vol)
-    wait_until(lambda: store_seq(replica) >= last, timeout=30, what=f"the replica at #{last}")
-    return last
 
 
 def _bookmarks(store: Path) -> list[str]:
@@ -85,7 +58,7 @@ def test_a_replica_mounted_with_follow_shows_what_arrives(served: Served,
     (m / "a.txt").write_bytes(b"one")
     big_a, big_b = os.urandom(3 * MIB), os.urandom(3 * MIB)
     (m / "big").write_bytes(big_a)
-    first = _synced(vol, replica)
+    first = wait_replicated(vol, replica)
     rmnt = tmp_path / "rmnt"
     rmnt.mkdir()
     try:
@@ -108,7 +81,7 @@ def test_a_replica_mounted_with_follow_shows_what_arrives(served: Served,
             (m / "big").write_bytes(big_b)
             (m / "dir").mkdir()
             (m / "dir" / "c").write_bytes(b"new file")
-            second = _synced(vol, replica)
+            second = wait_replicated(vol, replica)
             assert held.read() == big_a[MIB:]
         finally:
             held.close()
@@ -135,12 +108,12 @@ def test_bookmarks_follow_to_the_replica(served: Served,
     vol, replica, _ = served
     m = vol.mnt
     (m / "f").write_bytes(b"v1")
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     cdpfs("bookmark", "release-1", "--volume", m)
     (m / "f").write_bytes(b"v2")
     cdpfs("bookmark", "release-2", "--volume", m)
     (m / "f").write_bytes(b"v3")
-    _synced(vol, replica)
+    wait_replicated(vol, replica)
     wait_until(lambda: _bookmarks(replica) == ["release-1", "release-2"], timeout=15,
                what="both bookmarks on the replica")
     rmnt = tmp_path / "rmnt"
@@ -165,7 +138,7 @@ def test_a_replica_is_not_mounted_for_writing_and_a_parted_one_gets_nothing(
         served: Served, tmp_path: Path) -> None:
     vol, replica, server = served
     (vol.mnt / "f").write_bytes(b"primary's")
-    at = _synced(vol, replica)
+    at = wait_replicated(vol, replica)
     # stop the server: the store is free, but a live (read-write) mount is refused
     server.kill()
     wait_until(lambda: holder_pid(replica) is None, what="the replica server to stop")
