@@ -155,6 +155,25 @@ def test_a_dr_test_of_a_primary_store_is_refused(served: Served) -> None:
     assert "not a replica store" in line, line
 
 
+def test_a_dr_test_runs_below_the_replica_servers_cpu_priority(
+        served: Served, tmp_path: Path) -> None:
+    """The test's steps and the clone's mount daemon run niced (--nice, 10 by default),
+    so that on a busy machine the test waits rather than replication."""
+    _, replica, _ = served
+    probe = tmp_path / "nice.toml"
+    probe.write_text('description = "report priorities"\n[[test]]\nrun = """'
+                     'd=$(pgrep -f -- "cli mount $CDPFS_CLONE" | head -1); '
+                     'echo "steps $(nice) daemon $(ps -o ni= -p $d)" >&2; exit 1"""\n')
+    for args, want in (([], "steps 10 daemon 10"), (["--nice", "3"], "steps 3 daemon 3")):
+        line = one_line_error(cdpfs("replica", "test", replica, "--scenario", probe, *args,
+                                    "--no-keep-failed", check=False))
+        assert want in re.sub(r"\s+", " ", line), line
+    proc = cdpfs("replica", "test", replica, "--scenario", probe, "--nice", "20", check=False)
+    assert proc.returncode == 2 and "'--nice': 20 is not in the range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("replica.store.drtest-*"))
+
+
 def test_replica_serve_runs_dr_tests_on_a_schedule(served: Served) -> None:
     vol, replica, server = served
     wait_replicated(vol, replica)

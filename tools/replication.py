@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -316,10 +317,14 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
 @click.option("--allow-other", is_flag=True,
               help="Mount the clone for other users too (an application run as its own "
               "user, such as PostgreSQL).")
+@click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="Run the test and the application it starts at this lower CPU "
+              "priority, so that the replica server keeps up while it runs.")
 @click.option("--every", type=int, default=0, hidden=True,
               help="Seconds between scheduled tests (replica serve --test-every).")
 def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: str | None,
-             primary: Path | None, keep_failed: bool, allow_other: bool, every: int) -> None:
+             primary: Path | None, keep_failed: bool, allow_other: bool, niceness: int,
+             every: int) -> None:
     """Prove replica STORE can be recovered from, while it keeps receiving: clone it at
     a moment, start and check the application on the clone (the scenario's [[test]]
     steps), then remove the clone. A pass bookmarks the point as tested-<time>."""
@@ -327,6 +332,7 @@ def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: s
 
     from .drtest import run
 
+    os.nice(niceness)  # inherited by the clone's mount daemon and the scenario's commands
     result = run(store, Scenario.load(scenario_path, variables), at=at, primary=primary,
                  keep_failed=keep_failed, allow_other=allow_other, every=every,
                  echo=click.echo)
