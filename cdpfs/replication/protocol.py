@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CdpfsError
-from ..store import codec
+from ..store import journal
 from ..store.lmdb import Store
-from ..store.schema import U64
 
 PROTOCOL = 3
 PIPELINE = 4  # batches on the way at once: offered or sent ahead of their acknowledgement
@@ -22,10 +21,9 @@ BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
 
 
 def record_check(txn: Any, store: Store, seq: int) -> bytes:
-    """A short hash of the record at ``seq`` (empty if there is none): equal on two
-    stores when they hold the same history up to there."""
-    raw = txn.get(U64.pack(seq), db=store.db["journal"])
-    return b"" if raw is None else codec.digest(raw)[:16]
+    """A short hash of the record at ``seq`` (``journal.check``): equal on two stores
+    when they hold the same history up to there."""
+    return journal.check(txn, store.db, seq)
 
 
 def parse_address(text: str) -> tuple[str, int]:

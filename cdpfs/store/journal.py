@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import lmdb
 import msgpack
 
+from . import codec
 from .schema import TABLE_NAMES, U64, inv
 
 
@@ -61,6 +62,15 @@ def apply(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int, raw: bytes) -> R
 def get(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> Record | None:
     raw = txn.get(U64.pack(seq), db=dbs["journal"])
     return None if raw is None else Record.unpack(seq, raw)
+
+
+def check(txn: lmdb.Transaction, dbs: dict[str, Any], seq: int) -> bytes:
+    """A short hash of the record at ``seq`` (empty if there is none): equal in two
+    stores when they hold the same history up to there (records carry their
+    time, so another history's record ``seq`` hashes otherwise). A replica's
+    position and a clone's point are checked with it."""
+    raw = txn.get(U64.pack(seq), db=dbs["journal"])
+    return b"" if raw is None else codec.digest(raw)[:16]
 
 
 def ts_of(raw: bytes | memoryview) -> int:

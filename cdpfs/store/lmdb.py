@@ -34,7 +34,7 @@ import lmdb
 
 from .. import system
 from ..errors import Corrupt, StoreError
-from . import codec
+from . import codec, journal
 from .lock import LOCK_NAME, Holder, WriterLock, holder
 from .schema import U64, u64
 
@@ -91,12 +91,17 @@ def is_store(path: Path) -> bool:
 
 class CloneOf(NamedTuple):
     """What a clone's meta says of its base: the store's path and volume id, the
-    point read through to, and the first pack number that is the clone's own."""
+    point read through to, the first pack number that is the clone's own, the
+    check of the base's record at the point (``journal.check``: the base must
+    still hold the same history there) and the name of the hold that keeps the
+    point in the base (clones made before these two were kept have them empty)."""
 
     path: Path
     uuid: str
     seq: int
     pack_start: int
+    check: bytes = b""
+    hold: str = ""
 
 
 class Base(NamedTuple):
@@ -152,7 +157,7 @@ class Store:
             self.block_size = int(txn.get(b"block_size", db=self.db["meta"]))
             self.uuid = txn.get(b"uuid", db=self.db["meta"]).decode()
             raw = txn.get(b"clone", db=self.db["meta"])
-        self.clone_of = None if raw is None else CloneOf(*_decode_clone(raw))
+        self.clone_of = None if raw is None else _decode_clone(raw)
         self.cache = BlockCache()
         self._active = 0  # transactions begun by txn() and not yet ended
         self._cond = threading.Condition()
@@ -182,9 +187,15 @@ class Store:
                 raise StoreError(f"{self.path}: a clone of {clone.path}, which now holds "
                                  "another volume")
             with base.txn() as txn:
-                if txn.get(u64(clone.seq), db=base.db["journal"]) is None:
-                    raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, "
-                                     "which that store no longer has")
+                check = journal.check(txn, base.db, clone.seq)
+            if not check:
+                raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, "
+                                 "which that store no longer has")
+            if clone.check and check != clone.check:
+                raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, "
+                                 "where that store now holds another history (it was failed "
+                                 "back or replaced since); the clone is not opened so that it "
+                                 "never shows another state than the one it was made of")
         except BaseException:
             base.close()
             raise
@@ -198,10 +209,20 @@ class Store:
     def under(self, txn: lmdb.Transaction) -> lmdb.Transaction:
         """A clone's read transaction of its base, paired with ``txn`` (begun with
         its first use, ended with ``txn`` by ``end``)."""
-        assert self.base is not None
+        assert self.base is not None and self.clone_of is not None
         under = self._under.get(id(txn))
         if under is None:
-            under = self._under[id(txn)] = self.base.store.begin()
+            under = self.base.store.begin()
+            # The base must still hold the history the clone was made of (it may have
+            # been failed back or replaced while the clone is open): a clone never
+            # shows another state than its own.
+            if self.clone_of.check and \
+                    journal.check(under, self.base.store.db, self.base.seq) != self.clone_of.check:
+                self.base.store.end(under)
+                raise Corrupt(self.clone_of.check, f"{self.path}: its base "
+                              f"{self.base.store.path} no longer holds the history the clone "
+                              f"was made of at #{self.base.seq}")
+            self._under[id(txn)] = under
         return under
 
     def _open_env(self, map_size: int) -> lmdb.Environment:
@@ -436,12 +457,15 @@ class Store:
 def encode_clone(clone: CloneOf) -> bytes:
     """The meta value ``clone`` of a clone store."""
     return json.dumps({"base": str(clone.path), "uuid": clone.uuid, "seq": clone.seq,
-                       "pack_start": clone.pack_start}).encode()
+                       "pack_start": clone.pack_start, "check": clone.check.hex(),
+                       "hold": clone.hold}).encode()
 
 
-def _decode_clone(raw: bytes) -> tuple[Path, str, int, int]:
+def _decode_clone(raw: bytes) -> CloneOf:
     value = json.loads(raw)
-    return Path(value["base"]), value["uuid"], int(value["seq"]), int(value["pack_start"])
+    return CloneOf(Path(value["base"]), value["uuid"], int(value["seq"]),
+                   int(value["pack_start"]), bytes.fromhex(value.get("check", "")),
+                   str(value.get("hold", "")))
 
 
 _MAGIC, _VERSION = 0xBEEFC0DE, 1  # LMDB's meta page magic and data format version
