@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cdpfs.errors import StoreError
-from cdpfs.history import clones
+from cdpfs.errors import Corrupt, StoreError
+from cdpfs.history import bookmarks, clones
 from cdpfs.history.moments import BadMoment
 from cdpfs.history.points import resolve
 from cdpfs.history.stats import space_stats
@@ -230,17 +233,100 @@ def test_the_base_keeps_the_point_until_the_clone_is_deleted(
             resolve(st, txn, f"#{m}", later)
 
 
-def test_a_clone_removed_by_hand_releases_its_hold_at_the_next_prune(
+def test_a_clone_moved_away_and_back_keeps_its_point(
+        tmp_path: Path, base: tuple[Path, int, dict[str, bytes]], clock: FakeClock) -> None:
+    """Moving a clone does not release its hold: the base keeps the point while the
+    clone is away, the clone works where it is, and deleting it there releases it."""
+    path, m, then = base
+    clones.make(path, tmp_path / "clone", f"#{m}")
+    (tmp_path / "away").mkdir()
+    os.rename(tmp_path / "clone", tmp_path / "away" / "clone")
+    later = time.time_ns() + LATER
+    with Store(path) as st:
+        prune(st, now_ns=later)
+        with st.txn() as txn:
+            assert resolve(st, txn, f"#{m}", later).seq == m
+            assert [(h.seq, h.present) for h in clones.held(st, txn)] == [(m, False)]
+    with Store(tmp_path / "away" / "clone") as clone:  # it works where it is now
+        assert _tree(clone) == then and verify(clone) == []
+    os.rename(tmp_path / "away" / "clone", tmp_path / "clone")
+    with Store(path) as st:
+        prune(st, now_ns=later)
+        with st.txn() as txn:
+            assert [(h.seq, h.present) for h in clones.held(st, txn)] == [(m, True)]
+    with Store(tmp_path / "clone") as clone:
+        assert _tree(clone) == then and verify(clone) == []
+    os.rename(tmp_path / "clone", tmp_path / "away" / "clone")
+    clones.delete(tmp_path / "away" / "clone")  # deleted elsewhere: its hold goes too
+    with Store(path) as st, st.txn() as txn:
+        assert clones.held(st, txn) == []
+
+
+def test_a_clone_removed_by_hand_keeps_its_point_until_its_hold_is_released(
         tmp_path: Path, base: tuple[Path, int, dict[str, bytes]], clock: FakeClock) -> None:
     path, m, _ = base
     clones.make(path, tmp_path / "clone", f"#{m}")
-    for name in ("data.mdb", "lock.mdb"):
-        (tmp_path / "clone" / name).unlink()
+    shutil.rmtree(tmp_path / "clone")
     later = time.time_ns() + LATER
     with Store(path) as st:
-        assert prune(st, now_ns=later).holds == 1
+        assert prune(st, now_ns=later).holds == 0
+        with st.txn() as txn:
+            assert resolve(st, txn, f"#{m}", later).seq == m
+    with pytest.raises(StoreError, match="no clone there"):
+        clones.delete(tmp_path / "clone")
+    assert clones.forget(path, tmp_path / "clone").seq == m
+    with pytest.raises(StoreError, match="holds no point"):
+        clones.forget(path, tmp_path / "clone")
+    with Store(path) as st:
+        prune(st, now_ns=later)
         with st.txn() as txn, pytest.raises(BadMoment):
             resolve(st, txn, f"#{m}", later)
+
+
+def test_verify_of_a_clone_finds_its_point_no_longer_held(
+        tmp_path: Path, base: tuple[Path, int, dict[str, bytes]]) -> None:
+    path, m, _ = base
+    clones.make(path, tmp_path / "clone", f"#{m}")
+    with Store(tmp_path / "clone") as clone:
+        assert verify(clone) == []
+    hold = bookmarks.clone_hold_name(tmp_path / "clone")
+    with Store(path) as st, st.txn(write=True) as txn:
+        with pytest.raises(BadMoment):  # a hold is not a bookmark a user deletes
+            bookmarks.delete(txn, st.db, hold)
+        bookmarks.release_clone(txn, st.db, hold)  # as a prune used to
+    with Store(tmp_path / "clone") as clone:
+        [problem] = verify(clone)
+    assert f"clone point #{m} is not held by its base" in problem
+
+
+_REWRITE = """
+import sys
+from pathlib import Path
+from cdpfs.store import journal
+from cdpfs.store.lmdb import Store
+with Store(Path(sys.argv[1])) as st, st.txn(write=True) as txn:
+    rec = journal.get(txn, st.db, int(sys.argv[2]))
+    journal.append(txn, st.db, rec._replace(ts=rec.ts + 1))
+"""
+
+
+def test_a_clone_never_reads_another_history_of_its_base(
+        tmp_path: Path, base: tuple[Path, int, dict[str, bytes]]) -> None:
+    """The base's record at the clone's point replaced (a failback, a store put back
+    from elsewhere): an open clone fails its reads (Corrupt, EIO in a mount) instead
+    of showing another state, and the clone is refused at its next opening."""
+    path, m, then = base
+    clones.make(path, tmp_path / "clone", f"#{m}")
+    clone = Store(tmp_path / "clone")
+    try:
+        assert _tree(clone) == then
+        subprocess.run([sys.executable, "-c", _REWRITE, str(path), str(m)], check=True)
+        with pytest.raises(Corrupt, match="no longer holds the history"):
+            _tree(clone)
+    finally:
+        clone.close()
+    with pytest.raises(StoreError, match="another history"):
+        Store(tmp_path / "clone")
 
 
 def test_bad_clone_requests_are_refused_and_change_nothing(

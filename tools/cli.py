@@ -224,6 +224,7 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
+    from cdpfs.history import clones
     from cdpfs.history.stats import store_stats
     from cdpfs.replication.batches import backlog
     from cdpfs.replication.registry import load_states
@@ -238,6 +239,8 @@ def status(store: Path) -> None:
         replicas = load_states(st)
         with st.txn() as txn:
             behind = {r.name: backlog(st, txn, r.acked) for r in replicas}
+            held = clones.held(st, txn)
+        clone_of = st.clone_of
     finally:
         st.close()
     when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
@@ -247,6 +250,13 @@ def status(store: Path) -> None:
     click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
+    if clone_of is not None:
+        click.echo(f"clone of     {clone_of.path} as of #{clone_of.seq}")
+    for h in held:
+        where = "" if h.present else (
+            "; no clone of this store is there now (moved, or removed by hand: then "
+            f"cdpfs clone --delete {h.path} --base {s.path})")
+        click.echo(f"clone        {h.path} holds #{h.seq}{where}")
     if tested is not None:
         age = (time.time_ns() - tested.ts) / 1e9
         how = (f"passed, bookmarked {tested.bookmark}" if tested.ok

@@ -301,17 +301,30 @@ def stat_cmd(volume: Path) -> None:
 @click.option("--at", "at", metavar="MOMENT",
               help="The moment to clone: a time, -15m, #seq or bookmark (default: now).")
 @click.option("--delete", is_flag=True, help="Delete the clone STORE and release its hold.")
-def clone_cmd(store: Path, clone: Path | None, at: str | None, delete: bool) -> None:
+@click.option("--base", type=click.Path(path_type=Path),
+              help="With --delete, for a clone removed by hand: release the hold BASE "
+              "keeps for it.")
+def clone_cmd(store: Path, clone: Path | None, at: str | None, delete: bool,
+              base: Path | None) -> None:
     """Make CLONE, a writable copy of the volume in STORE as it was at a moment, in
     constant time: CLONE keeps its own changes and reads the rest from STORE, which
-    keeps that moment while the clone exists. Mount it with cdpfs mount CLONE MNT.
+    keeps that moment (a hold) until the clone is deleted, wherever it is moved.
+    Mount it with cdpfs mount CLONE MNT.
 
-    With --delete: remove the clone STORE (cdpfs clone --delete CLONE)."""
+    With --delete: remove the clone STORE (cdpfs clone --delete CLONE), or release
+    the hold of one removed by hand (cdpfs clone --delete CLONE --base BASE)."""
     from cdpfs.history import clones
 
+    if base is not None and not delete:
+        raise click.UsageError("--base goes with --delete: cdpfs clone --delete CLONE --base BASE")
     if delete:
         if clone is not None or at is not None:
             raise click.UsageError("--delete takes the clone alone: cdpfs clone --delete CLONE")
+        if base is not None:
+            gone = clones.forget(base, store)
+            click.echo(f"released the hold {gone.base} kept for the clone removed from "
+                       f"{gone.path} (#{gone.seq})")
+            return
         gone = clones.delete(store)
         click.echo(f"deleted clone {gone.path} (of {gone.base} as of #{gone.seq}); "
                    "its hold on the base is released")

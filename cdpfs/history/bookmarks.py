@@ -4,8 +4,11 @@ Both live in the ``bookmarks`` table, keyed by name, value ``seq(8) + created_ns
 A bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
 named ``.hold.<pid>.<tag>`` that a mount writes while it shows a past state (an
 ``@`` directory, a snapshot mount); retention keeps its point while the process
-lives and drops holds of dead processes. A clone's hold, ``.hold.clone:<path>``,
-keeps the point the clone reads through to while a store is at that path.
+lives and drops holds of dead processes. A clone's hold, ``.hold.clone:<path>``
+(the path the clone was made at), keeps the point the clone reads through to
+until the clone is deleted (``history.clones``): it is not dropped when nothing
+is at that path, since a clone may be moved, and a point a clone reads must
+never be pruned under it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import lmdb
 from .. import system
 from ..errors import Exists
 from ..store import journal
-from ..store.lmdb import is_store
 from ..store.schema import U64
 from .moments import BadMoment, parse
 
@@ -43,11 +45,16 @@ class Bookmark:
         return self.name.startswith(HOLD)
 
     @property
+    def clone_path(self) -> Path | None:
+        """For a clone's hold: the path the clone was made at (None for others)."""
+        return Path(self.name[len(CLONE_HOLD):]) if self.name.startswith(CLONE_HOLD) else None
+
+    @property
     def holder_alive(self) -> bool:
-        """For a hold: whether the process that wrote it still runs (for a clone's:
-        whether the clone is still there)."""
+        """For a hold: whether it still holds, that is whether the process that wrote
+        it still runs; a clone's hold holds until the clone is deleted."""
         if self.name.startswith(CLONE_HOLD):
-            return is_store(Path(self.name[len(CLONE_HOLD):]))
+            return True
         try:
             pid = int(self.name[len(HOLD):].split(".", 1)[0])
         except ValueError:
@@ -101,13 +108,20 @@ def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Book
     return _write(txn, dbs, hold_name(tag), seq)
 
 
-def hold_clone(txn: lmdb.Transaction, dbs: dict[str, Any], clone: Path, seq: int) -> Bookmark:
-    """Hold point ``seq`` for the clone at ``clone`` (an absolute path) while it is there."""
-    return _write(txn, dbs, f"{CLONE_HOLD}{clone}", seq)
+def clone_hold_name(clone: Path) -> str:
+    """The name of the hold of a clone made at ``clone`` (an absolute path)."""
+    return f"{CLONE_HOLD}{clone}"
 
 
-def release_clone(txn: lmdb.Transaction, dbs: dict[str, Any], clone: Path) -> None:
-    txn.delete(f"{CLONE_HOLD}{clone}".encode(), db=dbs["bookmarks"])
+def hold_clone(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> Bookmark:
+    """Hold point ``seq`` for a clone, under the hold ``name`` (``clone_hold_name``)
+    that the clone keeps in its meta, until ``release_clone``."""
+    return _write(txn, dbs, name, seq)
+
+
+def release_clone(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
+    """Drop the clone hold ``name``; whether there was one."""
+    return bool(txn.delete(name.encode(), db=dbs["bookmarks"]))
 
 
 def release(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str) -> None:
@@ -133,7 +147,9 @@ def _write(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> B
 
 
 def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
-    if not txn.delete(name.encode(), db=dbs["bookmarks"]):
+    """Delete the bookmark ``name`` (BadMoment if there is none; holds are not
+    bookmarks: they go with what holds them)."""
+    if name.startswith(HOLD) or not txn.delete(name.encode(), db=dbs["bookmarks"]):
         raise BadMoment(f"{name!r}: no such bookmark")
 
 

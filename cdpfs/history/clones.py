@@ -1,11 +1,17 @@
 """Writable clones: a thin store of its own over a base store as of one point.
 
-``make`` creates a clone in constant time: a new store whose meta names the base
-and the point (``store.lmdb.CloneOf``) and whose journal starts with one record
-at that point's sequence number; reads of anything the clone has not changed go
-through to the base (``store.view.View.under``). The base keeps the point from
-pruning with a hold named after the clone's path (``bookmarks.CLONE_HOLD``) until
-``delete`` removes the clone. ``describe`` says what a clone adds to its base.
+``make`` creates a clone in constant time: a new store whose meta names the base,
+the point and the check of the base's record there (``store.lmdb.CloneOf``) and
+whose journal starts with one record at that point's sequence number; reads of
+anything the clone has not changed go through to the base
+(``store.view.View.under``), which must still hold that same record. The base
+keeps the point from pruning with a hold named after the path the clone was made
+at (``bookmarks.clone_hold_name``; its name is in the clone's meta, so a clone
+that was moved still finds it) until ``delete`` removes the clone, or ``forget``
+releases the hold of a clone removed by hand. ``held`` lists a base's clone holds
+and whether each clone is still where it was made; ``rebase`` points a clone at
+another copy of the same history (a failback keeps the history a clone reads in
+a copy of its base).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from ..store import journal
 from ..store.lmdb import CloneOf, Store, encode_clone, is_store
 from ..store.schema import ROOT_INO
 from . import bookmarks
-from .points import Point, resolve
+from .points import resolve
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,18 @@ class Clone:
     ts: int
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A clone hold of a base: the hold's name, the point, the path the clone was made
+    at, and whether a clone of this base is there now (if not, it was moved, or
+    removed by hand: ``forget`` releases the hold)."""
+
+    name: str
+    seq: int
+    path: Path
+    present: bool
+
+
 def make(base_path: Path, clone_path: Path, at: str | None = None,
          now_ns: int | None = None) -> Clone:
     """Clone the volume in ``base_path`` as of moment ``at`` (default: its newest
@@ -56,18 +74,21 @@ def make(base_path: Path, clone_path: Path, at: str | None = None,
         # First a hold of this process (dropped if it dies), so that no prune of the
         # base frees the point before the clone's own hold names a clone that is there.
         with base.txn(write=True) as txn:
-            point = resolve(base, txn, at or "now", now_ns)
+            point = resolve(base, txn, "now" if at is None else at, now_ns)
             bookmarks.hold(txn, base.db, "clone", point.seq)
+            check = journal.check(txn, base.db, point.seq)
             pack_start = max(_counter(base, txn, b"next_pack", 1),
                              base.after_last(txn, "packs"))
             next_ino = max(_counter(base, txn, b"next_ino", ROOT_INO + 1),
                            base.after_last(txn, "inodes"))
             settings = {bytes(k): bytes(v) for k, v in txn.cursor(db=base.db["meta"])
                         if bytes(k).startswith(b"config.") and bytes(k) != b"config.role"}
+        hold = bookmarks.clone_hold_name(clone_path)
         try:
-            _build(base, clone_path, point, pack_start, next_ino, settings)
+            _build(base, clone_path, CloneOf(base.path, base.uuid, point.seq, pack_start,
+                                             check, hold), point.ts, next_ino, settings)
             with base.txn(write=True) as txn:
-                bookmarks.hold_clone(txn, base.db, clone_path, point.seq)
+                bookmarks.hold_clone(txn, base.db, hold, point.seq)
                 bookmarks.release(txn, base.db, "clone")
         except BaseException:
             with base.txn(write=True) as txn:
@@ -84,7 +105,7 @@ def _counter(store: Store, txn: object, key: bytes, default: int) -> int:
     return int(raw) if raw else default
 
 
-def _build(base: Store, clone_path: Path, point: Point, pack_start: int, next_ino: int,
+def _build(base: Store, clone_path: Path, of: CloneOf, ts: int, next_ino: int,
            settings: dict[bytes, bytes]) -> None:
     """Make the clone's store aside and move it in whole: a clone is either complete
     at its path or not there."""
@@ -94,16 +115,15 @@ def _build(base: Store, clone_path: Path, point: Point, pack_start: int, next_in
         try:
             with store.txn(write=True) as txn:
                 meta = store.db["meta"]
-                txn.put(b"clone", encode_clone(CloneOf(base.path, base.uuid, point.seq,
-                                                       pack_start)), db=meta)
+                txn.put(b"clone", encode_clone(of), db=meta)
                 txn.put(b"next_ino", str(next_ino).encode(), db=meta)
-                txn.put(b"next_pack", str(pack_start).encode(), db=meta)
+                txn.put(b"next_pack", str(of.pack_start).encode(), db=meta)
                 for key, value in settings.items():
                     txn.put(key, value, db=meta)
                 # The clone's history starts at the point it shows, at that point's time.
                 journal.append(txn, store.db, journal.Record(
-                    point.seq, point.ts, "clone", ROOT_INO,
-                    {"base": str(base.path), "seq": point.seq}, []))
+                    of.seq, ts, "clone", ROOT_INO, {"base": str(base.path), "seq": of.seq},
+                    []))
         finally:
             store.env.close()
         os.rename(tmp / "store", clone_path)
@@ -116,6 +136,9 @@ def delete(clone_path: Path) -> Clone:
     """Remove the clone at ``clone_path`` and release its hold on the base (StoreError
     if it is not a clone, or is mounted). The base need not be there any more."""
     clone_path = Path(os.path.abspath(clone_path))
+    if not is_store(clone_path):
+        raise StoreError(f"{clone_path}: no clone there (for one removed by hand, release "
+                         f"its base's hold: cdpfs clone --delete {clone_path} --base BASE)")
     store = Store(clone_path, open_base=False)
     try:
         of = store.clone_of
@@ -138,7 +161,79 @@ def delete(clone_path: Path) -> Clone:
     shutil.rmtree(gone, ignore_errors=True)
     if is_store(of.path):
         with Store(of.path) as base, base.txn(write=True) as txn:
-            bookmarks.release_clone(txn, base.db, clone_path)
+            bookmarks.release_clone(txn, base.db,
+                                    of.hold or bookmarks.clone_hold_name(clone_path))
     else:
         log.warning("%s: its base %s is gone; no hold to release", clone_path, of.path)
     return Clone(clone_path, of.path, of.seq, first.ts if first is not None else 0)
+
+
+def forget(base_path: Path, clone_path: Path) -> Clone:
+    """Release the hold ``base_path`` keeps for a clone made at ``clone_path`` that was
+    removed by hand (StoreError if a store is there: delete it with ``delete``;
+    or if the base holds nothing for that path)."""
+    clone_path = Path(os.path.abspath(clone_path))
+    if is_store(clone_path):
+        raise StoreError(f"{clone_path}: a store is there: delete the clone with "
+                         f"cdpfs clone --delete {clone_path}")
+    name = bookmarks.clone_hold_name(clone_path)
+    with Store(Path(os.path.abspath(base_path))) as base, base.txn(write=True) as txn:
+        mark = bookmarks.get(txn, base.db, name)
+        if mark is None:
+            raise StoreError(f"{base.path} holds no point for a clone made at {clone_path}")
+        bookmarks.release_clone(txn, base.db, name)
+        ts = journal.get(txn, base.db, mark.seq)
+        log.info("%s: released the hold of the clone removed from %s (#%d)", base.path,
+                 clone_path, mark.seq)
+        return Clone(clone_path, base.path, mark.seq, ts.ts if ts is not None else 0)
+
+
+def held(base: Store, txn: object) -> list[Held]:
+    """The clone holds of ``base``, read through ``txn``, with whether a clone of this
+    base is still at the path it was made at."""
+    out = []
+    for mark in bookmarks.all_points(txn, base.db):  # type: ignore[arg-type]
+        path = mark.clone_path
+        if path is not None:
+            out.append(Held(mark.name, mark.seq, path, _clone_of(path, base) is not None))
+    return out
+
+
+def _clone_of(path: Path, base: Store) -> CloneOf | None:
+    """What the store at ``path`` says of its base, if it is a clone of ``base``."""
+    if not is_store(path):
+        return None
+    try:
+        with Store(path, readonly=True, open_base=False) as store:
+            of = store.clone_of
+    except StoreError:
+        return None
+    if of is None or of.uuid != base.uuid or \
+            os.path.realpath(of.path) != os.path.realpath(base.path):
+        return None
+    return of
+
+
+def rebase(clone_path: Path, base_path: Path, *, locked: bool = False) -> None:
+    """Make the clone at ``clone_path`` read through to ``base_path``, another copy of
+    its base's history up to its point (the clone's hold is in that copy already).
+    StoreLocked while the clone is in use (``locked``: the caller holds its writer
+    lock); StoreError unless ``base_path`` holds the same record at the clone's point."""
+    store = Store(clone_path, open_base=False)
+    try:
+        of = store.clone_of
+        if of is None:
+            raise StoreError(f"{clone_path}: not a clone")
+        if not locked:
+            store.lock("clone rebase")
+        with Store(base_path, readonly=True) as new, new.txn() as txn:
+            same = new.uuid == of.uuid and journal.check(txn, new.db, of.seq) == of.check
+        if not same or not of.check:
+            raise StoreError(f"{base_path}: does not hold the history {clone_path} was "
+                             f"cloned from at #{of.seq}")
+        moved = CloneOf(Path(os.path.abspath(base_path)), *of[1:])
+        with store.txn(write=True) as txn:
+            txn.put(b"clone", encode_clone(moved), db=store.db["meta"])
+        log.warning("clone %s now reads #%d from %s", clone_path, of.seq, base_path)
+    finally:
+        store.close()

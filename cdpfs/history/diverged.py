@@ -12,6 +12,14 @@ records after F out of the store (their versioned puts, journal entries, time
 index entries and bookmarks), so that the store holds exactly the history both
 share and replication resumes after F without a full resync. Blocks and packs
 only those records referenced are left for prune.
+
+What holds a point after F goes with the copy, and nothing that reads such a
+point ever sees the new primary's records in its place: bookmarks (and DR tests'
+``tested-*`` points) are in the copy, named in the log; a clone of a point after
+F is made to read through to the copy, which holds its point and its hold
+(``clones.rebase``). A clone in use, or a running process showing such a point
+(a snapshot mount), refuses the failback, with one line naming it, until it is
+unmounted or stopped: the primary's next connection tries again.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from ..errors import StoreError, StoreLocked
 from ..store import epochs, journal
 from ..store.lmdb import Store
+from ..store.lock import WriterLock
+from ..store.lock import holder as lock_holder
 from ..store.schema import TABLE_NAMES, U64, inv
-from . import bookmarks
+from . import bookmarks, clones
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +43,37 @@ MARK = "diverged"
 
 def keep_and_truncate(store: Store, fork: int) -> tuple[Path, int]:
     """Copy ``store`` aside, then remove every record after ``fork`` from it; the
-    copy's path and how many records were taken out."""
+    copy's path and how many records were taken out. StoreError (nothing changed)
+    while a clone in use or a running process reads a point after ``fork``."""
     with store.txn() as txn:
         top = journal.last(txn, store.db)[0]
         epoch = epochs.epoch_of(epochs.lineage(store, txn), top)
+        after = [mark for mark in bookmarks.all_points(txn, store.db) if mark.seq > fork]
+        moving = [h for h in clones.held(store, txn) if h.seq > fork and h.present]
     if top <= fork:
         raise ValueError(f"nothing after #{fork} to keep")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    dest = store.path.parent / f"{store.path.name}.diverged-{epoch}-{stamp}"
-    dest.mkdir()
-    store.env.copy(str(dest), compact=True)
-    with Store(dest) as copy, copy.txn(write=True) as txn:
-        bookmarks.put(txn, copy.db, MARK, top, replace=True)
+    busy = [f"a process (pid {mark.name.split('.')[2]}) showing #{mark.seq}"
+            for mark in after if mark.is_hold and mark.clone_path is None and mark.holder_alive]
+    locks: list[WriterLock] = []
+    try:
+        for h in moving:  # kept from mounts until each reads through to the copy
+            lock = WriterLock(h.path)
+            try:
+                lock.acquire("failback")
+            except StoreLocked:
+                busy.append(f"clone {h.path} of #{h.seq} (in use by {lock_holder(h.path)})")
+                continue
+            locks.append(lock)
+        if busy:
+            raise StoreError(f"{store.path}: its records after #{fork} cannot be taken out "
+                             f"while {', '.join(busy)} reads them: unmount or stop it "
+                             "(the primary's next connection tries again)")
+        dest = _copy(store, epoch, top)
+        for h in moving:
+            clones.rebase(h.path, dest, locked=True)
+    finally:
+        for lock in locks:
+            lock.release()
     with store.txn(write=True) as txn:
         for rec in list(journal.records(txn, store.db, fork + 1)):
             suffix = inv(rec.seq)
@@ -51,10 +81,25 @@ def keep_and_truncate(store: Store, fork: int) -> tuple[Path, int]:
                 txn.delete(prefix + suffix, db=store.db[TABLE_NAMES[table].decode()])
             txn.delete(U64.pack(rec.seq), db=store.db["journal"])
             txn.delete(U64.pack(rec.ts) + U64.pack(rec.seq), db=store.db["timeidx"])
-        for mark in bookmarks.all_points(txn, store.db):
-            if mark.seq > fork:
-                bookmarks.delete(txn, store.db, mark.name)
+        for mark in after:
+            txn.delete(mark.name.encode(), db=store.db["bookmarks"])
     log.warning("%s: %d records after #%d were written in epoch %d after another node "
                 "took over; kept in %s, taken out of this store", store.path, top - fork,
                 fork, epoch, dest)
+    kept = [mark.name for mark in after if not mark.is_hold]
+    if kept or moving:
+        log.warning("%s: %s of points after #%d now in %s", store.path, ", ".join(
+            [f"bookmark {name}" for name in kept] + [f"clone {h.path}" for h in moving]),
+            fork, dest)
     return dest, top - fork
+
+
+def _copy(store: Store, epoch: int, top: int) -> Path:
+    """The whole store, copied (compacted) beside it, its last record bookmarked."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    dest = store.path.parent / f"{store.path.name}.diverged-{epoch}-{stamp}"
+    dest.mkdir()
+    store.env.copy(str(dest), compact=True)
+    with Store(dest) as copy, copy.txn(write=True) as txn:
+        bookmarks.put(txn, copy.db, MARK, top, replace=True)
+    return dest

@@ -1,7 +1,11 @@
 """Check a store: rehash every block and check every reference of every version.
 
 ``verify`` returns a list of problems, each one line naming what is damaged;
-an empty list means the store is sound.
+an empty list means the store is sound. A clone is also checked against its
+base: the base still holds the clone's point for it (its hold), the base's
+record there is the one the clone was made of (checked when the clone is
+opened), and the clone has no version of its own at or before that point; so
+the clone reads at its point exactly as its base did when it was made.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..store.lmdb import Store
 from ..store.refs import of_extent
 from ..store.schema import MAX_SEQ, U64, Extent, inv, seq_of
 from ..store.view import View
+from . import bookmarks
 
 
 def _check_blocks(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
@@ -43,11 +48,15 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
             return True
         return False
 
+    point = store.clone_of.seq if store.clone_of is not None else 0  # a clone's own start after
     for table in ("inodes", "dirents", "extents", "xattrs"):
         for key in txn.cursor(db=store.db[table]).iternext(values=False):
             seq = seq_of(key)
             if not recorded(seq):
                 yield f"{table}: version {key.hex()} has no journal record {seq}"
+            elif seq <= point:
+                yield (f"{table}: version {key.hex()} of the clone is at or before its "
+                       f"point #{point}")
 
     blocks = store.db["blocks"]
     for key, value in txn.cursor(db=store.db["extents"]):
@@ -99,6 +108,19 @@ def _existed(cur: lmdb.Cursor, ino: int, until: int) -> bool:
     return False
 
 
+def _check_clone(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
+    """A clone's point is held by its base for it (the base's record there is checked
+    by ``Store.under``; the clone's own versions by ``_check_versions``)."""
+    of = store.clone_of
+    if of is None or store.base is None:
+        return
+    name = of.hold or bookmarks.clone_hold_name(store.path)
+    mark = bookmarks.get(store.under(txn), store.base.store.db, name)
+    if mark is None or mark.seq != of.seq:
+        yield (f"clone point #{of.seq} is not held by its base {of.path} (no hold {name!r}): "
+               "a prune of the base may free what the clone reads")
+
+
 def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[str]:
     """Every problem found in ``store`` (empty when it is sound)."""
     problems: list[str] = []
@@ -111,6 +133,7 @@ def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[
         if progress:
             progress("checking versions")
         problems.extend(_check_versions(store, txn, last))
+        problems.extend(_check_clone(store, txn))
         if View(store, txn, MAX_SEQ).inode(1) is None:
             problems.append("root directory is missing")
     return problems
