@@ -31,8 +31,10 @@ import trio.testing
 
 from cdpfs.errors import CdpfsError
 from cdpfs.fs.mutate import init_volume
-from cdpfs.history import bookmarks, retention
+from cdpfs.history import bookmarks, clones, retention
+from cdpfs.history.points import Points, resolve
 from cdpfs.history.treehash import tree_hash
+from cdpfs.history.verify import verify
 from cdpfs.replication import registry, wire
 from cdpfs.replication.protocol import ANSWER_TIMEOUT, BASE_TABLES, PROTOCOL
 from cdpfs.replication.receiver import BASE_PENDING, ROLE_REPLICA, Receiver
@@ -40,6 +42,7 @@ from cdpfs.replication.registry import ReplicaState
 from cdpfs.replication.sender import Connect, Sender
 from cdpfs.store import codec, epochs, journal
 from cdpfs.store.lmdb import Store, is_store
+from cdpfs.store.lock import WriterLock
 from cdpfs.store.schema import U64
 from cdpfs.store.view import View
 from cdpfs.testing import FakeClock, MemoryLinks, served
@@ -743,6 +746,7 @@ async def test_a_replica_let_go_gets_a_full_resync_of_what_differs(
     with trio.fail_after(20):
         async with _linked(replica) as (links, _):
             await _ship(primary, links.connect(NAME))
+    before = _history_tables(replica)
     # The replica goes away; the primary writes on, lets it go (max lag 1) and prunes.
     fresh = os.urandom(300_000)
     for i in range(5):  # each rewrite supersedes the one before: the records go
@@ -761,9 +765,19 @@ async def test_a_replica_let_go_gets_a_full_resync_of_what_differs(
     assert any("needs a full resync" in r.getMessage() for r in caplog.records)
     sent = sender.state.bytes_sent - sent_before
     assert len(fresh) < sent < len(fresh) + MiB // 2, sent  # kept's blocks were there
-    assert _history_tables(replica) == _history_tables(primary)
+    # The primary's history is laid over the replica's, which keeps its own older
+    # history: every entry the primary has is there, the same, and whatever else the
+    # replica holds it held before.
+    theirs, mine = _history_tables(primary), _history_tables(replica)
+    for table, entries in theirs.items():
+        assert entries.items() <= mine[table].items(), table
+        assert set(mine[table]) - set(entries) <= set(before[table]), table
     p, r = _summary(primary), _summary(replica)
     assert r.top == p.top == top and r.tree == p.tree and p.blocks <= r.blocks
+    with Store(primary) as store, store.txn() as txn:
+        kept = [seq for seq in p.seqs if Points(store, txn, clock()).is_kept(seq)]
+    for seq in kept:  # every point the primary kept reads the same on the replica
+        assert _tree_at(replica, seq) == _tree_at(primary, seq), seq
 
 
 # --- a live volume's fan-out, sync mode ----------------------------------------------------------
@@ -1057,3 +1071,117 @@ async def test_failback_keeps_what_the_old_primary_wrote_and_resumes_at_the_fork
     with Store(a) as store, store.txn() as txn:
         assert bookmarks.get(txn, store.db, "diverged") is None
         assert epochs.lineage(store, txn) == [(0, 1), (1, shipped + 1)]
+
+
+# --- what holds a point survives a failback and a full resync --------------------------------
+
+
+def _clone_tree(clone: Path, seq: int) -> tuple[str, int]:
+    with Store(clone) as store, store.txn() as txn:
+        return tree_hash(store, txn, seq)
+
+
+async def test_failback_keeps_a_clone_of_a_diverged_point_reading_what_it_was_made_of(
+        tmp_path: Path) -> None:
+    """A clone of the old primary at a record only it wrote: the failback takes that
+    record out of the store, so the clone is made to read through to the kept copy
+    (which holds its point and its hold); it reads as before and verifies."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    _, top_r, own = await _parted(a, r)
+    clones.make(a, tmp_path / "clone", f"#{own}")
+    before = _clone_tree(tmp_path / "clone", own)
+    _as_replica(a)
+    with trio.fail_after(20):
+        async with _linked(a, failback=True) as (links, receiver):
+            await _ship(r, links.connect(NAME))
+            [kept] = receiver.diverged
+    assert _tree_at(a, top_r) == _tree_at(r, top_r)
+    assert _clone_tree(tmp_path / "clone", own) == before
+    with Store(tmp_path / "clone") as clone:
+        assert clone.clone_of is not None and clone.clone_of.path == kept
+        assert verify(clone) == []
+    with Store(kept) as store, store.txn() as txn:
+        assert [(h.path, h.seq, h.present) for h in clones.held(store, txn)] == \
+            [(tmp_path / "clone", own, True)]
+    with Store(a) as store, store.txn() as txn:
+        assert clones.held(store, txn) == []  # a's own #own is another record now
+
+
+@pytest.mark.parametrize("holder", ["mounted clone", "snapshot"])
+async def test_failback_is_refused_while_a_diverged_point_is_in_use(
+        tmp_path: Path, holder: str) -> None:
+    """A clone in use (its writer lock held, as by a mount) or a running process
+    showing a point after the fork: the failback is refused with one line naming
+    it, and nothing is copied or taken out; once released it goes through."""
+    a, r = tmp_path / "a", tmp_path / "r"
+    _, top_r, own = await _parted(a, r)
+    lock = None
+    if holder == "mounted clone":
+        clones.make(a, tmp_path / "clone", f"#{own}")
+        lock = WriterLock(tmp_path / "clone")
+        lock.acquire("cdpfs mount")
+        words = f"clone {tmp_path / 'clone'} of #{own} (in use by cdpfs mount"
+    else:
+        with Store(a) as store, store.txn(write=True) as txn:
+            bookmarks.hold(txn, store.db, "snapshot", own)  # this process: alive
+        words = f"a process (pid {os.getpid()}) showing #{own}"
+    _as_replica(a)
+    before = _tables(a)
+    with trio.fail_after(20):
+        async with _linked(a, failback=True) as (links, receiver):
+            err = await _refused(r, links.connect(NAME))
+            assert receiver.diverged == []
+    assert words in str(err) and "\n" not in str(err), err
+    assert _tables(a) == before
+    assert not list(tmp_path.glob("a.diverged-*"))
+    if lock is not None:
+        lock.release()
+    else:
+        with Store(a) as store, store.txn(write=True) as txn:
+            bookmarks.release_all(txn, store.db)
+    with trio.fail_after(20):
+        async with _linked(a, failback=True) as (links, receiver):
+            await _ship(r, links.connect(NAME))
+    assert _tree_at(a, top_r) == _tree_at(r, top_r)
+
+
+async def test_a_full_resync_keeps_the_replicas_history_clones_and_tested_points(
+        tmp_path: Path) -> None:
+    """A replica let go by its primary gets a full resync: its clones' points, its
+    DR tests' tested-* bookmarks and its own older history stay (the resync lays
+    the primary's history over the replica's, nothing is cleared)."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    clock = FakeClock()
+    for i in range(4):
+        await _write(primary, {b"f%d" % (i % 2): os.urandom(30_000)}, clock=clock)
+    point = await _write(primary, {b"f0": b"state the DR test saw" * 50}, clock=clock)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            await _ship(primary, links.connect(NAME))
+    with Store(replica) as store, store.txn(write=True) as txn:
+        bookmarks.put(txn, store.db, "tested-20261207T000000Z", point)
+    clones.make(replica, tmp_path / "clone", f"#{point}")
+    then = _tree_at(replica, point)
+    early = _tree_at(replica, 2)
+    for i in range(5):
+        await _write(primary, {b"f0": b"line %d\n" % i * 50}, clock=clock)
+    clock.advance(7200)
+    _thin(primary, clock(), replica_max_lag=1)
+    with Store(primary) as store, store.txn() as txn:
+        assert journal.get(txn, store.db, point) is None  # the primary no longer has it
+        top = journal.last(txn, store.db)[0]
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            sender = await _ship(primary, links.connect(NAME))
+            assert sender.state.acked == top
+    assert _tree_at(replica, top) == _tree_at(primary, top)
+    assert _tree_at(replica, point) == then and _tree_at(replica, 2) == early
+    with Store(replica) as store, store.txn() as txn:
+        assert resolve(store, txn, "tested-20261207T000000Z").seq == point
+        assert [(h.seq, h.present) for h in clones.held(store, txn)] == [(point, True)]
+    assert _clone_tree(tmp_path / "clone", point) == then
+    with Store(tmp_path / "clone") as clone:
+        assert verify(clone) == []
+    with Store(replica) as store:
+        assert verify(store) == []

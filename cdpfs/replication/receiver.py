@@ -230,13 +230,20 @@ class Receiver:
             log.info("bookmarks now as on the primary (%d changed)", changed)
 
     def _base_mark(self, store: Store, msg: dict[str, Any]) -> int:
-        """Begin a full resync (clear the history tables) or end one (its seq)."""
+        """Begin a full resync or end one (its seq).
+
+        The entries of a resync are laid over what the replica has, nothing is
+        cleared: versioned keys never change once written (``key + inv(seq)``
+        holds one value in every store of the volume), and both stores hold
+        versions of one history (the lineage was checked), each side keeping
+        what its own kept points need. So every point either side kept reads
+        the same in the union, and the replica's older history, its bookmarks,
+        DR tests' ``tested-*`` points and the points its clones read all stay."""
         with store.txn(write=True) as txn:
             if msg.get("begin"):
-                for name in BASE_TABLES:
-                    txn.drop(store.db[name], delete=False)
                 txn.put(BASE_PENDING, U64.pack(int(msg["seq"])), db=store.db["meta"])
-                log.info("full resync to #%d begins: history tables cleared", msg["seq"])
+                log.info("full resync to #%d begins: the primary's history is laid over "
+                         "this replica's", msg["seq"])
                 return 0
             if txn.get(BASE_PENDING, db=store.db["meta"]) is None:
                 raise wire.WireError("end of a full resync that never began")
