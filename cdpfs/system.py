@@ -1,8 +1,9 @@
 """What cdpfs asks of the operating system, in one place, so ``import cdpfs`` works anywhere.
 
 File locks, whether a process still runs, a process's groups, the coarse clock,
-the clock leases are timed on, free space, making a rename durable, and the open
-flags the filesystem layer reads. Linux is what cdpfs runs on today (and what
+the clock leases are timed on, free space, making a rename durable, writing back
+what the kernel caches for a filesystem, and the open flags the filesystem layer
+reads. Linux is what cdpfs runs on today (and what
 the tests exercise); other systems get the nearest portable equivalent, so the
 library imports and its tools run there, and a front end for them (WinFsp)
 needs no change below it.
@@ -166,3 +167,24 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def syncfs(fd: int) -> None:
+    """Have the kernel write back what it holds dirty for the filesystem of ``fd``
+    (``syncfs(2)``, which Python does not wrap; ``sync`` where it is missing). For a
+    FUSE mount that is every cached write sent to the filesystem's process: the
+    kernel sends a /dev/fuse mount no request to commit (no FUSE_SYNCFS, checked
+    on Linux 6.18 with libfuse's debug output), so the caller then asks the mount
+    to commit (an fsync)."""
+    if WINDOWS:  # pragma: no cover
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    except AttributeError:  # pragma: no cover - a libc without syncfs
+        os.sync()

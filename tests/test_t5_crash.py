@@ -290,6 +290,40 @@ def detach(mnt: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
 
 
+_HOLDING_WRITER = """
+import os, sys
+mnt = sys.argv[1]
+for i in range(10):
+    with open(os.path.join(mnt, f"closed{i}"), "wb") as f:
+        f.write(b"closed %d " % i * 1000)
+held = os.open(os.path.join(mnt, "still-open"), os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(held, b"written, never flushed or closed " * 3000)  # unbuffered: in the page cache
+print("ready", flush=True)
+sys.stdin.read()  # holds the file open, its pages in the kernel's cache, until killed
+"""
+
+
+def test_cdpfs_sync_makes_everything_written_durable(volume: Volume) -> None:
+    """sync(1) does not make a FUSE mount commit (the kernel sends a /dev/fuse mount
+    no FUSE_SYNCFS): ``cdpfs sync`` writes the kernel's cache in and commits. Ten
+    files written and closed, and one still open with its data only in the kernel's
+    page cache, are all there after a SIGKILL of the mount right after it returns."""
+    writer = subprocess.Popen([sys.executable, "-c", _HOLDING_WRITER, str(volume.mnt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
+        cdpfs("sync", volume.mnt)
+        kill_daemon(volume)
+    finally:
+        writer.kill()
+        writer.wait()
+    detach(volume.mnt)
+    volume.mount()
+    for i in range(10):
+        assert (volume.mnt / f"closed{i}").read_bytes() == b"closed %d " % i * 1000
+    assert (volume.mnt / "still-open").read_bytes() == b"written, never flushed or closed " * 3000
+
+
 @pytest.mark.slow
 def test_sigkill_during_writes_keeps_fsynced_data(volume: Volume, tmp_path: Path) -> None:
     crash_loop(volume, tmp_path, ITERATIONS, {})

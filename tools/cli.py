@@ -89,7 +89,12 @@ def init(store: Path, block_size: int) -> None:
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
           allow_other: bool, logfile: Path | None, at: str | None, follow: bool,
           history: str | None, nonempty: bool) -> None:
-    """Mount the volume in STORE on MOUNTPOINT (in the background by default)."""
+    """Mount the volume in STORE on MOUNTPOINT (in the background by default).
+
+    Durability: a write is durable once fsync(2) of its file returns (or 'cdpfs
+    sync', or 'cdpfs umount'); other writes are committed within a quarter of a
+    second, and a crash before that loses them. sync(1) alone does not commit: the
+    kernel does not ask a FUSE mount to."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
 
     store = store.resolve()
@@ -173,10 +178,30 @@ def _try_write(fd: int, data: bytes) -> None:
         pass
 
 
+@main.command("sync")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def sync_cmd(paths: tuple[Path, ...]) -> None:
+    """Make everything written to mounted volumes durable now (PATH: a mount or a path
+    in one; none: every live cdpfs mount). fsync(2) of a file is durable when it
+    returns; sync(1) and syncfs(2) write the kernel's cache into the mount but do not
+    make it commit (the kernel does not ask a FUSE mount to): the mount commits
+    within a quarter of a second, and this command waits for it."""
+    from cdpfs.mount.control import live_mounts
+
+    from .locate import Target, locate
+
+    targets = [locate(p) for p in paths] or [Target(s, m, "") for s, m in live_mounts()]
+    for target in targets:
+        if target.mount is None:
+            raise CdpfsError(f"{target.store}: not mounted (nothing to sync)")
+        target.settle()
+        click.echo(f"synced {target.mount}: everything written to it is committed")
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def umount(mountpoint: Path) -> None:
-    """Flush everything to the store and unmount MOUNTPOINT."""
+    """Commit everything written to MOUNTPOINT to the store and unmount it."""
     from cdpfs.mount.control import unmount
 
     unmount(mountpoint)
@@ -205,11 +230,19 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
         run_compare(store, replica, at)
         return
 
+    from cdpfs.history import clones
+
     st = Store(store, readonly=True)
     try:
         problems = run_verify(st, progress=lambda msg: log.info(msg))
+        with st.txn() as txn:
+            away = [h for h in clones.held(st, txn) if not h.present]
     finally:
         st.close()
+    for h in away:
+        click.echo(f"note: #{h.seq} is held for a clone made at {h.path}, where no clone of "
+                   f"this store is now (moved; or removed by hand: cdpfs clone --delete "
+                   f"{h.path} --base {store})")
     for line in problems:
         click.echo(line)
     if problems:

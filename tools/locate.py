@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdpfs import system
 from cdpfs.errors import CdpfsError
 from cdpfs.mount.control import live_mount_of, mount_containing
 from cdpfs.store.lmdb import Store, is_store
@@ -31,11 +32,14 @@ class Target:
         return Store(self.store)
 
     def settle(self) -> None:
-        """Make the live mount commit what it has applied (an fsync of its root)."""
+        """Make the live mount commit everything written to it: what the kernel still
+        caches is written in (syncfs), then the mount commits (an fsync of its root
+        commits all it has received)."""
         if self.mount is None:
             return
         fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            system.syncfs(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
