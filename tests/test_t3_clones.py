@@ -201,3 +201,46 @@ def test_the_base_keeps_the_moment_while_the_clone_exists(base: Volume, clone: V
     assert (base.mnt / "f").read_text() == "version 2"
     base.sync()
     base.verify()
+
+
+def test_a_moved_clone_keeps_its_moment_and_one_removed_by_hand_is_released_by_name(
+        base: Volume, clone: Volume, tmp_path: Path) -> None:
+    """A clone moved away keeps the base's moment through prunes and mounts where it
+    is; status and verify of the base say no clone is at the path it was made at;
+    one removed by hand keeps the moment until clone --delete CLONE --base BASE."""
+    (base.mnt / "f").write_text("version 1")
+    base.sync()
+    m = base.last_seq()
+    cdpfs("clone", base.store, clone.store, "--at", f"#{m}")
+    (base.mnt / "f").write_text("version 2")
+    base.sync()
+    cdpfs("retention", base.store, "--keep-all", "0s", "--minutely", "0s",
+          "--hourly", "0s", "--daily", "0s")
+    (tmp_path / "elsewhere").mkdir()
+    moved = Volume(tmp_path / "elsewhere", "clone")  # same names, another directory
+    try:
+        os.rename(clone.store, moved.store)
+        cdpfs("prune", base.mnt)
+        assert _kept(base.store, m)
+        status = cdpfs("status", base.store).stdout
+        assert f"clone        {clone.store} holds #{m}; no clone of this store is there" \
+            in status, status
+        note = cdpfs("verify", base.store).stdout
+        assert f"note: #{m} is held for a clone made at {clone.store}" in note, note
+        moved.mount()
+        assert (moved.mnt / "f").read_text() == "version 1"
+        moved.umount()
+        moved.verify()
+    finally:
+        force_unmount(moved.mnt)
+    subprocess.run(["rm", "-rf", str(moved.store)], check=True)  # removed by hand
+    cdpfs("prune", base.mnt)
+    assert _kept(base.store, m)
+    line = one_line_error(cdpfs("clone", "--delete", clone.store, check=False))
+    assert "--base" in line, line
+    out = cdpfs("clone", "--delete", clone.store, "--base", base.store).stdout
+    assert f"released the hold {base.store} kept for the clone removed from {clone.store}" \
+        in out, out
+    cdpfs("prune", base.mnt)
+    assert not _kept(base.store, m)
+    assert "clone " not in cdpfs("status", base.store).stdout
