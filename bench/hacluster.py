@@ -77,12 +77,15 @@ class HaNodes:
         self.daemons[n] = proc
 
     def start_primary_and_replica(self) -> None:
-        """Start a and b; return once a is mounted (the primary) and b a replica."""
-        self.start("a")
-        self.start("b")
-        wait_until(lambda: mounted(self.mnt("a")), what="a's mount")
-        wait_until(lambda: self.status()["nodes"]["b"]["role"] == "replica",
-                   what="b a replica")
+        """Start every node; return once the first is mounted (the primary) and each
+        other a replica."""
+        first, *others = self.names
+        for n in self.names:
+            self.start(n)
+        wait_until(lambda: mounted(self.mnt(first)), what=f"{first}'s mount")
+        for n in others:
+            wait_until(lambda n=n: self.status()["nodes"][n]["role"] == "replica",
+                       what=f"{n} a replica")
 
     def status(self) -> dict[str, Any]:
         return json.loads(cdpfs("ha", "status", self.cluster, "--json", env=self.env).stdout)

@@ -4,7 +4,10 @@ The node's daemon (``cdpfs.ha.node.Node``) decides the role; this front end adds
 what only a mount can: while the node is primary it mounts the live volume at
 the node's mount point (FUSE, as ``cdpfs mount`` would) and counts the mount
 answering a stat as one of the checks the lease is renewed on; when the node
-loses the role the mount goes with the live volume. SIGINT/SIGTERM stop the
+loses the role the mount goes with the live volume. As a replica the node asks
+``can_serve`` before it campaigns: the mount point must be an empty directory
+with nothing mounted on it (as ``cdpfs mount`` checks), or it would win the role
+and fail to mount. SIGINT/SIGTERM stop the
 node: a primary hands the role on at once (its lease is revoked after its
 volume is committed and unmounted) instead of leaving it to run out.
 """
@@ -15,12 +18,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from cdpfs.errors import first_error
+from cdpfs.errors import StoreError, first_error
 from cdpfs.ha.cluster import Cluster
 from cdpfs.ha.etcd import Etcd, Tls
 from cdpfs.ha.node import Node
@@ -32,6 +36,9 @@ from .runner import check_mountpoint, fuse_options, set_readahead
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 2.0  # seconds a stat of the mount point may take and still pass
+# what to do about a mount point with something in it (there is no --nonempty here:
+# a primary's mount must not hide files the application would then miss on another)
+EMPTY_HINT = "move what is there away: the node can serve again once it is empty"
 
 
 def run_node(endpoints: list[str], tls: Tls | None, cluster: str, name: str, *,
@@ -55,7 +62,7 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
                 node.serving = True  # no mount: the volume serves through nothing else
                 await trio.sleep_forever()
             mountpoint = Path(spec.mount)
-            await trio.to_thread.run_sync(check_mountpoint, mountpoint)
+            await trio.to_thread.run_sync(check_mountpoint, mountpoint, False, EMPTY_HINT)
             assert volume.store is not None
             pyfuse3.init(FuseOperations(volume), str(mountpoint),
                          fuse_options(volume.store.path, allow_other))
@@ -83,6 +90,34 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
                         CHECK_TIMEOUT)
             return False
 
+        probing = threading.Event()  # a look at the mount point has not returned yet
+        one_look = trio.Lock()  # the node asks from two tasks: one look at a time
+
+        def probe(mountpoint: Path) -> str | None:
+            try:
+                check_mountpoint(mountpoint, False, EMPTY_HINT)
+            except StoreError as exc:
+                return str(exc)
+            finally:
+                probing.clear()
+            return None
+
+        async def can_serve() -> str | None:
+            """Why the volume could not be mounted now (None: it could), as ``serve``
+            checks it; in a thread, given up after a while (a hung mount there),
+            and none started while an earlier one still hangs."""
+            spec = node.spec
+            if spec is None or not spec.mount:
+                return None
+            async with one_look:
+                with trio.move_on_after(CHECK_TIMEOUT):
+                    while probing.is_set():  # an earlier look was abandoned: it may hang
+                        await trio.sleep(0.01)
+                    probing.set()
+                    return await trio.to_thread.run_sync(probe, Path(spec.mount),
+                                                         abandon_on_cancel=True)
+                return f"{spec.mount}: did not answer a stat in {CHECK_TIMEOUT:.0f} s"
+
         async def drain() -> None:
             """The kernel writes back what it still holds for the mount."""
             if mounted:
@@ -96,7 +131,8 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
                     node.stop()
                     return
 
-        node = Node(Cluster(etcd, cluster), name, serve=serve, check=check, drain=drain)
+        node = Node(Cluster(etcd, cluster), name, serve=serve, check=check, drain=drain,
+                    can_serve=can_serve)
         nursery.start_soon(stop_on_signal)
         await node.run()
         nursery.cancel_scope.cancel()

@@ -67,10 +67,11 @@ def set_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         log.info("cannot set readahead of %s: %s", mountpoint, exc)
 
 
-def check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
+def check_mountpoint(mountpoint: Path, nonempty: bool = False,
+                     hint: str = "use --nonempty to mount there anyway") -> None:
     """StoreError unless ``mountpoint`` is a directory a volume may be mounted on:
     no dead mount, nothing mounted, and (unless ``nonempty``) empty, since a mount
-    hides what is there."""
+    hides what is there (``hint`` says what to do about that)."""
     try:
         os.stat(mountpoint)
     except OSError as exc:
@@ -89,7 +90,7 @@ def check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
             raise StoreError(f"{mountpoint}: cannot read it: {exc.strerror}") from None
         if taken:
             raise StoreError(f"{mountpoint}: is not empty, and the mount would hide what "
-                             "is in it (use --nonempty to mount there anyway)")
+                             f"is in it ({hint})")
 
 
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,

@@ -7,27 +7,30 @@ the live volume is driven through the volume service, as the mount would. A
 primary that dies is replaced within the lease's TTL and a second or two, with
 every fsynced write; a primary cut off from etcd shuts its fence before another
 node takes the role, and comes back as a replica of the new primary without a
-resync.
+resync. A node whose front end fails to serve gives the role up at once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import etcdcluster
 import httpx
 import pytest
 import trio
 
-from cdpfs.errors import Fenced
+from cdpfs.errors import Fenced, StoreError
 from cdpfs.fs.mutate import init_volume
 from cdpfs.ha.cluster import Cluster, NodeSpec, Settings
 from cdpfs.ha.etcd import Etcd
 from cdpfs.ha.node import Node
 from cdpfs.replication import credentials
+from cdpfs.replication.receiver import ROLE_REPLICA
 from cdpfs.store import epochs, journal
 from cdpfs.store.lmdb import Store
 from cdpfs.volume import Volume
@@ -53,17 +56,19 @@ async def _until(what: str, cond: Callable[[], bool], timeout: float = 30) -> fl
 @asynccontextmanager
 async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: str,
                    nodes: tuple[str, ...] = ("a", "b"), mode: str = "sync",
-                   checks: tuple[str, ...] = (), scenario: str = "",
+                   checks: tuple[str, ...] = (), scenario: str = "", ttl: int = TTL,
+                   fronts: dict[str, dict[str, Any]] | None = None,
                    ) -> AsyncIterator[dict[str, tuple[Node, trio.CancelScope]]]:
     """A cluster ``name`` whose first node holds the volume; every node's daemon
-    running (each in a cancel scope of its own: cancelling one is its crash)."""
+    running (each in a cancel scope of its own: cancelling one is its crash), with
+    the front-end callables of ``fronts[node]`` (serve, check, can_serve, ...)."""
     stores = {n: tmp_path / n for n in nodes}
     init_volume(stores[nodes[0]]).close()
     for n, store in stores.items():
         credentials.keygen(store, n)
     async with Etcd(etcd_cluster.endpoints, etcd_cluster.client) as admin:
         cluster = Cluster(admin, name)
-        await cluster.create(Settings(_uuid(stores[nodes[0]]), ttl=TTL, interval=INTERVAL,
+        await cluster.create(Settings(_uuid(stores[nodes[0]]), ttl=ttl, interval=INTERVAL,
                                       mode=mode, checks=list(checks), check_timeout=1.0,
                                       scenario=scenario))
         for n, store in stores.items():
@@ -78,7 +83,8 @@ async def _cluster(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, name: 
                 for n in nodes:
                     etcd = Etcd(etcd_cluster.endpoints, etcd_cluster.client, timeout=1)
                     clients.append(etcd)
-                    node, scope = Node(Cluster(etcd, name), n), trio.CancelScope()
+                    node = Node(Cluster(etcd, name), n, **(fronts or {}).get(n, {}))
+                    scope = trio.CancelScope()
 
                     async def run(node: Node = node, scope: trio.CancelScope = scope) -> None:
                         with scope:
@@ -137,7 +143,7 @@ async def test_a_replica_takes_over_within_the_ttl_when_the_primary_dies(
             await _until("a primary", lambda: a.role == "primary" and b.role == "replica")
             assert a.epoch == 1
             assert a.volume is not None
-            await _until("b's lag known", lambda: b.lag is not None)
+            await _until("b caught up", lambda: b.lag == 0)  # not just known: 1 at first, often
             assert await _health(a, "/primary") == (200, {"role": "primary", "lag": 0})
             assert (await _health(b, "/primary"))[0] == 503
             assert (await _health(b, "/replica?lag=0"))[0] == 200
@@ -279,3 +285,54 @@ async def test_a_sync_replica_is_dropped_only_once_etcd_knows(
             c_scope.cancel()  # c crashes too, and a cannot tell etcd
             with pytest.raises(Fenced):
                 await _write(vol, b"three", b"on a alone: must never be acknowledged")
+
+
+async def test_a_node_whose_front_end_fails_to_serve_gives_the_role_up_at_once(
+        tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """b wins the role (a switchover to it) but its front end fails before it serves
+    (as a mount on a mount point that changed after the check would): b shuts its
+    fence, is a replica again, its store demoted, and revokes its lease, so another
+    node holds the role long before the lease could have run out; b says why once
+    and runs on, not campaigning again for a while; nothing fsynced is lost."""
+    ttl = 6  # a lease left to run out would show: the role moves in well under it
+    why = "b.mnt: is not empty (the front end failed, as this test has it)"
+    tries = []
+
+    async def fail_to_serve(volume: Volume) -> None:
+        tries.append(trio.current_time())
+        raise StoreError(why)
+
+    with trio.fail_after(60), caplog.at_level(logging.INFO, "cdpfs.ha"):
+        async with _cluster(tmp_path, etcd_cluster, "cannotserve", nodes=("a", "b", "c"),
+                            ttl=ttl, fronts={"b": {"serve": fail_to_serve}}) as nodes:
+            (a, _), (b, _), (c, _) = nodes["a"], nodes["b"], nodes["c"]
+            await _until("a primary", lambda: a.role == "primary" and b.role == "replica"
+                         and c.role == "replica")
+            assert a.volume is not None and a.volume.fanout is not None
+            await _write(a.volume, b"acknowledged", b"fsynced on a")
+            fanout = a.volume.fanout
+            await _until("in sync", lambda: fanout.in_sync() == ["b", "c"])
+            epoch = a.epoch
+            await a.cluster.ask("b")  # as 'cdpfs ha switchover b'
+            await _until("b tried to serve", lambda: bool(tries))
+            moved = await _until("a new primary", lambda: any(
+                n.role == "primary" and n.volume is not None for n in (a, c)))
+            assert moved - tries[0] < ttl / 2, "b left its lease to run out"
+            new = a if a.role == "primary" else c
+            assert new.epoch == epoch + 2  # b took one and gave it up
+            assert new.volume is not None
+            assert await _read(new.volume, b"acknowledged") == b"fsynced on a"
+            await _until("b a replica", lambda: b.role == "replica")
+            assert b.cannot_serve == why
+            await _until("b serving as a replica", lambda: b.volume is not None
+                         and b.volume.store is not None)
+            store = b.volume.store  # type: ignore[union-attr]
+            with store.txn() as txn:
+                assert store.config(txn, "role") == ROLE_REPLICA  # demoted
+            states = await new.cluster.states()
+            assert states["b"].role == "replica" and states["b"].cannot_serve == why
+            await trio.sleep(2 * INTERVAL * 5)
+            said = [r.getMessage() for r in caplog.records if why in r.getMessage()]
+            assert len(said) == 1 and "gives the primary role up" in said[0], said
+            assert len(tries) == 1 and b.role == "replica"

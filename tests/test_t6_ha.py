@@ -5,8 +5,11 @@ processes on this machine (loopback ports, their own stores and mount points)
 against the session's 3-member etcd with TLS. The primary's daemon is killed
 with SIGKILL while an application's fsynced file is on its mount; the replica's
 daemon mounts the volume at its own mount point with the file there; the killed
-node comes back as a replica. A SIGTERM hands the role on at once. Bad input
-gets one line. Every mount is unmounted and every process killed afterwards.
+node comes back as a replica. A SIGTERM hands the role on at once. A node whose
+mount point has a stray file in it does not take the role (it would fail to
+mount): it runs on as a replica, says why once, and takes part again once the
+file is gone. Bad input gets one line. Every mount is unmounted and every
+process killed afterwards.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from harness import Procs, can_mount, cdpfs, force_unmount, wait_until
 pytestmark = pytest.mark.skipif(not can_mount(), reason="needs /dev/fuse and CAP_SYS_ADMIN")
 
 
+TTL = 2  # Nodes' default
+
+
 @pytest.fixture
-def nodes(tmp_path: Path, etcd_cluster: etcdcluster.EtcdCluster, procs: Procs
-          ) -> Iterator[Nodes]:
-    n = Nodes(tmp_path, etcd_cluster, procs)
+def nodes(request: pytest.FixtureRequest, tmp_path: Path,
+          etcd_cluster: etcdcluster.EtcdCluster, procs: Procs) -> Iterator[Nodes]:
+    """Nodes a and b (or the names a test gives as its indirect parameter)."""
+    n = Nodes(tmp_path, etcd_cluster, procs, names=getattr(request, "param", ("a", "b")))
     try:
         yield n
     finally:
@@ -165,3 +172,94 @@ def test_bad_input_is_one_line(nodes: Nodes, tmp_path: Path) -> None:
     # nothing changed: the cluster still has its two nodes and no primary
     status = nodes.status()
     assert sorted(status["nodes"]) == ["a", "b"] and status["primary"] is None
+
+
+# --- a node that cannot mount ------------------------------------------------------------
+
+STRAY = "is not empty"  # what check_mountpoint says of a mount point with a file in it
+
+
+def _write_fsynced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _kill(nodes: Nodes, n: str) -> None:
+    nodes.daemons[n].send_signal(signal.SIGKILL)
+    nodes.daemons[n].wait(timeout=10)
+    force_unmount(nodes.mnt(n))
+
+
+def _said(nodes: Nodes, n: str, what: str) -> int:
+    """How many lines of node ``n``'s log say ``what``."""
+    log = (nodes.base / f"{n}.log").read_text(errors="replace")
+    return sum(what in line for line in log.splitlines())
+
+
+@pytest.mark.parametrize("nodes", [("a", "b", "c")], indirect=True)
+def test_a_replica_with_a_stray_file_in_its_mount_point_leaves_the_role_to_another(
+        nodes: Nodes) -> None:
+    """A stray file in b's mount point: when the primary dies, c takes over (b would
+    win and fail to mount); b runs on as a replica and says why once; a switchover
+    to b is refused with the reason; once the file is gone b takes the role."""
+    nodes.start_primary_and_replica()
+    stray = nodes.mnt("b") / "stray.txt"
+    stray.write_text("left in the mount point")
+    _write_fsynced(nodes.mnt("a") / "acknowledged.bin", data := os.urandom(100_000))
+    _kill(nodes, "a")
+    wait_until(lambda: _mounted(nodes.mnt("c")), timeout=30, what="c's mount")
+    assert nodes.daemons["b"].poll() is None, "b's daemon exited"
+    assert _said(nodes, "b", "cannot serve") == _said(nodes, "b", STRAY) == 1
+    assert nodes.primary() == "c"
+    assert (nodes.mnt("c") / "acknowledged.bin").read_bytes() == data
+    status = nodes.status()["nodes"]["b"]
+    assert status["role"] == "replica" and STRAY in status["cannot_serve"]
+    assert not _mounted(nodes.mnt("b")) and stray.exists()
+    shown = cdpfs("ha", "status", nodes.cluster, env=nodes.env).stdout
+    assert f"cannot serve, so it does not campaign: {nodes.mnt('b')}: {STRAY}" in shown
+    refused = cdpfs("ha", "switchover", nodes.cluster, "b", check=False, env=nodes.env)
+    assert refused.returncode == 1 and STRAY in refused.stderr
+    assert nodes.primary() == "c"
+    stray.unlink()
+    wait_until(lambda: nodes.status()["nodes"]["b"]["cannot_serve"] is None,
+               what="b eligible again")
+    cdpfs("ha", "switchover", nodes.cluster, "b", env=nodes.env)
+    wait_until(lambda: _mounted(nodes.mnt("b")), what="b's mount")
+    assert (nodes.mnt("b") / "acknowledged.bin").read_bytes() == data
+    assert _said(nodes, "b", "cannot serve") == _said(nodes, "b", STRAY) == 1
+    assert _said(nodes, "b", "can serve the volume again") == 1
+
+
+def test_the_only_replica_with_a_stray_file_takes_the_role_once_it_is_gone(
+        nodes: Nodes) -> None:
+    """Two nodes, a stray file in b's mount point, a killed: no node holds the role,
+    b's daemon runs on (no exit, no restart loop) and says why once; the file
+    removed, b takes over within a few TTLs with every fsynced write."""
+    nodes.start_primary_and_replica()
+    stray = nodes.mnt("b") / "stray.txt"
+    stray.write_text("left in the mount point")
+    data = {f"f{i}": os.urandom(20_000) for i in range(5)}
+    for name, content in data.items():
+        _write_fsynced(nodes.mnt("a") / name, content)
+    _kill(nodes, "a")
+    wait_until(lambda: nodes.primary() is None, timeout=3 * TTL, what="a's lease gone")
+    until = time.monotonic() + 2 * TTL  # b would have won and failed by then
+    while time.monotonic() < until:
+        assert nodes.daemons["b"].poll() is None, "b's daemon exited"
+        assert nodes.primary() is None and not _mounted(nodes.mnt("b"))
+        time.sleep(0.2)
+    status = nodes.status()["nodes"]["b"]
+    assert status["role"] == "replica" and STRAY in status["cannot_serve"]
+    assert _said(nodes, "b", "cannot serve") == _said(nodes, "b", STRAY) == 1
+    stray.unlink()
+    removed = time.monotonic()
+    wait_until(lambda: _mounted(nodes.mnt("b")), timeout=30, what="b's mount")
+    took = time.monotonic() - removed
+    assert took < 3 * TTL, f"b took {took:.1f} s to take over"
+    for name, content in data.items():
+        assert (nodes.mnt("b") / name).read_bytes() == content
+    assert nodes.primary() == "b" and nodes.daemons["b"].poll() is None
+    assert _said(nodes, "b", "cannot serve") == _said(nodes, "b", STRAY) == 1
+    assert _said(nodes, "b", "can serve the volume again") == 1

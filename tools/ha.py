@@ -203,6 +203,7 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
             "nodes": {n: {"address": spec.address, "mount": spec.mount,
                           **({"role": states[n].role, "seq": states[n].seq,
                               "lag": top - states[n].seq, "synced": states[n].synced,
+                              "cannot_serve": states[n].cannot_serve,
                               "reported_ago": round(now - states[n].time, 1)}
                              if n in states else {"role": "unknown"})}
                       for n, spec in sorted(nodes.items())},
@@ -221,6 +222,8 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
                      f"reported {info['reported_ago']}s ago")
         click.echo(line + f", replication on {info['address']}"
                    + (f", mount {info['mount']}" if info["mount"] else ""))
+        if info.get("cannot_serve"):
+            click.echo(f"    cannot serve, so it does not campaign: {info['cannot_serve']}")
 
 
 async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> float:
@@ -237,6 +240,8 @@ async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> floa
     if state is None or state.role != "replica":
         raise ClusterError(f"node {node} is not running as a replica "
                            f"({state.role if state else 'no report'}): start its daemon")
+    if state.cannot_serve:
+        raise ClusterError(f"node {node} cannot serve the volume: {state.cannot_serve}")
     top = max(s.seq for s in states.values())
     # With a primary there, it drains until the target has everything before it lets
     # the role go; without one, a target that lags would lose what it lacks.

@@ -13,7 +13,8 @@ Keys, under ``/cdpfs/clusters/<name>/``:
   when etcd lets the lease go, and only then may another node take it;
 - ``epoch``: the newest epoch given out (grown by compare-and-set);
 - ``state/<node>``: what each node last reported (role, epoch, newest seq, time;
-  a primary also the sync replicas every fsync it returned is on);
+  a primary also the sync replicas every fsync it returned is on; a replica why
+  it cannot serve the volume, if it cannot: it does not campaign then);
 - ``request``: ``{node, force, time}``, a hand-over asked for by ``ha switchover``
   or ``ha promote``: the primary drains and gives the role up, only that node
   campaigns (``force``: even if it lags), and it removes the request once it
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import CdpfsError, ClusterError
@@ -120,6 +121,9 @@ class NodeState:
     # a primary's sync replicas that every returned fsync is on (None: not known);
     # one leaves this list before an fsync returns without it
     synced: list[str] | None = None
+    # why the node's front end cannot serve the volume (its mount point is not an
+    # empty directory, ...): it does not campaign while this is set
+    cannot_serve: str | None = None
 
 
 class Cluster:
@@ -224,6 +228,9 @@ class Cluster:
 
     async def states(self) -> dict[str, NodeState]:
         out = {}
+        known = {f.name for f in fields(NodeState)}
         for kv in await self.etcd.get_prefix(self.key("state", "")):
-            out[kv.key.rsplit("/", 1)[1]] = NodeState(**json.loads(kv.value))
+            # a newer node's report may say more: what this one knows is read
+            value = {k: v for k, v in json.loads(kv.value).items() if k in known}
+            out[kv.key.rsplit("/", 1)[1]] = NodeState(**value)
         return out

@@ -25,7 +25,16 @@ never waits for an old lease: etcd removed the key only once that lease had
 expired, and its holder's fence had shut before.
 
 The front end (FUSE) takes part through ``serve``: called with the live volume
-when the node becomes primary, it mounts it and runs until cancelled.
+when the node becomes primary, it mounts it and runs until cancelled. A node
+whose front end cannot serve never holds the role: as a replica it asks the
+front end's ``can_serve`` (is the mount point an empty directory with nothing
+mounted on it?) before it campaigns and every interval, does not campaign while
+the answer is a reason, and reports that reason; if ``serve`` fails all the same
+before it served (the mount point changed after the check, FUSE refused), the
+new primary gives the role up at once (nothing was served, so nothing was
+acknowledged: no drain), demoted and with its lease revoked, and holds back from
+campaigning for a while that grows with each such failure. Each reason is logged
+once, and once more when it clears.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -54,6 +64,10 @@ from .lease import Lease
 log = logging.getLogger(__name__)
 
 Serve = Callable[[Volume], Awaitable[None]]
+# Why the front end could not serve the volume now (None: it could). Cheap: a
+# replica asks it every interval.
+CanServe = Callable[[], Awaitable[str | None]]
+HOLD_OFF_MAX = 300.0  # seconds at most a node whose serve failed stays out of campaigns
 
 
 class Node:
@@ -65,11 +79,14 @@ class Node:
         volume: the volume it serves now (a replica or the live volume).
         fence: what the live volume's changes ask.
         changed: set (and replaced) whenever the role changes.
+        cannot_serve: why the front end cannot serve the volume now (None: it can);
+            while it is set, the node does not campaign.
     """
 
     def __init__(self, cluster: Cluster, name: str, *, serve: Serve | None = None,
                  check: Callable[[], Awaitable[bool]] | None = None,
                  drain: Callable[[], Awaitable[None]] | None = None,
+                 can_serve: CanServe | None = None,
                  connector: Connector = tls_connector,
                  clock: Callable[[], float] = boot_clock) -> None:
         self.cluster = cluster
@@ -77,6 +94,7 @@ class Node:
         self.serve = serve
         self.check = check
         self.drain = drain  # the front end hands in what the kernel still holds
+        self.can_serve = can_serve
         self.connector = connector
         self.clock = clock
         self.role = "starting"
@@ -95,6 +113,13 @@ class Node:
         self._served = trio.Event()  # the front end serves the live volume
         self.ready: bool | None = None  # the promote hooks passed (None: not yet run)
         self.scenario = Scenario("none")
+        self.cannot_serve: str | None = None
+        self._said: str | None = None  # the reason not to serve logged last
+        self._failed: str | None = None  # why serve failed last, before it served
+        self._failed_until = 0.0  # ... and until when (clock) that holds the node back
+        self._failures = 0  # such failures in a row
+        self._gave_up = False  # serve failed: this primary gives the role up
+        self._did_serve = False  # the front end served in this term as primary
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -150,6 +175,8 @@ class Node:
     def serving(self, value: bool) -> None:
         if value:
             self._served.set()
+            self._did_serve = True
+            self._failed, self._failures, self._said = None, 0, None
         elif self._served.is_set():
             self._served = trio.Event()
 
@@ -205,6 +232,36 @@ class Node:
         with store.txn() as txn:
             return journal.last(txn, store.db)[0], epochs.seen(store, txn)
 
+    async def _check_serve(self) -> str | None:
+        """Why this node cannot serve the volume now (None: it can), kept in
+        ``cannot_serve``: the front end's answer, else a failed serve that still
+        holds the node back. A reason is logged once, and once when it clears."""
+        reason = await self.can_serve() if self.can_serve is not None else None
+        if reason is not None and reason == self._failed:
+            self._failed = None  # the check sees it now, and will see it clear
+        if reason is None and self._failed is not None and self.clock() < self._failed_until:
+            reason = self._failed
+        if reason is not None and reason != self._said:
+            log.warning("node %s: cannot serve the volume, so it does not campaign for the "
+                        "primary role: %s", self.name, reason)
+            self._said = reason
+        elif reason is None and self._said is not None and self._failed is None:
+            log.info("node %s: can serve the volume again: it campaigns when the role is "
+                        "free", self.name)
+            self._said = None
+        self.cannot_serve = reason
+        return reason
+
+    async def _request(self) -> dict[str, Any] | None:
+        """The standing hand-over request, unless it names another node that reports
+        it cannot serve: that one does not campaign, so obeying it would leave the
+        role free until the request ran out."""
+        request = await self.cluster.request()
+        if request is None or request["node"] == self.name:
+            return request
+        target = (await self.cluster.states()).get(request["node"])
+        return None if target is not None and target.cannot_serve else request
+
     async def _eligible(self, last: Primary | None) -> int | None:
         """The epoch this node's store has seen, if it may campaign now; else None."""
         assert self.settings is not None
@@ -212,7 +269,7 @@ class Node:
         if pos is None:
             return None
         seq, seen = pos
-        request = await self.cluster.request()
+        request = await self._request()
         if request is not None:
             if request["node"] != self.name:
                 return None  # the role is being handed to another node
@@ -230,8 +287,8 @@ class Node:
                         and self.name not in state.synced):
                     return None  # fsyncs may have returned without this node
                 continue  # sync: every acknowledged write is here already
-            if state.role == "replica" and state.seq > seq:
-                return None  # another replica has more: it should win
+            if state.role == "replica" and state.seq > seq and not state.cannot_serve:
+                return None  # another replica has more: it should win (if it can serve)
         return seen
 
     async def _campaign(self) -> tuple[Lease, int]:
@@ -240,12 +297,16 @@ class Node:
         last: Primary | None = None
         while True:
             try:
+                # asked before the key is read: nothing slow between reading it free
+                # and reading the request (a winner clears its request once it holds
+                # the key; a node reading in between campaigns in vain, using an epoch)
+                unfit = await self._check_serve()
                 holder = await self.cluster.primary()
                 if holder is not None:
                     last = self.last_primary = holder
                     await self._wait_gone(holder)
                     continue
-                seen = await self._eligible(last)
+                seen = None if unfit else await self._eligible(last)
                 if seen is not None:
                     lease = await Lease.grant(self.cluster.etcd, self.settings.ttl, self.clock)
                     epoch = await self.cluster.next_epoch(seen)
@@ -273,6 +334,8 @@ class Node:
     async def _report_loop(self) -> None:
         assert self.settings is not None
         while True:
+            if self.role == "replica":
+                await self._check_serve()
             try:
                 await self._report()
             except ClusterError as exc:
@@ -286,14 +349,17 @@ class Node:
         return volume.fanout.in_sync()
 
     async def _report(self, role: str | None = None, synced: list[str] | None = None) -> None:
-        """Report this node's state; one report at a time, its in-sync list taken
-        under the lock, so an older list never lands after a newer one."""
+        """Report this node's state (as ``role``: a replica's has no in-sync list);
+        one report at a time, its in-sync list taken under the lock, so an older
+        list never lands after a newer one."""
         async with self._report_lock:
             pos = self._position()
             seq = pos[0] if pos else 0
+            if synced is None and role in (None, "primary", "fenced"):
+                synced = self._synced()
             await self.cluster.report(self.name, NodeState(
-                role or self.role, self.epoch, seq,
-                synced=synced if synced is not None else self._synced()))
+                role or self.role, self.epoch, seq, synced=synced,
+                cannot_serve=self.cannot_serve))
         if self.role == "primary":
             self.lag = 0
         else:
@@ -316,6 +382,8 @@ class Node:
 
     async def _as_primary(self, lease: Lease, epoch: int, nodes: dict[str, NodeSpec]) -> None:
         self.epoch = epoch
+        self._gave_up = self._did_serve = False
+        self.cannot_serve = None  # it could when it campaigned
         try:
             await trio.to_thread.run_sync(self._promote, epoch, nodes)
             self.fence.open_until(lease.valid_until)
@@ -333,14 +401,25 @@ class Node:
                 self._set_role("primary")
                 nursery.start_soon(self._report_loop)
                 if self.serve is not None:
-                    nursery.start_soon(self.serve, volume)  # it sets ``serving``
+                    nursery.start_soon(self._serve, volume)  # it sets ``serving``
                 else:
                     self.serving = True
                 self._handing_over = False
                 nursery.start_soon(self._promote_hooks)
                 nursery.start_soon(self._watch_requests)
                 await self._hold(lease, volume)
-                if self._stopping.is_set() or self._handing_over:
+                if self._gave_up:
+                    # Nothing was served, so nothing acknowledged: no drain, and no
+                    # demote hooks (the promote hooks wait for the front end). The
+                    # report goes before the lease, so the next node's campaign
+                    # reads this one as a replica, not as a primary that had no
+                    # replica in sync.
+                    self.fence.shut("this node cannot serve the volume")
+                    try:
+                        await self._report("replica")
+                    except ClusterError as exc:
+                        log.warning("node %s: report: %s", self.name, exc)
+                elif self._stopping.is_set() or self._handing_over:
                     await self._hooks("demote")  # the application stops, then the drain
                     await self._drain(volume)
                 else:
@@ -357,13 +436,39 @@ class Node:
             self.serving = False
             self.ready = None
         await trio.to_thread.run_sync(self._demote)
-        if self._stopping.is_set() or self._handing_over:
+        if self._stopping.is_set() or self._handing_over or self._gave_up:
             try:
                 await lease.release()  # committed, unmounted: the role goes at once
                 log.info("node %s: the primary role is handed on", self.name)
             except ClusterError as exc:
                 log.warning("node %s: the role goes when the lease runs out: %s", self.name,
                             exc)
+
+    async def _serve(self, volume: Volume) -> None:
+        """The front end serves ``volume``. If it fails before it served, this node
+        gives the role up at once (``_hold`` returns) and stays out of campaigns for
+        a while, twice the TTL and twice that at each failure in a row: another
+        node takes the role meanwhile, and with none this one tries again slowly."""
+        assert self.serve is not None and self.settings is not None
+        try:
+            await self.serve(volume)
+        except Exception as exc:
+            if self._did_serve:
+                raise  # it served: a crash as before, the lease runs out
+            reason = str(exc) or type(exc).__name__
+            log.debug("node %s: the front end failed", self.name, exc_info=True)
+            self._failures += 1
+            hold_off = min(HOLD_OFF_MAX,
+                           2.0 * self.settings.ttl * 2 ** min(self._failures - 1, 16))
+            self._failed, self._failed_until = reason, self.clock() + hold_off
+            self.cannot_serve = reason
+            if reason != self._said:
+                log.warning("node %s: cannot serve the volume, so it gives the primary role "
+                            "up and does not campaign for it while this lasts: %s",
+                            self.name, reason)
+                self._said = reason
+            self._gave_up = True
+            self._nudged.set()
 
     async def _drain(self, volume: Volume) -> None:
         """Before a planned hand-over: what the kernel holds comes in, every change is
@@ -464,7 +569,7 @@ class Node:
         while True:
             with trio.move_on_after(min(self.settings.interval, max(0.0, lease.left() / 2))):
                 await self._nudged.wait()
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._gave_up:
                 return
             if self._nudged.is_set():
                 self._nudged = trio.Event()
@@ -504,7 +609,7 @@ class Node:
                 log.warning("node %s: etcd shows the lease still held: writes resume", self.name)
                 self._set_role("primary")
             try:
-                request = await self.cluster.request()
+                request = await self._request()
             except ClusterError:
                 continue
             if request is not None and request["node"] != self.name:
