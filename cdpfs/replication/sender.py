@@ -312,10 +312,13 @@ class Sender:
 
         async def watchdog() -> None:  # a dead link or replica: reconnect
             while True:
-                await trio.sleep_until(conn.active + ANSWER_TIMEOUT)
-                if pending and trio.current_time() - conn.active >= ANSWER_TIMEOUT:
+                if trio.current_time() < conn.active + ANSWER_TIMEOUT:
+                    await trio.sleep_until(conn.active + ANSWER_TIMEOUT)
+                elif pending:
                     raise trio.TooSlowError(f"no answer from the replica for "
                                             f"{ANSWER_TIMEOUT:.0f}s")
+                else:  # nothing owed (keepalive's part): look again later, never spin
+                    await trio.sleep(KEEPALIVE)
 
         async def keepalive() -> None:  # an idle link: ask for a sign of life now and then
             nonlocal ping, pong
