@@ -7,10 +7,11 @@ later ones send only new records and missing blocks, a cut link resumes at the
 replica's position, another volume or a parted history is refused, bookmarks and
 deletions follow, a damaged block is never applied, a record out of turn is
 refused, a reconnecting primary replaces its stale session, a silent replica drops
-the link, an idle link is kept alive by keepalives (and a silent idle one dropped),
-status tells a live link from a silent one, a replica whose records were pruned gets
-a full resync, and a live volume's fsync waits for its sync replicas (or, past
-``sync_timeout``, marks them degraded until they catch up). No root, FUSE or network.
+the link, an idle link is kept alive by keepalives (and a silent idle one dropped)
+and costs no CPU, status tells a live link from a silent one, a replica whose
+records were pruned gets a full resync, and a live volume's fsync waits for its sync
+replicas (or, past ``sync_timeout``, marks them degraded until they catch up). No
+root, FUSE or network.
 """
 
 from __future__ import annotations
@@ -771,6 +772,42 @@ async def test_a_replica_answers_ping_and_refuses_a_malformed_one(
             with pytest.raises(wire.WireError):  # the connection is dropped
                 await conn.recv()
     assert "undecodable PING frame" in caplog.text
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps trio's tasks take."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_an_idle_link_past_the_answer_timeout_costs_no_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing moved for longer than ANSWER_TIMEOUT and nothing is owed (the keepalive
+    put off here): the watchdog sleeps. It used to wake at once, again and again (a
+    sleep until a moment past): a core spent by an idle primary."""
+    from cdpfs.replication import sender as sender_module
+    monkeypatch.setattr(sender_module, "ANSWER_TIMEOUT", 0.1)
+    monkeypatch.setattr(sender_module, "KEEPALIVE", 3600.0, raising=False)
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            with Store(primary) as store:
+                sender = Sender(store, NAME, ADDRESS, links.connect(NAME))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sender.run)
+                    await sender.caught_up.wait()
+                    await trio.sleep(0.3)  # idle past ANSWER_TIMEOUT
+                    steps = _Steps()
+                    trio.lowlevel.add_instrument(steps)
+                    await trio.sleep(0.5)
+                    trio.lowlevel.remove_instrument(steps)
+                    nursery.cancel_scope.cancel()
+    assert links.connections == 1 and steps.steps < 50, steps.steps
 
 
 def test_status_tells_a_live_link_from_a_silent_one() -> None:
