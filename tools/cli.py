@@ -262,14 +262,14 @@ def status(store: Path) -> None:
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
         nbytes, complete = behind[r.name]
         size = f"{'' if complete else '>'}{nbytes / 2**20:.1f} MiB"
-        now = link(r, time.time_ns(), lag)  # rate and ETA only while records move
-        eta = now.eta(nbytes)
+        view = link(r, time.time_ns(), lag)  # rate and ETA only while records move
+        eta = view.eta(nbytes)
         click.echo(f"replica      {r.name} ({r.address}, {r.mode}): "
-                   f"{now.words()}, acked #{r.acked}, "
+                   f"{view.words()}, acked #{r.acked}, "
                    f"lag {lag} records / {size} / {seconds:.1f}s"
                    + (f", ETA {eta:.0f}s" if eta is not None else "")
                    + f", sent {r.records_sent} records {r.bytes_sent / 2**20:.1f} MiB"
-                   + (f", {now.rate / 1e6:.1f} MB/s lately" if now.moving else "")
+                   + (f", {view.rate / 1e6:.1f} MB/s lately" if view.moving else "")
                    + (f", last error: {r.last_error}" if r.last_error else ""))
 
 
