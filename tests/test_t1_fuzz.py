@@ -72,6 +72,8 @@ def _valid(uuid: str) -> dict[int, Any]:
         wire.ERROR: {"message": "no"},
         wire.BASE: {"begin": True, "seq": 3},
         wire.MARKS: {"mark": [1, 5]},
+        wire.PING: {"id": 1},
+        wire.PONG: {"id": 1},
     }
 
 
@@ -224,7 +226,7 @@ def test_a_receiver_survives_any_frames(primary: tuple[Path, str],
     path, uuid = primary
     caplog.clear()
     first = () if hello else (wire.HELLO,)
-    expected = (wire.OFFER, wire.DATA, wire.BASE, wire.MARKS)
+    expected = (wire.OFFER, wire.DATA, wire.BASE, wire.MARKS, wire.PING)
     frames = _start(uuid, hello) + data.draw(st.lists(_frames(uuid, first or expected),
                                                       min_size=1, max_size=5))
     replica = tmp_path_factory.mktemp("replica") / "r"
@@ -270,7 +272,7 @@ def test_a_sender_survives_any_answers(primary: tuple[Path, str],
                                        welcome: bool) -> None:
     path, uuid = primary
     caplog.clear()
-    expected = (wire.WANT, wire.ACK) if welcome else (wire.WELCOME,)
+    expected = (wire.WANT, wire.ACK, wire.PONG) if welcome else (wire.WELCOME,)
     answers = ([_welcome(uuid)] if welcome else []) + data.draw(
         st.lists(_frames(uuid, expected), min_size=1, max_size=5))
     connections = 0

@@ -7,9 +7,11 @@ later ones send only new records and missing blocks, a cut link resumes at the
 replica's position, another volume or a parted history is refused, bookmarks and
 deletions follow, a damaged block is never applied, a record out of turn is
 refused, a reconnecting primary replaces its stale session, a silent replica drops
-the link, a replica whose records were pruned gets a full resync, and a live
-volume's fsync waits for its sync replicas (or, past ``sync_timeout``, marks them
-degraded until they catch up). No root, FUSE or network.
+the link, an idle link is kept alive by keepalives (and a silent idle one dropped)
+and costs no CPU, status tells a live link from a silent one, a replica whose
+records were pruned gets a full resync, and a live volume's fsync waits for its sync
+replicas (or, past ``sync_timeout``, marks them degraded until they catch up). No
+root, FUSE or network.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +40,14 @@ from cdpfs.history.points import Points, resolve
 from cdpfs.history.treehash import tree_hash
 from cdpfs.history.verify import verify
 from cdpfs.replication import registry, wire
-from cdpfs.replication.protocol import ANSWER_TIMEOUT, BASE_TABLES, PROTOCOL
+from cdpfs.replication.protocol import (
+    ANSWER_TIMEOUT,
+    BASE_TABLES,
+    IDLE_TIMEOUT,
+    KEEPALIVE,
+    PROTOCOL,
+    record_check,
+)
 from cdpfs.replication.receiver import BASE_PENDING, ROLE_REPLICA, Receiver
 from cdpfs.replication.registry import ReplicaState
 from cdpfs.replication.sender import Connect, Sender
@@ -625,6 +636,208 @@ async def test_a_replica_that_welcomes_then_fails_is_not_retried_at_once(
     assert len(times) == 4
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0], gaps
+
+
+# --- keepalives and the link's state ---------------------------------------------------------
+
+
+def _saved(store: Store) -> ReplicaState:
+    with store.txn() as txn:
+        state = registry.get(txn, store.db, NAME)
+    assert state is not None
+    return state
+
+
+async def test_an_idle_link_is_kept_alive_and_its_answers_saved(
+        tmp_path: Path, jumping_clock: trio.testing.MockClock) -> None:
+    """A replica that has everything gets a PING after KEEPALIVE seconds without an
+    answer and answers PONG: the link stays up however long it is idle, the sender
+    always heard from it lately, and each answer is saved for status."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    await _write(primary, {b"f": os.urandom(100_000)})
+    # Virtual time stands still while the replica store is made and filled (threads
+    # that take real time must not let a timeout jump by), then jumps while idle.
+    jumping_clock.autojump_threshold = math.inf
+    async with _linked(replica) as (links, _):
+        with Store(primary) as store:
+            sender = Sender(store, NAME, ADDRESS, links.connect(NAME))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                await sender.caught_up.wait()
+                first = _saved(store).heard_ns
+                jumping_clock.autojump_threshold = 0.05
+                idle = IDLE_TIMEOUT * 3
+                silences, answers = [], set()
+                for _ in range(int(idle / 2)):
+                    await trio.sleep(2)
+                    silences.append(trio.current_time() - sender.heard_at)
+                    answers.add(sender.heard_at)
+                saved = _saved(store)
+                nursery.cancel_scope.cancel()
+    assert links.connections == 1 and saved.connected  # never dropped
+    # Answered about every KEEPALIVE (virtual time may jump while a save's fsync
+    # takes real time, so the bounds leave room), never near IDLE_TIMEOUT.
+    assert len(answers) >= idle / KEEPALIVE / 2 and max(silences) < IDLE_TIMEOUT / 2, \
+        (len(answers), silences)
+    assert saved.heard_ns > first  # and saved: status sees a live replica
+    assert registry.link(saved, saved.heard_ns, 0).state == registry.CONNECTED
+
+
+async def _mute_replica(stream: trio.abc.Stream, store: Store, got: list[int],
+                        say: tuple[tuple[int, Any], ...] = ()) -> None:
+    """A replica that welcomes with the primary's own position (so it has everything),
+    sends ``say``, then takes every frame and answers none (a cut, a hung process)."""
+    conn = wire.Connection(stream)
+    _, hello = await conn.recv(wire.HELLO)
+    with store.txn() as txn:
+        top = journal.last(txn, store.db)[0]
+        check = record_check(txn, store, top)
+    await conn.send(wire.WELCOME, {"acked": top, "uuid": hello["uuid"], "check": check})
+    for kind, body in say:
+        await conn.send(kind, body)
+    try:
+        while True:
+            got.append((await conn.recv_frame())[0])
+    except (wire.WireError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def test_a_silent_idle_replica_is_dropped_and_reconnected(
+        tmp_path: Path, jumping_clock: trio.testing.MockClock) -> None:
+    """An idle link whose replica answers no PING (a cut while nothing was being
+    shipped: no send fails, no timeout ran) is dropped IDLE_TIMEOUT after the last
+    answer and reconnected like any broken link; attempts spent, the sender gives up."""
+    primary = tmp_path / "primary"
+    _make(primary)
+    await _write(primary, {b"f": b"x" * 1000})
+    got: list[int] = []
+    times: list[float] = []
+
+    async def connect() -> trio.abc.Stream:
+        times.append(trio.current_time())
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(_mute_replica, theirs, store, got)
+        return ours
+
+    with Store(primary) as store:
+        async with trio.open_nursery() as nursery:
+            sender = Sender(store, NAME, ADDRESS, connect)
+            with trio.move_on_after(IDLE_TIMEOUT * 6) as hung, \
+                    pytest.raises(CdpfsError, match=NAME):
+                await sender.run(follow=True, attempts=2)
+            nursery.cancel_scope.cancel()
+        saved = _saved(store)
+    assert not hung.cancelled_caught, "a silent idle link is kept for ever"
+    assert len(times) == 2 and wire.PING in got
+    assert IDLE_TIMEOUT <= times[1] - times[0] <= IDLE_TIMEOUT + 1, times
+    assert "no answer" in saved.last_error and not saved.connected
+
+
+@pytest.mark.parametrize(("body", "why"), [({"id": 9}, "PONG 9 answers no PING"),
+                                           ({"id": 0}, "PONG 0 answers no PING"),
+                                           ({"id": "9"}, "undecodable PONG frame")])
+async def test_a_pong_that_answers_no_ping_or_is_malformed_drops_the_link(
+        tmp_path: Path, body: dict[str, Any], why: str) -> None:
+    primary = tmp_path / "primary"
+    _make(primary)
+    await _write(primary, {b"f": b"x" * 1000})
+
+    async def connect() -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(_mute_replica, theirs, store, [], ((wire.PONG, body),))
+        return ours
+
+    with trio.fail_after(20), Store(primary) as store:
+        async with trio.open_nursery() as nursery:
+            sender = Sender(store, NAME, ADDRESS, connect)
+            with pytest.raises(CdpfsError, match=NAME):
+                await sender.run(follow=True, attempts=1)
+            nursery.cancel_scope.cancel()
+    assert why in sender.state.last_error and not sender.state.connected
+
+
+async def test_a_replica_answers_ping_and_refuses_a_malformed_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    with Store(primary) as store:
+        uuid, block_size = store.uuid, store.block_size
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            conn = wire.Connection(await links.connect(NAME)())
+            await conn.send(wire.HELLO, {"proto": PROTOCOL, "uuid": uuid,
+                                         "block_size": block_size, "name": NAME})
+            await conn.recv(wire.WELCOME)
+            await conn.send(wire.PING, {"id": 7})
+            assert await conn.recv() == (wire.PONG, {"id": 7})
+            await conn.send(wire.PING, {"id": -7})
+            with pytest.raises(wire.WireError):  # the connection is dropped
+                await conn.recv()
+    assert "undecodable PING frame" in caplog.text
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps trio's tasks take."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_an_idle_link_past_the_answer_timeout_costs_no_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing moved for longer than ANSWER_TIMEOUT and nothing is owed (the keepalive
+    put off here): the watchdog sleeps. It used to wake at once, again and again (a
+    sleep until a moment past): a core spent by an idle primary."""
+    from cdpfs.replication import sender as sender_module
+    monkeypatch.setattr(sender_module, "ANSWER_TIMEOUT", 0.1)
+    monkeypatch.setattr(sender_module, "KEEPALIVE", 3600.0, raising=False)
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, _):
+            with Store(primary) as store:
+                sender = Sender(store, NAME, ADDRESS, links.connect(NAME))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sender.run)
+                    await sender.caught_up.wait()
+                    await trio.sleep(0.3)  # idle past ANSWER_TIMEOUT
+                    steps = _Steps()
+                    trio.lowlevel.add_instrument(steps)
+                    await trio.sleep(0.5)
+                    trio.lowlevel.remove_instrument(steps)
+                    nursery.cancel_scope.cancel()
+    assert links.connections == 1 and steps.steps < 50, steps.steps
+
+
+def test_status_tells_a_live_link_from_a_silent_one() -> None:
+    """``registry.link``: what the saved state means at a moment. A replica that
+    answered lately is connected, with a rate and an ETA while it is behind; one
+    silent past SILENT_AFTER (a cut: its sender saves nothing new) is named silent
+    for as long as it is, with neither; a replica never saved with ``heard_ns`` is
+    judged by its last save."""
+    now = time.time_ns()
+    s = 1_000_000_000
+    live = ReplicaState(NAME, ADDRESS, connected=True, heard_ns=now - s, rate=45.4e6)
+    moving = registry.link(live, now, lag=100)
+    assert (moving.state, moving.words(), moving.moving) == ("connected", "connected", True)
+    assert moving.rate == 45.4e6 and moving.eta(int(3 * 45.4e6)) == pytest.approx(3)
+    idle = registry.link(live, now, lag=0)
+    assert idle.words() == "connected" and not idle.moving and idle.eta(1000) is None
+    cut = ReplicaState(NAME, ADDRESS, connected=True, heard_ns=now - 20 * s, rate=45.4e6)
+    silent = registry.link(cut, now, lag=100)
+    assert (silent.state, silent.words()) == (registry.SILENT, "no answer for 20s")
+    assert not silent.moving and silent.rate == 0 and silent.eta(1000) is None
+    edge = registry.link(cut, cut.heard_ns + int(registry.SILENT_AFTER * s), lag=100)
+    assert edge.state == registry.CONNECTED
+    down = ReplicaState(NAME, ADDRESS, connected=False, heard_ns=now - s, rate=45.4e6)
+    gone = registry.link(down, now, lag=100)
+    assert gone.words() == "not connected" and gone.eta(1000) is None
+    old = ReplicaState(NAME, ADDRESS, connected=True, updated_ns=now - 30 * s)
+    assert registry.link(old, now, lag=0).words() == "no answer for 30s"
 
 
 # --- full resync ------------------------------------------------------------------------------

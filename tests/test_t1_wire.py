@@ -4,7 +4,8 @@
 them: bodies and pieces round-trip exactly, payloads are compressed only when that
 shrinks them, damage to the header, payload, piece table or check is refused
 (damage to a piece is left to ``codec.check``, by design), malformed headers are
-refused before any body is read, ERROR frames become ``PeerError``, a close
+refused before any body is read, a keepalive's body is checked like any other,
+ERROR frames become ``PeerError``, a close
 between frames is ``Closed`` and one inside a frame is not, and the byte counters
 count what crossed. No network, no TLS: only the transport is in memory.
 """
@@ -307,6 +308,23 @@ async def test_an_unexpected_frame_type_is_refused() -> None:
     await a.send(wire.WANT, {"blocks": [], "packs": []})
     assert await b.recv() == (wire.WANT, {"blocks": [], "packs": []})
 
+
+
+@pytest.mark.parametrize("kind", ["PING", "PONG"])
+async def test_keepalive_bodies_are_checked(kind: str) -> None:
+    """PING and PONG (protocol 4) carry one id, an integer from 0 to 2^64-1; any other
+    body is refused naming the field, as for every frame type."""
+    code = getattr(wire, kind)
+    a, b = _pair()
+    await a.send(code, {"id": 2**64 - 1})
+    assert await b.recv(code) == (code, {"id": 2**64 - 1})
+    for body, why in (({}, "no 'id'"), ({"id": -1}, f"{kind}.id: expected an integer"),
+                      ({"id": 1.5}, f"{kind}.id: expected an integer"),
+                      ({"id": "7"}, f"{kind}.id: expected an integer"),
+                      ([7], "expected a map"), (None, "expected a map")):
+        raw = _handmade(code, 0, msgpack.packb(body))
+        with pytest.raises(wire.WireError, match=f"undecodable {kind} frame: .*{why}"):
+            await _received(raw, code)
 
 
 async def test_an_error_frame_raises_peer_error_with_its_message() -> None:

@@ -1,7 +1,8 @@
 """Replication between two network namespaces joined by a veth pair: the replica is
 another host as far as the network goes. A partition (the link set down) must not
-stop writes on the primary; once healed the replica converges. In sync mode an
-fsync that returned is on the replica, even if the primary is then killed."""
+stop writes on the primary, and ``cdpfs status`` names the replica's silence
+instead of an ETA; once healed the replica converges and status says so. In sync
+mode an fsync that returned is on the replica, even if the primary is then killed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from harness import (
     CLI,
+    HarnessError,
     Volume,
     can_make_netns,
     cdpfs,
@@ -28,6 +30,8 @@ from harness import (
     store_seq,
     wait_until,
 )
+
+from cdpfs.replication.registry import SILENT_AFTER
 
 _ids = itertools.count(os.getpid() % 200)
 
@@ -102,6 +106,23 @@ def _status(vol: Volume) -> str:
                 if line.startswith("replica"))
 
 
+def _await_status(vol: Volume, pattern: str, timeout: float, when: str) -> re.Match[str]:
+    """The first replica line of ``cdpfs status`` that matches ``pattern`` (polled)."""
+    found: list[re.Match[str] | str] = [""]
+
+    def matches() -> bool:
+        line = _status(vol)
+        found[0] = re.search(pattern, line) or line
+        return not isinstance(found[0], str)
+
+    try:
+        wait_until(matches, timeout=timeout)
+    except HarnessError:
+        raise AssertionError(f"status {when}: {found[0]}") from None
+    assert isinstance(found[0], re.Match)
+    return found[0]
+
+
 def test_partition_keeps_writes_flowing_then_converges(replica: Replica, link: Link,
                                                        make_volume: type[Volume]) -> None:
     vol = make_volume("primary")
@@ -142,7 +163,13 @@ def test_partition_keeps_writes_flowing_then_converges(replica: Replica, link: L
             assert queued, _status(vol)
             # what waits is reported: at least the 64 KiB files written since the cut
             assert int(queued[1]) > 20 and float(queued[2]) >= 1.0, _status(vol)
-            time.sleep(1)
+            # Nothing comes back: once longer than a live link is ever silent, status
+            # says for how long, with no ETA and no rate (it kept showing "connected
+            # ... ETA 3s, 45.4 MB/s lately" for a whole 20 s cut).
+            silent = _await_status(vol, r": no answer for (\d+)s, acked #\d+, lag \d+ records",
+                                   SILENT_AFTER + 10, "during the cut")
+            assert int(silent[1]) >= SILENT_AFTER, silent.string
+            assert "ETA" not in silent.string and "MB/s" not in silent.string, silent.string
             link.set(True)  # healed
             time.sleep(1)
         finally:
@@ -154,6 +181,8 @@ def test_partition_keeps_writes_flowing_then_converges(replica: Replica, link: L
         seq = last_seq(vol)
         wait_until(lambda: store_seq(replica.store) >= seq, timeout=60,
                    what="the replica to converge after the partition")
+        # and status says so: answering again, nothing behind
+        _await_status(vol, r": connected, acked #\d+, lag 0 records", 30, "after the heal")
         vol.umount()
     finally:
         vol.cleanup()

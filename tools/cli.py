@@ -260,7 +260,7 @@ def status(store: Path) -> None:
     from cdpfs.history import clones
     from cdpfs.history.stats import store_stats
     from cdpfs.replication.batches import backlog
-    from cdpfs.replication.registry import load_states
+    from cdpfs.replication.registry import link, load_states
 
     from .drtest import last as last_test
 
@@ -305,12 +305,14 @@ def status(store: Path) -> None:
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
         nbytes, complete = behind[r.name]
         size = f"{'' if complete else '>'}{nbytes / 2**20:.1f} MiB"
-        eta = f", ETA {nbytes / r.rate:.0f}s" if lag and r.connected and r.rate else ""
+        view = link(r, time.time_ns(), lag)  # rate and ETA only while records move
+        eta = view.eta(nbytes)
         click.echo(f"replica      {r.name} ({r.address}, {r.mode}): "
-                   f"{'connected' if r.connected else 'not connected'}, acked #{r.acked}, "
-                   f"lag {lag} records / {size} / {seconds:.1f}s{eta}, "
-                   f"sent {r.records_sent} records "
-                   f"{r.bytes_sent / 2**20:.1f} MiB, {r.rate / 1e6:.1f} MB/s lately"
+                   f"{view.words()}, acked #{r.acked}, "
+                   f"lag {lag} records / {size} / {seconds:.1f}s"
+                   + (f", ETA {eta:.0f}s" if eta is not None else "")
+                   + f", sent {r.records_sent} records {r.bytes_sent / 2**20:.1f} MiB"
+                   + (f", {view.rate / 1e6:.1f} MB/s lately" if view.moving else "")
                    + (f", last error: {r.last_error}" if r.last_error else ""))
 
 

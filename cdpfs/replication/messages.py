@@ -19,9 +19,10 @@ from ..errors import CdpfsError
 from ..store.epochs import MAX_EPOCHS
 
 # Frame types
-HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS = range(1, 10)
+HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS, PING, PONG = range(1, 12)
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", OFFER: "OFFER", WANT: "WANT", DATA: "DATA",
-         ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS"}
+         ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS", PING: "PING",
+         PONG: "PONG"}
 
 MAX_SEQ = 2**64 - 1
 MAX_ITEMS = 100_000  # entries of any list or map in one body
@@ -131,6 +132,8 @@ SHAPES: dict[int, Check] = {
     ERROR: _map({}, {"message": _text()}),
     BASE: _map({"seq": _SEQ}, {"begin": _bool, "end": _bool}),
     MARKS: _marks,
+    PING: _map({"id": _SEQ}),  # a keepalive on an idle link
+    PONG: _map({"id": _SEQ}),  # its answer, naming the PING's id
 }
 
 

@@ -13,9 +13,14 @@ from ..errors import CdpfsError
 from ..store import journal
 from ..store.lmdb import Store
 
-PROTOCOL = 3
+PROTOCOL = 4  # 4: PING and PONG (keepalives); 3: the frame check covers the header
 PIPELINE = 4  # batches on the way at once: offered or sent ahead of their acknowledgement
 ANSWER_TIMEOUT = 30.0  # seconds a peer owing an answer may move no byte before the link drops
+# An idle link (the replica has everything) is silent on its own: the primary sends a
+# PING after this many seconds without an answer, so a dead one is noticed and status
+# can tell when the replica last answered.
+KEEPALIVE = 3.0
+IDLE_TIMEOUT = 15.0  # seconds an idle link may go unanswered (a PING owed) before it drops
 # The history tables a full resync sends, in this order (entries up to its seq).
 BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
 

@@ -350,11 +350,14 @@ class Receiver:
     async def _frames(self, conn: wire.Connection, store: Store, inflight: dict[object, int],
                       offers: deque[tuple[dict[str, Any], dict[str, Any]]],
                       send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
-        """Take frames from the primary: answer offers, queue batches for the applier."""
+        """Take frames from the primary: answer offers and keepalives, queue batches
+        for the applier."""
         while True:
             kind, body, pieces = await conn.recv_frame(wire.OFFER, wire.DATA, wire.BASE,
-                                                       wire.MARKS)
-            if kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
+                                                       wire.MARKS, wire.PING)
+            if kind == wire.PING:  # answered at once: the primary times the silence
+                await reply(wire.PONG, {"id": body["id"]})
+            elif kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
                 await send_q.send(_Incoming(control=(kind, body)))
             elif kind == wire.OFFER:
                 want = await trio.to_thread.run_sync(self._missing, store, body)

@@ -10,8 +10,11 @@ failure (refused connection, dropped link, damaged frame) ends the connection;
 the sender waits and resumes from the replica's position, so nothing is lost
 or applied twice. Its state for ``cdpfs status`` is kept in the ``replicas``
 table (``registry``; retention keeps journal records and blocks a replica still
-needs). A sender waits for new records on ``poke()``, which whoever commits
-calls; nothing here polls.
+needs), with when the replica last answered. A sender waits for new records on
+``poke()``, which whoever commits calls; nothing here polls. While idle (the
+replica has everything) it sends a PING after KEEPALIVE seconds without an
+answer: the PONG is saved as a sign of life, and an idle link left unanswered
+for IDLE_TIMEOUT is dropped and reconnected like any broken link.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ from ..store import epochs, journal
 from ..store.lmdb import Store
 from . import registry, wire
 from .batches import JournalGap, data_frame, read_base_chunk, read_batch
-from .protocol import ANSWER_TIMEOUT, BASE_TABLES, PIPELINE, PROTOCOL, parse_address, record_check
+from .protocol import (
+    ANSWER_TIMEOUT,
+    BASE_TABLES,
+    IDLE_TIMEOUT,
+    KEEPALIVE,
+    PIPELINE,
+    PROTOCOL,
+    parse_address,
+    record_check,
+)
 from .registry import ReplicaState
 
 log = logging.getLogger(__name__)
@@ -81,6 +93,8 @@ class Sender:
         state: what is known of the replica (saved in the registry).
         caught_up: set once the replica has had everything committed.
         on_batch: called with ``state`` after each acknowledged batch (progress).
+        heard_at: trio time the replica last answered (``state.heard_ns`` on the
+            wall clock).
     """
 
     def __init__(self, store: Store, name: str, address: str, connect: Connect,
@@ -109,6 +123,7 @@ class Sender:
         self._budget_at = 0.0  # trio time until which the bandwidth budget is spent
         self._dirty = False  # state changed since it was last saved
         self._saved_at = 0.0
+        self.heard_at = 0.0
 
     def poke(self) -> None:
         """Something changed (records committed, bookmarks): look now."""
@@ -118,6 +133,11 @@ class Sender:
         """Return once the replica has acknowledged ``seq``."""
         while self.state.acked < seq:
             await self._acked.wait()
+
+    def _heard(self) -> None:
+        """The replica answered: it is alive (saved with the next save)."""
+        self.heard_at = trio.current_time()
+        self.state.heard_ns = time.time_ns()
 
     def _moved(self) -> None:
         self._acked.set()
@@ -201,6 +221,7 @@ class Sender:
                                          "epochs": [list(x) for x in line]})
             with trio.fail_after(ANSWER_TIMEOUT):  # a replica that never welcomes
                 _, welcome = await conn.recv(wire.WELCOME)
+            self._heard()
             self._registered = True
             acked = int(welcome["acked"])
             try:
@@ -265,10 +286,19 @@ class Sender:
                     pending += 1
                     sent.nbytes += await conn.send_frame(parts, pace=self._throttle)
 
+        ping = 0  # the id of the newest PING
+        pong = trio.Event()  # set when it is answered
+
         async def reader() -> None:
             nonlocal pending
             while True:
-                kind, body = await conn.recv(wire.WANT, wire.ACK)
+                kind, body = await conn.recv(wire.WANT, wire.ACK, wire.PONG)
+                self._heard()
+                if kind == wire.PONG:
+                    if not ping or body["id"] != ping or pong.is_set():
+                        raise wire.WireError(f"PONG {body['id']} answers no PING")
+                    pong.set()
+                    continue
                 pending -= 1
                 if kind == wire.WANT:
                     await wants_in.send(body)
@@ -282,13 +312,37 @@ class Sender:
 
         async def watchdog() -> None:  # a dead link or replica: reconnect
             while True:
-                await trio.sleep_until(conn.active + ANSWER_TIMEOUT)
-                if pending and trio.current_time() - conn.active >= ANSWER_TIMEOUT:
+                if trio.current_time() < conn.active + ANSWER_TIMEOUT:
+                    await trio.sleep_until(conn.active + ANSWER_TIMEOUT)
+                elif pending:
                     raise trio.TooSlowError(f"no answer from the replica for "
                                             f"{ANSWER_TIMEOUT:.0f}s")
+                else:  # nothing owed (keepalive's part): look again later, never spin
+                    await trio.sleep(KEEPALIVE)
+
+        async def keepalive() -> None:  # an idle link: ask for a sign of life now and then
+            nonlocal ping, pong
+            while True:
+                if pending:  # answers are owed: the watchdog judges the link
+                    await trio.sleep(KEEPALIVE)
+                    continue
+                if trio.current_time() < self.heard_at + KEEPALIVE:
+                    await trio.sleep_until(self.heard_at + KEEPALIVE)
+                    continue
+                ping, pong = ping + 1, trio.Event()
+                async with send_lock:
+                    await conn.send(wire.PING, {"id": ping})
+                with trio.move_on_at(self.heard_at + IDLE_TIMEOUT):
+                    await pong.wait()
+                if pong.is_set():  # status sees it alive: a small write every KEEPALIVE
+                    self._saved_at = trio.current_time()
+                    await trio.to_thread.run_sync(self._save)
+                elif not pending:
+                    raise trio.TooSlowError(f"no answer from the idle replica for "
+                                            f"{trio.current_time() - self.heard_at:.0f}s")
 
         async with trio.open_nursery() as nursery:
-            for task in (loader, sender, reader, watchdog):
+            for task in (loader, sender, reader, watchdog, keepalive):
                 nursery.start_soon(task)
             upto = acked
             marks_sent: dict[str, list[int]] | None = None
@@ -335,11 +389,15 @@ class Sender:
         self.counters.bytes_shipped += sent.nbytes
         self._moved()
         self._dirty = True
+        await self._save_now_and_then()
+        if self.on_batch is not None:
+            self.on_batch(state)
+
+    async def _save_now_and_then(self) -> None:
+        """Save the state unless that was done less than SAVE_EVERY ago."""
         if trio.current_time() - self._saved_at >= SAVE_EVERY:
             self._saved_at = trio.current_time()
             await trio.to_thread.run_sync(self._save)
-        if self.on_batch is not None:
-            self.on_batch(state)
 
     def _bookmarks(self) -> dict[str, list[int]]:
         """The user's bookmarks the replica can hold (their records acknowledged)."""
@@ -371,11 +429,13 @@ class Sender:
         with trio.fail_after(ANSWER_TIMEOUT):  # a dead link or replica: reconnect
             await conn.send(wire.OFFER, refs)
             _, want = await conn.recv(wire.WANT)
+        self._heard()
         parts = await trio.to_thread.run_sync(self._data_frame, want, refs, body)
         await conn.send_frame(parts, pace=self._throttle)
 
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
+        self._heard()
         return int(ack["seq"])
 
     async def _full_resync(self, conn: wire.Connection) -> int:
@@ -389,6 +449,7 @@ class Sender:
         await conn.send(wire.BASE, {"begin": True, "seq": top})
         with trio.fail_after(ANSWER_TIMEOUT):
             await conn.recv(wire.ACK)
+        self._heard()
         # Retention keeps what comes after the base from now on; nothing counts as
         # acknowledged (a sync write waits) until the replica has the whole base.
         self.state.hold = top
@@ -403,9 +464,11 @@ class Sender:
                 if items:
                     await self._exchange(conn, refs, {"base": {"table": table,
                                                                "items": items}})
+                    await self._save_now_and_then()  # status: it answers
         await conn.send(wire.BASE, {"end": True, "seq": top})
         with trio.fail_after(ANSWER_TIMEOUT):
             _, ack = await conn.recv(wire.ACK)
+        self._heard()
         log.info("replica %s: full resync to #%d done", self.state.name, top)
         self.state.acked = int(ack["seq"])
         self._moved()

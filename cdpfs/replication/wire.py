@@ -38,6 +38,8 @@ from .messages import (  # noqa: F401 (the frame types, as wire.HELLO ...)
     MARKS,
     NAMES,
     OFFER,
+    PING,
+    PONG,
     WANT,
     WELCOME,
 )
