@@ -11,7 +11,7 @@ the table.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import lmdb
@@ -56,7 +56,11 @@ class ReplicaState:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ReplicaState:
-        return cls(**msgpack.unpackb(bytes(raw), raw=False))
+        """A saved state; fields this version does not know (a newer one saved them)
+        are left out, so a store can be read by the release before."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in msgpack.unpackb(bytes(raw), raw=False).items()
+                      if k in known})
 
 
 @dataclass(frozen=True, slots=True)
