@@ -206,6 +206,7 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         every: int = 0, echo: Callable[[str], None] = print) -> Result:
     """Test ``replica`` at moment ``at`` (default: its newest record) with ``scenario``."""
     replica = Path(os.path.abspath(replica))
+    echo = _heard(echo)
     check_replica(replica)
     if not scenario.steps("test"):
         raise CdpfsError(f"{scenario.name}: has no [[test]] steps")
@@ -294,6 +295,7 @@ def clean_up(replica: Path, echo: Callable[[str], None] = print) -> Running | No
     and record it as failed. The test recorded (None if none): if it is ``alive``,
     it was left alone. CdpfsError naming what could not be removed."""
     replica = Path(os.path.abspath(replica))
+    echo = _heard(echo)
     with Store(replica, readonly=True) as st:
         rec = running(st)
     if rec is None or rec.alive:
@@ -324,6 +326,18 @@ def check_replica(replica: Path) -> None:
         if st.config(txn, "role") != ROLE_REPLICA:
             raise CdpfsError(f"{replica}: not a replica store (a DR test runs on a replica; "
                              "on a primary, use cdpfs clone and mount the clone)")
+
+
+def _heard(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """``echo`` that never stops a cleanup: when whoever read the output has gone (a
+    closed pipe), the lines go to the log."""
+    def say(line: str) -> None:
+        try:
+            echo(line)
+        except OSError:
+            log.info("DR test: %s", line)
+
+    return say
 
 
 def _who(rec: Running) -> str:

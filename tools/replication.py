@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,9 +127,13 @@ async def _scheduled_tests(volume: Volume, every: int, args: list[str]) -> None:
     while True:
         await trio.sleep(max(0.0, due - time.time()))
         log.info("scheduled DR test of %s starting", volume.path)
-        proc = await trio.run_process([*CLI, *args], check=False, capture_stdout=True,
-                                      capture_stderr=True, deliver_cancel=_stop_test)
-        said = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+        # Its output goes to a file, not a pipe: a pipe would close as the server stops,
+        # and the test, cleaning up then, would fail writing to it.
+        with tempfile.TemporaryFile() as out:
+            proc = await trio.run_process([*CLI, *args], check=False, stdout=out,
+                                          stderr=subprocess.STDOUT, deliver_cancel=_stop_test)
+            out.seek(0)
+            said = out.read().decode(errors="replace").strip().splitlines()
         log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
                 "scheduled DR test: %s", said[-1] if said else f"exit {proc.returncode}")
         due = time.time() + every
