@@ -300,13 +300,12 @@ def test_a_dr_test_whose_step_hangs_leaves_no_process_behind(
 
 
 class _Test:
-    """A ``cdpfs replica test`` running in the background, stopped in its step: its
-    clone, the clone's mount and mount process, all found while it runs."""
+    """A DR test running in the background (``proc``: ``cdpfs replica test``, or the
+    replica server that started it), waiting in its step: its clone, the clone's
+    mount and mount process, all found while it runs."""
 
-    def __init__(self, procs: Procs, replica: Path, scenario: Path, log: Path,
-                 marker: str) -> None:
-        self.log = log
-        self.proc = procs.start(["replica", "test", replica, "--scenario", scenario], log)
+    def __init__(self, proc: subprocess.Popen[bytes], replica: Path, marker: str) -> None:
+        self.proc = proc
         wait_until(lambda: _running(marker), timeout=60, what="the DR test's step")
         (self.clone,) = _drtest_clones(replica.parent)
         mnt = live_mount_of(self.clone)
@@ -334,6 +333,11 @@ class _Test:
             self.mnt.rmdir()
 
 
+def _start(procs: Procs, replica: Path, scenario: Path, log: Path, marker: str) -> _Test:
+    return _Test(procs.start(["replica", "test", replica, "--scenario", scenario], log),
+                 replica, marker)
+
+
 def test_a_killed_dr_test_is_reported_and_cleaned_up(
         served: Served, tmp_path: Path, procs: Procs) -> None:
     """kill -9 of ``replica test`` in its step: ``status`` names what it left, and
@@ -345,7 +349,7 @@ def test_a_killed_dr_test_is_reported_and_cleaned_up(
     scen = _scenario(tmp_path / "wait.toml", marker)
     test = None
     try:
-        test = _Test(procs, replica, scen, tmp_path / "test.log", marker)
+        test = _start(procs, replica, scen, tmp_path / "test.log", marker)
         status = cdpfs("status", replica).stdout
         assert "running since" in status and f"(pid {test.proc.pid})" in status, status
         out = cdpfs("replica", "test", replica, "--cleanup").stdout
@@ -390,10 +394,11 @@ def test_a_dr_test_told_to_stop_cleans_up_by_itself(
         scen = _scenario(tmp_path / "wait.toml", marker, stop=f"touch {stopped}")
         test = None
         try:
-            test = _Test(procs, replica, scen, tmp_path / f"test-{sig}.log", marker)
+            log = tmp_path / f"test-{sig}.log"
+            test = _start(procs, replica, scen, log, marker)
             test.proc.send_signal(sig)
             assert test.proc.wait(timeout=60) == 1
-            err = test.log.read_text().strip().splitlines()[-1]
+            err = log.read_text().strip().splitlines()[-1]
             assert err.startswith("cdpfs: error: ") and \
                 f"interrupted by signal {int(sig)} ({sig.name})" in err, err
             assert stopped.exists(), "the stop steps did not run"
@@ -406,6 +411,32 @@ def test_a_dr_test_told_to_stop_cleans_up_by_itself(
             if test is not None:
                 test.cleanup()
     cdpfs("verify", replica)
+
+
+def test_a_scheduled_dr_test_cleans_up_when_the_server_stops(
+        served: Served, tmp_path: Path) -> None:
+    """``replica serve`` stopping (SIGTERM) stops its scheduled test the same way."""
+    vol, replica, server = served
+    wait_replicated(vol, replica)
+    marker = _marker()
+    stopped = tmp_path / "stopped"
+    scen = _scenario(tmp_path / "wait.toml", marker, stop=f"touch {stopped}")
+    server.kill()
+    test = None
+    try:
+        server.start("--test-every", "1h", "--test-scenario", str(scen))
+        assert server.proc is not None
+        test = _Test(server.proc, replica, marker)
+        server.stop()
+        assert stopped.exists(), "the stop steps did not run"
+        assert test.gone() == [] and not _running(marker)
+        status = cdpfs("status", replica).stdout
+        assert "FAILED: interrupted by signal 15" in status and "--cleanup" not in status, \
+            status
+    finally:
+        _kill(marker)
+        if test is not None:
+            test.cleanup()
 
 
 def test_failed_dr_tests_keep_the_newest_failures_clone_only(
