@@ -406,50 +406,47 @@ def _stop_strays(rec: Running, say: Callable[[str], None], whose: str = "the tes
 
 def _take_down(rec: Running, say: Callable[[str], None]) -> None:
     """After the test, whatever happened: no process of its steps, no mount, no
-    mount directory (errors are logged: the record keeps what is left named)."""
+    mount directory (what cannot be removed stays named by the test's record)."""
     _stop_strays(rec, say)
-    mnt = Path(rec.mnt)
-    if find_mount(mnt) is not None:
-        try:
-            unmount(mnt)
-        except CdpfsError as exc:
-            log.warning("DR test: %s", exc)
-    if os.path.isdir(mnt) and not os.path.ismount(mnt):
-        try:
-            os.rmdir(mnt)
-        except OSError as exc:
-            log.warning("DR test: %s: %s", mnt, exc.strerror)
+    _unmount(rec, lambda line: log.info("DR test: %s", line), [])
 
 
 def _remove(rec: Running, replica: Path, say: Callable[[str], None]) -> list[str]:
     """Remove what the dead test ``rec`` left, one line each; what could not be."""
-    left = []
+    left: list[str] = []
     _stop_strays(rec, say, "the killed test's")
+    _unmount(rec, say, left)
+    if os.path.lexists(rec.clone) and not _delete_clone(Path(rec.clone), replica, say,
+                                                        why="of the killed test"):
+        left.append(f"clone {rec.clone}")
+    return left
+
+
+def _unmount(rec: Running, say: Callable[[str], None], left: list[str]) -> None:
+    """Unmount the test's clone (stopping its mount process) and remove the mount
+    directory, one line each to ``say``; what could not be, to ``left``."""
     mnt = Path(rec.mnt)
+    daemon = rec.daemon if rec.daemon_alive() else 0
     if find_mount(mnt) is not None:
         try:
             unmount(mnt)
             say(f"unmounted the clone from {mnt}"
-                + (f", stopping its mount process {rec.daemon}" if rec.daemon else ""))
+                + (f", stopping its mount process {daemon}" if daemon else ""))
         except CdpfsError as exc:
             left.append(f"the mount on {mnt}: {exc}")
-    elif rec.daemon_alive():
+    elif daemon:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.daemon, signal.SIGTERM)
-        if wait_exit(rec.daemon, 30):
-            say(f"stopped the clone's mount process {rec.daemon}")
+            os.kill(daemon, signal.SIGTERM)
+        if wait_exit(daemon, 30):
+            say(f"stopped the clone's mount process {daemon}")
         else:
-            left.append(f"the clone's mount process {rec.daemon}: did not stop")
+            left.append(f"the clone's mount process {daemon}: did not stop")
     if os.path.isdir(mnt) and not os.path.ismount(mnt):
         try:
             os.rmdir(mnt)
             say(f"removed directory {mnt}")
         except OSError as exc:
             left.append(f"directory {mnt}: {exc.strerror}")
-    if os.path.lexists(rec.clone) and not _delete_clone(Path(rec.clone), replica, say,
-                                                        why="of the killed test"):
-        left.append(f"clone {rec.clone}")
-    return left
 
 
 def _delete_clone(clone: Path, replica: Path, say: Callable[[str], None], why: str = "",
