@@ -30,26 +30,36 @@ role)::
 Commands run through ``bash -c`` in the volume's mount directory with the
 variables and the caller's own (``CDPFS_BOOKMARK``, ``CDPFS_NODE``, ...) in their
 environment. ``run`` (blocking) and ``arun`` (trio) raise ``CdpfsError`` naming the
-first command that failed, with the last line it printed.
+first command that failed, with the last line it printed. Each command runs in a
+session of its own: one that times out, or whose caller is interrupted or
+cancelled, is stopped with everything it started that is still in its session
+(SIGTERM, then SIGKILL after ``GRACE`` seconds), so nothing of it runs on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
+import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
 
+from . import system
 from .errors import CdpfsError
 
 log = logging.getLogger(__name__)
 
 PHASES = ("before", "after", "check", "promote", "demote", "test", "test_stop")
 DEFAULT_TIMEOUT = 120.0
+GRACE = 5.0  # seconds a timed-out or cancelled step's processes get between SIGTERM and SIGKILL
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,29 +130,97 @@ class Scenario:
         env = self._env(extra)
         for step in self.steps(phase):
             log.info("scenario %s, %s: %s", self.name, phase, step.run)
+            proc = subprocess.Popen(["bash", "-c", step.run], cwd=cwd, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
             try:
-                proc = subprocess.run(["bash", "-c", step.run], cwd=cwd, env=env,
-                                      timeout=step.timeout, capture_output=True)
+                out, err = proc.communicate(timeout=step.timeout)
             except subprocess.TimeoutExpired:
+                _end(proc)
                 raise CdpfsError(_timed_out(phase, step)) from None
-            _check(phase, step, proc.returncode, proc.stdout, proc.stderr)
+            except BaseException:  # a signal's exception, KeyboardInterrupt: the same end
+                _end(proc)
+                raise
+            _check(phase, step, proc.returncode, out, err)
 
     async def arun(self, phase: str, cwd: Path | None, extra: dict[str, str]) -> None:
-        """``run`` from trio: the commands run as processes trio waits for."""
+        """``run`` from trio: the commands run as processes trio waits for; a
+        cancelled one ends as a timed-out one does."""
         env = self._env(extra)
         for step in self.steps(phase):
             log.info("scenario %s, %s: %s", self.name, phase, step.run)
             try:
-                with trio.fail_after(step.timeout):
-                    proc = await trio.run_process(["bash", "-c", step.run], cwd=cwd, env=env,
-                                                  check=False, capture_stdout=True,
-                                                  capture_stderr=True)
-            except trio.TooSlowError:
-                raise CdpfsError(_timed_out(phase, step)) from None
+                proc = await trio.lowlevel.open_process(
+                    ["bash", "-c", step.run], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, start_new_session=True)
             except OSError as exc:
                 raise CdpfsError(f"{phase} hook could not run: {step.run}: {exc.strerror}") \
                     from None
-            _check(phase, step, proc.returncode, proc.stdout, proc.stderr)
+            out: list[bytes] = []
+            err: list[bytes] = []
+            try:
+                with trio.fail_after(step.timeout):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_read, proc.stdout, out)
+                        nursery.start_soon(_read, proc.stderr, err)
+                        await proc.wait()
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(stop_processes,
+                                                  partial(system.session_processes, proc.pid))
+                    proc.kill()  # the leader, should it have left its own session
+                    await proc.wait()
+                if isinstance(exc, trio.TooSlowError):
+                    raise CdpfsError(_timed_out(phase, step)) from None
+                raise
+            _check(phase, step, proc.returncode, b"".join(out), b"".join(err))
+
+
+def stop_processes(find: Callable[[], list[int]], grace: float = GRACE) -> list[int]:
+    """Stop the processes ``find`` returns: SIGTERM, then SIGKILL to any still there
+    (or started since) after ``grace`` seconds; the pids signalled."""
+    signalled = find()
+    _signal(signalled, signal.SIGTERM)
+    if not _wait_gone(find, grace):
+        late = find()
+        _signal(late, signal.SIGKILL)
+        signalled += [pid for pid in late if pid not in signalled]
+        if not _wait_gone(find, grace):  # uninterruptible sleep: they go when it ends
+            log.warning("processes %s did not end on SIGKILL", find())
+    return signalled
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(find: Callable[[], list[int]], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while find():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """End a step that timed out or was interrupted: its whole session (what it
+    started, too), then reap it."""
+    stop_processes(partial(system.session_processes, proc.pid))
+    proc.kill()  # the leader, should it have left its own session
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+async def _read(stream: trio.abc.ReceiveStream | None, into: list[bytes]) -> None:
+    assert stream is not None
+    async with stream:
+        async for chunk in stream:
+            into.append(chunk)
 
 
 def parse_assignments(assignments: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -124,6 +124,73 @@ def process_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _pids() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def process_identity(pid: int) -> str | None:
+    """Who process ``pid`` is, in a form a reused pid does not repeat (the boot and the
+    clock tick it started at); None when it is gone or a zombie, or where this cannot
+    be read (no /proc)."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{boot}:{fields[19]}"  # field 22 of stat: starttime
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid`` or of process group ``sid`` (a session's
+    leader started them, or one of theirs did, unless they left it with setsid). Where
+    there is no /proc: ``[sid]`` while a process of that group runs."""
+    if not os.path.isdir("/proc/self"):  # pragma: no cover - not Linux
+        try:
+            os.killpg(sid, 0)
+        except (OSError, AttributeError):
+            return []
+        return [sid]
+    out = []
+    for pid in _pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[0] != "Z" and sid in (int(fields[2]), int(fields[3])):
+            out.append(pid)
+    return out
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """The live processes (of those this process may inspect) started with ``key=value``
+    in their environment: a variable every descendant inherits, unless it clears it."""
+    want = f"{key}={value}".encode()
+    out = []
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in env and pid_alive(pid):
+            out.append(pid)
+    return out
+
+
 # --- disks -------------------------------------------------------------------------------
 
 

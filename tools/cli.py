@@ -262,12 +262,17 @@ def status(store: Path) -> None:
     from cdpfs.replication.batches import backlog
     from cdpfs.replication.registry import link, load_states
 
+    from .drtest import kept as kept_clones
     from .drtest import last as last_test
+    from .drtest import running as running_test
 
     st = Store(store, readonly=True)
     try:
         s = store_stats(st)
         tested = last_test(st)
+        # A clone carries its base's settings: what they say of tests is the base's.
+        testing = running_test(st) if st.clone_of is None else None
+        evidence = kept_clones(st) if st.clone_of is None else []
         holder = st.holder()
         replicas = load_states(st)
         with st.txn() as txn:
@@ -300,6 +305,18 @@ def status(store: Path) -> None:
             due = (f"; OVERDUE (every {tested.every}s, two missed)"
                    if tested.overdue(time.time_ns()) else f"; every {tested.every}s")
         click.echo(f"dr test      #{tested.seq}, {age / 3600:.1f} h ago, {how}{due}")
+    for path in evidence:
+        if tested is None or path != tested.clone:
+            click.echo(f"dr test      the clone of the last failed test is kept: {path}")
+    if testing is not None and testing.alive:
+        since = datetime.datetime.fromtimestamp(testing.ts / 1e9).isoformat(timespec="seconds")
+        click.echo(f"dr test      running since {since} (pid {testing.pid}): clone "
+                   f"{testing.clone} on {testing.mnt}")
+    elif testing is not None:
+        left = testing.leftovers() or ["its record"]
+        click.echo(f"dr test      the test of pid {testing.pid} was killed (or crashed) and "
+                   f"left {'; '.join(left)}: remove with 'cdpfs replica test {store} "
+                   "--cleanup'")
     for r in replicas:
         lag = s.last_seq - r.acked
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0

@@ -6,37 +6,59 @@ the replica server is not paused), mounts the clone read-write, runs the
 scenario's ``[[test]]`` steps on it (start the application on the clone, let it
 recover, query it, check it), then always its ``[[test_stop]]`` steps; compares
 the clone's tree hash at the tested seq with the primary's when the primary's
-store can be read here; unmounts and deletes the clone. A pass bookmarks the
-tested point on the replica as ``tested-<UTC time>``; a failure keeps the clone
-for inspection (unless told not to) and names the failing step with its output.
-The result is kept in the replica store's settings (``config.drtest``) for
-``cdpfs status``.
+store can be read here; stops whatever the steps started that still runs (found
+by the ``CDPFS_DRTEST`` variable in its environment), unmounts and deletes the
+clone. A pass bookmarks the tested point on the replica as ``tested-<UTC time>``;
+a failure keeps the clone for inspection (unless told not to) and names the
+failing step with its output. The result is kept in the replica store's settings
+(``config.drtest``) for ``cdpfs status``.
+
+A test cleans up after itself, also when it fails, times out or is told to stop
+(SIGTERM, SIGINT, SIGHUP: it stops its steps, runs the stop steps, and records
+itself as failed, "interrupted by signal N"). So that what a test killed outright
+leaves can be found, it records itself (``config.drtest_running``: its process,
+the clone and the mount directory it will make, its environment token) before it
+makes anything; ``clean_up`` (the next test of the store, or ``replica test
+--cleanup``) removes what a dead one left. Of failed tests' clones only the
+newest is kept (``config.drtest_kept``); a pass keeps it too, as evidence, until
+the next failure replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 
+from cdpfs import system
 from cdpfs.errors import CdpfsError
 from cdpfs.history import bookmarks, clones
 from cdpfs.history.treehash import tree_hash
+from cdpfs.mount.control import find_mount, holder_pid, unmount, wait_exit
 from cdpfs.replication.receiver import ROLE_REPLICA
-from cdpfs.scenario import Scenario
+from cdpfs.scenario import Scenario, stop_processes
 from cdpfs.store.lmdb import Store
 
 log = logging.getLogger(__name__)
 
 SETTING = "drtest"  # the last result, in the replica's settings
+RUNNING = "drtest_running"  # the test in progress (or killed), and what it makes
+KEPT = "drtest_kept"  # the clone of the newest failed test, kept for inspection
+TOKEN = "CDPFS_DRTEST"  # in the steps' environment: what they started carries it
 CLI = [sys.executable, "-m", "cdpfs.tools.cli"]
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(slots=True)
@@ -59,6 +81,105 @@ class Result:
         return bool(self.every) and now_ns - self.ts > 2 * self.every * 10**9
 
 
+@dataclass(slots=True)
+class Running:
+    """A test in progress as recorded in the replica: who runs it and what it makes."""
+
+    pid: int
+    identity: str  # system.process_identity of pid: a reused pid is not this test
+    ts: int  # when it started (ns since the epoch)
+    scenario: str
+    every: int
+    clone: str  # the clone's path (made after this is recorded)
+    mnt: str  # the temporary mount directory (likewise)
+    token: str  # the value of TOKEN in its steps' environment
+    seq: int = 0  # the tested point, once cloned
+    daemon: int = 0  # the clone's mount process, once mounted
+    daemon_identity: str = ""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the test's process still runs."""
+        if not self.identity:  # no identity where it was recorded: the pid alone
+            return system.pid_alive(self.pid)
+        return system.process_identity(self.pid) == self.identity
+
+    def daemon_alive(self) -> bool:
+        return bool(self.daemon) and system.process_identity(self.daemon) == \
+            self.daemon_identity
+
+    def strays(self) -> list[int]:
+        """The processes its steps started that still run."""
+        return system.processes_with_env(TOKEN, self.token)
+
+    def leftovers(self, clone: bool = True) -> list[str]:
+        """What of the test is still there, in words (the clone too, if ``clone``)."""
+        out = []
+        if n := len(self.strays()):
+            out.append(f"{n} process{'es' if n > 1 else ''} its steps started")
+        if find_mount(Path(self.mnt)) is not None:
+            out.append(f"the clone's mount on {self.mnt}")
+        if self.daemon_alive():
+            out.append(f"the clone's mount process {self.daemon}")
+        if os.path.isdir(self.mnt) and not os.path.ismount(self.mnt):
+            out.append(f"directory {self.mnt}")
+        if clone and os.path.lexists(self.clone):
+            out.append(f"clone {self.clone} (and its hold on the replica)")
+        return out
+
+
+class Interrupted(BaseException):
+    """A DR test was told to stop (SIGTERM, SIGINT, SIGHUP) while a step ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP while a test runs: noted, and raised as
+    ``Interrupted`` inside ``armed`` sections (the steps, the hash comparison: what
+    may take long and can stop anywhere); elsewhere (cloning, mounting, deleting)
+    the test stops at the next ``check``. Signals the caller ignores stay ignored."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._armed = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._caught)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+    def _caught(self, signum: int, frame: FrameType | None) -> None:
+        if not self.signum:
+            self.signum = signum
+            log.warning("DR test: signal %d: stopping and cleaning up", signum)
+        if self._armed:
+            self._armed = False
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.signum:
+            raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self.check()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+
 def last(store: Store) -> Result | None:
     """The last DR test recorded in ``store`` (None if none)."""
     with store.txn() as txn:
@@ -66,76 +187,288 @@ def last(store: Store) -> Result | None:
     return None if raw is None else Result(**raw)
 
 
+def running(store: Store) -> Running | None:
+    """The test recorded as in progress in ``store``: running, or killed (None if none)."""
+    with store.txn() as txn:
+        raw = store.config(txn, RUNNING)
+    return None if raw is None else Running(**raw)
+
+
+def kept(store: Store) -> list[str]:
+    """The failed tests' clones kept for inspection that are still there."""
+    with store.txn() as txn:
+        paths = store.config(txn, KEPT) or []
+    return [p for p in paths if os.path.lexists(p)]
+
+
 def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         primary: Path | None = None, keep_failed: bool = True, allow_other: bool = False,
         every: int = 0, echo: Callable[[str], None] = print) -> Result:
     """Test ``replica`` at moment ``at`` (default: its newest record) with ``scenario``."""
     replica = Path(os.path.abspath(replica))
+    echo = _heard(echo)
+    check_replica(replica)
+    if not scenario.steps("test"):
+        raise CdpfsError(f"{scenario.name}: has no [[test]] steps")
+    other = clean_up(replica, echo)
+    if other is not None and other.alive:
+        raise CdpfsError(f"a DR test of {replica} is running already ({_who(other)})")
+    started, t0 = time.time_ns(), time.monotonic()
+    stamp = dt.datetime.fromtimestamp(started // 10**9, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    clone_path = _new_path(replica.parent / f"{replica.name}.drtest-{stamp}")
+    token = secrets.token_hex(8)
+    mnt = Path(tempfile.gettempdir()) / f"cdpfs-drtest-{token}"
+    me = Running(os.getpid(), system.process_identity(os.getpid()) or "", started,
+                 scenario.name, every, str(clone_path), str(mnt), token)
+    _record(replica, me, claim=True)  # before anything is made: a kill leaves it named
+    with _Signals() as signals:
+        try:
+            made = clones.make(replica, clone_path, at)
+        except BaseException:
+            _record(replica, None)
+            raise
+        echo(f"cloned {replica} as of #{made.seq} into {clone_path}")
+        me.seq = made.seq
+        _record(replica, me)
+        failed, hashed = "", "not compared"
+        try:
+            signals.check()
+            os.mkdir(mnt, 0o700)
+            os.chmod(mnt, 0o755)  # an application may run as another user (--allow-other)
+            _cli("mount", clone_path, mnt, *(["--allow-other"] if allow_other else []))
+            me.daemon = holder_pid(clone_path) or 0
+            me.daemon_identity = system.process_identity(me.daemon) or ""
+            _record(replica, me)
+            env = {"CDPFS_MOUNT": str(mnt), "CDPFS_CLONE": str(clone_path),
+                   "CDPFS_REPLICA": str(replica), "CDPFS_SEQ": str(made.seq), TOKEN: token}
+            failed = _steps(scenario, mnt, env, echo, signals)
+            with signals.armed():
+                hashed = _compare(clone_path, primary, made.seq)
+            if hashed.startswith("differs") and not failed:
+                failed = f"tree hash: {hashed}"
+            _stop_strays(me, echo)
+            signals.check()
+            _cli("umount", mnt)
+        except Interrupted:
+            pass
+        except CdpfsError as exc:
+            failed = failed or str(exc)
+        finally:
+            _take_down(me, echo)
+        # A signal from here on finds the test over: it finishes its bookkeeping.
+        stopped_by, tested_failed = signals.signum, failed
+        if stopped_by:
+            name = signal.Signals(stopped_by).name
+            failed = f"interrupted by signal {stopped_by} ({name})" + \
+                (f" after: {failed}" if failed else "")
+        result = Result(started, made.seq, not failed, time.monotonic() - t0, scenario.name,
+                        failed=failed, tree_hash=hashed, every=every)
+        keep = bool(tested_failed) and keep_failed
+        if keep:
+            result.clone = str(clone_path)
+        else:
+            _delete_clone(clone_path, replica, echo, quiet=True)
+        left = me.leftovers(clone=not keep)
+        with Store(replica, readonly=True) as st:
+            before = kept(st)
+        still_kept = [p for p in before if p != str(clone_path)]
+        if keep:  # the newest failure's clone replaces the one kept before
+            still_kept = [p for p in still_kept
+                          if not _delete_clone(Path(p), replica, echo, why="of an older "
+                                               "failed test, replaced by this one's")]
+            still_kept.append(str(clone_path))
+        with Store(replica) as st, st.txn(write=True) as txn:
+            if result.ok:
+                result.bookmark = f"tested-{stamp}"
+                bookmarks.put(txn, st.db, result.bookmark, made.seq, replace=True)
+            st.set_config(txn, SETTING, asdict(result))
+            st.set_config(txn, KEPT, still_kept)
+            if not left:
+                st.set_config(txn, RUNNING, None)
+    if left:
+        echo(f"left behind: {'; '.join(left)} (cdpfs replica test {replica} --cleanup)")
+    return result
+
+
+def clean_up(replica: Path, echo: Callable[[str], None] = print) -> Running | None:
+    """Remove what a killed DR test of ``replica`` left (one line each to ``echo``)
+    and record it as failed. The test recorded (None if none): if it is ``alive``,
+    it was left alone. CdpfsError naming what could not be removed."""
+    replica = Path(os.path.abspath(replica))
+    echo = _heard(echo)
+    with Store(replica, readonly=True) as st:
+        rec = running(st)
+    if rec is None or rec.alive:
+        return rec
+    left = _remove(rec, replica, echo)
+    if left:
+        raise CdpfsError(f"the DR test of {replica} killed {_when(rec.ts)} left what "
+                         f"could not be removed: {'; '.join(left)}")
+    result = Result(rec.ts, rec.seq, False, 0.0, rec.scenario,
+                    failed=f"killed before it finished ({_who(rec)}); what it left was "
+                    "removed", every=rec.every)
+    with Store(replica) as st, st.txn(write=True) as txn:
+        now = st.config(txn, RUNNING)
+        if now is None or now.get("token") != rec.token:
+            return rec  # another cleanup was quicker
+        st.set_config(txn, RUNNING, None)
+        told = st.config(txn, SETTING)
+        if told is not None and told.get("ts") == rec.ts:
+            return rec  # it ended and recorded its result, but could not clean up
+        st.set_config(txn, SETTING, asdict(result))
+    echo(f"recorded the DR test killed before it finished ({_who(rec)}) as failed")
+    return rec
+
+
+def check_replica(replica: Path) -> None:
+    """CdpfsError unless ``replica`` is a replica store."""
     with Store(replica, readonly=True) as st, st.txn() as txn:
         if st.config(txn, "role") != ROLE_REPLICA:
             raise CdpfsError(f"{replica}: not a replica store (a DR test runs on a replica; "
                              "on a primary, use cdpfs clone and mount the clone)")
-    if not scenario.steps("test"):
-        raise CdpfsError(f"{scenario.name}: has no [[test]] steps")
-    started, t0 = time.time_ns(), time.monotonic()
-    stamp = dt.datetime.fromtimestamp(started // 10**9, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    clone_path = replica.parent / f"{replica.name}.drtest-{stamp}"
-    made = clones.make(replica, clone_path, at)
-    echo(f"cloned {replica} as of #{made.seq} into {clone_path}")
-    mnt = Path(tempfile.mkdtemp(prefix="cdpfs-drtest-"))
-    os.chmod(mnt, 0o755)  # an application may run as another user (--allow-other)
-    failed, hashed = "", "not compared"
-    mounted = False
-    try:
-        _cli("mount", clone_path, mnt, *(["--allow-other"] if allow_other else []))
-        mounted = True
-        env = {"CDPFS_MOUNT": str(mnt), "CDPFS_CLONE": str(clone_path),
-               "CDPFS_REPLICA": str(replica), "CDPFS_SEQ": str(made.seq)}
-        failed = _steps(scenario, mnt, env, echo)
-        hashed = _compare(clone_path, primary, made.seq)
-        if hashed.startswith("differs") and not failed:
-            failed = f"tree hash: {hashed}"
-        _cli("umount", mnt)
-        mounted = False
-    except CdpfsError as exc:
-        failed = failed or str(exc)
-    finally:
-        if mounted:
-            subprocess.run([*CLI, "umount", str(mnt)], capture_output=True, check=False)
-        if not os.path.ismount(mnt):
-            os.rmdir(mnt)
-    result = Result(started, made.seq, not failed, time.monotonic() - t0, scenario.name,
-                    failed=failed, tree_hash=hashed, every=every)
-    if failed and keep_failed:
-        result.clone = str(clone_path)
-    else:
-        clones.delete(clone_path)
-    with Store(replica) as st, st.txn(write=True) as txn:
-        if result.ok:
-            result.bookmark = f"tested-{stamp}"
-            bookmarks.put(txn, st.db, result.bookmark, made.seq, replace=True)
-        st.set_config(txn, SETTING, asdict(result))
-    return result
 
 
-def _steps(scenario: Scenario, mnt: Path, env: dict[str, str],
-           say: Callable[[str], None]) -> str:
-    """Run the test steps, then always the stop steps; the first failure, or ""."""
-    failed = ""
-    for n, step in enumerate(scenario.steps("test"), 1):
+def _heard(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """``echo`` that never stops a cleanup: when whoever read the output has gone (a
+    closed pipe), the lines go to the log."""
+    def say(line: str) -> None:
         try:
-            scenario.replace("test", [step]).run("test", mnt, env)
-        except CdpfsError as exc:
-            failed = f"step {n} of {len(scenario.steps('test'))}: {exc}"
-            say(f"test step {n}: FAILED: {exc}")
-            break
-        say(f"test step {n}: ok: {step.run.splitlines()[0][:100]}")
+            echo(line)
+        except OSError:
+            log.info("DR test: %s", line)
+
+    return say
+
+
+def _who(rec: Running) -> str:
+    return f"pid {rec.pid}, started {_when(rec.ts)}"
+
+
+def _when(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts / 1e9).isoformat(sep=" ", timespec="seconds")
+
+
+def _new_path(path: Path) -> Path:
+    """``path``, or ``path-N`` if a test of the same second made it already."""
+    n, out = 1, path
+    while os.path.lexists(out):
+        n += 1
+        out = path.with_name(f"{path.name}-{n}")
+    return out
+
+
+def _record(replica: Path, rec: Running | None, claim: bool = False) -> None:
+    """Record the test in progress (None: none); with ``claim``, only if no other is."""
+    with Store(replica) as st, st.txn(write=True) as txn:
+        if claim and (raw := st.config(txn, RUNNING)) is not None:
+            other = Running(**raw)
+            raise CdpfsError(f"a DR test of {replica} is running already ({_who(other)})"
+                             if other.alive else f"a DR test of {replica} left things "
+                             "behind: cdpfs replica test --cleanup")
+        st.set_config(txn, RUNNING, None if rec is None else asdict(rec))
+
+
+def _steps(scenario: Scenario, mnt: Path, env: dict[str, str], say: Callable[[str], None],
+           signals: _Signals) -> str:
+    """Run the test steps, then always the stop steps (also when interrupted); the
+    first failure, or ""."""
+    failed = ""
+    total = len(scenario.steps("test"))
     try:
-        scenario.run("test_stop", mnt, env)
-    except CdpfsError as exc:
-        say(f"stop: {exc}")
-        failed = failed or f"stop: {exc}"
+        with signals.armed():
+            for n, step in enumerate(scenario.steps("test"), 1):
+                try:
+                    scenario.replace("test", [step]).run("test", mnt, env)
+                except CdpfsError as exc:
+                    failed = f"step {n} of {total}: {exc}"
+                    say(f"test step {n}: FAILED: {exc}")
+                    break
+                say(f"test step {n}: ok: {step.run.splitlines()[0][:100]}")
+    except Interrupted as exc:
+        say(f"test: interrupted by signal {exc.signum}; stopping")
+        raise
+    finally:
+        try:
+            scenario.run("test_stop", mnt, env)
+        except CdpfsError as exc:
+            say(f"stop: {exc}")
+            failed = failed or f"stop: {exc}"
     return failed
+
+
+def _stop_strays(rec: Running, say: Callable[[str], None], whose: str = "the test's") -> None:
+    """Stop what the steps started and the stop steps left running."""
+    pids = stop_processes(rec.strays)
+    if pids:
+        say(f"stopped {len(pids)} process{'es' if len(pids) > 1 else ''} {whose} steps "
+            f"left running: {', '.join(map(str, pids))}")
+
+
+def _take_down(rec: Running, say: Callable[[str], None]) -> None:
+    """After the test, whatever happened: no process of its steps, no mount, no
+    mount directory (what cannot be removed stays named by the test's record)."""
+    _stop_strays(rec, say)
+    _unmount(rec, lambda line: log.info("DR test: %s", line), [])
+
+
+def _remove(rec: Running, replica: Path, say: Callable[[str], None]) -> list[str]:
+    """Remove what the dead test ``rec`` left, one line each; what could not be."""
+    left: list[str] = []
+    _stop_strays(rec, say, "the killed test's")
+    _unmount(rec, say, left)
+    if os.path.lexists(rec.clone) and not _delete_clone(Path(rec.clone), replica, say,
+                                                        why="of the killed test"):
+        left.append(f"clone {rec.clone}")
+    return left
+
+
+def _unmount(rec: Running, say: Callable[[str], None], left: list[str]) -> None:
+    """Unmount the test's clone (stopping its mount process) and remove the mount
+    directory, one line each to ``say``; what could not be, to ``left``."""
+    mnt = Path(rec.mnt)
+    daemon = rec.daemon if rec.daemon_alive() else 0
+    if find_mount(mnt) is not None:
+        try:
+            unmount(mnt)
+            say(f"unmounted the clone from {mnt}"
+                + (f", stopping its mount process {daemon}" if daemon else ""))
+        except CdpfsError as exc:
+            left.append(f"the mount on {mnt}: {exc}")
+    elif daemon:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGTERM)
+        if wait_exit(daemon, 30):
+            say(f"stopped the clone's mount process {daemon}")
+        else:
+            left.append(f"the clone's mount process {daemon}: did not stop")
+    if os.path.isdir(mnt) and not os.path.ismount(mnt):
+        try:
+            os.rmdir(mnt)
+            say(f"removed directory {mnt}")
+        except OSError as exc:
+            left.append(f"directory {mnt}: {exc.strerror}")
+
+
+def _delete_clone(clone: Path, replica: Path, say: Callable[[str], None], why: str = "",
+                  quiet: bool = False) -> bool:
+    """Delete a test's clone of ``replica`` (releasing its hold on it), saying so
+    unless ``quiet``; whether it is gone (a clone of another store is left alone)."""
+    if not os.path.lexists(clone):
+        return True
+    try:
+        with Store(clone, readonly=True, open_base=False) as st:
+            of = st.clone_of
+        if of is None or os.path.realpath(of.path) != os.path.realpath(replica):
+            say(f"{clone}: not a clone of {replica}: left alone")
+            return True  # not the test's: nothing of it to remove
+        clones.delete(clone)
+    except CdpfsError as exc:
+        say(" ".join(filter(None, ("clone", str(clone), why, f"could not be deleted: {exc}"))))
+        return False
+    if not quiet:
+        say(" ".join(filter(None, ("deleted clone", str(clone), why,
+                                   f"(its hold on {replica} released)"))))
+    return True
 
 
 def _compare(clone: Path, primary: Path | None, seq: int) -> str:
@@ -155,8 +488,10 @@ def _compare(clone: Path, primary: Path | None, seq: int) -> str:
 
 
 def _cli(*args: str | os.PathLike[str]) -> None:
+    # A session of its own: a Ctrl-C meant for the test reaches the test alone, which
+    # then stops in order (a mount interrupted half-way would be left behind).
     proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          check=False)
+                          check=False, start_new_session=True)
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise CdpfsError(f"cdpfs {args[0]} failed: {said[-1] if said else proc.returncode}")

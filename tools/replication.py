@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,12 +127,25 @@ async def _scheduled_tests(volume: Volume, every: int, args: list[str]) -> None:
     while True:
         await trio.sleep(max(0.0, due - time.time()))
         log.info("scheduled DR test of %s starting", volume.path)
-        proc = await trio.run_process([*CLI, *args], check=False, capture_stdout=True,
-                                      capture_stderr=True)
-        said = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+        # Its output goes to a file, not a pipe: a pipe would close as the server stops,
+        # and the test, cleaning up then, would fail writing to it.
+        with tempfile.TemporaryFile() as out:
+            proc = await trio.run_process([*CLI, *args], check=False, stdout=out,
+                                          stderr=subprocess.STDOUT, deliver_cancel=_stop_test)
+            out.seek(0)
+            said = out.read().decode(errors="replace").strip().splitlines()
         log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
                 "scheduled DR test: %s", said[-1] if said else f"exit {proc.returncode}")
         due = time.time() + every
+
+
+async def _stop_test(proc: trio.Process) -> None:
+    """Stop a scheduled test as the server stops: SIGTERM, on which it cleans up (its
+    stop steps, unmount, the clone); SIGKILL if that takes over a minute (what it
+    leaves, the next test removes)."""
+    proc.terminate()
+    await trio.sleep(60)
+    proc.kill()
 
 
 def _run(main: Any, *args: Any) -> Any:
@@ -303,7 +318,7 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
 
 @replica.command("test")
 @click.argument("store", type=click.Path(path_type=Path, exists=True))
-@click.option("--scenario", "scenario_path", required=True,
+@click.option("--scenario", "scenario_path",
               type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="The scenario whose [[test]] steps check the application.")
 @click.option("--set", "variables", multiple=True, metavar="KEY=VALUE",
@@ -320,18 +335,35 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
 @click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
               help="Run the test and the application it starts at this lower CPU "
               "priority, so that the replica server keeps up while it runs.")
+@click.option("--cleanup", is_flag=True,
+              help="Test nothing: remove what a killed test of STORE left (its clone's "
+              "mount and mount process, the clone, the mount directory).")
 @click.option("--every", type=int, default=0, hidden=True,
               help="Seconds between scheduled tests (replica serve --test-every).")
-def test_cmd(store: Path, scenario_path: Path, variables: tuple[str, ...], at: str | None,
-             primary: Path | None, keep_failed: bool, allow_other: bool, niceness: int,
-             every: int) -> None:
+def test_cmd(store: Path, scenario_path: Path | None, variables: tuple[str, ...],
+             at: str | None, primary: Path | None, keep_failed: bool, allow_other: bool,
+             niceness: int, cleanup: bool, every: int) -> None:
     """Prove replica STORE can be recovered from, while it keeps receiving: clone it at
     a moment, start and check the application on the clone (the scenario's [[test]]
-    steps), then remove the clone. A pass bookmarks the point as tested-<time>."""
+    steps), then remove the clone. A pass bookmarks the point as tested-<time>.
+    What a killed test left, the next test (or --cleanup) removes."""
     from cdpfs.scenario import Scenario
 
-    from .drtest import run
+    from .drtest import check_replica, clean_up, run
 
+    if cleanup:
+        if scenario_path is not None:
+            raise CdpfsError("--cleanup tests nothing: give it no --scenario")
+        check_replica(store)
+        found = clean_up(store, echo=click.echo)
+        if found is None:
+            click.echo(f"no DR test of {store} left anything behind")
+        elif found.alive:
+            click.echo(f"a DR test of {store} is running (pid {found.pid}): left alone")
+        return
+    if scenario_path is None:
+        raise CdpfsError("give --scenario FILE (the steps that test the application), "
+                         "or --cleanup")
     os.nice(niceness)  # inherited by the clone's mount daemon and the scenario's commands
     result = run(store, Scenario.load(scenario_path, variables), at=at, primary=primary,
                  keep_failed=keep_failed, allow_other=allow_other, every=every,
