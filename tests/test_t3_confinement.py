@@ -25,6 +25,9 @@ from conftest import HAVE_FUSE
 from harness import Volume, cdpfs, privileged, settle, store_seq
 from test_t3_history import assert_same, contents, one_line_error, tree_state
 
+from cdpfs.errors import CdpfsError
+from cdpfs.tools.restore import restore_tree
+
 pytestmark = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and CAP_SYS_ADMIN")
 
 
@@ -185,6 +188,11 @@ def test_a_filesystem_mounted_inside_the_volume_is_left_alone(vol: Volume) -> No
                         ["bookmark", "X", "--volume", m / "d"]):
                 line = one_line_error(cdpfs(*cmd, check=False))
                 assert f"another filesystem is mounted on {m / 'd'}" in line, line
+            # The engine itself, given a path that the check above would refuse (as
+            # if the mount appeared after it): it does not enter the mount either.
+            with pytest.raises(CdpfsError, match="another filesystem is mounted there"):
+                restore_tree(m / "@B" / "d" / "sub", m / "d" / "sub", src_root=m / "@B",
+                             dst_root=m)
             # The whole volume: restored around the mount, which is neither entered
             # nor emptied (its one entry differs from B and would be removed).
             for cmd in (["restore", m, "--at", "B", "--delete"],
