@@ -4,35 +4,64 @@ which store a path belongs to)."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from cdpfs.errors import StoreError
 from cdpfs.store.lock import holder
 from cdpfs.system import pid_alive
 
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
 
 def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """A path field of a mount table: the kernel writes space, tab, newline and
+    backslash as octal escapes, every other byte as it is."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def canonical(mountpoint: Path) -> str:
-    """The absolute path of ``mountpoint`` without touching it (it may be a dead mount)."""
+    """The absolute path of ``mountpoint`` without touching it (it may be a dead mount).
+
+    Directories on the way are resolved as the kernel would; the last component is
+    not followed, unless it is ``..`` or ``.``, which name a directory above or here
+    and are resolved like the rest (``MNT/..`` is MNT's parent, not MNT)."""
     mountpoint = mountpoint.absolute()
+    if mountpoint.name in ("", ".", ".."):  # a Path keeps a final '..' as its name
+        return os.path.realpath(mountpoint)
     return os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
 
 
-def _mounts() -> list[tuple[str, str, bool]]:
-    """(source, mount point, read-only) of every cdpfs mount."""
+class Mount(NamedTuple):
+    """A cdpfs mount as the kernel lists it."""
+
+    source: str      # the store, or STORE#seq for a snapshot or following mount
+    point: str       # where it is mounted (a real path: the kernel's)
+    read_only: bool
+    dev: int         # the st_dev of everything in it
+
+
+def cdpfs_mounts() -> list[Mount]:
+    """Every cdpfs mount of this process's namespace, in mount order (of two on one
+    point, the later is on top), from /proc/self/mountinfo."""
     out = []
-    with open("/proc/mounts") as f:
+    with open("/proc/self/mountinfo", encoding=sys.getfilesystemencoding(),
+              errors="surrogateescape") as f:  # paths as os.fsdecode gives them
         for line in f:
-            src, mnt, fstype, opts, *_ = line.split()
+            fields = line.split()
+            sep = fields.index("-", 6)  # the optional fields end at a lone '-'
+            fstype, src, sopts = fields[sep + 1], fields[sep + 2], fields[sep + 3]
             if fstype == "fuse.cdpfs":
-                out.append((_unescape(src), _unescape(mnt), "ro" in opts.split(",")))
+                major, minor = fields[2].split(":")
+                ro = "ro" in fields[5].split(",") or "ro" in sopts.split(",")
+                out.append(Mount(_unescape(src), _unescape(fields[4]), ro,
+                                 os.makedev(int(major), int(minor))))
     return out
 
 
@@ -40,9 +69,9 @@ def find_mount(mountpoint: Path) -> Path | None:
     """The source of the cdpfs mount on ``mountpoint`` (``STORE``, or ``STORE#seq``
     for a snapshot mount), if any."""
     target = canonical(mountpoint)
-    for src, mnt, _ro in _mounts():
-        if mnt == target:
-            return Path(src)
+    for m in cdpfs_mounts():
+        if m.point == target:
+            return Path(m.source)
     return None
 
 
@@ -54,20 +83,9 @@ def live_mounts() -> list[tuple[Path, Path]]:
 def live_mount_of(store: Path) -> Path | None:
     """Where ``store`` is mounted live (read-write), if it is."""
     want = os.path.realpath(store)
-    for src, mnt, ro in _mounts():
-        if src == want and not ro:
-            return Path(mnt)
-    return None
-
-
-def mount_containing(path: Path) -> tuple[Path, Path] | None:
-    """(mount point, source) of the cdpfs mount holding ``path``, if any; the
-    path's last component is not followed."""
-    full = Path(canonical(path))
-    mounts = {Path(mnt): src for src, mnt, _ro in _mounts()}
-    for candidate in (full, *full.parents):
-        if candidate in mounts:
-            return candidate, Path(mounts[candidate])
+    for m in cdpfs_mounts():
+        if m.source == want and not m.read_only:
+            return Path(m.point)
     return None
 
 

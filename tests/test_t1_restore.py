@@ -457,3 +457,88 @@ def test_keyboard_interrupt_is_not_swallowed(tmp_path: Path) -> None:
 def test_unreachable_source_raises(tmp_path: Path, make: Callable[[Path], Path]) -> None:
     with pytest.raises(CdpfsError):
         restore_tree(make(tmp_path), tmp_path / "dst")
+
+
+# --- reaching src and dst from their roots ---------------------------------------------------
+
+
+def _outside(tmp_path: Path) -> tuple[Path, dict[str, tuple[object, ...]]]:
+    """A directory no restore may touch, and what it holds."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sentinel").write_bytes(b"precious")
+    return outside, _snapshot(outside)
+
+
+def test_dst_is_reached_from_its_root_never_through_a_link(tmp_path: Path) -> None:
+    """A directory on the way from dst_root to dst swapped for a link that leads
+    out (after the caller checked the path) is not followed: nothing is written."""
+    outside, before = _outside(tmp_path)
+    src = _tree(tmp_path / "src", xattrs=False)
+    root = tmp_path / "vol"
+    (root / "a").mkdir(parents=True)
+    os.symlink(outside, root / "b")
+    for dst in (root / "b" / "dst", root / "b" / "sentinel", root / "a" / ".." / "b" / "x"):
+        with pytest.raises(CdpfsError) as caught:
+            restore_tree(src, dst, dst_root=root, delete=True)
+        assert "symbolic link" in str(caught.value) or "'..'" in str(caught.value)
+    with pytest.raises(CdpfsError, match="symbolic link"):
+        measure(root / "b" / "sentinel", root=root)
+    assert _snapshot(outside) == before
+    assert sorted(os.listdir(root)) == ["a", "b"] and os.listdir(root / "a") == []
+
+
+def test_dst_ending_in_dotdot_is_refused(tmp_path: Path) -> None:
+    """``dst/..`` names dst's parent: never made the destination (it once made a
+    restore of MNT/.. write the volume's files next to the mount point)."""
+    outside, _ = _outside(tmp_path)
+    (outside / "vol").mkdir()
+    before = _snapshot(outside)
+    src = _tree(tmp_path / "src", xattrs=False)
+    for dst, root in [(outside / "vol" / "..", None), (outside / "vol" / "..", outside / "vol"),
+                      (outside / "vol" / "x" / ".." / "..", outside / "vol")]:
+        with pytest.raises(CdpfsError, match=r"'\.\.'"):
+            restore_tree(src, dst, delete=True, **({} if root is None else {"dst_root": root}))
+    assert _snapshot(outside) == before
+
+
+def test_a_root_is_restored_in_place(tmp_path: Path) -> None:
+    """dst equal to dst_root (a rewind of a whole mount) is made equal to src
+    through the root's own descriptor: never by its name in the directory above."""
+    src = _tree(tmp_path / "src", xattrs=False)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "extra").write_bytes(b"extra")
+    s = restore_tree(src, root, src_root=src, dst_root=root, delete=True)
+    assert s.warnings == [] and s.removed == 1
+    _same(src, root)
+    assert _no_change(restore_tree(src, root, src_root=src, dst_root=root, delete=True))
+    assert measure(src, root=src) == measure(src)
+
+
+def test_dst_root_on_another_device_is_refused(tmp_path: Path) -> None:
+    """``dst_dev``: the root must still be the filesystem the caller located (a
+    mount point whose volume was unmounted meanwhile is a plain directory)."""
+    src = _tree(tmp_path / "src", xattrs=False)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(CdpfsError, match="no longer the filesystem"):
+        restore_tree(src, root / "x", dst_root=root, dst_dev=os.stat(root).st_dev + 1)
+    assert os.listdir(root) == []
+    restore_tree(src, root / "x", dst_root=root, dst_dev=os.stat(root).st_dev)
+    _same(src, root / "x")
+
+
+def test_src_is_reached_from_its_root_never_through_a_link(tmp_path: Path) -> None:
+    outside, _before = _outside(tmp_path)
+    then = tmp_path / "then"
+    then.mkdir()
+    os.symlink(outside, then / "d")  # at that moment d was a link out of the volume
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    for path in (then / "d" / "sentinel", then / ".." / "outside" / "sentinel"):
+        with pytest.raises(CdpfsError):
+            measure(path, root=then)
+        with pytest.raises(CdpfsError):
+            restore_tree(path, dst / "sentinel", src_root=then, dst_root=dst)
+    assert os.listdir(dst) == []

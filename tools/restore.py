@@ -12,8 +12,12 @@ operation is made relative to a directory descriptor opened with
 ``O_DIRECTORY | O_NOFOLLOW``, files are opened with ``O_NOFOLLOW`` and every
 call by name uses ``follow_symlinks=False``: a symlink found in ``dst`` is an
 entry to replace or remove, never a way through. Symlinks in ``src`` are
-recreated as symlinks, never followed. (The parents of ``src`` and ``dst`` are
-the caller's and are opened as given.)
+recreated as symlinks, never followed. ``src`` and ``dst`` are reached from a
+root directory each (the caller's, opened as given; by default their parents)
+one component at a time in the same way, never by ``..``; every destination
+directory and entry must be on the root's device: another filesystem mounted
+inside ``dst`` is left alone (a warning), never written, emptied or removed.
+So a tree that changes under a restore cannot lead it out of its root.
 
 An ``OSError`` on one entry becomes a warning ``"<relative path>: <strerror>"``
 in the returned :class:`Summary`, and the restore goes on with the rest.
@@ -57,69 +61,158 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
 
 
-def measure(src: Path) -> tuple[int, int]:
+def measure(src: Path, *, root: Path | None = None) -> tuple[int, int]:
     """(number of entries, total bytes of regular files) under src (src included).
 
-    For a progress total: symlinks are not followed, a hard-linked file's bytes
-    count once, unreadable entries are passed over.
+    For a progress total: src is reached from ``root`` as :func:`restore_tree`
+    reaches it (CdpfsError if it cannot be), symlinks are not followed, a
+    hard-linked file's bytes count once, unreadable entries are passed over.
     """
-    entries = size = 0
-    seen: set[Key] = set()
-    stack = [Path(src)]
-    while stack:
-        path = stack.pop()
+    fd, name, _dev = _reach(src, root)
+    try:
+        return _count(fd, name, set())
+    finally:
+        os.close(fd)
+
+
+def _count(fd: int, name: str, seen: set[Key]) -> tuple[int, int]:
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return 0, 0
+    entries, size = 1, 0
+    if stat.S_ISREG(st.st_mode) and _key(st) not in seen:
+        seen.add(_key(st))
+        size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
         try:
-            st = os.lstat(path)
-            entries += 1
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                size += st.st_size
-            elif stat.S_ISDIR(st.st_mode):
-                stack.extend(path / name for name in os.listdir(path))
+            below = _open(name, _DIR, fd)
         except OSError:
-            continue
+            return entries, size
+        try:
+            for child in os.listdir(below):
+                more, nbytes = _count(below, child, seen)
+                entries, size = entries + more, size + nbytes
+        except OSError:
+            pass
+        finally:
+            os.close(below)
     return entries, size
 
 
-def restore_tree(src: Path, dst: Path, *, delete: bool = False,
-                 skip_root: Callable[[str], bool] | None = None,
+def restore_tree(src: Path, dst: Path, *, src_root: Path | None = None,
+                 dst_root: Path | None = None, dst_dev: int | None = None,
+                 delete: bool = False, skip_root: Callable[[str], bool] | None = None,
                  progress: Callable[[int], None] | None = None) -> Summary:
     """Make ``dst`` equal to ``src`` (see the module docstring); returns what was done.
 
-    ``delete`` removes entries of dst that src lacks; ``skip_root(name)`` names
-    entries directly inside the top directories to ignore on both sides;
-    ``progress(n)`` is told of every n bytes of file content processed.
-    Raises :class:`CdpfsError` only if src or the parents cannot be reached.
+    ``src`` lies in ``src_root`` and ``dst`` in ``dst_root`` (each by default its
+    own parent; a path may be its root): the roots are opened as given, every
+    directory below them one component at a time, never through a symlink or
+    ``..``, never onto another device than the root's (``dst_dev``, if given, is
+    the device dst_root must be on). ``delete`` removes entries of dst that src
+    lacks; ``skip_root(name)`` names entries directly inside the top directories
+    to ignore on both sides; ``progress(n)`` is told of every n bytes of file
+    content processed. Raises :class:`CdpfsError` only if src or dst cannot be
+    reached that way.
     """
-    src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
-    if not src.name or not dst.name:
-        raise CdpfsError("restore: neither source nor destination may be a filesystem root")
-    fds: list[int] = []
+    sfd, sname, _sdev = _reach(src, src_root)
     try:
-        for parent in (src.parent, dst.parent):
-            fds.append(os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        os.stat(src.name, dir_fd=fds[0], follow_symlinks=False)
+        dfd, dname, ddev = _reach(dst, dst_root, dst_dev)
+    except BaseException:
+        os.close(sfd)
+        raise
+    try:
+        os.stat(sname, dir_fd=sfd, follow_symlinks=False)
     except OSError as exc:
-        for fd in fds:
-            os.close(fd)
-        where = exc.filename if os.path.isabs(str(exc.filename)) else src
-        raise CdpfsError(f"{where}: {exc.strerror}") from exc
-
+        os.close(sfd)
+        os.close(dfd)
+        raise CdpfsError(f"{src}: {exc.strerror}") from exc
     try:
-        run = _Restore(fds[1], delete, skip_root, progress)
-        run.entry(fds[0], src.name, fds[1], [dst.name], top=True)
+        run = _Restore(dfd, ddev, delete, skip_root, progress)
+        run.entry(sfd, sname, dfd, [dname], top=True)
     finally:
-        for fd in fds:
-            os.close(fd)
+        os.close(sfd)
+        os.close(dfd)
     log.info("restored %s onto %s: %s", src, dst, run.s)
     return run.s
 
 
+def _reach(path: Path, root: Path | None, dev: int | None = None) -> tuple[int, str, int]:
+    """(fd of the directory holding ``path``, the name of path in it, root's device).
+
+    ``root`` (by default path's parent) is opened as given and must be on ``dev``
+    if that is given; each directory below it is opened from the one above with
+    ``O_NOFOLLOW`` and must be on root's device. ``path`` equal to ``root`` gives
+    root's fd and ``"."``.
+    """
+    path = _absolute(path)  # '..' kept as it is (a Path collapses only '.')
+    if root is None:
+        if not path.name or path.name == "..":
+            raise CdpfsError(f"{path}: not a path to restore (a filesystem root, or ending "
+                             "in '..')")
+        root = path.parent
+    root = _absolute(root)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise CdpfsError(f"{path}: is not inside {root}") from None
+    if ".." in parts:
+        raise CdpfsError(f"{path}: '..' leads out of {root}; not followed")
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CdpfsError(f"{root}: {exc.strerror}") from exc
+    try:
+        have = os.fstat(fd).st_dev
+        if dev is not None and have != dev:
+            raise CdpfsError(f"{root}: is no longer the filesystem it was (unmounted?); "
+                             "nothing was changed")
+        at = root
+        for name in parts[:-1]:
+            at = at / name
+            try:
+                below = os.open(name, _DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOTDIR and _is_link(fd, name):
+                    raise CdpfsError(f"{at}: is a symbolic link; not followed") from exc
+                raise CdpfsError(f"{at}: {exc.strerror}") from exc
+            os.close(fd)
+            fd = below
+            if os.fstat(fd).st_dev != have:
+                raise CdpfsError(f"{at}: another filesystem is mounted there; not entered")
+        return fd, parts[-1] if parts else ".", have
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute without resolving anything in it."""
+    if path.is_absolute():
+        return path
+    try:
+        return Path.cwd() / path
+    except OSError as exc:
+        raise CdpfsError(f"{path}: the current directory: {exc.strerror}") from None
+
+
+def _is_link(fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 class _Restore:
-    def __init__(self, root: int, delete: bool, skip_root: Callable[[str], bool] | None,
+    def __init__(self, root: int, dev: int, delete: bool,
+                 skip_root: Callable[[str], bool] | None,
                  progress: Callable[[int], None] | None) -> None:
         self.s = Summary()
-        self.root = root                      # dst's parent; paths below are parts from here
+        # the directory dst is in (dst itself, dst being '.' in it, if dst is its root):
+        # paths below are parts from here
+        self.root = root
+        self.dev = dev                        # the device every dst entry must be on
         self.delete, self.skip_root = delete, skip_root
         self.progress = progress or (lambda n: None)
         self.links: dict[Key, tuple[list[str], Key]] = {}  # src inode -> first dst path, inode
@@ -152,6 +245,8 @@ class _Restore:
                                                         follow_symlinks=False)
             except FileNotFoundError:
                 dst_st = None
+            if dst_st is not None:
+                self.same_device(dst_st)
             if stat.S_ISDIR(sst.st_mode):
                 self.directory(sfd, sname, sst, dfd, parts, dst_st, top)
             elif stat.S_ISREG(sst.st_mode):
@@ -172,6 +267,7 @@ class _Restore:
         try:
             dd = _open(parts[-1], _DIR, dfd)
             try:
+                self.same_device(os.fstat(dd))  # swapped for a mount point since the stat
                 names, have = set(os.listdir(sd)), set(os.listdir(dd))
                 if top and self.skip_root:
                     names = {n for n in names if not self.skip_root(n)}
@@ -208,6 +304,7 @@ class _Restore:
             flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
             dh = _open(parts[-1], flags if keep else flags | os.O_CREAT | os.O_EXCL, dfd)
             try:
+                self.same_device(os.fstat(dh))
                 changed = self.copy(sh, dh) or not keep
                 dkey = _key(os.fstat(dh))
                 self.holds[dkey] = key
@@ -254,6 +351,11 @@ class _Restore:
             finally:
                 os.close(fd)
             fd = below
+            try:
+                self.same_device(os.fstat(fd))
+            except OSError:
+                os.close(fd)
+                raise
         try:
             os.link(first[-1], parts[-1], src_dir_fd=fd, dst_dir_fd=dfd, follow_symlinks=False)
         finally:
@@ -352,6 +454,12 @@ class _Restore:
             changed |= self.attempt(parts, os.removexattr, dh, name)
         return changed
 
+    def same_device(self, st: os.stat_result) -> None:
+        """Refuse (as this entry's error) an entry on another filesystem: one mounted
+        inside dst is not dst's to change."""
+        if st.st_dev != self.dev:
+            raise OSError(errno.EXDEV, "another filesystem is mounted there; left alone")
+
     def clear(self, dfd: int, name: str, dst_st: os.stat_result | None) -> None:
         """Make room for a new entry (a replacement is not counted as removed)."""
         if dst_st is not None:
@@ -359,9 +467,11 @@ class _Restore:
 
     def remove(self, dfd: int, name: str, count: bool) -> None:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        self.same_device(st)  # a mount point: never emptied, never removed
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(name, _DIR, dir_fd=dfd)
             try:
+                self.same_device(os.fstat(fd))
                 for child in os.listdir(fd):
                     self.remove(fd, child, count)
             finally:

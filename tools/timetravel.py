@@ -131,20 +131,24 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
     seq, ts = _point(target, at)
     mount = target.mount
     assert mount is not None
-    src = mount / f"@#{seq}" / target.rel if target.rel else mount / f"@#{seq}"
+    then = mount / f"@#{seq}"
+    src = then / target.rel if target.rel else then
     if not rewind and target.through_link:
         raise CdpfsError(f"{target.mount}/{target.rel}: the path goes through a symbolic link "
                          "in the volume; give the real path")
     if not os.path.lexists(src):
         raise CdpfsError(f"{target.rel or '/'}: did not exist at {at} (#{seq}, {when(ts)})")
-    entries, nbytes = measure(src)
+    # Both trees are reached from their roots in the mount, never through a link or
+    # another filesystem, however the live tree changes meanwhile.
+    entries, nbytes = measure(src, root=then)
     skip = None if target.rel else (lambda name: name.startswith("@"))  # history at the root
     started = time.monotonic()
     from tqdm import tqdm
 
     with tqdm(total=nbytes, unit="B", unit_scale=True, desc="restoring", leave=False,
               disable=None, file=sys.stderr) as bar:
-        summary = restore_tree(src, live, delete=delete, skip_root=skip, progress=bar.update)
+        summary = restore_tree(src, live, src_root=then, dst_root=mount, dst_dev=target.dev,
+                               delete=delete, skip_root=skip, progress=bar.update)
     took = time.monotonic() - started
     what = "volume" if rewind else (target.rel or "/")
     click.echo(f"restored {what} to #{seq} ({when(ts)}): {entries} entries, "
@@ -167,7 +171,7 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
 @click.option("--delete", is_flag=True, help="Remove entries that did not exist then.")
 def restore_cmd(path: Path, at: str, delete: bool) -> None:
     """Put PATH (a file or a directory tree in a mounted volume) back as it was AT."""
-    _restore(locate(path), at, delete, rewind=False)
+    _restore(locate(path, entry=True), at, delete, rewind=False)
 
 
 @click.command("rewind")
@@ -176,8 +180,7 @@ def restore_cmd(path: Path, at: str, delete: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def rewind_cmd(volume: Path, at: str, yes: bool) -> None:
     """Put the whole mounted VOLUME back as it was AT (as new changes: undoable)."""
-    target = locate(volume)
-    target = Target(target.store, target.mount, "")
+    target = locate(volume).whole()
     live = target.live_path
     seq, ts = _point(target, at)
     if not yes and not click.confirm(f"Rewind everything in {live} to #{seq} ({when(ts)})? "
