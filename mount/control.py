@@ -75,11 +75,6 @@ def find_mount(mountpoint: Path) -> Path | None:
     return None
 
 
-def live_mounts() -> list[tuple[Path, Path]]:
-    """(store, mount point) of every live (read-write) cdpfs mount."""
-    return [(Path(src), Path(mnt)) for src, mnt, ro in _mounts() if not ro]
-
-
 def live_mount_of(store: Path) -> Path | None:
     """Where ``store`` is mounted live (read-write), if it is."""
     want = os.path.realpath(store)

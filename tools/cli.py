@@ -186,11 +186,13 @@ def sync_cmd(paths: tuple[Path, ...]) -> None:
     returns; sync(1) and syncfs(2) write the kernel's cache into the mount but do not
     make it commit (the kernel does not ask a FUSE mount to): the mount commits
     within a quarter of a second, and this command waits for it."""
-    from cdpfs.mount.control import live_mounts
+    from cdpfs.mount.control import cdpfs_mounts
 
     from .locate import Target, locate
 
-    targets = [locate(p) for p in paths] or [Target(s, m, "") for s, m in live_mounts()]
+    targets = [locate(p) for p in paths] or [
+        Target(Path(m.source), Path(m.point), "", dev=m.dev) for m in cdpfs_mounts()
+        if not m.read_only]
     for target in targets:
         if target.mount is None:
             raise CdpfsError(f"{target.store}: not mounted (nothing to sync)")
