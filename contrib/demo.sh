@@ -32,6 +32,7 @@ cp -r /usr/share/doc/git "$MNT/docs/" 2>/dev/null || cp -r /etc/apt "$MNT/docs/"
 dd if=/dev/urandom of="$MNT/random.bin" bs=1M count=16 status=none
 sqlite3 "$MNT/app.db" "create table t(x); insert into t values (1),(2),(3);"
 ls -la "$MNT"   # history is not listed (it is there when named: see below)
+"$CDPFS" sync "$MNT"   # durable now, as fsync makes one file (sync(1) alone does not reach a FUSE mount)
 echo "files: $(find "$MNT" -type f | wc -l), bytes: $(du -sb "$MNT" | cut -f1)"
 sum_before=$(sha256sum "$MNT/random.bin" | cut -d' ' -f1)
 
@@ -107,6 +108,7 @@ echo "changed on the clone only" > "$DEMO/clone.mnt/hello.txt"
 echo "the clone (read-write): $(cat "$DEMO/clone.mnt/hello.txt"); the live volume: $(cat "$MNT/hello.txt")"
 "$CDPFS" umount "$DEMO/clone.mnt"
 "$CDPFS" stat "$CLONE" | head -2
+"$CDPFS" status "$STORE" | grep "^clone"   # the base holds the clone's moment until it is deleted
 "$CDPFS" clone --delete "$CLONE"
 sqlite3 "$MNT/app.db" "create table orders(id integer primary key, item text);
   insert into orders(item) values ('disk'), ('tape'), ('cloud');"
