@@ -45,11 +45,24 @@ from pathlib import Path
 import trio
 
 from .errors import CdpfsError
+from .system import read_small_file
 
 log = logging.getLogger(__name__)
 
 PHASES = ("before", "after", "check", "promote", "demote", "test", "test_stop")
 DEFAULT_TIMEOUT = 120.0
+MAX_SIZE = 1 << 20  # bytes of a scenario file
+
+
+def read(path: Path) -> str:
+    """The text of the scenario file ``path`` (CdpfsError if it is no regular file of
+    UTF-8 text: a FIFO named by mistake is refused, not waited on)."""
+    try:
+        return read_small_file(path, MAX_SIZE).decode()
+    except OSError as exc:
+        raise CdpfsError(f"{path}: not a valid scenario: {exc.strerror}") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise CdpfsError(f"{path}: not a valid scenario: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +82,7 @@ class Scenario:
 
     @classmethod
     def load(cls, path: Path, assignments: tuple[str, ...] | list[str] = ()) -> Scenario:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise CdpfsError(f"{path}: not a valid scenario: {exc.strerror}") from None
-        return cls.parse(text, str(path), assignments)
+        return cls.parse(read(path), str(path), assignments)
 
     @classmethod
     def parse(cls, text: str, name: str, assignments: tuple[str, ...] | list[str] = (),
