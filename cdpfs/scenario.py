@@ -60,6 +60,18 @@ log = logging.getLogger(__name__)
 PHASES = ("before", "after", "check", "promote", "demote", "test", "test_stop")
 DEFAULT_TIMEOUT = 120.0
 GRACE = 5.0  # seconds a timed-out or cancelled step's processes get between SIGTERM and SIGKILL
+MAX_SIZE = 1 << 20  # bytes of a scenario file
+
+
+def read(path: Path) -> str:
+    """The text of the scenario file ``path`` (CdpfsError if it is no regular file of
+    UTF-8 text: a FIFO named by mistake is refused, not waited on)."""
+    try:
+        return system.read_small_file(path, MAX_SIZE).decode()
+    except OSError as exc:
+        raise CdpfsError(f"{path}: not a valid scenario: {exc.strerror}") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise CdpfsError(f"{path}: not a valid scenario: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +91,7 @@ class Scenario:
 
     @classmethod
     def load(cls, path: Path, assignments: tuple[str, ...] | list[str] = ()) -> Scenario:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise CdpfsError(f"{path}: not a valid scenario: {exc.strerror}") from None
-        return cls.parse(text, str(path), assignments)
+        return cls.parse(read(path), str(path), assignments)
 
     @classmethod
     def parse(cls, text: str, name: str, assignments: tuple[str, ...] | list[str] = (),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -222,6 +223,24 @@ def disk_stats(path: str | os.PathLike[str]) -> DiskStats:
 def disk_free(path: str | os.PathLike[str]) -> int:
     """Bytes an unprivileged writer may still use on the filesystem under ``path``."""
     return shutil.disk_usage(path).free
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The contents of the regular file ``path`` (a certificate, a scenario).
+
+    It is opened without blocking and looked at before it is read, so a FIFO or a
+    device named by mistake is refused at once, not waited on forever; ValueError
+    says why (not a regular file, or larger than ``limit`` bytes). OSError if it
+    cannot be opened."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

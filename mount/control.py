@@ -26,6 +26,16 @@ def _unescape(field: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
+def check_source(store: Path) -> None:
+    """StoreError unless a mount can name ``store`` as its source: its path has no ','
+    (which ends a FUSE option, fsname=STORE) and no '#' (which marks the source of a
+    snapshot or following mount, STORE#seq, in /proc/mounts)."""
+    if "," in str(store) or "#" in str(store):
+        raise StoreError(f"{store}: a store path must not contain ',' or '#' (a mount "
+                         "names its store in FUSE's options, where ',' separates them "
+                         "and '#' marks a read-only mount)")
+
+
 def canonical(mountpoint: Path) -> str:
     """The absolute path of ``mountpoint`` without touching it (it may be a dead mount).
 

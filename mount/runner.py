@@ -23,6 +23,7 @@ import trio
 from cdpfs.errors import StoreError, first_error
 from cdpfs.volume import Mode, Volume
 
+from .control import check_source
 from .fuse import FuseOperations
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ log = logging.getLogger(__name__)
 def fuse_options(store: Path, allow_other: bool, snapshot: int | str | None = None) -> set[str]:
     """Mount options; a snapshot mount is read-only and named ``STORE#seq`` (a
     following one ``STORE#follow``)."""
-    if "," in str(store) or "#" in str(store):
-        raise StoreError(f"{store}: a store path must not contain ',' or '#' (FUSE options)")
+    check_source(store)
     name = store if snapshot is None else f"{store}#{snapshot}"
     opts = {f"fsname={name}", "subtype=cdpfs", "default_permissions", "noatime"}
     if snapshot is not None:

@@ -9,7 +9,9 @@ environment, as a systemd unit would set them).
 from __future__ import annotations
 
 import json
+import os
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,11 +21,13 @@ import click
 import trio
 
 from cdpfs.errors import ClusterError, first_error
-from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings
+from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings, check_name
 from cdpfs.ha.etcd import Etcd, Tls
+from cdpfs.names import shown
 from cdpfs.replication import credentials
 from cdpfs.replication.protocol import parse_address
 from cdpfs.scenario import Scenario, parse_assignments
+from cdpfs.scenario import read as read_scenario
 from cdpfs.store.lmdb import Store, is_store
 
 
@@ -48,8 +52,11 @@ def _connection(endpoints: str, ca: Path | None, cert: Path | None,
     urls = [u.strip() for u in endpoints.split(",") if u.strip()]
     if not urls:
         raise ClusterError("--etcd: no URL given")
-    if any(not u.startswith(("https://", "http://")) for u in urls):
-        raise ClusterError(f"--etcd {endpoints}: URLs start with https:// (or http://)")
+    for url in urls:
+        _check_url(url)
+    for option, path in (("--etcd-ca", ca), ("--etcd-cert", cert), ("--etcd-key", key)):
+        if path is not None and not path.is_file():  # a FIFO would block TLS's reading it
+            raise ClusterError(f"{option} {path}: not a regular file")
     given = [x is not None for x in (ca, cert, key)]
     if any(given) and not all(given):
         raise ClusterError("--etcd-ca, --etcd-cert and --etcd-key go together")
@@ -57,6 +64,23 @@ def _connection(endpoints: str, ca: Path | None, cert: Path | None,
     if tls is None and any(u.startswith("https://") for u in urls):
         raise ClusterError("an https:// etcd needs --etcd-ca, --etcd-cert and --etcd-key")
     return urls, tls
+
+
+def _check_url(url: str) -> None:
+    """ClusterError unless ``url`` is an etcd client URL: http(s)://HOST[:PORT]."""
+    why = ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a port that is no number or out of range raises here
+    except ValueError as exc:  # an unclosed [, a port that is not a number ...
+        why = str(exc)
+    else:
+        if parts.scheme not in ("https", "http"):
+            why = "it starts with https:// (or http://)"
+        elif not parts.hostname:
+            why = "it names no host"
+    if why:
+        raise ClusterError(f"--etcd {url}: not an etcd URL: {why}")
 
 
 def _with_cluster(conn: tuple[list[str], Tls | None], name: str,
@@ -80,12 +104,13 @@ def ha() -> None:
 @click.argument("cluster")
 @click.option("--volume", "store", required=True, type=click.Path(path_type=Path),
               help="The store holding the volume now (its node becomes the first primary).")
-@click.option("--ttl", default=5, show_default=True, help="Seconds the primary's lease lives.")
+@click.option("--ttl", default=5, show_default=True, type=click.IntRange(2, 600),
+              help="Seconds the primary's lease lives.")
 @click.option("--interval", default=1.0, show_default=True,
               help="Seconds between the primary's checks and renewals.")
 @click.option("--mode", type=click.Choice(MODES), default="sync", show_default=True,
               help="How the primary ships to the other nodes.")
-@click.option("--max-lag", default=0, show_default=True,
+@click.option("--max-lag", default=0, show_default=True, type=click.IntRange(0, 2**62),
               help="Records an async replica may lack and still be promoted.")
 @click.option("--check", "checks", multiple=True, metavar="COMMAND",
               help="An application check the primary runs before each renewal (a shell "
@@ -103,13 +128,14 @@ def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, 
                variables: tuple[str, ...], endpoints: str, etcd_ca: Path | None,
                etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Make CLUSTER for the volume in STORE."""
+    check_name(cluster, "cluster")
     if not is_store(store):
         raise ClusterError(f"{store}: not a cdpfs store")
     with Store(store, readonly=True) as s:
         uuid = s.uuid
     text = ""
     if scenario is not None:
-        text = scenario.read_text()
+        text = read_scenario(scenario)
         Scenario.parse(text, str(scenario), variables, complete=False)
     settings = Settings(uuid, ttl=ttl, interval=interval, mode=mode, max_lag=max_lag,
                         checks=list(checks),
@@ -139,6 +165,8 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
              health: str | None, variables: tuple[str, ...], endpoints: str,
              etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Add NODE (this machine's store, address, mount point) to CLUSTER."""
+    check_name(cluster, "cluster")
+    check_name(node, "node")
     parse_address(address)
     if health:
         parse_address(health)
@@ -151,8 +179,8 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
             uuid = s.uuid
     else:
         uuid = None
-    spec = NodeSpec(node, str(store.resolve()), address, cert=cert_path.read_text(),
-                    mount=str(mountpoint.resolve()) if mountpoint else "", health=health or "",
+    spec = NodeSpec(node, os.path.realpath(store), address, cert=cert_path.read_text(),
+                    mount=os.path.realpath(mountpoint) if mountpoint else "", health=health or "",
                     vars=parse_assignments(variables))
 
     async def join(c: Cluster) -> None:
@@ -164,8 +192,8 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
         await c.join(spec)
 
     _with_cluster(conn, cluster, join)
-    click.echo(f"node {node} joined cluster {cluster}: store {spec.store}, replication on "
-               f"{address}" + (f", mounts on {spec.mount}" if spec.mount else ""))
+    click.echo(f"node {node} joined cluster {cluster}: store {shown(spec.store)}, replication "
+               f"on {address}" + (f", mounts on {shown(spec.mount)}" if spec.mount else ""))
 
 
 @ha.command("leave")
@@ -175,6 +203,8 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
 def leave_cmd(cluster: str, node: str, endpoints: str, etcd_ca: Path | None,
               etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Take NODE out of CLUSTER (stop its daemon first)."""
+    check_name(cluster, "cluster")
+    check_name(node, "node")
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     _with_cluster(conn, cluster, lambda c: c.leave(node))
     click.echo(f"node {node} left cluster {cluster}")
@@ -187,6 +217,7 @@ def leave_cmd(cluster: str, node: str, endpoints: str, etcd_ca: Path | None,
 def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None,
                etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """The primary, its epoch, and each node's role, position and last report."""
+    check_name(cluster, "cluster")
     conn = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
 
     async def read(c: Cluster) -> dict[str, Any]:
@@ -220,10 +251,11 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
         if "seq" in info:
             line += (f", at #{info['seq']} (lag {info['lag']} records), "
                      f"reported {info['reported_ago']}s ago")
-        click.echo(line + f", replication on {info['address']}"
-                   + (f", mount {info['mount']}" if info["mount"] else ""))
+        click.echo(shown(line + f", replication on {info['address']}"
+                         + (f", mount {info['mount']}" if info["mount"] else "")))
         if info.get("cannot_serve"):
-            click.echo(f"    cannot serve, so it does not campaign: {info['cannot_serve']}")
+            click.echo(shown(f"    cannot serve, so it does not campaign: "
+                             f"{info['cannot_serve']}"))
 
 
 async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> float:
@@ -265,6 +297,10 @@ async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> floa
 
 def _hand_over_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints: str,
                    ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    check_name(cluster, "cluster")
+    check_name(node, "node")
+    if not 0 < timeout <= 86400:  # not NaN either
+        raise ClusterError(f"--timeout {timeout}: from 0 to 86400 seconds")
     conn = _connection(endpoints, ca, cert, key)
     took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, force, timeout))
     click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
@@ -304,6 +340,8 @@ def run_cmd(cluster: str, node: str, allow_other: bool, endpoints: str,
             etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Run NODE's daemon in the foreground: a replica until it wins the primary role,
     the primary (mounted) while it holds it. SIGTERM hands the role on."""
+    check_name(cluster, "cluster")
+    check_name(node, "node")
     from cdpfs.mount.hanode import run_node
 
     urls, tls = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)

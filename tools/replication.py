@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from cdpfs.errors import CdpfsError, first_error
 from cdpfs.ha import roles
 from cdpfs.history.treehash import tree_hash
 from cdpfs.mount.control import live_mount_of
+from cdpfs.names import check_name, shown
 from cdpfs.replication import credentials, registry
 from cdpfs.replication.protocol import parse_address
 from cdpfs.replication.receiver import ROLE_REPLICA
@@ -45,8 +47,8 @@ def keygen_cmd(store: Path, name: str | None, force: bool) -> None:
 
     cert = credentials.keygen(store, name or socket.gethostname(), force=force)
 
-    click.echo(f"{cert}  {credentials.fingerprint(cert.read_bytes())}")
-    click.echo(f"give {cert} to the other side: cdpfs replica trust THEIR_STORE {cert.name} "
+    click.echo(f"{shown(cert)}  {credentials.fingerprint(cert.read_bytes())}")
+    click.echo(f"give {shown(cert)} to the other side: cdpfs replica trust THEIR_STORE {cert.name} "
                "--name NAME")
 
 
@@ -56,7 +58,7 @@ def keygen_cmd(store: Path, name: str | None, force: bool) -> None:
 @click.option("--name", required=True, help="The peer's name (a replica name on a primary).")
 def trust_cmd(store: Path, cert: Path, name: str) -> None:
     """Let the peer whose certificate is CERT connect to (or serve) STORE."""
-    click.echo(f"{store} trusts {name}: {credentials.trust(store, cert, name)}")
+    click.echo(f"{shown(store)} trusts {name}: {credentials.trust(store, cert, name)}")
 
 
 @replica.command("serve")
@@ -168,7 +170,7 @@ def promote_cmd(store: Path) -> None:
     if roles.role(store) != ROLE_REPLICA:
         raise CdpfsError(f"{store} is not a replica: it is the primary already")
     epoch = roles.promote(store)
-    click.echo(f"{store} is the primary now, epoch {epoch}: mount it; an old primary that "
+    click.echo(f"{shown(store)} is the primary now, epoch {epoch}: mount it; an old primary that "
                f"comes back must be demoted ('cdpfs replica demote') before it serves")
 
 
@@ -183,7 +185,7 @@ def demote_cmd(store: Path) -> None:
     if roles.role(store) == ROLE_REPLICA:
         raise CdpfsError(f"{store} is a replica already")
     forgot = roles.demote(store)
-    click.echo(f"{store} is a replica now" + (f" (it no longer ships to {', '.join(forgot)})"
+    click.echo(f"{shown(store)} is a replica now" + (f" (it no longer ships to {', '.join(forgot)})"
                                              if forgot else ""))
 
 
@@ -199,6 +201,7 @@ def demote_cmd(store: Path) -> None:
 def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None:
     """Register (or change) replica NAME of STORE; a mount ships to it while it runs
     (STORE must trust NAME's certificate: cdpfs replica trust STORE CERT --name NAME)."""
+    check_name(name, "replica")
     parse_address(address)
     rate = parse_rate(limit)
     with Store(store) as st, st.txn(write=True) as txn:
@@ -209,7 +212,7 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
         state = registry.get(txn, st.db, name) or ReplicaState(name, address)
         state.address, state.mode, state.limit = address, mode, rate
         registry.put(txn, st.db, state)
-    click.echo(f"replica {name} of {store}: {address}, {mode}"
+    click.echo(f"replica {name} of {shown(store)}: {address}, {mode}"
                + (f", limited to {rate} bytes/s" if rate else ""))
 
 
@@ -220,23 +223,30 @@ def remove_cmd(store: Path, name: str) -> None:
     """Forget replica NAME of STORE: nothing is shipped to it any more (a running mount
     stops within a second) and retention no longer keeps journal for it."""
     with Store(store) as st, st.txn(write=True) as txn:
+        if name not in {s.name for s in registry.states(txn, st.db)}:
+            check_name(name, "replica")  # one registered before the rule can still go
         if not registry.delete(txn, st.db, name):
             names = ", ".join(s.name for s in registry.states(txn, st.db)) or "none"
             raise CdpfsError(f"{store} has no replica {name!r} (it has: {names})")
-    click.echo(f"replica {name} removed from {store}: nothing is shipped to it any more, "
+    click.echo(f"replica {name} removed from {shown(store)}: nothing is shipped to it any more, "
                "and its journal is no longer held")
 
 
-def parse_rate(text: str) -> int:
+MAX_RATE = 10**12  # bytes per second (1 TB/s): more is a typo
 
+
+def parse_rate(text: str) -> int:
+    """Bytes per second in ``500k``, ``10M``, ``1.5G`` (``b/s`` or ``/s`` may follow)."""
     units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
     t = text.strip().lower().removesuffix("b/s").removesuffix("/s")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in "kmg" else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
+    if not re.fullmatch(r"\d+(\.\d+)?", num):
         raise CdpfsError(f"{text!r}: a rate is a number of bytes per second, "
-                         "optionally with k, M or G") from None
+                         "optionally with k, M or G")
+    rate = float(num) * units[unit]  # inf for hundreds of digits: refused here
+    if not rate <= MAX_RATE:
+        raise CdpfsError(f"{text!r}: a rate is at most 1000G (bytes per second)")
+    return int(rate)
 
 
 @click.command("replicate")
@@ -244,11 +254,13 @@ def parse_rate(text: str) -> int:
 @click.option("--to", "address", metavar="HOST:PORT", help="The replica's address.")
 @click.option("--name", help="The replica's name (as trusted / added).")
 @click.option("--follow", is_flag=True, help="Keep shipping new changes until stopped.")
-@click.option("--attempts", default=5, show_default=True,
+@click.option("--attempts", default=5, show_default=True, type=click.IntRange(0, 10**6),
               help="Give up after this many failed connections in a row (0: never).")
 def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bool,
                   attempts: int) -> None:
     """Ship STORE's changes to a replica, without a mount (until it has everything)."""
+    if name is not None:
+        check_name(name, "replica")
     with Store(store) as st:
         states = {s.name: s for s in registry.load_states(st)}
         with st.txn() as txn:

@@ -19,11 +19,14 @@ import click
 
 from cdpfs.errors import CdpfsError
 from cdpfs.history import bookmarks
+from cdpfs.history.moments import BadMoment
+from cdpfs.history.moments import parse as parse_moment
 from cdpfs.history.points import Points
 from cdpfs.history.points import resolve as resolve_point
 from cdpfs.history.retention import Policy, load_policy, parse_duration, save_policy
 from cdpfs.history.versions import diff as tree_diff
 from cdpfs.history.versions import versions
+from cdpfs.names import shown
 from cdpfs.scenario import Scenario
 from cdpfs.store.lmdb import Store
 from cdpfs.store.view import View
@@ -71,13 +74,14 @@ def _args(op: str, args: dict[str, object]) -> str:
 
 
 def _name(raw: object) -> str:
-    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return shown(raw if isinstance(raw, bytes) else str(raw))
 
 
 @click.command("log")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--at", "at", metavar="MOMENT", help="The file that had this path then.")
-@click.option("-n", "limit", type=int, default=0, help="Show at most N versions.")
+@click.option("-n", "limit", type=click.IntRange(0), default=0,
+              help="Show at most N versions (0: all).")
 @STORE_OPTION
 def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
     """The versions of a file or directory: sequence, time, operation, size."""
@@ -118,7 +122,7 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
     finally:
         st.close()
     for change in changes:
-        click.echo(str(change))
+        click.echo(shown(str(change)))
     counts = {k: sum(c.kind == k for c in changes) for k in "AMDR"}
     click.echo(f"#{seqs[0]} -> #{seqs[1]}: {counts['A']} added, {counts['M']} changed, "
                f"{counts['D']} removed, {counts['R']} renamed", err=True)
@@ -204,6 +208,8 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
     """Name a point in history (now, or --at a moment); bookmarks are kept until deleted."""
     target = locate(volume)
     if delete:
+        if not name or not name.isprintable() or len(name.encode()) > 511:  # no LMDB key
+            raise BadMoment(f"{name!r}: no such bookmark")
         with Store(target.store) as st, st.txn(write=True) as txn:
             bookmarks.delete(txn, st.db, name)
         click.echo(f"deleted bookmark {name}")
@@ -259,7 +265,7 @@ def prune_cmd(volume: Path) -> None:
         r = prune(st)
     finally:
         st.close()
-    click.echo(f"pruned {target.store}: {r.versions} versions, {r.records} journal records, "
+    click.echo(f"pruned {shown(target.store)}: {r.versions} versions, {r.records} journal records, "
                f"{r.blocks} blocks and {r.packs} packs ({r.bytes_freed / 2**20:.1f} MiB of "
                f"data) in {r.seconds:.1f}s; {r.kept_points} older points kept, "
                f"everything from #{r.full_from} on")
@@ -282,8 +288,9 @@ def stat_cmd(volume: Path) -> None:
         return f"{n / 2**20:,.1f} MiB"
 
     if s.clone_of is not None:
-        click.echo(f"clone of         {s.clone_of} as of #{s.clone_seq} ({when(s.clone_ts)}); "
-                   f"adds {s.records - 1} records and {mib(s.stored_bytes)} stored of its own")
+        click.echo(f"clone of         {shown(s.clone_of)} as of #{s.clone_seq} "
+                   f"({when(s.clone_ts)}); adds {s.records - 1} records and "
+                   f"{mib(s.stored_bytes)} stored of its own")
     click.echo(f"live data        {mib(s.live_bytes)} in {s.live_files} files "
                f"({mib(s.live_stored)} stored)")
     click.echo(f"history          {mib(s.history_stored)} stored for older versions")
@@ -319,27 +326,53 @@ def clone_cmd(store: Path, clone: Path | None, at: str | None, delete: bool,
     from cdpfs.history import clones
 
     if base is not None and not delete:
-        raise click.UsageError("--base goes with --delete: cdpfs clone --delete CLONE --base BASE")
+        raise click.UsageError("--base goes with --delete: "
+                               "cdpfs clone --delete CLONE --base BASE")
     if delete:
         if clone is not None or at is not None:
             raise click.UsageError("--delete takes the clone alone: cdpfs clone --delete CLONE")
         if base is not None:
             gone = clones.forget(base, store)
-            click.echo(f"released the hold {gone.base} kept for the clone removed from "
-                       f"{gone.path} (#{gone.seq})")
+            click.echo(f"released the hold {shown(gone.base)} kept for the clone removed from "
+                       f"{shown(gone.path)} (#{gone.seq})")
             return
         gone = clones.delete(store)
-        click.echo(f"deleted clone {gone.path} (of {gone.base} as of #{gone.seq}); "
+        click.echo(f"deleted clone {shown(gone.path)} (of {shown(gone.base)} as of #{gone.seq}); "
                    "its hold on the base is released")
         return
     if clone is None:
         raise click.UsageError("give the store and the clone to make: cdpfs clone STORE CLONE")
+    if at is not None:
+        parse_moment(at)  # '' is no moment here either (as for mount --at)
+    _check_clone_path(clone)
     target = locate(store)
     if target.rel:
         raise CdpfsError(f"{store}: give the store or the mount point, not a path inside it")
     target.settle()
     made = clones.make(target.store, clone, at)
-    click.echo(f"cloned {made.base} as of #{made.seq} ({when(made.ts)}) into {made.path}")
+    click.echo(f"cloned {shown(made.base)} as of #{made.seq} ({when(made.ts)}) into "
+               f"{shown(made.path)}")
+
+
+def _check_clone_path(clone: Path) -> None:
+    """A clone at ``clone`` could be mounted and held: refused (one line) if not."""
+    from cdpfs.mount.control import check_source
+
+    path = Path(os.path.abspath(clone))
+    try:  # a name too long, a directory not searchable: said before anything is made
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CdpfsError(f"{clone}: {exc.strerror}") from None
+    real = Path(os.path.realpath(path.parent)) / path.name  # what a mount would name
+    for p in (path, real):
+        check_source(p)
+    # The base holds the clone's point under a key naming the clone's path, and an
+    # LMDB key is at most 511 bytes.
+    if len(os.fsencode(f"{bookmarks.CLONE_HOLD}{path}")) > 511:
+        raise CdpfsError(f"{clone}: path too long for a clone (its base could not hold its "
+                         f"point): at most {511 - len(bookmarks.CLONE_HOLD)} bytes")
 
 
 @click.command("retention")
@@ -349,7 +382,7 @@ def clone_cmd(store: Path, clone: Path | None, at: str | None, delete: bool,
 @click.option("--hourly", help="Then one point per hour up to this age (e.g. 30d).")
 @click.option("--daily", help="Then one point per day up to this age (e.g. 1y).")
 @click.option("--prune-interval", help="How often a mount prunes (e.g. 1h).")
-@click.option("--replica-max-lag", type=int, metavar="RECORDS",
+@click.option("--replica-max-lag", type=click.IntRange(0, 2**62), metavar="RECORDS",
               help="Keep journal for a replica at most this many records behind; one "
               "further behind gets a full resync when it comes back.")
 def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
@@ -368,8 +401,6 @@ def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
             if prune_interval:
                 st.set_config(txn, "prune_interval", parse_duration(prune_interval))
             if replica_max_lag is not None:
-                if replica_max_lag < 0:
-                    raise ValueError("--replica-max-lag must not be negative")
                 st.set_config(txn, "replica_max_lag", replica_max_lag)
         except ValueError as exc:
             raise CdpfsError(str(exc)) from None

@@ -26,25 +26,26 @@ Values are JSON. Nothing here decides anything: ``ha.node`` does.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .. import names
 from ..errors import CdpfsError, ClusterError
 from ..scenario import Scenario, Step
 from .etcd import KV, Etcd
 
 ROOT = "/cdpfs/clusters/"
 REQUEST_TTL = 30.0  # seconds a hand-over request stands
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MODES = ("sync", "async")
 
 
 def check_name(name: str, what: str) -> str:
-    if not NAME.match(name):
-        raise ClusterError(f"{name!r}: a {what} name is 1-63 letters, digits, '_', '.' or '-'")
-    return name
+    """``name`` if it follows the one name rule (``cdpfs.names``); ClusterError if not."""
+    try:
+        return names.check_name(name, what)
+    except names.BadName as exc:
+        raise ClusterError(str(exc)) from None
 
 
 @dataclass

@@ -59,7 +59,10 @@ def parse(spec: str, now_ns: int | None = None) -> Moment:
         return Moment("seq", int(text[1:]), spec)
     rel = _RELATIVE.fullmatch(text)
     if rel:
-        return Moment("time", now_ns - int(float(rel[1]) * _UNITS[rel[2]] * 1e9), spec)
+        back = float(rel[1]) * _UNITS[rel[2]] * 1e9  # inf for hundreds of digits
+        if not back <= now_ns:
+            raise BadMoment(f"{spec!r}: reaches back before 1970")
+        return Moment("time", now_ns - int(back), spec)
     iso = _ISO.fullmatch(text)
     if iso:
         return Moment("time", _iso_ns(iso, spec), spec)

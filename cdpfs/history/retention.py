@@ -21,14 +21,19 @@ from ..store.lmdb import Store
 MINUTE, HOUR, DAY = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdwy])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+MAX_DURATION = 1000 * _UNIT_S["y"]  # seconds: longer is a typo (and overflows a float)
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in ``30m``, ``24h``, ``7d``, ``2w``, ``1y`` (ValueError if malformed)."""
+    """Seconds in ``30m``, ``24h``, ``7d``, ``2w``, ``1y`` (ValueError if malformed or
+    longer than 1000 years)."""
     m = _DURATION.fullmatch(text.strip())
     if not m:
         raise ValueError(f"{text!r}: a duration is a number and one of s m h d w y")
-    return int(float(m[1]) * _UNIT_S[m[2]])
+    seconds = float(m[1]) * _UNIT_S[m[2]]  # inf for hundreds of digits: refused below
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"{text!r}: a duration is at most 1000y")
+    return int(seconds)
 
 
 def format_duration(seconds: int) -> str:

@@ -10,11 +10,13 @@ TLS 1.3's fresh key exchange per connection makes a replayed handshake fail.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -23,10 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import CdpfsError
+from ..names import check_name
+from ..system import fsync_dir, read_small_file
 
 log = logging.getLogger(__name__)
 
 TLS_DIR = "tls"
+MAX_CERT = 64 * 1024  # bytes: a PEM certificate is 1-2 KiB; more is a wrong file
 
 
 def tls_dir(store: Path) -> Path:
@@ -85,24 +90,44 @@ def keygen(store: Path, name: str, *, force: bool = False) -> Path:
 
 
 def trust(store: Path, cert_file: Path, name: str) -> str:
-    """Trust a peer's certificate under ``name``; return its fingerprint."""
+    """Trust the peer certificate in the file ``cert_file`` under ``name``; return its
+    fingerprint. Only a regular file of at most ``MAX_CERT`` bytes is read (a FIFO
+    given by mistake is refused, not waited on)."""
+    check_name(name)
     try:
-        pem = Path(cert_file).read_bytes()
+        pem = read_small_file(cert_file, MAX_CERT)
     except OSError as exc:
-        raise CdpfsError(f"{cert_file}: not a PEM certificate ({exc})") from None
+        raise CdpfsError(f"{cert_file}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CdpfsError(f"{cert_file}: {exc}: not a PEM certificate") from None
     return trust_pem(store, pem, name, str(cert_file))
 
 
 def trust_pem(store: Path, pem: bytes, name: str, source: str = "certificate") -> str:
-    """Trust the PEM certificate ``pem`` under ``name``; return its fingerprint."""
+    """Trust the PEM certificate ``pem`` under ``name`` (a peer name: ``check_name``);
+    return its fingerprint. The file appears whole or not at all (written aside and
+    renamed), so a peer never sees half a certificate."""
+    check_name(name)
     try:
         fp = fingerprint(pem)
     except ValueError as exc:
         raise CdpfsError(f"{source}: not a PEM certificate ({exc})") from None
     d = tls_dir(store) / "trusted"
     if not d.is_dir():
-        raise CdpfsError(f"{store}: no TLS identity yet (run 'cdpfs replica keygen {store}')")
-    (d / f"{name}.crt").write_bytes(pem)
+        raise CdpfsError(f"{store}: no TLS identity yet (run 'cdpfs replica keygen "
+                         f"{store}')")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, d / f"{name}.crt")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(d)
     return fp
 
 

@@ -89,6 +89,29 @@ def is_store(path: Path) -> bool:
     return (path / "data.mdb").is_file()
 
 
+def _look_up(path: Path) -> bool:
+    """Whether ``path`` exists (following links); False if it is missing, StoreError
+    with the reason if it cannot be looked up (a link to nothing or a loop of links,
+    too long, not searchable) or is not valid UTF-8 (a store's path is written in
+    its clones, its lock and its mounts)."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise StoreError(f"{path}: a store's path must be valid UTF-8") from None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise StoreError(f"{path}: a symbolic link to nothing "
+                             f"({os.readlink(path)})") from None
+        return False
+    except NotADirectoryError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror}") from None
+    return True
+
+
 class CloneOf(NamedTuple):
     """What a clone's meta says of its base: the store's path and volume id, the
     point read through to, the first pack number that is the clone's own, the
@@ -134,7 +157,7 @@ class Store:
                  open_base: bool = True) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        if not self.path.is_dir():
+        if not _look_up(self.path) or not self.path.is_dir():
             raise StoreError(f"{self.path}: no such store directory")
         if not is_store(self.path):
             raise StoreError(f"{self.path}: not a cdpfs store (run 'cdpfs init {self.path}')")
@@ -247,7 +270,7 @@ class Store:
         replica store takes the primary's ``volume_uuid``.
         """
         p = Path(path)
-        if p.exists() and not p.is_dir():
+        if _look_up(p) and not p.is_dir():
             raise StoreError(f"{p}: exists and is not a directory")
         if p.is_dir() and is_store(p):
             raise StoreError(f"{p}: is already a cdpfs store")
@@ -257,7 +280,11 @@ class Store:
         if block_size < 4096 or block_size & (block_size - 1) or block_size > codec.MAX_PLAIN:
             raise StoreError(f"block size {block_size} must be a power of two from 4096 to "
                              f"{codec.MAX_PLAIN}")
-        p.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{exc.filename or p}: cannot make the store directory: "
+                             f"{exc.strerror}") from None
         for left in p.glob(_CREATING + "*"):  # from a creation cut short
             shutil.rmtree(left)
         # Made aside and moved in whole: a reader never sees a store without its tables.

@@ -94,13 +94,14 @@ class View:
 
     def resolve(self, path: str | bytes, follow: bool = False) -> int:
         """The inode of ``path`` (relative to the volume root) in this view."""
-        raw = path.encode() if isinstance(path, str) else path
+        # A name that is not UTF-8 came as a str with lone surrogates: its own bytes.
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
         ino = ROOT_INO
         for part in (p for p in raw.split(b"/") if p and p != b"."):
             child = self.lookup(ino, part)
             if child is None:
                 when = "now" if self.seq == MAX_SEQ else f"at #{self.seq}"
-                raise NotFound(f"{raw.decode(errors='replace')}: no such file or "
+                raise NotFound(f"{raw.decode('utf-8', 'surrogateescape')}: no such file or "
                                f"directory {when}")
 
 
