@@ -346,6 +346,14 @@ def test_bad_clone_requests_are_refused_and_change_nothing(
         clones.delete(path)
     with pytest.raises(StoreError, match="no such store directory"):
         clones.make(tmp_path / "nowhere", tmp_path / "c2")
+    deep = tmp_path / ("d" * 200) / ("d" * 200) / ("d" * 200)
+    deep.mkdir(parents=True)
+    with pytest.raises(StoreError, match="too long a path for a clone"):
+        clones.make(path, deep / "clone")  # its hold's name would be no LMDB key
+    assert os.listdir(deep) == []
+    shutil.rmtree(tmp_path / ("d" * 200))
+    with pytest.raises(BadMoment):
+        clones.make(path, tmp_path / "c3", "")  # '' is no moment (None is now)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "taken"]
     with Store(path) as st, st.txn() as txn:
         assert txn.stat(st.db["bookmarks"])["entries"] == marks, "a refused clone left a hold"

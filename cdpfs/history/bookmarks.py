@@ -30,6 +30,7 @@ from .moments import BadMoment, parse
 HOLD = ".hold."
 CLONE_HOLD = HOLD + "clone:"
 TESTED = "tested-"  # a replica's own bookmarks of points a DR test passed
+MAX_NAME = 511  # bytes: LMDB's longest key
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,10 @@ def make(base_path: Path, clone_path: Path, at: str | None = None,
         raise StoreError(f"{clone_path}: exists already (a clone is made at a new path)")
     if not clone_path.parent.is_dir():
         raise StoreError(f"{clone_path.parent}: no such directory")
+    hold = bookmarks.clone_hold_name(clone_path)
+    if len(hold.encode()) > bookmarks.MAX_NAME:
+        raise StoreError(f"{clone_path}: too long a path for a clone (its base keeps its "
+                         f"moment under a name of at most {bookmarks.MAX_NAME} bytes)")
     base = Store(Path(os.path.abspath(base_path)))
     try:
         # First a hold of this process (dropped if it dies), so that no prune of the
@@ -83,7 +87,6 @@ def make(base_path: Path, clone_path: Path, at: str | None = None,
                            base.after_last(txn, "inodes"))
             settings = {bytes(k): bytes(v) for k, v in txn.cursor(db=base.db["meta"])
                         if bytes(k).startswith(b"config.") and bytes(k) != b"config.role"}
-        hold = bookmarks.clone_hold_name(clone_path)
         try:
             _build(base, clone_path, CloneOf(base.path, base.uuid, point.seq, pack_start,
                                              check, hold), point.ts, next_ino, settings)
