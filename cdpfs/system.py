@@ -255,22 +255,65 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def syncfs(fd: int) -> None:
-    """Have the kernel write back what it holds dirty for the filesystem of ``fd``
-    (``syncfs(2)``, which Python does not wrap; ``sync`` where it is missing). For a
-    FUSE mount that is every cached write sent to the filesystem's process: the
-    kernel sends a /dev/fuse mount no request to commit (no FUSE_SYNCFS, checked
-    on Linux 6.18 with libfuse's debug output), so the caller then asks the mount
-    to commit (an fsync)."""
+def write_back(fd: int) -> OSError | None:
+    """Have the kernel write into the filesystem of ``fd`` everything it still caches
+    dirty for it, and wait until it has: ``syncfs(2)`` (which Python does not wrap;
+    ``sync`` where it is missing) starts it for every file, and an fsync of each
+    file open for writing there (found in /proc: those of processes this one may
+    look at) waits for it, as syncfs does not for a FUSE mount (Linux 6.18 starts
+    a FUSE mount's writeback on syncfs and returns before the filesystem has the
+    data; a closed file's data went in when it was closed). The kernel sends a
+    /dev/fuse mount no request to commit on syncfs (no FUSE_SYNCFS: checked with
+    libfuse's debug output), so the caller then asks the mount to commit (an
+    fsync of its root). The error writeback reported (ENOSPC, EIO: the programs
+    that wrote the data get it too), or None."""
     if WINDOWS:  # pragma: no cover
-        return
+        return None
     import ctypes
 
+    error = None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            error = OSError(err, os.strerror(err))
     except AttributeError:  # pragma: no cover - a libc without syncfs
         os.sync()
+    for path in _writers_on(os.fstat(fd).st_dev):
+        try:
+            other = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # closed meanwhile, or not ours to open
+            continue
+        try:
+            os.fsync(other)
+        except OSError as exc:
+            error = error or exc
+        finally:
+            os.close(other)
+    return error
+
+
+def _writers_on(dev: int) -> list[str]:
+    """``/proc/PID/fd/N`` of every regular file on device ``dev`` that a process
+    this one may look at has open for writing (reopening one reaches that very
+    file, renamed or unlinked as it may be since)."""
+    out = []
+    for pid in _pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                st = os.stat(path)
+                if st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next((int(line.split()[1], 8) for line in info
+                                  if line.startswith("flags:")), 0)
+            except (OSError, ValueError, IndexError):
+                continue
+            if flags & O_ACCMODE != os.O_RDONLY:
+                out.append(path)
+    return out

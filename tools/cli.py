@@ -248,9 +248,11 @@ def _try_write(fd: int, data: bytes) -> None:
 def sync_cmd(paths: tuple[Path, ...]) -> None:
     """Make everything written to mounted volumes durable now (PATH: a mount or a path
     in one; none: every live cdpfs mount). fsync(2) of a file is durable when it
-    returns; sync(1) and syncfs(2) write the kernel's cache into the mount but do not
-    make it commit (the kernel does not ask a FUSE mount to): the mount commits
-    within a quarter of a second, and this command waits for it."""
+    returns; sync(1) and syncfs(2) start writing the kernel's cache into the mount
+    but do not make it commit (the kernel does not ask a FUSE mount to): the mount
+    commits within a quarter of a second. This command waits until what the kernel
+    caches is written in (files open for writing by processes it can see are
+    fsynced) and the mount has committed it."""
     from cdpfs.mount.control import cdpfs_mounts
 
     from .locate import Target, locate
@@ -261,7 +263,7 @@ def sync_cmd(paths: tuple[Path, ...]) -> None:
     for target in targets:
         if target.mount is None:
             raise CdpfsError(f"{shown(target.store)}: not mounted (nothing to sync)")
-        target.settle()
+        target.settle(strict=True)
         click.echo(f"synced {shown(target.mount)}: everything written to it is committed")
 
 

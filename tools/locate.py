@@ -22,6 +22,7 @@ from pathlib import Path
 from cdpfs import system
 from cdpfs.errors import CdpfsError
 from cdpfs.mount.control import Mount, cdpfs_mounts, live_mount_of
+from cdpfs.names import shown
 from cdpfs.store.lmdb import Store, is_store
 
 MAX_LINKS = 40  # symbolic links followed in one path, as the kernel allows
@@ -42,18 +43,24 @@ class Target:
         self.settle()
         return Store(self.store)
 
-    def settle(self) -> None:
+    def settle(self, strict: bool = False) -> None:
         """Make the live mount commit everything written to it: what the kernel still
-        caches is written in (syncfs), then the mount commits (an fsync of its root
-        commits all it has received)."""
+        caches is written in (``system.write_back``), then the mount commits (an
+        fsync of its root commits all it has received). ``strict``: CdpfsError if
+        the kernel could not write some of it (else the programs that wrote it are
+        the ones told)."""
         if self.mount is None:
             return
         fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            system.syncfs(fd)
+            error = system.write_back(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
+        if error is not None and strict:
+            raise CdpfsError(f"{shown(self.mount)}: some data cached for it could not be "
+                             f"written in: {error.strerror} (the programs that wrote it get "
+                             "the error too); everything else is committed")
 
     @property
     def live_path(self) -> Path:
