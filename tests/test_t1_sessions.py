@@ -1028,6 +1028,7 @@ class _Silent:
     def __init__(self, links: MemoryLinks) -> None:
         self.links = links
         self.alive = False
+        self.delay = 0.0
         self.dead: list[trio.abc.Stream] = []
 
     def connector(self, store: Store, state: ReplicaState) -> Connect:
@@ -1035,17 +1036,40 @@ class _Silent:
 
         async def connect() -> trio.abc.Stream:
             if self.alive:
-                return await real()
+                stream = await real()
+                return _Late(stream, self.delay) if self.delay else stream
             ours, theirs = trio.testing.memory_stream_pair()
             self.dead.append(theirs)  # nobody reads it
             return ours
 
         return connect
 
-    async def revive(self) -> None:
-        self.alive = True
+    async def revive(self, delay: float = 0.0) -> None:
+        """Answer again (each answer ``delay`` seconds late, as over a long link)."""
+        self.alive, self.delay = True, delay
         for stream in self.dead:
             await trio.aclose_forcefully(stream)
+
+
+class _Late(trio.abc.Stream):
+    """A link whose answers arrive ``delay`` seconds after they were sent."""
+
+    def __init__(self, inner: trio.abc.Stream, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        await trio.sleep(self.delay)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def _fsync_took(vol: Volume, fh: int, off: int) -> float:
@@ -1100,6 +1124,40 @@ async def test_a_degraded_sync_replica_is_waited_for_again_once_caught_up(
                 assert vol.fanout.degraded == set()
                 assert vol.counters.records_shipped == receiver.counters.records_applied == top
 
+
+
+async def test_a_degraded_sync_replica_gets_back_in_while_fsyncs_go_on_back_to_back(
+        tmp_path: Path) -> None:
+    """Writes that go on, over a long link: each fsync returns without the
+    degraded replica, which is always a round trip behind the newest one; it must
+    still get back in sync, with every fsync that returned."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    _register(primary, mode="sync", sync_timeout=0.5)
+    with trio.fail_after(30):
+        async with _linked(replica) as (links, receiver):
+            silent = _Silent(links)
+            await silent.revive(delay=0.01)
+            async with served(primary, connector=silent.connector) as vol:
+                assert vol.fanout is not None and vol.store is not None
+                fh, _ = await vol.call(vol.fs.create, 1, b"f", 0o644, os.O_RDWR, 0, 0)
+                await _fsync_took(vol, fh, 0)
+                assert vol.fanout.in_sync() == [NAME]
+                silent.alive = False  # the link drops; the replica no longer answers
+                await links.cut()
+                await _fsync_took(vol, fh, 4096)
+                assert vol.fanout.degraded == {NAME}
+                await silent.revive(delay=0.01)  # back, each answer after the next fsync
+                off, until = 8192, trio.current_time() + 10
+                while vol.fanout.degraded and trio.current_time() < until:
+                    await _fsync_took(vol, fh, off % (1 << 20))
+                    off += 4096
+                    await trio.sleep(0.01)  # a steady stream the replica keeps up with
+                assert vol.fanout.degraded == set(), "never taken back while writes went on"
+                assert vol.fanout.in_sync() == [NAME]
+                with vol.store.txn() as txn:  # and it has every fsync that returned
+                    top = journal.last(txn, vol.store.db)[0]
+                assert _replica_top(receiver) == top
 
 
 # --- epochs: a primary that lost its role, a replica that follows a new one ------------

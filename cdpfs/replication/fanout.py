@@ -9,13 +9,17 @@ fsync returns only once every sync replica has acknowledged everything committed
 before it). A sync replica that does not answer within ``config.sync_timeout``
 seconds is reported and, by ``config.sync_dead`` ("degrade", the default, or
 "block"), either stops being waited for until it catches up or keeps fsync
-waiting. Whoever commits calls ``committed()``; whoever sees the registry change
-calls ``rediscover()``: nothing here polls.
+waiting. A degraded replica that answers again and is close behind is waited
+for again (a replica always a round trip behind a steady stream of fsyncs would
+otherwise never get back), and is in sync again once it has acknowledged every
+fsync that returned without it. Whoever commits calls ``committed()``; whoever
+sees the registry change calls ``rediscover()``: nothing here polls.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -26,6 +30,11 @@ from ..store.lmdb import Store
 from . import credentials
 from .registry import ReplicaState, load_states
 from .sender import Connect, Sender, tls_connect
+
+# A degraded sync replica is waited for again once it answered within REJOIN_HEARD
+# seconds and has every record older than REJOIN_BEHIND seconds.
+REJOIN_HEARD = 2.0
+REJOIN_BEHIND = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,11 @@ class Fanout:
         self.degraded: set[str] = set()
         self.sync_timeout = 10.0
         self.block_when_dead = False
-        self._synced = 0  # the newest seq an fsync returned for
+        # By degraded replica: the newest seq an fsync returned for without it. It is
+        # back in sync once it has acknowledged that, every fsync since having waited.
+        self._owed: dict[str, int] = {}
+        self._rejoining: set[str] = set()  # degraded ones fsync waits for again
+        self._retry_at: dict[str, float] = {}  # no new try before (one that failed)
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # a running sender's, by name
         # Asked, with the sync replicas fsync will wait for, before one is dropped;
@@ -152,34 +165,69 @@ class Fanout:
         ``upto``: it is known not to answer now (a node that just lost the primary
         role), so waiting ``sync_timeout`` for it first would only stall writes."""
         self.degraded.add(name)
-        self._synced = max(self._synced, upto)
+        self._owed[name] = max(self._owed.get(name, 0), upto)
+
+    def _rejoin(self, sync: list[Sender]) -> None:
+        """Take back degraded sync replicas that have every fsync that returned without
+        them; have fsync wait again for those close behind (connected, heard from
+        lately, less than REJOIN_BEHIND behind), so that one following a steady
+        stream of writes, always a round trip behind the newest fsync, gets back in."""
+        now, wall = trio.current_time(), time.time_ns()
+        for sender in sync:
+            name = sender.state.name
+            if name not in self.degraded:
+                continue
+            owed = self._owed.get(name, 0)
+            if sender.state.acked >= owed:
+                self.degraded.discard(name)
+                self._rejoining.discard(name)
+                self._owed.pop(name, None)
+                self._retry_at.pop(name, None)
+                log.warning("sync replica %s caught up: fsync waits for it again", name)
+            elif (name not in self._rejoining and sender.state.connected
+                  and now - sender.heard_at < REJOIN_HEARD
+                  and wall - sender.state.acked_ts < REJOIN_BEHIND * 1e9
+                  and now >= self._retry_at.get(name, 0.0)):
+                self._rejoining.add(name)
 
     async def synced(self, seq: int) -> None:
         """Return once every sync replica has acknowledged ``seq`` (see the module doc)."""
         sync = [s for s in self.senders.values() if s.state.mode == "sync"]
-        for sender in sync:  # a degraded one that has all earlier fsyncs had is back
-            name = sender.state.name
-            if name in self.degraded and sender.state.acked >= self._synced:
-                self.degraded.discard(name)
-                log.warning("sync replica %s caught up: fsync waits for it again", name)
-        waiting = [s for s in sync if s.state.acked < seq
-                   and (s.state.name not in self.degraded or self.block_when_dead)]
-        if waiting:
+        self._rejoin(sync)
+        waited: set[str] = set()
+        while True:  # again for any taken back while this fsync waited for others
+            waiting = [s for s in sync if s.state.acked < seq and s.state.name not in waited
+                       and (s.state.name not in self.degraded
+                            or s.state.name in self._rejoining or self.block_when_dead)]
+            if not waiting:
+                break
             self.committed()
             deadline = trio.current_time() + self.sync_timeout
             for sender in waiting:
+                name = sender.state.name
+                waited.add(name)
                 with trio.move_on_at(float("inf") if self.block_when_dead else deadline):
                     await sender.wait_acked(seq)
+                if sender.state.acked >= seq:
+                    continue
+                if name in self.degraded:  # rejoining, and did not: fsync stops waiting
+                    self._rejoining.discard(name)
+                    self._retry_at[name] = trio.current_time() + 3 * self.sync_timeout
+                    log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
+                                "still out of sync", name, seq, self.sync_timeout,
+                                sender.state.last_error or "no answer")
+                    continue
+                await self._record_degraded(sender, seq)
                 if sender.state.acked < seq:
-                    await self._record_degraded(sender, seq)
-                if sender.state.acked < seq:
-                    self.degraded.add(sender.state.name)
+                    self.degraded.add(name)
                     log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
                                 "fsync no longer waits for it until it catches up",
-                                sender.state.name, seq, self.sync_timeout,
+                                name, seq, self.sync_timeout,
                                 sender.state.last_error or "no answer")
-        self._synced = max(self._synced, seq)
-
+        for sender in sync:  # this fsync returns without these: they owe it
+            name = sender.state.name
+            if name in self.degraded and sender.state.acked < seq:
+                self._owed[name] = max(self._owed.get(name, 0), seq)
 
     def in_sync(self) -> list[str]:
         """The sync replicas every fsync that returned is on."""
