@@ -1126,6 +1126,30 @@ async def test_a_degraded_sync_replica_is_waited_for_again_once_caught_up(
 
 
 
+async def test_a_degraded_sync_replica_is_back_in_sync_with_no_fsync_after_it(
+        tmp_path: Path) -> None:
+    """Writes stopped while the replica was away: once it has acknowledged every fsync
+    that returned without it, it counts as in sync (HA may promote it) though no
+    fsync comes to notice."""
+    primary, replica = tmp_path / "primary", tmp_path / "replica"
+    _make(primary)
+    _register(primary, mode="sync", sync_timeout=0.5)
+    with trio.fail_after(20):
+        async with _linked(replica) as (links, receiver):
+            silent = _Silent(links)
+            async with served(primary, connector=silent.connector) as vol:
+                assert vol.fanout is not None and vol.store is not None
+                fh, _ = await vol.call(vol.fs.create, 1, b"f", 0o644, os.O_RDWR, 0, 0)
+                await _fsync_took(vol, fh, 0)
+                assert vol.fanout.in_sync() == []
+                await silent.revive()
+                await _eventually("the replica back in sync",
+                                  lambda: vol.fanout.in_sync() == [NAME])
+                with vol.store.txn() as txn:
+                    top = journal.last(txn, vol.store.db)[0]
+                assert _replica_top(receiver) == top
+
+
 async def test_a_degraded_sync_replica_gets_back_in_while_fsyncs_go_on_back_to_back(
         tmp_path: Path) -> None:
     """Writes that go on, over a long link: each fsync returns without the

@@ -177,9 +177,9 @@ def test_bad_clone_requests_are_one_line_and_change_nothing(
     assert not [h for h in holds if b"clone" in h], holds
 
 
-def test_the_base_keeps_the_moment_while_the_clone_exists(base: Volume, clone: Volume) -> None:
-    """After the clone is deleted, the base can prune its moment; while it exists,
-    the clone mounts and reads it whatever the base has pruned since."""
+def _clone_then_keep_nothing(base: Volume, clone: Volume) -> int:
+    """A clone of "version 1" of ``f`` at #M (returned), "version 2" written since,
+    and the base's retention set to keep no past moment."""
     (base.mnt / "f").write_text("version 1")
     base.sync()
     m = base.last_seq()
@@ -188,6 +188,13 @@ def test_the_base_keeps_the_moment_while_the_clone_exists(base: Volume, clone: V
     base.sync()
     cdpfs("retention", base.store, "--keep-all", "0s", "--minutely", "0s",
           "--hourly", "0s", "--daily", "0s")
+    return m
+
+
+def test_the_base_keeps_the_moment_while_the_clone_exists(base: Volume, clone: Volume) -> None:
+    """After the clone is deleted, the base can prune its moment; while it exists,
+    the clone mounts and reads it whatever the base has pruned since."""
+    m = _clone_then_keep_nothing(base, clone)
     cdpfs("prune", base.mnt)
     # (Not through base.mnt/@#M: the base mount would hold the moment while the
     # kernel keeps that directory.)
@@ -208,14 +215,7 @@ def test_a_moved_clone_keeps_its_moment_and_one_removed_by_hand_is_released_by_n
     """A clone moved away keeps the base's moment through prunes and mounts where it
     is; status and verify of the base say no clone is at the path it was made at;
     one removed by hand keeps the moment until clone --delete CLONE --base BASE."""
-    (base.mnt / "f").write_text("version 1")
-    base.sync()
-    m = base.last_seq()
-    cdpfs("clone", base.store, clone.store, "--at", f"#{m}")
-    (base.mnt / "f").write_text("version 2")
-    base.sync()
-    cdpfs("retention", base.store, "--keep-all", "0s", "--minutely", "0s",
-          "--hourly", "0s", "--daily", "0s")
+    m = _clone_then_keep_nothing(base, clone)
     (tmp_path / "elsewhere").mkdir()
     moved = Volume(tmp_path / "elsewhere", "clone")  # same names, another directory
     try:

@@ -69,6 +69,7 @@ class Fanout:
         self._owed: dict[str, int] = {}
         self._rejoining: set[str] = set()  # degraded ones fsync waits for again
         self._retry_at: dict[str, float] = {}  # no new try before (one that failed)
+        self._degraded_now: dict[str, trio.Event] = {}  # set when one is degraded
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # a running sender's, by name
         # Asked, with the sync replicas fsync will wait for, before one is dropped;
@@ -144,16 +145,32 @@ class Fanout:
     async def _ship(self, sender: Sender, scope: trio.CancelScope) -> None:
         name = sender.state.name
         with scope:
-            try:
-                await sender.run(follow=True, attempts=0)
-            except CdpfsError as exc:  # refused, or the journal it needs is gone
-                log.error("replication to %s stopped: %s", name, exc)
-            except Exception as exc:  # never the volume's end: it goes on serving
-                log.error("replication to %s stopped: internal error: %s", name,
-                          root_cause(exc))
-                log.debug("the internal error", exc_info=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._take_back, sender)
+                try:
+                    await sender.run(follow=True, attempts=0)
+                except CdpfsError as exc:  # refused, or the journal it needs is gone
+                    log.error("replication to %s stopped: %s", name, exc)
+                except Exception as exc:  # never the volume's end: it goes on serving
+                    log.error("replication to %s stopped: internal error: %s", name,
+                              root_cause(exc))
+                    log.debug("the internal error", exc_info=True)
+                nursery.cancel_scope.cancel()
         if self._scopes.get(name) is scope:
             del self._scopes[name]
+
+    async def _take_back(self, sender: Sender) -> None:
+        """Put sync replica ``sender`` back in sync as soon as, degraded, it has
+        acknowledged every fsync that returned without it, whether more fsyncs
+        come or not (writes may have stopped)."""
+        name = sender.state.name
+        while True:
+            if name not in self.degraded:
+                await self._degraded_now.setdefault(name, trio.Event()).wait()
+            elif sender.state.acked < self._owed.get(name, 0):
+                await sender.wait_acked(self._owed.get(name, 0))
+            else:
+                self._back(name)
 
     def committed(self) -> None:
         """New records are committed (or bookmarks changed): wake the senders."""
@@ -164,8 +181,23 @@ class Fanout:
         """Let fsync not wait for sync replica ``name`` until it has acknowledged
         ``upto``: it is known not to answer now (a node that just lost the primary
         role), so waiting ``sync_timeout`` for it first would only stall writes."""
+        self._owes(name, upto)
+
+    def _owes(self, name: str, seq: int) -> None:
+        """An fsync of ``seq`` returns without sync replica ``name`` (degraded)."""
         self.degraded.add(name)
-        self._owed[name] = max(self._owed.get(name, 0), upto)
+        self._owed[name] = max(self._owed.get(name, 0), seq)
+        woken = self._degraded_now.pop(name, None)
+        if woken is not None:
+            woken.set()
+
+    def _back(self, name: str) -> None:
+        """Degraded ``name`` has every fsync that returned without it: in sync again."""
+        self.degraded.discard(name)
+        self._rejoining.discard(name)
+        self._owed.pop(name, None)
+        self._retry_at.pop(name, None)
+        log.warning("sync replica %s caught up: fsync waits for it again", name)
 
     def _rejoin(self, sync: list[Sender]) -> None:
         """Take back degraded sync replicas that have every fsync that returned without
@@ -177,13 +209,8 @@ class Fanout:
             name = sender.state.name
             if name not in self.degraded:
                 continue
-            owed = self._owed.get(name, 0)
-            if sender.state.acked >= owed:
-                self.degraded.discard(name)
-                self._rejoining.discard(name)
-                self._owed.pop(name, None)
-                self._retry_at.pop(name, None)
-                log.warning("sync replica %s caught up: fsync waits for it again", name)
+            if sender.state.acked >= self._owed.get(name, 0):
+                self._back(name)
             elif (name not in self._rejoining and sender.state.connected
                   and now - sender.heard_at < REJOIN_HEARD
                   and wall - sender.state.acked_ts < REJOIN_BEHIND * 1e9
@@ -203,6 +230,7 @@ class Fanout:
                 break
             self.committed()
             deadline = trio.current_time() + self.sync_timeout
+            trying = {s.state.name for s in waiting if s.state.name in self.degraded}
             for sender in waiting:
                 name = sender.state.name
                 waited.add(name)
@@ -210,24 +238,24 @@ class Fanout:
                     await sender.wait_acked(seq)
                 if sender.state.acked >= seq:
                     continue
-                if name in self.degraded:  # rejoining, and did not: fsync stops waiting
+                if name in trying and name in self._rejoining:  # fsync stops waiting again
                     self._rejoining.discard(name)
                     self._retry_at[name] = trio.current_time() + 3 * self.sync_timeout
                     log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
                                 "still out of sync", name, seq, self.sync_timeout,
                                 sender.state.last_error or "no answer")
+                if name in self.degraded:  # (or another fsync found it out meanwhile)
                     continue
                 await self._record_degraded(sender, seq)
                 if sender.state.acked < seq:
-                    self.degraded.add(name)
+                    self._owes(name, seq)
                     log.warning("sync replica %s did not acknowledge #%d within %gs (%s): "
                                 "fsync no longer waits for it until it catches up",
                                 name, seq, self.sync_timeout,
                                 sender.state.last_error or "no answer")
         for sender in sync:  # this fsync returns without these: they owe it
-            name = sender.state.name
-            if name in self.degraded and sender.state.acked < seq:
-                self._owed[name] = max(self._owed.get(name, 0), seq)
+            if sender.state.name in self.degraded and sender.state.acked < seq:
+                self._owes(sender.state.name, seq)
 
     def in_sync(self) -> list[str]:
         """The sync replicas every fsync that returned is on."""
@@ -250,7 +278,7 @@ class Fanout:
                     await sender.wait_acked(seq)
                 if sender.state.acked >= seq:
                     return
-            self.degraded.add(name)
+            self._owes(name, seq)
         finally:
             self._leaving.discard(name)
 
