@@ -60,7 +60,7 @@ def boot_clock() -> float:
 
 def try_lock(fd: int, exclusive: bool = True) -> bool:
     """Lock the open file ``fd`` without waiting; False when another process holds it.
-    The lock lasts until ``fd`` is closed."""
+    The lock lasts until ``unlock`` (or until ``fd`` and every copy of it are closed)."""
     if fcntl is None:  # pragma: no cover
         import msvcrt
 
@@ -76,6 +76,19 @@ def try_lock(fd: int, exclusive: bool = True) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def unlock(fd: int) -> None:
+    """Let go of ``try_lock``'s lock on ``fd`` now. Closing ``fd`` is not enough: a
+    child forked meanwhile by another thread holds a copy of it until it execs, and
+    with it the lock."""
+    if fcntl is None:  # pragma: no cover
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # --- processes ---------------------------------------------------------------------------

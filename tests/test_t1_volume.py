@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -131,6 +132,29 @@ async def test_the_writer_lock_is_held_while_serving_and_released_after(
     lock = WriterLock(path)
     lock.acquire("after")
     lock.release()
+
+
+def test_a_released_lock_is_free_though_a_child_forked_meanwhile_lives_on(
+        tmp_path: Path) -> None:
+    """A process forked by another thread while the lock was held (a hook started
+    from a worker thread) keeps a copy of the lock's file until it execs or exits:
+    a lock let go must still be free at once, and so must one only looked at."""
+    path = new_store(tmp_path / "s")
+    lock = WriterLock(path)
+    lock.acquire("demote")
+    pid = os.fork()
+    if pid == 0:  # the child: alive, still holding the copy, for a while
+        time.sleep(3)
+        os._exit(0)
+    try:
+        lock.release()
+        assert holder(path) is None
+        again = WriterLock(path)
+        again.acquire("the next writer")  # StoreLocked "in use by demote" without unlock
+        again.release()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 async def test_a_locked_store_is_refused_naming_the_holder(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ def holder(store: Path) -> Holder | None:
         return None
     try:
         if system.try_lock(fd, exclusive=False):
+            system.unlock(fd)
             return None  # nobody holds it: what is written there is stale
         return _parse(os.read(fd, 200))
     finally:
@@ -75,5 +76,6 @@ class WriterLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            system.unlock(self._fd)
             os.close(self._fd)
             self._fd = None
