@@ -139,6 +139,8 @@ def test_a_replica_is_not_mounted_for_writing_and_a_parted_one_gets_nothing(
     vol, replica, server = served
     (vol.mnt / "f").write_bytes(b"primary's")
     at = wait_replicated(vol, replica)
+    wait_until(lambda: f"acked #{at}," in _replica_status(vol.store), timeout=30,
+               what="the primary to know the replica has it all")  # not only the replica
     # stop the server: the store is free, but a live (read-write) mount is refused
     server.kill()
     wait_until(lambda: holder_pid(replica) is None, what="the replica server to stop")
