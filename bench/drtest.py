@@ -60,8 +60,8 @@ def sample(primary: Store, replica: Path, seconds: float) -> list[tuple[int, flo
     while time.monotonic() < end:
         have = harness.store_seq(replica)
         with primary.txn() as txn:
-            last = journal.last(txn, primary.db)[0]
-            missing = journal.after(txn, primary.db, have) if last > have else None
+            last = journal.last(primary, txn)[0]
+            missing = journal.after(primary, txn, have) if last > have else None
         age = (time.time_ns() - missing[1]) / 1e9 if missing else 0.0
         out.append((max(0, last - have), max(0.0, age)))
         time.sleep(0.05)

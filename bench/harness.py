@@ -117,7 +117,7 @@ def store_seq(store: Path) -> int:
     except StoreError:  # a replica store being created right now: nothing in it yet
         return 0
     with st, st.txn() as txn:
-        return journal.last(txn, st.db)[0]
+        return journal.last(st, txn)[0]
 
 
 def last_seq(vol: Volume) -> int:

@@ -217,7 +217,7 @@ class Watch:
 
     def last(self) -> int:
         with self.store.txn() as txn:
-            return journal.last(txn, self.store.db)[0]
+            return journal.last(self.store, txn)[0]
 
     def state(self) -> ReplicaState:
         for s in load_states(self.store):
@@ -242,7 +242,7 @@ class Watch:
 
 def replica_last(store: Store) -> int:
     with store.txn() as txn:
-        return journal.last(txn, store.db)[0]
+        return journal.last(store, txn)[0]
 
 
 class LagSampler:

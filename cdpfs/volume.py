@@ -194,7 +194,7 @@ class Volume:
         assert self.at is not None
         with store.txn(write=True) as txn:
             seq = resolve(store, txn, self.at, self._now()).seq
-            bookmarks.hold(txn, store.db, "snapshot", seq)
+            bookmarks.hold(store, txn, "snapshot", seq)
         return seq
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
@@ -238,7 +238,7 @@ class Volume:
 
             def release() -> None:
                 with store.txn(write=True) as txn:
-                    bookmarks.release(txn, store.db, "snapshot")
+                    bookmarks.release(store, txn, "snapshot")
 
             await trio.to_thread.run_sync(release)
         if self.receiver is not None:
@@ -251,16 +251,16 @@ class Volume:
     def _hold(self, slot: int, seq: int | None) -> None:
         """Keep a hold on each past point the volume shows (``TimeFS``'s on_slot)."""
         assert self.live is not None and self.store is not None
-        db, name = self.store.db, f"slot{slot}"
+        store, name = self.store, f"slot{slot}"
         if seq is None:
-            self.live.engine.job(lambda txn: bookmarks.release(txn, db, name))
+            self.live.engine.job(lambda txn: bookmarks.release(store, txn, name))
         else:
-            self.live.engine.job(lambda txn: bookmarks.hold(txn, db, name, seq))
+            self.live.engine.job(lambda txn: bookmarks.hold(store, txn, name, seq))
 
     def _drop_holds(self) -> None:
         assert self.live is not None and self.store is not None
-        db = self.store.db
-        self.live.engine.job(lambda txn: bookmarks.release_all(txn, db))
+        store = self.store
+        self.live.engine.job(lambda txn: bookmarks.release_all(store, txn))
 
     # --- background work ---------------------------------------------------------------
 
@@ -313,10 +313,10 @@ class Volume:
     async def _watch(self, store: Store, *on_change: Callable[[], None]) -> None:
         """Wake what depends on other processes' writes when the store changed
         (see WATCH_INTERVAL): the registry, bookmarks, the journal."""
-        seen = store.env.info()["last_txnid"]
+        seen = store.last_txnid()
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            now = store.env.info()["last_txnid"]
+            now = store.last_txnid()
             if now == seen:
                 continue
             seen = now
@@ -417,7 +417,7 @@ class Volume:
         if self.fanout is None or self.store is None:
             return {}
         with self.store.txn() as txn:
-            newest = journal.last(txn, self.store.db)[0]
+            newest = journal.last(self.store, txn)[0]
         self.counters.lag = self.fanout.lag(newest)
         return self.counters.lag
 

@@ -292,8 +292,8 @@ def test_verify_of_a_clone_finds_its_point_no_longer_held(
     hold = bookmarks.clone_hold_name(tmp_path / "clone")
     with Store(path) as st, st.txn(write=True) as txn:
         with pytest.raises(BadMoment):  # a hold is not a bookmark a user deletes
-            bookmarks.delete(txn, st.db, hold)
-        bookmarks.release_clone(txn, st.db, hold)  # as a prune used to
+            bookmarks.delete(st, txn, hold)
+        bookmarks.release_clone(st, txn, hold)  # as a prune used to
     with Store(tmp_path / "clone") as clone:
         [problem] = verify(clone)
     assert f"clone point #{m} is not held by its base" in problem
@@ -305,8 +305,8 @@ from pathlib import Path
 from cdpfs.store import journal
 from cdpfs.store.lmdb import Store
 with Store(Path(sys.argv[1])) as st, st.txn(write=True) as txn:
-    rec = journal.get(txn, st.db, int(sys.argv[2]))
-    journal.append(txn, st.db, rec._replace(ts=rec.ts + 1))
+    rec = journal.get(st, txn, int(sys.argv[2]))
+    journal.apply(st, txn, [rec._replace(ts=rec.ts + 1)])
 """
 
 

@@ -193,7 +193,7 @@ async def _honest_ship(primary: Path, receiver: Receiver) -> None:
         nursery.cancel_scope.cancel()
     assert receiver.store is not None
     with Store(primary) as p, p.txn() as pt, receiver.store.txn() as rt:
-        seq = journal.last(pt, p.db)[0]
+        seq = journal.last(p, pt)[0]
         assert sender.state.acked == seq
         assert tree_hash(p, pt, seq) == tree_hash(receiver.store, rt, seq)
     assert verify(receiver.store) == []
@@ -361,7 +361,7 @@ async def test_a_bad_welcome_never_stops_a_live_volume(
     path = tmp_path / "vol"
     shutil.copytree(src, path)
     with Store(path) as store, store.txn(write=True) as txn:
-        registry.put(txn, store.db, ReplicaState(NAME, "memory:r1", mode="async"))
+        registry.put(store, txn, ReplicaState(NAME, "memory:r1", mode="async"))
     tried = trio.Event()
     attempts = 0
 

@@ -220,12 +220,12 @@ def store(history: History, tmp_path: Path) -> Iterator[Store]:
 def stamps(store: Store) -> list[tuple[int, int]]:
     """(seq, ts) of every journal record, in order."""
     with store.txn() as txn:
-        return [(r.seq, r.ts) for r in journal.records(txn, store.db)]
+        return [(r.seq, r.ts) for r in journal.records(store, txn)]
 
 
 def marked(store: Store) -> set[int]:
     with store.txn() as txn:
-        return {b.seq for b in bookmarks.all_points(txn, store.db)}
+        return {b.seq for b in bookmarks.all_points(store, txn)}
 
 
 def expected_kept(recs: list[tuple[int, int]], policy: Policy, now: int,
@@ -405,8 +405,8 @@ def test_bookmarks_and_the_newest_record_outlive_every_period(
     mid = next(s for s, ts in recs if history.now - ts < 20 * HOUR and s not in kept)
     assert history.now - dict(recs)[mid] > POLICY.minutely * S
     with store.txn(write=True) as txn:
-        bookmarks.put(txn, store.db, "early", old)
-        bookmarks.put(txn, store.db, "middle", mid)
+        bookmarks.put(store, txn, "early", old)
+        bookmarks.put(store, txn, "middle", mid)
     shown = trees(store, {old, mid, recs[-1][0]})
     # a year later nothing is young enough for any period: only the marks and the newest
     later = history.now + 365 * DAY
@@ -457,13 +457,13 @@ def test_holds_of_a_dead_process_go_and_holds_of_this_one_stay(
     dead_name = f".hold.{DEAD_PID}.x"
     with store.txn(write=True) as txn:
         txn.put(dead_name.encode(), U64.pack(dead_seq) + U64.pack(0), db=store.db["bookmarks"])
-        mine = bookmarks.hold(txn, store.db, "test", mine_seq)
+        mine = bookmarks.hold(store, txn, "test", mine_seq)
     assert mine.name.startswith(f".hold.{os.getpid()}.")
     mine_tree = trees(store, {mine_seq})
     result = prune(store, now_ns=history.now)
     assert result.holds == 1
     with store.txn() as txn:
-        names = {b.name for b in bookmarks.all_points(txn, store.db)}
+        names = {b.name for b in bookmarks.all_points(store, txn)}
     assert dead_name not in names
     assert mine.name in names
     assert trees(store, {mine_seq}) == mine_tree
@@ -479,7 +479,7 @@ def test_holds_of_a_dead_process_go_and_holds_of_this_one_stay(
 def referenced_by(store: Store, after: int) -> Refs:
     refs = Refs()
     with store.txn() as txn:
-        refs.add_records(journal.records(txn, store.db, after + 1))
+        refs.add_records(journal.records(store, txn, after + 1))
     return refs
 
 
@@ -500,7 +500,7 @@ def raw_journal(store: Store, after: int) -> dict[int, bytes]:
 
 def register(store: Store, name: str, acked: int, max_lag: int | None = None) -> None:
     with store.txn(write=True) as txn:
-        registry.put(txn, store.db, ReplicaState(name, "h:1", acked=acked))
+        registry.put(store, txn, ReplicaState(name, "h:1", acked=acked))
         if max_lag is not None:
             store.set_config(txn, "replica_max_lag", max_lag)
 

@@ -178,14 +178,14 @@ def test_mount_refuses_a_directory_with_files_in_it(tmp_path: Path) -> None:
 # --- the registry of a live volume -----------------------------------------------------------
 
 
-async def _registry_write(vol: Volume, change: Callable[[Any, dict[str, Any]], object]) -> None:
+async def _registry_write(vol: Volume, change: Callable[[Store, Any], object]) -> None:
     """A change to the replicas table, as 'cdpfs replica add/remove' makes it."""
     store = vol.store
     assert store is not None
 
     def write() -> None:
         with store.txn(write=True) as txn:
-            change(txn, store.db)
+            change(store, txn)
 
     await trio.to_thread.run_sync(write)
 
@@ -194,7 +194,7 @@ def _replica_seq(receiver: Receiver) -> int:
     if receiver.store is None:
         return 0
     with receiver.store.txn() as txn:
-        return int(journal.last(txn, receiver.store.db)[0])
+        return int(journal.last(receiver.store, txn)[0])
 
 
 async def _until(what: str, cond: Callable[[], bool], seconds: float = 10) -> None:
@@ -218,7 +218,7 @@ async def test_a_new_address_takes_effect_on_a_live_volume(tmp_path: Path) -> No
     it, and never writes the old address back."""
     path = _store(tmp_path)
     with Store(path) as store, store.txn(write=True) as txn:
-        registry.put(txn, store.db, ReplicaState("r1", "addr-a"))
+        registry.put(store, txn, ReplicaState("r1", "addr-a"))
     old, new = Receiver(tmp_path / "ra"), Receiver(tmp_path / "rb")
     try:
         async with trio.open_nursery() as nursery:
@@ -229,11 +229,11 @@ async def test_a_new_address_takes_effect_on_a_live_volume(tmp_path: Path) -> No
                 first = await _write_file(vol, b"f1", b"one")
                 await _until("the first replica", lambda: _replica_seq(old) >= first)
 
-                def readdress(txn: Any, dbs: dict[str, Any]) -> None:
-                    state = registry.get(txn, dbs, "r1")
+                def readdress(store: Store, txn: Any) -> None:
+                    state = registry.get(store, txn, "r1")
                     assert state is not None
                     state.address = "addr-b"
-                    registry.put(txn, dbs, state)
+                    registry.put(store, txn, state)
 
                 await _registry_write(vol, readdress)
                 assert vol.fanout is not None
@@ -245,7 +245,7 @@ async def test_a_new_address_takes_effect_on_a_live_volume(tmp_path: Path) -> No
                 await trio.sleep(0.5)  # senders save their progress meanwhile
                 assert vol.store is not None
                 with vol.store.txn() as txn:
-                    state = registry.get(txn, vol.store.db, "r1")
+                    state = registry.get(vol.store, txn, "r1")
                 assert state is not None and state.address == "addr-b"
                 assert _replica_seq(old) < second  # the old address got nothing new
             nursery.cancel_scope.cancel()
@@ -257,7 +257,7 @@ async def test_a_new_address_takes_effect_on_a_live_volume(tmp_path: Path) -> No
 async def test_a_removed_replica_is_no_longer_shipped_to_nor_held(tmp_path: Path) -> None:
     path = _store(tmp_path)
     with Store(path) as store, store.txn(write=True) as txn:
-        registry.put(txn, store.db, ReplicaState("r1", "addr-a"))
+        registry.put(store, txn, ReplicaState("r1", "addr-a"))
     receiver = Receiver(tmp_path / "ra")
     try:
         async with trio.open_nursery() as nursery:
@@ -267,7 +267,7 @@ async def test_a_removed_replica_is_no_longer_shipped_to_nor_held(tmp_path: Path
                 assert vol.fanout is not None and vol.store is not None
                 first = await _write_file(vol, b"f1", b"one")
                 await _until("the replica", lambda: _replica_seq(receiver) >= first)
-                await _registry_write(vol, lambda txn, dbs: registry.delete(txn, dbs, "r1"))
+                await _registry_write(vol, lambda store, txn: registry.delete(store, txn, "r1"))
                 fanout = vol.fanout
                 await _until("the sender to stop", lambda: "r1" not in fanout.senders, 2)
 
@@ -275,7 +275,7 @@ async def test_a_removed_replica_is_no_longer_shipped_to_nor_held(tmp_path: Path
                 await trio.sleep(0.5)
                 assert _replica_seq(receiver) < second
                 with vol.store.txn() as txn:
-                    assert registry.get(txn, vol.store.db, "r1") is None  # not written back
+                    assert registry.get(vol.store, txn, "r1") is None  # not written back
                     assert registry.needed_after(vol.store, txn) is None  # no journal held
             nursery.cancel_scope.cancel()
     finally:
@@ -308,7 +308,7 @@ async def test_a_listing_holds_no_point_the_kernel_did_not_take(tmp_path: Path) 
         await vol.call(fs.forget, [(ino, 1) for ino in taken])
         await vol.fsyncdir()
         with vol.store.txn() as txn:
-            holds = [b.name for b in bookmarks.all_points(txn, vol.store.db) if b.is_hold]
+            holds = [b.name for b in bookmarks.all_points(vol.store, txn) if b.is_hold]
         assert holds == []
         # one the kernel did take stays held until it forgets it
         fh = await vol.call(fs.opendir, ROOT)
@@ -318,5 +318,5 @@ async def test_a_listing_holds_no_point_the_kernel_did_not_take(tmp_path: Path) 
         await vol.call(fs.releasedir, fh)
         await vol.fsyncdir()
         with vol.store.txn() as txn:
-            assert [b for b in bookmarks.all_points(txn, vol.store.db) if b.is_hold]
+            assert [b for b in bookmarks.all_points(vol.store, txn) if b.is_hold]
         await vol.call(fs.forget, [(point, 1)])

@@ -128,7 +128,7 @@ def _summary_of(store: Store) -> Summary:
     with store.txn() as txn:
         seqs = [U64.unpack(k)[0] for k in txn.cursor(db=store.db["journal"]).iternext(
             values=False)]
-        top = journal.last(txn, store.db)[0]
+        top = journal.last(store, txn)[0]
         blocks = set(txn.cursor(db=store.db["blocks"]).iternext(values=False))
         return Summary(store.uuid, store.block_size, seqs, top, tree_hash(store, txn, top),
                        {bytes(b) for b in blocks})
@@ -200,12 +200,12 @@ async def _eventually(what: str, check: Callable[[], bool], timeout: float = 5.0
 
 def _user_marks(store: Store) -> dict[str, tuple[int, int]]:
     with store.txn() as txn:
-        return {b.name: (b.seq, b.created_ns) for b in bookmarks.bookmarks(txn, store.db)}
+        return {b.name: (b.seq, b.created_ns) for b in bookmarks.bookmarks(store, txn)}
 
 
 def _register(primary: Path, mode: str = "sync", **config: Any) -> None:
     with Store(primary) as store, store.txn(write=True) as txn:
-        registry.put(txn, store.db, ReplicaState(NAME, ADDRESS, mode=mode))
+        registry.put(store, txn, ReplicaState(NAME, ADDRESS, mode=mode))
         for key, value in config.items():
             store.set_config(txn, key, value)
 
@@ -213,7 +213,7 @@ def _register(primary: Path, mode: str = "sync", **config: Any) -> None:
 def _replica_top(receiver: Receiver) -> int:
     assert receiver.store is not None
     with receiver.store.txn() as txn:
-        return journal.last(txn, receiver.store.db)[0]
+        return journal.last(receiver.store, txn)[0]
 
 
 # --- first and later ships ---------------------------------------------------------------
@@ -243,7 +243,7 @@ async def test_first_ship_creates_the_replica_with_the_primarys_identity(
     assert applied == top and sender.state.acked == top and sender.state.records_sent == top
     # A one-off ship registers the replica as manual (a mount does not ship to it).
     with Store(primary) as store, store.txn() as txn:
-        state = registry.get(txn, store.db, NAME)
+        state = registry.get(store, txn, NAME)
     assert state is not None and (state.mode, state.acked, state.connected) == ("manual", top,
                                                                               False)
 
@@ -322,7 +322,7 @@ async def test_a_replica_of_another_volume_refuses(tmp_path: Path) -> None:
     assert _summary(replica).uuid == _summary(a).uuid
     # b never heard from it: nothing registered there.
     with Store(b) as store, store.txn() as txn:
-        assert registry.get(txn, store.db, NAME) is None
+        assert registry.get(store, txn, NAME) is None
 
 
 @pytest.mark.parametrize("ahead", ["replica", "primary"])
@@ -348,7 +348,7 @@ async def test_a_replica_whose_history_parted_is_refused(tmp_path: Path, ahead: 
             assert receiver.counters.records_applied == 0
     assert _tables(replica) == before  # its own records stay
     with Store(primary) as store, store.txn() as txn:
-        state = registry.get(txn, store.db, NAME)
+        state = registry.get(store, txn, NAME)
     assert state is not None and "parted" in state.last_error and not state.connected
     assert state.acked == shipped
 
@@ -382,9 +382,9 @@ async def test_bookmarks_follow_and_holds_stay_local(tmp_path: Path) -> None:
     _make(primary)
     seqs = [await _write(primary, {b"f": b"version %d " % i * 500}) for i in range(4)]
     with Store(primary) as store, store.txn(write=True) as txn:
-        made = {name: bookmarks.put(txn, store.db, name, seq)
+        made = {name: bookmarks.put(store, txn, name, seq)
                 for name, seq in (("alpha", seqs[0]), ("beta", seqs[2]), ("gamma", seqs[3]))}
-        bookmarks.hold(txn, store.db, "primary-view", seqs[1])  # a hold: not shipped
+        bookmarks.hold(store, txn, "primary-view", seqs[1])  # a hold: not shipped
     want = {name: (m.seq, m.created_ns) for name, m in made.items()}
     with trio.fail_after(20):
         async with _linked(replica) as (links, receiver):
@@ -393,11 +393,11 @@ async def test_bookmarks_follow_and_holds_stay_local(tmp_path: Path) -> None:
             assert store is not None
             await _eventually("the bookmarks", lambda: _user_marks(store) == want)
             with store.txn(write=True) as txn:  # the replica's own hold
-                bookmarks.hold(txn, store.db, "replica-view", seqs[1])
+                bookmarks.hold(store, txn, "replica-view", seqs[1])
     with Store(primary) as store, store.txn(write=True) as txn:
-        bookmarks.delete(txn, store.db, "alpha")
-        moved = bookmarks.put(txn, store.db, "beta", seqs[1], replace=True)
-        added = bookmarks.put(txn, store.db, "delta", seqs[0])
+        bookmarks.delete(store, txn, "alpha")
+        moved = bookmarks.put(store, txn, "beta", seqs[1], replace=True)
+        added = bookmarks.put(store, txn, "delta", seqs[0])
     want = {"beta": (moved.seq, moved.created_ns), "gamma": want["gamma"],
             "delta": (added.seq, added.created_ns)}
     with trio.fail_after(20):
@@ -407,7 +407,7 @@ async def test_bookmarks_follow_and_holds_stay_local(tmp_path: Path) -> None:
             assert store is not None
             await _eventually("the bookmarks again", lambda: _user_marks(store) == want)
     with Store(replica) as store, store.txn() as txn:
-        holds = [m.name for m in bookmarks.all_points(txn, store.db) if m.is_hold]
+        holds = [m.name for m in bookmarks.all_points(store, txn) if m.is_hold]
         assert holds == [bookmarks.hold_name("replica-view")]
         assert tree_hash(store, txn, want["beta"][0]) == _tree_at(primary, want["beta"][0])
 
@@ -645,7 +645,7 @@ async def test_a_replica_that_welcomes_then_fails_is_not_retried_at_once(
 
 def _saved(store: Store) -> ReplicaState:
     with store.txn() as txn:
-        state = registry.get(txn, store.db, NAME)
+        state = registry.get(store, txn, NAME)
     assert state is not None
     return state
 
@@ -693,7 +693,7 @@ async def _mute_replica(stream: trio.abc.Stream, store: Store, got: list[int],
     conn = wire.Connection(stream)
     _, hello = await conn.recv(wire.HELLO)
     with store.txn() as txn:
-        top = journal.last(txn, store.db)[0]
+        top = journal.last(store, txn)[0]
         check = record_check(txn, store, top)
     await conn.send(wire.WELCOME, {"acked": top, "uuid": hello["uuid"], "check": check})
     for kind, body in say:
@@ -867,7 +867,7 @@ async def _thinned(primary: Path, clock: FakeClock, mark_at: int) -> tuple[list[
     for i in range(6):
         await _write(primary, {b"f%d" % (i % 3): os.urandom(40_000)}, clock=clock)
     with Store(primary) as store, store.txn(write=True) as txn:
-        bookmarks.put(txn, store.db, "early", mark_at)
+        bookmarks.put(store, txn, "early", mark_at)
     clock.advance(7200)
     _thin(primary, clock())
     seqs = _summary(primary).seqs
@@ -970,9 +970,9 @@ async def test_a_replica_let_go_gets_a_full_resync_of_what_differs(
     clock.advance(7200)
     _thin(primary, clock(), replica_max_lag=1)
     with Store(primary) as store, store.txn() as txn:
-        assert journal.get(txn, store.db, shipped + 1) is None
-        top = journal.last(txn, store.db)[0]
-        sent_before = registry.get(txn, store.db, NAME).bytes_sent  # type: ignore[union-attr]
+        assert journal.get(store, txn, shipped + 1) is None
+        top = journal.last(store, txn)[0]
+        sent_before = registry.get(store, txn, NAME).bytes_sent  # type: ignore[union-attr]
     caplog.set_level(logging.INFO, "cdpfs.replication")
     with trio.fail_after(20):
         async with _linked(replica) as (links, _):
@@ -1012,7 +1012,7 @@ async def test_fsync_returns_once_the_sync_replica_holds_the_record(tmp_path: Pa
                 await vol.write(fh, i * CHUNK, os.urandom(CHUNK))
                 await vol.fsync(fh)
                 with vol.store.txn() as txn:
-                    top = journal.last(txn, vol.store.db)[0]
+                    top = journal.last(vol.store, txn)[0]
                 assert receiver.store is not None
                 assert _replica_top(receiver) == top, i  # already there on return
             assert vol.fanout.degraded == set()
@@ -1116,12 +1116,12 @@ async def test_a_degraded_sync_replica_is_waited_for_again_once_caught_up(
                 await silent.revive()  # the replica answers again: the sender reconnects
                 sender = vol.fanout.senders[NAME]
                 with vol.store.txn() as txn:
-                    top = journal.last(txn, vol.store.db)[0]
+                    top = journal.last(vol.store, txn)[0]
                 await _eventually("the replica to catch up", lambda: sender.state.acked >= top)
                 for i in range(3):  # caught up: each fsync waits for it again
                     await _fsync_took(vol, fh, (i + 1) * 4096)
                     with vol.store.txn() as txn:
-                        top = journal.last(txn, vol.store.db)[0]
+                        top = journal.last(vol.store, txn)[0]
                     assert _replica_top(receiver) == top, i
                 assert vol.fanout.degraded == set()
                 assert vol.counters.records_shipped == receiver.counters.records_applied == top
@@ -1182,7 +1182,7 @@ async def test_a_degraded_sync_replica_gets_back_in_while_fsyncs_go_on_back_to_b
                 assert vol.fanout.degraded == set(), "never taken back while writes went on"
                 assert vol.fanout.in_sync() == [NAME]
                 with vol.store.txn() as txn:  # and it has every fsync that returned
-                    top = journal.last(txn, vol.store.db)[0]
+                    top = journal.last(vol.store, txn)[0]
                 assert _replica_top(receiver) == top
 
 
@@ -1224,7 +1224,7 @@ def test_an_epoch_starts_at_the_next_record_and_only_ever_grows(tmp_path: Path) 
     _make(path)
     trio.run(_write, path, {b"f": b"x" * 1000})
     with Store(path) as store, store.txn(write=True) as txn:
-        top = journal.last(txn, store.db)[0]
+        top = journal.last(store, txn)[0]
         assert epochs.lineage(store, txn) == [(0, 1)] and epochs.seen(store, txn) == 0
         assert epochs.begin(store, txn, 3) == [(0, 1), (3, top + 1)]
         for stale in (3, 2):
@@ -1364,9 +1364,9 @@ async def test_failback_keeps_what_the_old_primary_wrote_and_resumes_at_the_fork
     assert kept.name.startswith("a.diverged-0-")
     assert _tree_at(kept, own) == own_tree  # nothing a wrote is lost
     with Store(kept) as store, store.txn() as txn:
-        assert bookmarks.get(txn, store.db, "diverged").seq == own
+        assert bookmarks.get(store, txn, "diverged").seq == own
     with Store(a) as store, store.txn() as txn:
-        assert bookmarks.get(txn, store.db, "diverged") is None
+        assert bookmarks.get(store, txn, "diverged") is None
         assert epochs.lineage(store, txn) == [(0, 1), (1, shipped + 1)]
 
 
@@ -1420,7 +1420,7 @@ async def test_failback_is_refused_while_a_diverged_point_is_in_use(
         words = f"clone {tmp_path / 'clone'} of #{own} (in use by cdpfs mount"
     else:
         with Store(a) as store, store.txn(write=True) as txn:
-            bookmarks.hold(txn, store.db, "snapshot", own)  # this process: alive
+            bookmarks.hold(store, txn, "snapshot", own)  # this process: alive
         words = f"a process (pid {os.getpid()}) showing #{own}"
     _as_replica(a)
     before = _tables(a)
@@ -1435,7 +1435,7 @@ async def test_failback_is_refused_while_a_diverged_point_is_in_use(
         lock.release()
     else:
         with Store(a) as store, store.txn(write=True) as txn:
-            bookmarks.release_all(txn, store.db)
+            bookmarks.release_all(store, txn)
     with trio.fail_after(20):
         async with _linked(a, failback=True) as (links, receiver):
             await _ship(r, links.connect(NAME))
@@ -1457,7 +1457,7 @@ async def test_a_full_resync_keeps_the_replicas_history_clones_and_tested_points
         async with _linked(replica) as (links, _):
             await _ship(primary, links.connect(NAME))
     with Store(replica) as store, store.txn(write=True) as txn:
-        bookmarks.put(txn, store.db, "tested-20261207T000000Z", point)
+        bookmarks.put(store, txn, "tested-20261207T000000Z", point)
     clones.make(replica, tmp_path / "clone", f"#{point}")
     then = _tree_at(replica, point)
     early = _tree_at(replica, 2)
@@ -1466,8 +1466,8 @@ async def test_a_full_resync_keeps_the_replicas_history_clones_and_tested_points
     clock.advance(7200)
     _thin(primary, clock(), replica_max_lag=1)
     with Store(primary) as store, store.txn() as txn:
-        assert journal.get(txn, store.db, point) is None  # the primary no longer has it
-        top = journal.last(txn, store.db)[0]
+        assert journal.get(store, txn, point) is None  # the primary no longer has it
+        top = journal.last(store, txn)[0]
     with trio.fail_after(20):
         async with _linked(replica) as (links, _):
             sender = await _ship(primary, links.connect(NAME))

@@ -219,11 +219,11 @@ async def holds_now(vol: Volume) -> dict[str, int]:
     if vol.live is not None:
         await vol.fsyncdir()
         engine = vol.live.engine
-        marks = await vol.call(lambda: bookmarks.all_points(engine.reader(), store.db))
+        marks = await vol.call(lambda: bookmarks.all_points(store, engine.reader()))
     else:
         engine = vol.engine
         assert engine is not None
-        marks = await vol.call(lambda: bookmarks.all_points(engine.txn, store.db))
+        marks = await vol.call(lambda: bookmarks.all_points(store, engine.txn))
     return {m.name: m.seq for m in marks if m.is_hold}
 
 
@@ -236,7 +236,7 @@ async def committed_holds(vol: Volume) -> dict[str, int]:
 
     def read() -> dict[str, int]:
         with store.txn() as txn:
-            return {m.name: m.seq for m in bookmarks.all_points(txn, store.db) if m.is_hold}
+            return {m.name: m.seq for m in bookmarks.all_points(store, txn) if m.is_hold}
 
     return await trio.to_thread.run_sync(read)
 
@@ -244,7 +244,7 @@ async def committed_holds(vol: Volume) -> dict[str, int]:
 def stored_holds(path: Path) -> dict[str, int]:
     """Holds in a store nobody serves."""
     with Store(path) as store, store.txn() as txn:
-        return {m.name: m.seq for m in bookmarks.all_points(txn, store.db) if m.is_hold}
+        return {m.name: m.seq for m in bookmarks.all_points(store, txn) if m.is_hold}
 
 
 async def bookmark(vol: Volume, name: str, seq: int | None) -> None:
@@ -253,9 +253,9 @@ async def bookmark(vol: Volume, name: str, seq: int | None) -> None:
     live, store = vol.live, vol.store
     assert live is not None and store is not None
     if seq is None:
-        await live.engine.in_writer(lambda txn: bookmarks.delete(txn, store.db, name))
+        await live.engine.in_writer(lambda txn: bookmarks.delete(store, txn, name))
     else:
-        await live.engine.in_writer(lambda txn: bookmarks.put(txn, store.db, name, seq))
+        await live.engine.in_writer(lambda txn: bookmarks.put(store, txn, name, seq))
 
 
 async def refused(vol: Volume, error: type[Exception], fn: Callable[..., Any],

@@ -69,7 +69,7 @@ def test_resolve_against_a_store(tmp_path: Path) -> None:
             m.seal()
             pending.write(store, txn, changes.current)
             txn.put(b"mark", U64.pack(2), db=store.db["bookmarks"])
-            last, ts = journal.last(txn, store.db)
+            last, ts = journal.last(store, txn)
         with store.env.begin() as txn:
             assert resolve(store, txn, "@#2").seq == 2
             assert resolve(store, txn, "@mark").seq == 2

@@ -83,7 +83,7 @@ async def committed_seq(vol: Volume) -> int:
 
 def holds(path: Path) -> dict[str, int]:
     return with_store(path, lambda s, txn: {b.name: b.seq for b in bookmarks.all_points(
-        txn, s.db) if b.is_hold})
+        s, txn) if b.is_hold})
 
 
 # --- starting and stopping ----------------------------------------------------------------------
@@ -199,7 +199,7 @@ async def test_a_replica_store_is_refused_for_live_and_served_for_follow(
             assert vol.fs is not None
             with pytest.raises(ReadOnly):
                 await create(vol, b"g")
-    assert with_store(path, lambda s, txn: journal.last(txn, s.db)[0]) == last  # none written
+    assert with_store(path, lambda s, txn: journal.last(s, txn)[0]) == last  # none written
 
 
 async def test_recovery_frees_an_inode_a_crash_left_unlinked_but_open(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ async def test_recovery_frees_an_inode_a_crash_left_unlinked_but_open(tmp_path: 
         live(live.fs.unlink, 1, b"f")  # open: listed in orphans, not freed
         live.sync()
         # closed without releasing fh: what a crash leaves
-    gone_at = with_store(path, lambda s, txn: journal.last(txn, s.db)[0])
+    gone_at = with_store(path, lambda s, txn: journal.last(s, txn)[0])
 
     def mark_g(store: Store, txn: Any) -> None:  # an orphans entry for a linked inode
         txn.put(U64.pack(gino), b"", db=store.db["orphans"])
@@ -242,7 +242,7 @@ async def test_recovery_frees_an_inode_a_crash_left_unlinked_but_open(tmp_path: 
     assert orphans == set()
     assert node is None and newest == b""  # the inode's newest version is empty: freed
     assert gnode is not None and gnode.nlink == 1  # a linked inode is only taken off the list
-    rec = with_store(path, lambda s, txn: journal.get(txn, s.db, gone_at + 1))
+    rec = with_store(path, lambda s, txn: journal.get(s, txn, gone_at + 1))
     assert rec is not None and (rec.op, rec.ino) == ("free", ino)
     past = with_store(path, lambda s, txn: View(s, txn, gone_at).inode(ino))
     assert past is not None and past.nlink == 0  # history still has it
@@ -276,7 +276,7 @@ async def test_a_snapshot_holds_its_point_and_shows_it(tmp_path: Path) -> None:
             store = snap.store
             assert store is not None
             with store.txn() as txn:
-                mark = bookmarks.get(txn, store.db, hold)
+                mark = bookmarks.get(store, txn, hold)
             assert mark is not None and mark.seq == seqs[0]
             assert await read_path(snap, b"f") == versions[0]
             with pytest.raises(ReadOnly):
@@ -311,7 +311,7 @@ async def test_a_bad_moment_fails_the_start_and_holds_nothing(tmp_path: Path, at
         async with trio.open_nursery() as nursery:
             with pytest.raises(BadMoment):
                 await nursery.start(Volume(path, Mode.SNAPSHOT, at=at).run)
-    assert with_store(path, lambda s, txn: bookmarks.all_points(txn, s.db)) == []
+    assert with_store(path, lambda s, txn: bookmarks.all_points(s, txn)) == []
     assert holder(path) is None
 
 

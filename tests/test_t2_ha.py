@@ -132,7 +132,7 @@ def _journal(node: Node) -> tuple[int, list[tuple[int, int]]]:
     vol = node.volume
     assert vol is not None and vol.store is not None
     with vol.store.txn() as txn:
-        return journal.last(txn, vol.store.db)[0], epochs.lineage(vol.store, txn)
+        return journal.last(vol.store, txn)[0], epochs.lineage(vol.store, txn)
 
 
 async def test_a_replica_takes_over_within_the_ttl_when_the_primary_dies(

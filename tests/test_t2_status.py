@@ -23,7 +23,7 @@ S = 1_000_000_000
 def _line(store: Path, **saved: object) -> str:
     """The replica line of ``cdpfs status`` once replica r1 is saved as ``saved``."""
     with Store(store) as st, st.txn(write=True) as txn:
-        registry.put(txn, st.db, ReplicaState("r1", "10.0.0.2:7400", **saved))  # type: ignore[arg-type]
+        registry.put(st, txn, ReplicaState("r1", "10.0.0.2:7400", **saved))  # type: ignore[arg-type]
     out = cdpfs("status", store).stdout
     return next(line for line in out.splitlines() if line.startswith("replica"))
 

@@ -396,7 +396,7 @@ class Moment:
 def record(mnt: Path, store: Store, model: Model) -> Moment:
     settle(mnt)
     with store.txn() as txn:
-        seq, _ = journal.last(txn, store.db)
+        seq, _ = journal.last(store, txn)
     time.sleep(0.02)
     t_ns = time.time_ns()
     time.sleep(0.02)

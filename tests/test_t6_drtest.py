@@ -254,7 +254,7 @@ def _scenario(path: Path, test: str, stop: str = "true", timeout: float = 600) -
 
 def _holds_naming(store: Path, path: Path) -> list[str]:
     with Store(store, readonly=True) as st, st.txn() as txn:
-        return [b.name for b in all_points(txn, st.db) if str(path) in b.name]
+        return [b.name for b in all_points(st, txn) if str(path) in b.name]
 
 
 def _drtest_clones(tmp_path: Path) -> list[Path]:

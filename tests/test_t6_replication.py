@@ -460,7 +460,7 @@ def store_seq(store: Path) -> Iterator[Callable[[], int]]:
 
     def last() -> int:
         with st.txn() as txn:
-            return int(journal.last(txn, st.db)[0])
+            return int(journal.last(st, txn)[0])
 
     try:
         yield last

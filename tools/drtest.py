@@ -280,7 +280,7 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         with Store(replica) as st, st.txn(write=True) as txn:
             if result.ok:
                 result.bookmark = f"tested-{stamp}"
-                bookmarks.put(txn, st.db, result.bookmark, made.seq, replace=True)
+                bookmarks.put(st, txn, result.bookmark, made.seq, replace=True)
             st.set_config(txn, SETTING, asdict(result))
             st.set_config(txn, KEPT, still_kept)
             if not left:

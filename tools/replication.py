@@ -209,9 +209,9 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
             raise CdpfsError(f"{store}: is a clone of {st.clone_of.path}; a clone cannot be "
                              "replicated (its history starts at #"
                              f"{st.clone_of.seq}, which a replica would lack)")
-        state = registry.get(txn, st.db, name) or ReplicaState(name, address)
+        state = registry.get(st, txn, name) or ReplicaState(name, address)
         state.address, state.mode, state.limit = address, mode, rate
-        registry.put(txn, st.db, state)
+        registry.put(st, txn, state)
     click.echo(f"replica {name} of {shown(store)}: {address}, {mode}"
                + (f", limited to {rate} bytes/s" if rate else ""))
 
@@ -223,10 +223,10 @@ def remove_cmd(store: Path, name: str) -> None:
     """Forget replica NAME of STORE: nothing is shipped to it any more (a running mount
     stops within a second) and retention no longer keeps journal for it."""
     with Store(store) as st, st.txn(write=True) as txn:
-        if name not in {s.name for s in registry.states(txn, st.db)}:
+        if name not in {s.name for s in registry.states(st, txn)}:
             check_name(name, "replica")  # one registered before the rule can still go
-        if not registry.delete(txn, st.db, name):
-            names = ", ".join(s.name for s in registry.states(txn, st.db)) or "none"
+        if not registry.delete(st, txn, name):
+            names = ", ".join(s.name for s in registry.states(st, txn)) or "none"
             raise CdpfsError(f"{store} has no replica {name!r} (it has: {names})")
     click.echo(f"replica {name} removed from {shown(store)}: nothing is shipped to it any more, "
                "and its journal is no longer held")
@@ -264,7 +264,7 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
     with Store(store) as st:
         states = {s.name: s for s in registry.load_states(st)}
         with st.txn() as txn:
-            last = journal.last(txn, st.db)[0]
+            last = journal.last(st, txn)[0]
     if name is None:
         names = credentials.trusted_names(store)
         if address is None or len(names) != 1:
@@ -317,7 +317,7 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
     with Store(primary) as a, Store(replica_path) as b, a.txn() as ta, b.txn() as tb:
         if a.uuid != b.uuid:
             raise CdpfsError(f"{replica_path} holds volume {b.uuid}, not {a.uuid}")
-        last = min(journal.last(ta, a.db)[0], journal.last(tb, b.db)[0])
+        last = min(journal.last(a, ta)[0], journal.last(b, tb)[0])
         seq = last if at is None else at
         if seq > last:
             raise CdpfsError(f"#{seq}: both stores have records only up to #{last}")

@@ -211,7 +211,7 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
         if not name or not name.isprintable() or len(name.encode()) > 511:  # no LMDB key
             raise BadMoment(f"{name!r}: no such bookmark")
         with Store(target.store) as st, st.txn(write=True) as txn:
-            bookmarks.delete(txn, st.db, name)
+            bookmarks.delete(st, txn, name)
         click.echo(f"deleted bookmark {name}")
         return
     hooks = Scenario.load(scenario, variables) if scenario else None
@@ -229,7 +229,7 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
             with st.txn(write=True) as txn:
                 point = resolve_point(st, txn, "now" if at is None else at)
                 seq, ts = point.seq, point.ts
-                mark = bookmarks.put(txn, st.db, name, seq)
+                mark = bookmarks.put(st, txn, name, seq)
         finally:
             st.close()
     finally:
@@ -247,7 +247,7 @@ def bookmarks_cmd(volume: Path) -> None:
     try:
         with st.txn() as txn:
             points = Points(st, txn)
-            for mark in bookmarks.bookmarks(txn, st.db):
+            for mark in bookmarks.bookmarks(st, txn):
                 click.echo(f"{mark.name:<24} #{mark.seq:<10} {when(points.ts(mark.seq))}")
     finally:
         st.close()

@@ -33,7 +33,7 @@ from ..errors import (
     NotFound,
     NotPermitted,
 )
-from ..store import codec, journal, pending
+from ..store import blocks, codec, journal, pending
 from ..store.journal import Record
 from ..store.lmdb import DEFAULT_BLOCK_SIZE, Store
 from ..store.pending import Pending
@@ -118,13 +118,13 @@ class Mutator:
         self.pack_buf = bytearray()
         self._added: list[tuple[dict[Any, Any], Any]] = []  # this op's blocks and packs
         txn = reader()
-        self.last_seq, self.last_ts = journal.last(txn, store.db)
+        self.last_seq, self.last_ts = journal.last(store, txn)
         # The counters, and never below what the tables hold: a replica receives
         # inodes and packs without the primary's counters, so a replica made the
         # primary (a failover) must not hand out a number that is taken.
-        raw = txn.get(b"next_ino", db=store.db["meta"])
+        raw = store.meta(txn, b"next_ino")
         self.next_ino = max(int(raw) if raw else ROOT_INO + 1, store.after_last(txn, "inodes"))
-        raw = txn.get(b"next_pack", db=store.db["meta"])
+        raw = store.meta(txn, b"next_pack")
         self.next_pack = max(int(raw) if raw else 1, store.after_last(txn, "packs"))
 
     @property
@@ -478,7 +478,7 @@ class Mutator:
         # While a prune step is on its way to LMDB it may free a block it saw no
         # reference to: a block shared now is then kept again with this layer.
         if not self.pending.pruning and (self.pending.block(key) is not None
-                                 or self.store.has_block(self.reader(), key)):
+                                 or blocks.has(self.store, self.reader(), key)):
             return key
         stored = prepared[1] if prepared else codec.encode(data)
         layer.blocks[key] = stored
@@ -546,7 +546,7 @@ def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SI
 
     try:
         changes = Pending()
-        with store.env.begin(write=True) as txn:
+        with store.txn(write=True) as txn:
             m = Mutator(store, lambda: txn, changes)
             m.run("init", {}, body)
             m.seal()

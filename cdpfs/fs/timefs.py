@@ -432,7 +432,7 @@ class TimeFS:
         seq = None
         if self.follow and past[0] == 0:  # read the file as it is now, while open
             view = self._view(0)
-            seq = journal.last(view.txn, self.store.db)[0]
+            seq = journal.last(self.store, view.txn)[0]
             node = view.inode(past[1]) or node
         return self._new_handle(PastHandle(past[0], past[1], node.size, seq=seq))
 
@@ -524,7 +524,7 @@ class TimeFS:
         hours and days."""
         points = Points(self.store, self._view_at(MAX_SEQ).txn, self.clock())
         out: dict[bytes, int] = {}
-        for mark in bookmarks.bookmarks(points.txn, points.dbs):
+        for mark in bookmarks.bookmarks(points.store, points.txn):
             out[b"@" + mark.name.encode()] = mark.seq
         for seq, ts in points.recent():
             out.setdefault(b"@" + point_name(ts).encode(), seq)

@@ -120,8 +120,7 @@ class FileSystem:
 
     def recover(self) -> int:
         """Free inodes a crash left unlinked but allocated; return how many."""
-        cur = self.engine.reader().cursor(db=self.store.db["orphans"])
-        inos = [U64.unpack(k)[0] for k in cur.iternext(values=False)]
+        inos = self.store.orphans(self.engine.reader())
         freed = 0
         for ino in inos:
             node = self.view.inode(ino)

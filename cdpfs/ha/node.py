@@ -230,7 +230,7 @@ class Node:
         if store is None:
             return None
         with store.txn() as txn:
-            return journal.last(txn, store.db)[0], epochs.seen(store, txn)
+            return journal.last(store, txn)[0], epochs.seen(store, txn)
 
     async def _check_serve(self) -> str | None:
         """Why this node cannot serve the volume now (None: it can), kept in

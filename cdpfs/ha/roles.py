@@ -39,9 +39,9 @@ def promote(path: Path, epoch: int | None = None,
                 raise StoreError(f"{path}: {exc}") from None
             store.set_config(txn, "role", ROLE_LIVE)
             for name, address, mode in replicas:
-                state = registry.get(txn, store.db, name) or ReplicaState(name, address, mode)
+                state = registry.get(store, txn, name) or ReplicaState(name, address, mode)
                 state.address, state.mode = address, mode
-                registry.put(txn, store.db, state)
+                registry.put(store, txn, state)
     return epoch
 
 
@@ -53,8 +53,8 @@ def demote(path: Path) -> list[str]:
         with store.txn(write=True) as txn:
             store.set_config(txn, "role", ROLE_REPLICA)
             forgot = []
-            for state in registry.states(txn, store.db):
-                registry.delete(txn, store.db, state.name)
+            for state in registry.states(store, txn):
+                registry.delete(store, txn, state.name)
                 forgot.append(state.name)
     return forgot
 

@@ -1,7 +1,7 @@
 """Bookmarks (named points in history) and holds (points a running process reads).
 
-Both live in the ``bookmarks`` table, keyed by name, value ``seq(8) + created_ns(8)``.
-A bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
+Both live in the ``bookmarks`` table (``store.bookmarks``), keyed by name. A
+bookmark is kept by retention until deleted. A *hold* is a bookmark-like entry
 named ``.hold.<pid>.<tag>`` that a mount writes while it shows a past state (an
 ``@`` directory, a snapshot mount); retention keeps its point while the process
 lives and drops holds of dead processes. A clone's hold, ``.hold.clone:<path>``
@@ -15,84 +15,44 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lmdb
 
-from .. import system
 from ..errors import Exists
+from ..store import bookmarks as table
 from ..store import journal
-from ..store.schema import U64
+from ..store.bookmarks import CLONE_HOLD, HOLD, Bookmark
+from ..store.bookmarks import MAX_NAME as MAX_NAME  # what a clone's hold name may take
+from ..store.lmdb import Store
 from .moments import BadMoment, parse
 
-HOLD = ".hold."
-CLONE_HOLD = HOLD + "clone:"
 TESTED = "tested-"  # a replica's own bookmarks of points a DR test passed
-MAX_NAME = 511  # bytes: LMDB's longest key
 
 
-@dataclass(frozen=True, slots=True)
-class Bookmark:
-    """A named point: the journal sequence it names and when it was made."""
-
-    name: str
-    seq: int
-    created_ns: int
-
-    @property
-    def is_hold(self) -> bool:
-        return self.name.startswith(HOLD)
-
-    @property
-    def clone_path(self) -> Path | None:
-        """For a clone's hold: the path the clone was made at (None for others)."""
-        return Path(self.name[len(CLONE_HOLD):]) if self.name.startswith(CLONE_HOLD) else None
-
-    @property
-    def holder_alive(self) -> bool:
-        """For a hold: whether it still holds, that is whether the process that wrote
-        it still runs; a clone's hold holds until the clone is deleted."""
-        if self.name.startswith(CLONE_HOLD):
-            return True
-        try:
-            pid = int(self.name[len(HOLD):].split(".", 1)[0])
-        except ValueError:
-            return False
-        return system.pid_alive(pid)
-
-
-def _decode(name: bytes, raw: bytes | memoryview) -> Bookmark:
-    return Bookmark(name.decode(), U64.unpack_from(raw)[0],
-                    U64.unpack_from(raw, 8)[0] if len(raw) >= 16 else 0)
-
-
-def all_points(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+def all_points(store: Store, txn: lmdb.Transaction) -> list[Bookmark]:
     """Every bookmark and hold, by name."""
-    cur = txn.cursor(db=dbs["bookmarks"])
-    return [_decode(bytes(k), v) for k, v in cur.iternext()]
+    return table.points(store, txn)
 
 
-def bookmarks(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[Bookmark]:
+def bookmarks(store: Store, txn: lmdb.Transaction) -> list[Bookmark]:
     """The user's bookmarks (holds left out), by name."""
-    return [b for b in all_points(txn, dbs) if not b.is_hold]
+    return [b for b in table.points(store, txn) if not b.is_hold]
 
 
-def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> Bookmark | None:
-    raw = txn.get(name.encode(), db=dbs["bookmarks"])
-    return None if raw is None else _decode(name.encode(), raw)
+def get(store: Store, txn: lmdb.Transaction, name: str) -> Bookmark | None:
+    return table.get(store, txn, name)
 
 
-def put(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int, *,
+def put(store: Store, txn: lmdb.Transaction, name: str, seq: int, *,
         replace: bool = False) -> Bookmark:
     """Name point ``seq``; BadMoment for a bad or taken name or an unknown seq."""
     if not valid_name(name):
         raise BadMoment(f"{name!r}: a bookmark name is letters, digits and _ . + - "
                         "(up to 100, no leading @) and must not read as a time or #sequence")
-    if not replace and get(txn, dbs, name) is not None:
+    if not replace and table.get(store, txn, name) is not None:
         raise Exists(f"bookmark {name!r} exists (delete it first)")
-    return _write(txn, dbs, name, seq)
+    return _write(store, txn, name, seq)
 
 
 def valid_name(name: str) -> bool:
@@ -104,9 +64,9 @@ def valid_name(name: str) -> bool:
         return False
 
 
-def hold(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str, seq: int) -> Bookmark:
+def hold(store: Store, txn: lmdb.Transaction, tag: str, seq: int) -> Bookmark:
     """Hold point ``seq`` for this process (``tag`` names the holder within it)."""
-    return _write(txn, dbs, hold_name(tag), seq)
+    return _write(store, txn, hold_name(tag), seq)
 
 
 def clone_hold_name(clone: Path) -> str:
@@ -114,63 +74,66 @@ def clone_hold_name(clone: Path) -> str:
     return f"{CLONE_HOLD}{clone}"
 
 
-def hold_clone(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> Bookmark:
+def hold_clone(store: Store, txn: lmdb.Transaction, name: str, seq: int) -> Bookmark:
     """Hold point ``seq`` for a clone, under the hold ``name`` (``clone_hold_name``)
     that the clone keeps in its meta, until ``release_clone``."""
-    return _write(txn, dbs, name, seq)
+    return _write(store, txn, name, seq)
 
 
-def release_clone(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
+def release_clone(store: Store, txn: lmdb.Transaction, name: str) -> bool:
     """Drop the clone hold ``name``; whether there was one."""
-    return bool(txn.delete(name.encode(), db=dbs["bookmarks"]))
+    return table.delete(store, txn, name)
 
 
-def release(txn: lmdb.Transaction, dbs: dict[str, Any], tag: str) -> None:
-    txn.delete(hold_name(tag).encode(), db=dbs["bookmarks"])
+def release(store: Store, txn: lmdb.Transaction, tag: str) -> None:
+    table.delete(store, txn, hold_name(tag))
 
 
-def release_all(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:
+def release_all(store: Store, txn: lmdb.Transaction) -> int:
     """Drop every hold of this process (it stops showing the past); how many."""
     mine = hold_name("")
-    names = [m.name for m in all_points(txn, dbs) if m.name.startswith(mine)]
+    names = [m.name for m in table.points(store, txn) if m.name.startswith(mine)]
     for name in names:
-        txn.delete(name.encode(), db=dbs["bookmarks"])
+        table.delete(store, txn, name)
     return len(names)
 
 
+def drop(store: Store, txn: lmdb.Transaction, names: list[str]) -> None:
+    """Drop the bookmarks and holds ``names`` whatever they are (prune: holds of
+    processes that are gone; failback: the points of records it took out)."""
+    for name in names:
+        table.delete(store, txn, name)
 
-def _write(txn: lmdb.Transaction, dbs: dict[str, Any], name: str, seq: int) -> Bookmark:
-    if journal.get(txn, dbs, seq) is None:
+
+def _write(store: Store, txn: lmdb.Transaction, name: str, seq: int) -> Bookmark:
+    if not journal.has(store, txn, seq):
         raise BadMoment(f"#{seq}: no such journal record")
-    mark = Bookmark(name, seq, time.time_ns())
-    txn.put(name.encode(), U64.pack(seq) + U64.pack(mark.created_ns), db=dbs["bookmarks"])
-    return mark
+    return table.put(store, txn, Bookmark(name, seq, time.time_ns()))
 
 
-def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> None:
+def delete(store: Store, txn: lmdb.Transaction, name: str) -> None:
     """Delete the bookmark ``name`` (BadMoment if there is none; holds are not
     bookmarks: they go with what holds them)."""
-    if name.startswith(HOLD) or not txn.delete(name.encode(), db=dbs["bookmarks"]):
+    if name.startswith(HOLD) or not table.delete(store, txn, name):
         raise BadMoment(f"{name!r}: no such bookmark")
 
 
-def mirror(txn: lmdb.Transaction, dbs: dict[str, Any], marks: dict[str, list[int]]) -> int:
+def mirror(store: Store, txn: lmdb.Transaction, marks: dict[str, list[int]]) -> int:
     """Make the user's bookmarks those of ``marks`` ({name: [seq, created_ns]}, a
     primary's, on its replica), leaving holds and the replica's own DR test
     bookmarks (``tested-*``) alone and skipping points not in the journal here.
     The number of bookmarks changed."""
     changed = 0
-    for mark in bookmarks(txn, dbs):
+    for mark in bookmarks(store, txn):
         if mark.name not in marks and not mark.name.startswith(TESTED):
-            txn.delete(mark.name.encode(), db=dbs["bookmarks"])
+            table.delete(store, txn, mark.name)
             changed += 1
     for name, (seq, created_ns) in marks.items():
-        value = U64.pack(seq) + U64.pack(created_ns)
-        if not valid_name(name) or journal.get(txn, dbs, seq) is None:
+        if not valid_name(name) or not journal.has(store, txn, seq):
             continue  # holds are each store's own; a name no bookmark may have is skipped
-
-        if txn.get(name.encode(), db=dbs["bookmarks"]) != value:
-            txn.put(name.encode(), value, db=dbs["bookmarks"])
+        mark = Bookmark(name, seq, created_ns)
+        if table.get(store, txn, name) != mark:
+            table.put(store, txn, mark)
             changed += 1
     return changed
 

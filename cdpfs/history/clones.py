@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
 from .. import system
 from ..errors import StoreError, StoreLocked
 from ..store import journal
@@ -79,23 +81,23 @@ def make(base_path: Path, clone_path: Path, at: str | None = None,
         # base frees the point before the clone's own hold names a clone that is there.
         with base.txn(write=True) as txn:
             point = resolve(base, txn, "now" if at is None else at, now_ns)
-            bookmarks.hold(txn, base.db, "clone", point.seq)
-            check = journal.check(txn, base.db, point.seq)
+            bookmarks.hold(base, txn, "clone", point.seq)
+            check = journal.check(base, txn, point.seq)
             pack_start = max(_counter(base, txn, b"next_pack", 1),
                              base.after_last(txn, "packs"))
             next_ino = max(_counter(base, txn, b"next_ino", ROOT_INO + 1),
                            base.after_last(txn, "inodes"))
-            settings = {bytes(k): bytes(v) for k, v in txn.cursor(db=base.db["meta"])
-                        if bytes(k).startswith(b"config.") and bytes(k) != b"config.role"}
+            settings = {k: v for k, v in base.meta_items(txn, b"config.").items()
+                        if k != b"config.role"}
         try:
             _build(base, clone_path, CloneOf(base.path, base.uuid, point.seq, pack_start,
                                              check, hold), point.ts, next_ino, settings)
             with base.txn(write=True) as txn:
-                bookmarks.hold_clone(txn, base.db, hold, point.seq)
-                bookmarks.release(txn, base.db, "clone")
+                bookmarks.hold_clone(base, txn, hold, point.seq)
+                bookmarks.release(base, txn, "clone")
         except BaseException:
             with base.txn(write=True) as txn:
-                bookmarks.release(txn, base.db, "clone")
+                bookmarks.release(base, txn, "clone")
             raise
     finally:
         base.close()
@@ -103,8 +105,8 @@ def make(base_path: Path, clone_path: Path, at: str | None = None,
     return Clone(clone_path, base.path, point.seq, point.ts)
 
 
-def _counter(store: Store, txn: object, key: bytes, default: int) -> int:
-    raw = txn.get(key, db=store.db["meta"])  # type: ignore[attr-defined]
+def _counter(store: Store, txn: lmdb.Transaction, key: bytes, default: int) -> int:
+    raw = store.meta(txn, key)
     return int(raw) if raw else default
 
 
@@ -117,18 +119,17 @@ def _build(base: Store, clone_path: Path, of: CloneOf, ts: int, next_ino: int,
         store = Store.create(tmp / "store", block_size=base.block_size)
         try:
             with store.txn(write=True) as txn:
-                meta = store.db["meta"]
-                txn.put(b"clone", encode_clone(of), db=meta)
-                txn.put(b"next_ino", str(next_ino).encode(), db=meta)
-                txn.put(b"next_pack", str(of.pack_start).encode(), db=meta)
+                store.set_meta(txn, b"clone", encode_clone(of))
+                store.set_meta(txn, b"next_ino", str(next_ino).encode())
+                store.set_meta(txn, b"next_pack", str(of.pack_start).encode())
                 for key, value in settings.items():
-                    txn.put(key, value, db=meta)
+                    store.set_meta(txn, key, value)
                 # The clone's history starts at the point it shows, at that point's time.
-                journal.append(txn, store.db, journal.Record(
+                journal.apply(store, txn, [journal.Record(
                     of.seq, ts, "clone", ROOT_INO, {"base": str(base.path), "seq": of.seq},
-                    []))
+                    [])])
         finally:
-            store.env.close()
+            store.close()
         os.rename(tmp / "store", clone_path)
         system.fsync_dir(clone_path.parent)
     finally:
@@ -150,7 +151,7 @@ def delete(clone_path: Path) -> Clone:
                              "clones; a store is never deleted by cdpfs)")
         store.lock("clone --delete")  # StoreLocked while mounted
         with store.txn() as txn:
-            first = journal.get(txn, store.db, of.seq)
+            first = journal.get(store, txn, of.seq)
     except StoreLocked as exc:
         store.close()
         raise StoreLocked(f"{exc} (unmount it first)") from None
@@ -164,8 +165,7 @@ def delete(clone_path: Path) -> Clone:
     shutil.rmtree(gone, ignore_errors=True)
     if is_store(of.path):
         with Store(of.path) as base, base.txn(write=True) as txn:
-            bookmarks.release_clone(txn, base.db,
-                                    of.hold or bookmarks.clone_hold_name(clone_path))
+            bookmarks.release_clone(base, txn, of.hold or bookmarks.clone_hold_name(clone_path))
     else:
         log.warning("%s: its base %s is gone; no hold to release", clone_path, of.path)
     return Clone(clone_path, of.path, of.seq, first.ts if first is not None else 0)
@@ -181,21 +181,21 @@ def forget(base_path: Path, clone_path: Path) -> Clone:
                          f"cdpfs clone --delete {clone_path}")
     name = bookmarks.clone_hold_name(clone_path)
     with Store(Path(os.path.abspath(base_path))) as base, base.txn(write=True) as txn:
-        mark = bookmarks.get(txn, base.db, name)
+        mark = bookmarks.get(base, txn, name)
         if mark is None:
             raise StoreError(f"{base.path} holds no point for a clone made at {clone_path}")
-        bookmarks.release_clone(txn, base.db, name)
-        ts = journal.get(txn, base.db, mark.seq)
+        bookmarks.release_clone(base, txn, name)
+        ts = journal.get(base, txn, mark.seq)
         log.info("%s: released the hold of the clone removed from %s (#%d)", base.path,
                  clone_path, mark.seq)
         return Clone(clone_path, base.path, mark.seq, ts.ts if ts is not None else 0)
 
 
-def held(base: Store, txn: object) -> list[Held]:
+def held(base: Store, txn: lmdb.Transaction) -> list[Held]:
     """The clone holds of ``base``, read through ``txn``, with whether a clone of this
     base is still at the path it was made at."""
     out = []
-    for mark in bookmarks.all_points(txn, base.db):  # type: ignore[arg-type]
+    for mark in bookmarks.all_points(base, txn):
         path = mark.clone_path
         if path is not None:
             out.append(Held(mark.name, mark.seq, path, _clone_of(path, base) is not None))
@@ -230,13 +230,13 @@ def rebase(clone_path: Path, base_path: Path, *, locked: bool = False) -> None:
         if not locked:
             store.lock("clone rebase")
         with Store(base_path, readonly=True) as new, new.txn() as txn:
-            same = new.uuid == of.uuid and journal.check(txn, new.db, of.seq) == of.check
+            same = new.uuid == of.uuid and journal.check(new, txn, of.seq) == of.check
         if not same or not of.check:
             raise StoreError(f"{base_path}: does not hold the history {clone_path} was "
                              f"cloned from at #{of.seq}")
         moved = CloneOf(Path(os.path.abspath(base_path)), *of[1:])
         with store.txn(write=True) as txn:
-            txn.put(b"clone", encode_clone(moved), db=store.db["meta"])
+            store.set_meta(txn, b"clone", encode_clone(moved))
         log.warning("clone %s now reads #%d from %s", clone_path, of.seq, base_path)
     finally:
         store.close()

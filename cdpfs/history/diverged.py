@@ -33,7 +33,6 @@ from ..store import epochs, journal
 from ..store.lmdb import Store
 from ..store.lock import WriterLock
 from ..store.lock import holder as lock_holder
-from ..store.schema import TABLE_NAMES, U64, inv
 from . import bookmarks, clones
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,9 @@ def keep_and_truncate(store: Store, fork: int) -> tuple[Path, int]:
     copy's path and how many records were taken out. StoreError (nothing changed)
     while a clone in use or a running process reads a point after ``fork``."""
     with store.txn() as txn:
-        top = journal.last(txn, store.db)[0]
+        top = journal.last(store, txn)[0]
         epoch = epochs.epoch_of(epochs.lineage(store, txn), top)
-        after = [mark for mark in bookmarks.all_points(txn, store.db) if mark.seq > fork]
+        after = [mark for mark in bookmarks.all_points(store, txn) if mark.seq > fork]
         moving = [h for h in clones.held(store, txn) if h.seq > fork and h.present]
     if top <= fork:
         raise ValueError(f"nothing after #{fork} to keep")
@@ -75,14 +74,9 @@ def keep_and_truncate(store: Store, fork: int) -> tuple[Path, int]:
         for lock in locks:
             lock.release()
     with store.txn(write=True) as txn:
-        for rec in list(journal.records(txn, store.db, fork + 1)):
-            suffix = inv(rec.seq)
-            for table, prefix, _ in rec.changes:
-                txn.delete(prefix + suffix, db=store.db[TABLE_NAMES[table].decode()])
-            txn.delete(U64.pack(rec.seq), db=store.db["journal"])
-            txn.delete(U64.pack(rec.ts) + U64.pack(rec.seq), db=store.db["timeidx"])
-        for mark in after:
-            txn.delete(mark.name.encode(), db=store.db["bookmarks"])
+        for rec in list(journal.records(store, txn, fork + 1)):
+            journal.remove(store, txn, rec)
+        bookmarks.drop(store, txn, [mark.name for mark in after])
     log.warning("%s: %d records after #%d were written in epoch %d after another node "
                 "took over; kept in %s, taken out of this store", store.path, top - fork,
                 fork, epoch, dest)
@@ -99,7 +93,7 @@ def _copy(store: Store, epoch: int, top: int) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     dest = store.path.parent / f"{store.path.name}.diverged-{epoch}-{stamp}"
     dest.mkdir()
-    store.env.copy(str(dest), compact=True)
+    store.copy(dest)
     with Store(dest) as copy, copy.txn(write=True) as txn:
-        bookmarks.put(txn, copy.db, MARK, top, replace=True)
+        bookmarks.put(copy, txn, MARK, top, replace=True)
     return dest

@@ -21,7 +21,6 @@ import lmdb
 
 from ..store import journal
 from ..store.lmdb import Store
-from ..store.schema import U64
 from . import bookmarks
 from .moments import BadMoment, Moment, parse
 from .retention import DAY, HOUR, Policy, load_policy
@@ -59,12 +58,11 @@ class Points:
                  policy: Policy | None = None) -> None:
         self.store = store
         self.txn = txn
-        self.dbs = store.db
         self.now = time.time_ns() if now_ns is None else now_ns
         self.policy = policy or load_policy(store, txn)
-        self.last, self.last_ts = journal.last(txn, self.dbs)
+        self.last, self.last_ts = journal.last(store, txn)
         # Holds of processes that are gone hold nothing (prune deletes them).
-        self.marks = [b for b in bookmarks.all_points(txn, self.dbs)
+        self.marks = [b for b in bookmarks.all_points(store, txn)
                       if not b.is_hold or b.holder_alive]
         self._marked_set = {b.seq for b in self.marks}
         if store.base is not None:  # a clone keeps the point it was made at
@@ -72,8 +70,7 @@ class Points:
         self._marked = sorted(self._marked_set)
 
     def ts(self, seq: int) -> int | None:
-        raw = self.txn.get(U64.pack(seq), db=self.dbs["journal"])
-        return None if raw is None else journal.ts_of(raw)
+        return journal.ts(self.store, self.txn, seq)
 
     def is_kept(self, seq: int, ts: int | None = None) -> bool:
         """Whether the policy (or a bookmark or hold) keeps the state after ``seq``."""
@@ -87,7 +84,7 @@ class Points:
             return False
         if width == 0:
             return True
-        nxt = journal.after(self.txn, self.dbs, seq)
+        nxt = journal.after(self.store, self.txn, seq)
         return nxt is None or nxt[1] // width != ts // width
 
     def snap(self, seq: int) -> int:
@@ -97,14 +94,14 @@ class Points:
         while seq > marked:
             ts = self.ts(seq)
             if ts is None:  # thinned away already: look at the record before it
-                seq = journal.before(self.txn, self.dbs, seq)[0]
+                seq = journal.before(self.store, self.txn, seq)[0]
                 continue
             if self.is_kept(seq, ts):
                 return seq
             width = self.policy.bucket(self.now - ts)
             if not width:
                 break
-            seq, _ = journal.point_at(self.txn, self.dbs, ts // width * width - 1)
+            seq, _ = journal.point_at(self.store, self.txn, ts // width * width - 1)
         return marked
 
     def resolve(self, moment: Moment) -> int:
@@ -112,7 +109,7 @@ class Points:
         if moment.kind == "now":
             return self.last
         if moment.kind == "bookmark":
-            mark = bookmarks.get(self.txn, self.dbs, str(moment.value))
+            mark = bookmarks.get(self.store, self.txn, str(moment.value))
             if mark is None:
                 raise BadMoment(f"{moment.text!r}: no such bookmark")
             return mark.seq
@@ -129,9 +126,9 @@ class Points:
         ts = int(moment.value)
         if ts > self.now:
             raise BadMoment(f"{moment.text!r}: that time is in the future")
-        seq = journal.seq_at(self.txn, self.dbs, ts)
+        seq = journal.seq_at(self.store, self.txn, ts)
         if seq == 0:
-            first = journal.after(self.txn, self.dbs, 0)
+            first = journal.after(self.store, self.txn, 0)
             if first is not None and first[0] > 1:  # the first records are pruned
                 raise BadMoment(f"{moment.text!r}: older than the oldest point kept")
             raise BadMoment(f"{moment.text!r}: the volume did not exist yet")
@@ -143,7 +140,7 @@ class Points:
 
     def first_full(self) -> int:
         """The first seq of the keep-everything window (every seq from it on is kept)."""
-        seq, _ = journal.point_at(self.txn, self.dbs, self.now - self.policy.keep_all * 10**9)
+        seq, _ = journal.point_at(self.store, self.txn, self.now - self.policy.keep_all * 10**9)
         return min(seq + 1, self.last)
 
     def recent(self, hours: int = 24, days: int = 30) -> list[tuple[int, int]]:
@@ -152,7 +149,7 @@ class Points:
         for width, count in ((HOUR, hours), (DAY, days)):
             end = (self.now // width + 1) * width
             for _ in range(count):  # the last `count` buckets that saw a change
-                seq, ts = journal.point_at(self.txn, self.dbs, end - 1)
+                seq, ts = journal.point_at(self.store, self.txn, end - 1)
                 if seq == 0:
                     break
                 end = ts // width * width
@@ -164,10 +161,8 @@ class Points:
     def kept_sparse(self, before: int) -> list[int]:
         """Every kept point below seq ``before``, in order (a scan of the old journal)."""
         out = set(b for b in self._marked if b < before)
-        cur = self.txn.cursor(db=self.dbs["journal"])
         prev: tuple[int, int] | None = None
-        for key, raw in cur.iternext():
-            seq = journal.U64.unpack(key)[0]
+        for seq, raw in journal.packed(self.store, self.txn):
             ts = journal.ts_of(raw)
             if prev is not None:
                 pseq, pts = prev

@@ -28,7 +28,7 @@ from typing import Any
 
 import lmdb
 
-from ..store import journal
+from ..store import blocks, journal, versions
 from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import MAX_SEQ, U64, Extent, seq_of
@@ -39,7 +39,6 @@ from .points import Points
 log = logging.getLogger(__name__)
 
 INF = MAX_SEQ + 1
-_TABLES = ("inodes", "dirents", "xattrs", "extents")
 _PHASES = ("versions", "journal", "mark", "sweep-blocks", "sweep-packs", "done")
 
 
@@ -70,15 +69,14 @@ class Pruner:
     def __init__(self, store: Store, txn: lmdb.Transaction, *, keep_after: int | None,
                  now_ns: int | None = None, step_keys: int = 20000) -> None:
         self.store = store
-        self.db = store.db
         self.step_keys = step_keys
         points = Points(store, txn, now_ns)
         self.full_from = points.first_full()
         self.sparse = points.kept_sparse(self.full_from)
         self._sparse_set = set(self.sparse)
-        self.stale_holds = [b.name for b in bookmarks.all_points(txn, self.db)
+        self.stale_holds = [b.name for b in bookmarks.all_points(store, txn)
                             if b.is_hold and not b.holder_alive]
-        last = journal.last(txn, self.db)[0]
+        last = journal.last(store, txn)[0]
         self.keep_after = last if keep_after is None else keep_after
         self.survivors: set[int] = set()  # seqs < full_from of versions kept
         self.refs = Refs()  # blocks and packs some version references (the mark)
@@ -104,8 +102,7 @@ class Pruner:
     def step(self, txn: lmdb.Transaction) -> bool:
         """Do one bounded piece of work in ``txn``; True when the prune is complete."""
         if self.stale_holds:
-            for name in self.stale_holds:
-                txn.delete(name.encode(), db=self.db["bookmarks"])
+            bookmarks.drop(self.store, txn, self.stale_holds)
             self.result.holds = len(self.stale_holds)
             self.stale_holds = []
         phase = _PHASES[self.phase]
@@ -127,13 +124,9 @@ class Pruner:
     # --- phase 1: versions ---------------------------------------------------------
 
     def _next_ino(self, txn: lmdb.Transaction, start: int) -> int | None:
-        best = None
-        for name in _TABLES:
-            cur = txn.cursor(db=self.db[name])
-            if cur.set_range(U64.pack(start)):
-                ino = U64.unpack_from(cur.key())[0]
-                best = ino if best is None else min(best, ino)
-        return best
+        found = [ino for table in versions.TABLES
+                 if (ino := versions.first_ino(self.store, txn, table, start)) is not None]
+        return min(found, default=None)
 
     def _versions(self, txn: lmdb.Transaction) -> bool:
         start = U64.unpack(self.cursor)[0] if self.cursor else 0
@@ -150,15 +143,9 @@ class Pruner:
     def _groups(self, txn: lmdb.Transaction, table: str, ino: int
                 ) -> list[list[tuple[bytes, int, bytes]]]:
         """Versions (key, seq, value) of each object of ``ino`` in ``table``, newest first."""
-        cur = txn.cursor(db=self.db[table])
-        base = U64.pack(ino)
         groups: list[list[tuple[bytes, int, bytes]]] = []
         prefix = None
-        if not cur.set_range(base):
-            return groups
-        for key, value in cur:
-            if not key.startswith(base):
-                break
+        for key, value in versions.scan(self.store, txn, table, prefix=U64.pack(ino)):
             if key[:-8] != prefix:
                 prefix = key[:-8]
                 groups.append([])
@@ -210,48 +197,40 @@ class Pruner:
             if value and not (extents and value == b"H"):
                 break
             keep[i] = False
-        db = self.db[table]
         for (key, seq, _value), kept in zip(group, keep, strict=True):
             if kept:
                 if seq < self.full_from:
                     self.survivors.add(seq)
             else:
-                txn.delete(key, db=db)
+                versions.delete(self.store, txn, table, key)
                 self.result.versions += 1
         return len(group)
 
     # --- phase 2: journal ----------------------------------------------------------
 
     def _journal(self, txn: lmdb.Transaction) -> bool:
-        cur = txn.cursor(db=self.db["journal"])
-        if not cur.set_range(self.cursor or U64.pack(0)):
-            return True
-        for n, (key, raw) in enumerate(cur):
-            seq = U64.unpack(key)[0]
+        start = U64.unpack(self.cursor)[0] if self.cursor else 0
+        for n, (seq, raw) in enumerate(journal.packed(self.store, txn, start)):
             if seq >= self.full_from or seq > self.keep_after:
                 return True
             if n >= self.step_keys:
-                self.cursor = bytes(key)
+                self.cursor = U64.pack(seq)
                 return False
             if seq in self._sparse_set:
                 continue
-            ts = journal.ts_of(raw)
-            txn.delete(U64.pack(ts) + U64.pack(seq), db=self.db["timeidx"])
+            journal.unindex(self.store, txn, seq, journal.ts_of(raw))
             if seq not in self.survivors:
-                txn.delete(key, db=self.db["journal"])
+                journal.delete(self.store, txn, seq)
                 self.result.records += 1
         return True
 
     # --- phase 3 and 4: mark and sweep ----------------------------------------------
 
-
     def _mark(self, txn: lmdb.Transaction) -> bool:
         if not self.cursor:
-            self.mark_seq = min(journal.last(txn, self.db)[0], self.keep_after)
-        cur = txn.cursor(db=self.db["extents"])
-        if not cur.set_range(self.cursor or b"\0"):
-            return True
-        for n, (key, value) in enumerate(cur):
+            self.mark_seq = min(journal.last(self.store, txn)[0], self.keep_after)
+        for n, (key, value) in enumerate(versions.scan(self.store, txn, "extents",
+                                                       self.cursor or b"")):
             if n >= self.step_keys:
                 self.cursor = bytes(key)
                 return False
@@ -260,41 +239,32 @@ class Pruner:
 
     def _catch_up(self, txn: lmdb.Transaction) -> None:
         """Mark what records written since the mark began reference."""
-        for rec in journal.records(txn, self.db, self.mark_seq + 1):
+        for rec in journal.records(self.store, txn, self.mark_seq + 1):
             self.refs.add_record(rec)
             self.mark_seq = rec.seq
 
-    def _sweep(self, txn: lmdb.Transaction, table: str, referenced: Any) -> bool:
-        self._catch_up(txn)
-        cur = txn.cursor(db=self.db[table])
-        if not cur.set_range(self.cursor or b"\0"):
+    def _swept(self, done: blocks.Swept, table: str) -> bool:
+        self.result.bytes_freed += done.nbytes
+        if table == "blocks":
+            self.result.blocks += done.count
+        else:
+            self.result.packs += done.count
+        if done.resume is None:
             return True
-        n = 0
-        while True:
-            key = bytes(cur.key())
-            if n >= self.step_keys:
-                self.cursor = key
-                return False
-            n += 1
-            if referenced(key):
-                if not cur.next():
-                    return True
-                continue
-            self.result.bytes_freed += len(cur.value())
-            if table == "blocks":
-                self.result.blocks += 1
-            else:
-                self.result.packs += 1
-            if not cur.delete():  # moves to the next item
-                return True
-            if not cur.key():
-                return True
+        self.cursor = done.resume
+        return False
 
     def _sweep_blocks(self, txn: lmdb.Transaction) -> bool:
-        return self._sweep(txn, "blocks", lambda key: key in self.refs.blocks)
+        self._catch_up(txn)
+        done = blocks.sweep(self.store, txn, self.cursor or b"", self.refs.blocks.__contains__,
+                            self.step_keys)
+        return self._swept(done, "blocks")
 
     def _sweep_packs(self, txn: lmdb.Transaction) -> bool:
-        return self._sweep(txn, "packs", lambda key: U64.unpack(key)[0] in self.refs.packs)
+        self._catch_up(txn)
+        done = blocks.sweep_packs(self.store, txn, self.cursor or b"",
+                                  self.refs.packs.__contains__, self.step_keys)
+        return self._swept(done, "packs")
 
 
 def prune_store(store: Store, *, keep_after: int | None, now_ns: int | None = None,

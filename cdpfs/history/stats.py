@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-from ..store import codec, journal
+from ..store import blocks, codec, journal, versions
 from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import U64, Extent, Inode
@@ -34,17 +34,13 @@ class StoreStats:
 
 def store_stats(store: Store) -> StoreStats:
     with store.txn() as txn:
-        seq, ts = journal.last(txn, store.db)
-
-        def count(name: str) -> int:
-            return int(txn.stat(store.db[name])["entries"])
-
-        versions = sum(count(n) for n in ("inodes", "dirents", "extents", "xattrs"))
+        seq, ts = journal.last(store, txn)
         return StoreStats(
             path=str(store.path), uuid=store.uuid, block_size=store.block_size,
-            last_seq=seq, last_time_ns=ts, records=count("journal"), blocks=count("blocks"),
-            packs=count("packs"), versions=versions, used_bytes=store.used_bytes(),
-            map_bytes=store.env.info()["map_size"],
+            last_seq=seq, last_time_ns=ts, records=journal.count(store, txn),
+            blocks=blocks.count(store, txn), packs=blocks.count_packs(store, txn),
+            versions=versions.count(store, txn), used_bytes=store.used_bytes(),
+            map_bytes=store.map_size(),
         )
 
 
@@ -82,7 +78,7 @@ def space_stats(store: Store) -> SpaceStats:
         logical = 0
         prefix = None
         in_chain = False
-        for key, value in txn.cursor(db=store.db["extents"]):
+        for key, value in versions.scan(store, txn, "extents"):
             if key[:16] != prefix:
                 prefix = key[:16]
                 in_chain = U64.unpack_from(key)[0] in live
@@ -95,27 +91,25 @@ def space_stats(store: Store) -> SpaceStats:
             if ext.is_base:
                 in_chain = False
         stored = plain = live_stored = unique = 0
-        for key, value in txn.cursor(db=store.db["blocks"]):
+        for key, value in blocks.scan(store, txn):
             stored += len(value)
             size = codec.plain_size(value)
             plain += size
             if key in refs.blocks:
                 live_stored += len(value)
                 unique += size
-        for key, value in txn.cursor(db=store.db["packs"]):
+        for pack, value in blocks.scan_packs(store, txn):
             stored += len(value)
             plain += len(value)
-            if U64.unpack(key)[0] in refs.packs:
-
+            if pack in refs.packs:
                 live_stored += len(value)
         points = Points(store, txn)
         oldest_seq, oldest_ts = 0, None
-        for key, raw in txn.cursor(db=store.db["journal"]):
-            seq = U64.unpack(key)[0]  # records kept only to date kept versions come first
+        for seq, raw in journal.packed(store, txn):  # records kept only to date versions first
             if points.is_kept(seq, journal.ts_of(raw)):
                 oldest_seq, oldest_ts = seq, journal.ts_of(raw)
                 break
-        last_seq, last_ts = journal.last(txn, store.db)
+        last_seq, last_ts = journal.last(store, txn)
         base = store.base
         return SpaceStats(
             live_files=sum(1 for n in live.values() if n.is_reg and n.nlink),
@@ -125,7 +119,7 @@ def space_stats(store: Store) -> SpaceStats:
             disk_free=store.disk_free(), dedup_ratio=logical / unique if unique else 1.0,
             compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
             oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
-            records=int(txn.stat(store.db["journal"])["entries"]),
+            records=journal.count(store, txn),
             policy=load_policy(store, txn).describe(),
             clone_of=None if base is None else str(base.store.path),
             clone_seq=0 if base is None else base.seq,
@@ -135,9 +129,8 @@ def space_stats(store: Store) -> SpaceStats:
 def _live(store: Store, txn: lmdb.Transaction) -> dict[int, Inode]:
     """The inodes of the newest state (a clone's: its own and its base's it shows)."""
     live: dict[int, Inode] = {}
-    cur = txn.cursor(db=store.db["inodes"])
     last_ino = None
-    for key, value in cur:
+    for key, value in versions.scan(store, txn, "inodes"):
         ino = U64.unpack_from(key)[0]
         if ino != last_ino:  # the newest version comes first
             last_ino = ino
@@ -145,14 +138,9 @@ def _live(store: Store, txn: lmdb.Transaction) -> dict[int, Inode]:
                 live[ino] = Inode.unpack(value)
     under = View(store, txn).under
     if under is not None:  # what the clone has no version of shows the base at its point
-        cur = under.txn.cursor(db=under.store.db["inodes"])
-        own = txn.cursor(db=store.db["inodes"])
-        ok = cur.first()
-        while ok:
-            prefix = bytes(cur.key()[:8])
-            if not (own.set_range(prefix) and own.key().startswith(prefix)):
-                node = under.inode(U64.unpack(prefix)[0])
+        for ino in versions.inos(under.store, under.txn):
+            if not versions.has(store, txn, "inodes", U64.pack(ino)):
+                node = under.inode(ino)
                 if node is not None:
-                    live[U64.unpack(prefix)[0]] = node
-            ok = cur.set_range(prefix + b"\xff" * 9)
+                    live[ino] = node
     return live

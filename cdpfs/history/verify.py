@@ -15,42 +15,41 @@ from collections.abc import Callable, Iterator
 import lmdb
 
 from ..errors import Corrupt
-from ..store import codec
+from ..store import blocks, codec, journal, versions
 from ..store.lmdb import Store
 from ..store.refs import of_extent
-from ..store.schema import MAX_SEQ, U64, Extent, inv, seq_of
+from ..store.schema import MAX_SEQ, U64, Extent, inode_prefix, seq_of
 from ..store.view import View
 from . import bookmarks
 
 
 def _check_blocks(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
-    for key, stored in txn.cursor(db=store.db["blocks"]):
+    for key, raw in blocks.scan(store, txn):
         try:
-            codec.decode(stored, key)
+            codec.decode(raw, key)
         except Corrupt as exc:
             yield f"corrupt block: {exc}"
-    for key, stored in txn.cursor(db=store.db["packs"]):
+    for pack, raw in blocks.scan_packs(store, txn):
         try:
-            codec.decode_pack(stored, U64.unpack(key)[0])
+            codec.decode_pack(raw, pack)
         except Corrupt as exc:
             yield f"corrupt pack: {exc}"
 
 
 def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[str]:
-    journal = store.db["journal"]
     known: set[int] = set()
 
     def recorded(seq: int) -> bool:
         if seq in known:
             return True
-        if seq <= last and txn.get(U64.pack(seq), db=journal) is not None:
+        if seq <= last and journal.has(store, txn, seq):
             known.add(seq)
             return True
         return False
 
     point = store.clone_of.seq if store.clone_of is not None else 0  # a clone's own start after
     for table in ("inodes", "dirents", "extents", "xattrs"):
-        for key in txn.cursor(db=store.db[table]).iternext(values=False):
+        for key in versions.keys(store, txn, table):
             seq = seq_of(key)
             if not recorded(seq):
                 yield f"{table}: version {key.hex()} has no journal record {seq}"
@@ -58,19 +57,18 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
                 yield (f"{table}: version {key.hex()} of the clone is at or before its "
                        f"point #{point}")
 
-    blocks = store.db["blocks"]
-    for key, value in txn.cursor(db=store.db["extents"]):
+    for key, value in versions.scan(store, txn, "extents"):
         block, pack = of_extent(value)
         if block is None and pack is None:
             continue
         where = (f"inode {U64.unpack_from(key, 0)[0]} block {U64.unpack_from(key, 8)[0]} "
                  f"at seq {seq_of(key)}")
-        if block is not None and txn.get(block, db=blocks) is None:
+        if block is not None and not blocks.has(store, txn, block):
             yield f"missing block {block.hex()}: {where}"
         elif pack is not None:
             ext = Extent.unpack(value)
             try:
-                store.get_piece(txn, ext.pack, ext.pack_off, ext.length, ext.digest)
+                blocks.piece(store, txn, ext.pack, ext.pack_off, ext.length, ext.digest)
             except Corrupt as exc:
                 yield f"bad piece: {exc}: {where}"
 
@@ -80,32 +78,25 @@ def _check_versions(store: Store, txn: lmdb.Transaction, last: int) -> Iterator[
     # since deleted: the check is that some version of the inode up to the
     # name's next version exists.
     prefix, newer = b"", MAX_SEQ + 1
-    inodes = txn.cursor(db=store.db["inodes"])
     under = View(store, txn).under  # a clone's names may lead to its base's inodes
-    for key, value in txn.cursor(db=store.db["dirents"]):
+    for key, value in versions.scan(store, txn, "dirents"):
         seq = seq_of(key)
         until = newer - 1 if key[:-8] == prefix else MAX_SEQ
         prefix, newer = key[:-8], seq
         if not value:
             continue
         child = U64.unpack(value)[0]
-        if not _existed(inodes, child, until) and (under is None or under.inode(child) is None):
+        if not _existed(store, txn, child, until) and \
+                (under is None or under.inode(child) is None):
             parent = U64.unpack_from(key, 0)[0]
             name = key[8:-9].decode(errors="replace")
             yield f"dangling name: {name!r} in directory {parent} -> inode {child} at seq {seq}"
 
 
-def _existed(cur: lmdb.Cursor, ino: int, until: int) -> bool:
+def _existed(store: Store, txn: lmdb.Transaction, ino: int, until: int) -> bool:
     """Whether inode ``ino`` has a (non-freed) version at or before ``until``."""
-    prefix = U64.pack(ino)
-    if not cur.set_range(prefix + inv(until)):
-        return False
-    for key, value in cur:
-        if not key.startswith(prefix) or len(key) != 16:
-            return False
-        if value:
-            return True
-    return False
+    return any(value for _, value in versions.of(store, txn, "inodes", inode_prefix(ino),
+                                                   until))
 
 
 def _check_clone(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
@@ -115,7 +106,7 @@ def _check_clone(store: Store, txn: lmdb.Transaction) -> Iterator[str]:
     if of is None or store.base is None:
         return
     name = of.hold or bookmarks.clone_hold_name(store.path)
-    mark = bookmarks.get(store.under(txn), store.base.store.db, name)
+    mark = bookmarks.get(store.base.store, store.under(txn), name)
     if mark is None or mark.seq != of.seq:
         yield (f"clone point #{of.seq} is not held by its base {of.path} (no hold {name!r}): "
                "a prune of the base may free what the clone reads")
@@ -125,8 +116,7 @@ def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[
     """Every problem found in ``store`` (empty when it is sound)."""
     problems: list[str] = []
     with store.txn() as txn:
-        cur = txn.cursor(db=store.db["journal"])
-        last = U64.unpack(cur.key())[0] if cur.last() else 0
+        last = journal.top(store, txn)
         if progress:
             progress("checking blocks")
         problems.extend(_check_blocks(store, txn))

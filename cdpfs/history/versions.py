@@ -1,8 +1,9 @@
 """Questions about history: the versions of one file, and what changed between two points.
 
-Both read the versioned tables directly: a file's versions are the versions of its
-inode (every change to a file writes one), and a diff walks the two trees as of
-their sequence numbers, matching entries by inode number so renames show as such.
+Both read the versioned tables (``store.versions``, ``store.view``): a file's
+versions are the versions of its inode (every change to a file writes one), and a
+diff walks the two trees as of their sequence numbers, matching entries by inode
+number so renames show as such.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import lmdb
 
 from ..errors import NotFound
 from ..store import journal
+from ..store import versions as store_versions
 from ..store.lmdb import Store
-from ..store.schema import U64, Inode, inode_prefix, seq_of
+from ..store.schema import Inode, inode_prefix
 from ..store.view import View
 
 
@@ -34,15 +36,8 @@ class Version:
 def versions(store: Store, txn: lmdb.Transaction, ino: int, upto: int | None = None,
              ) -> Iterator[Version]:
     """Versions of inode ``ino`` (at or before seq ``upto``), newest first."""
-    prefix = inode_prefix(ino)
-    cur = txn.cursor(db=store.db["inodes"])
-    if not cur.set_range(prefix + (U64.pack(2**64 - 1 - upto) if upto else b"")):
-        return
-    for key, value in cur:
-        if not key.startswith(prefix) or len(key) != len(prefix) + 8:
-            return
-        seq = seq_of(key)
-        rec = journal.get(txn, store.db, seq)
+    for seq, value in store_versions.of(store, txn, "inodes", inode_prefix(ino), upto or None):
+        rec = journal.get(store, txn, seq)
         yield Version(seq, rec.ts if rec else None, rec.op if rec else "(thinned)",
                       rec.args if rec else {}, Inode.unpack(value) if value else None)
 

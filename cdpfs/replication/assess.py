@@ -15,9 +15,8 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..store import codec, journal
+from ..store import blocks, codec, journal
 from ..store.lmdb import Store
-from ..store.schema import U64
 from . import wire
 from .batches import data_frame, read_batch
 
@@ -68,8 +67,8 @@ def assess(store: Store, since_ns: int, lag: float) -> Assessment:
     seen_packs: set[int] = set()
     records = raw_total = wire_total = 0
     with store.txn() as txn:
-        start = journal.seq_at(txn, store.db, since_ns)
-        last, _ = journal.last(txn, store.db)
+        start = journal.seq_at(store, txn, since_ns)
+        last, _ = journal.last(store, txn)
         first_ts = last_ts = 0
         acked = start
         while acked < last:
@@ -83,8 +82,9 @@ def assess(store: Store, since_ns: int, lag: float) -> Assessment:
             wire_size = wire.frame_size(wire.frame(wire.OFFER, refs)) + \
                 wire.frame_size(data_frame(store, txn, want, {"records": batch}))
             plain = sum(len(raw) for _, raw in batch) + \
-                sum(codec.plain_size(txn.get(h, db=store.db["blocks"])) for h in want["blocks"]) + \
-                sum(len(txn.get(U64.pack(p), db=store.db["packs"])) for p in want["packs"])
+                sum(codec.plain_size(blocks.stored(store, txn, h) or b"\0")
+                    for h in want["blocks"]) + \
+                sum(len(blocks.stored_pack(store, txn, p) or b"") for p in want["packs"])
             # spread the batch over the seconds its records were stamped in
             stamps = [journal.ts_of(raw) // 10**9 for _, raw in batch]
             first_ts = first_ts or stamps[0]

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CdpfsError
-from ..store import journal
+from ..store import blocks, entries, journal
 from ..store.lmdb import Store
 from ..store.refs import Refs
-from ..store.schema import U64, seq_of
 from . import wire
 
 BATCH_RECORDS = 2000
@@ -33,12 +32,12 @@ def data_frame(store: Store, txn: Any, want: dict[str, list[Any]], body: dict[st
     blocks and packs as pieces, as stored (compressed already), the rest compressed."""
     pieces: list[bytes] = []
     for digest in want["blocks"]:
-        stored = txn.get(digest, db=store.db["blocks"])
+        stored = blocks.stored(store, txn, digest)
         if stored is None:
             raise CdpfsError(f"block {bytes(digest).hex()} is missing on the primary")
         pieces.append(stored)
     for pack in want["packs"]:
-        stored = txn.get(U64.pack(pack), db=store.db["packs"])
+        stored = blocks.stored_pack(store, txn, pack)
         if stored is None:
             raise CdpfsError(f"pack {pack} is missing on the primary")
         pieces.append(stored)
@@ -52,11 +51,7 @@ def read_batch(store: Store, txn: Any, acked: int, name: str = "replica",
     batch: list[list[Any]] = []
     refs = Refs()
     size = 0
-    cur = txn.cursor(db=store.db["journal"])
-    if not cur.set_range(U64.pack(acked + 1)):
-        return [], {}
-    for key, raw in cur:
-        seq = U64.unpack(key)[0]
+    for seq, raw in journal.packed(store, txn, acked + 1):
         if seq != acked + 1 + len(batch):
             if not batch:
                 raise JournalGap(
@@ -79,16 +74,14 @@ def backlog(store: Store, txn: Any, acked: int, limit: int = 100_000) -> tuple[i
     already); and whether that is all (False: only ``limit`` records were counted)."""
     refs = Refs()
     size, complete = 0, True
-    cur = txn.cursor(db=store.db["journal"])
-    if cur.set_range(U64.pack(acked + 1)):
-        for n, (key, raw) in enumerate(cur):
-            if n == limit:
-                complete = False
-                break
-            size += len(raw)
-            refs.add_record(journal.Record.unpack(U64.unpack(key)[0], raw))
-    size += sum(len(txn.get(h, db=store.db["blocks"]) or b"") for h in refs.blocks)
-    size += sum(len(txn.get(U64.pack(p), db=store.db["packs"]) or b"") for p in refs.packs)
+    for n, (seq, raw) in enumerate(journal.packed(store, txn, acked + 1)):
+        if n == limit:
+            complete = False
+            break
+        size += len(raw)
+        refs.add_record(journal.Record.unpack(seq, raw))
+    size += sum(len(blocks.stored(store, txn, h) or b"") for h in refs.blocks)
+    size += sum(len(blocks.stored_pack(store, txn, p) or b"") for p in refs.packs)
     return size, complete
 
 
@@ -101,23 +94,10 @@ def read_base_chunk(store: Store, table: str, after: bytes, top: int,
     size = 0
     last: bytes | None = None
     with store.txn() as txn:
-        cur = txn.cursor(db=store.db[table])
-        if not cur.set_range(after):
-            return [], {}, None
-        for key, value in cur:
-            key = bytes(key)
-            if key == after:
-                continue
+        for key, value, seq in entries.read(store, txn, table, after):
             last = key
-            if table == "journal":
-                seq = U64.unpack(key)[0]
-            elif table == "timeidx":
-                seq = U64.unpack_from(key, 8)[0]
-            else:
-                seq = seq_of(key)
             if seq > top:  # newer: comes with the records after the resync
                 continue
-            value = bytes(value)
             items.append([key, value])
             size += len(key) + len(value)
             if table == "extents":

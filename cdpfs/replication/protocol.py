@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CdpfsError
-from ..store import journal
+from ..store import entries, journal
 from ..store.lmdb import Store
 
 PROTOCOL = 4  # 4: PING and PONG (keepalives); 3: the frame check covers the header
@@ -22,13 +22,13 @@ ANSWER_TIMEOUT = 30.0  # seconds a peer owing an answer may move no byte before 
 KEEPALIVE = 3.0
 IDLE_TIMEOUT = 15.0  # seconds an idle link may go unanswered (a PING owed) before it drops
 # The history tables a full resync sends, in this order (entries up to its seq).
-BASE_TABLES = ("journal", "timeidx", "inodes", "dirents", "xattrs", "extents")
+BASE_TABLES = entries.TABLES
 
 
 def record_check(txn: Any, store: Store, seq: int) -> bytes:
     """A short hash of the record at ``seq`` (``journal.check``): equal on two stores
     when they hold the same history up to there."""
-    return journal.check(txn, store.db, seq)
+    return journal.check(store, txn, seq)
 
 
 def parse_address(text: str) -> tuple[str, int]:

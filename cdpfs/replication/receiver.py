@@ -35,7 +35,7 @@ from ..counters import Counters
 from ..errors import CdpfsError, Corrupt, first_error, root_cause
 from ..history import bookmarks
 from ..history.diverged import keep_and_truncate
-from ..store import codec, epochs, journal
+from ..store import blocks, codec, entries, epochs, journal
 from ..store.lmdb import Store, is_store
 from ..store.schema import U64
 from . import wire
@@ -102,27 +102,27 @@ class _Incoming:
     def _apply(self, txn: Any, store: Store, acked: int) -> int:
 
         for digest in self.offer["blocks"]:  # had when offered: still here (prune)?
-            if digest not in self.blocks and txn.get(digest, db=store.db["blocks"]) is None:
+            if digest not in self.blocks and not blocks.has(store, txn, digest):
                 raise wire.WireError(f"block {bytes(digest).hex()} went away since it was "
                                      "offered (pruned meanwhile): the batch is sent again")
         for pack in self.offer["packs"]:
-            if pack not in self.packs and txn.get(U64.pack(pack), db=store.db["packs"]) is None:
+            if pack not in self.packs and not blocks.has_pack(store, txn, pack):
                 raise wire.WireError(f"pack {pack} went away since it was offered")
         for digest, stored in self.blocks.items():
-            txn.put(digest, stored, db=store.db["blocks"])
+            blocks.put(store, txn, digest, stored)
         for pack, stored in self.packs.items():
-            txn.put(U64.pack(pack), stored, db=store.db["packs"])
+            blocks.put_pack(store, txn, pack, stored)
         if self.base is not None:  # a piece of a full resync: table entries as they are
             if self.base.get("table") not in BASE_TABLES:
                 raise wire.WireError(f"full resync of unknown table {self.base.get('table')!r}")
-            db = store.db[self.base["table"]]
-            for key, value in self.base["items"]:
-                txn.put(key, value, db=db)
+            entries.put(store, txn, self.base["table"], self.base["items"])
+        records = []
         for seq, raw in self.records:
             if seq != acked + 1:
                 raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
-            journal.apply(txn, store.db, seq, raw)
+            records.append(journal.Record.unpack(seq, raw))
             acked = seq
+        journal.apply(store, txn, records, [raw for _, raw in self.records])
         return acked
 
 
@@ -190,7 +190,7 @@ class Receiver:
         with store.txn() as txn:
             stale = _stale(line, epochs.seen(store, txn))
             mine = epochs.lineage(store, txn)
-            top = journal.last(txn, store.db)[0]
+            top = journal.last(store, txn)[0]
         if stale:
             raise CdpfsError(stale)
         if top and epochs.epoch_of(mine, top) != epochs.epoch_of(line, top):
@@ -217,15 +217,15 @@ class Receiver:
         record at that seq: the primary compares it with its own)."""
         assert self.store is not None
         with self.store.txn() as txn:
-            if txn.get(BASE_PENDING, db=self.store.db["meta"]) is not None:
+            if self.store.meta(txn, BASE_PENDING) is not None:
                 return 0, True, b""
-            seq = journal.last(txn, self.store.db)[0]
+            seq = journal.last(self.store, txn)[0]
             return seq, False, record_check(txn, self.store, seq)
 
     @staticmethod
     def _bookmarks(store: Store, marks: dict[str, list[int]]) -> None:
         with store.txn(write=True) as txn:
-            changed = bookmarks.mirror(txn, store.db, marks)
+            changed = bookmarks.mirror(store, txn, marks)
         if changed:
             log.info("bookmarks now as on the primary (%d changed)", changed)
 
@@ -241,13 +241,13 @@ class Receiver:
         DR tests' ``tested-*`` points and the points its clones read all stay."""
         with store.txn(write=True) as txn:
             if msg.get("begin"):
-                txn.put(BASE_PENDING, U64.pack(int(msg["seq"])), db=store.db["meta"])
+                store.set_meta(txn, BASE_PENDING, U64.pack(int(msg["seq"])))
                 log.info("full resync to #%d begins: the primary's history is laid over "
                          "this replica's", msg["seq"])
                 return 0
-            if txn.get(BASE_PENDING, db=store.db["meta"]) is None:
+            if store.meta(txn, BASE_PENDING) is None:
                 raise wire.WireError("end of a full resync that never began")
-            txn.delete(BASE_PENDING, db=store.db["meta"])
+            store.set_meta(txn, BASE_PENDING, None)
             log.info("full resync to #%d done", msg["seq"])
             return int(msg["seq"])
 
@@ -376,10 +376,9 @@ class Receiver:
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
         with store.txn() as txn:
-            blocks = [h for h in offer["blocks"] if txn.get(h, db=store.db["blocks"]) is None]
-            packs = [p for p in offer["packs"]
-                     if txn.get(U64.pack(p), db=store.db["packs"]) is None]
-        return {"blocks": blocks, "packs": packs}
+            want = [h for h in offer["blocks"] if not blocks.has(store, txn, h)]
+            packs = [p for p in offer["packs"] if not blocks.has_pack(store, txn, p)]
+        return {"blocks": want, "packs": packs}
 
     def _apply(self, store: Store, acked: int, group: list[_Incoming]) -> list[int]:
         """Verify and commit batches in one synced transaction; the seq each ends at."""

@@ -5,20 +5,27 @@ counters, last error, when it last answered), keyed by the name. ``cdpfs
 replica add`` registers a replica, its sender keeps the state up to date,
 ``cdpfs status`` reads it (through ``link``, which says what the saved state
 means now), and retention keeps the journal after the lowest acknowledged
-position (``needed_after``). This module is the only one that reads or writes
-the table.
+position (``needed_after``). The table itself is ``store.replicas``'s; a replica
+is registered and forgotten here (``register``, ``unregister``: a clone is never
+replicated).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import lmdb
-import msgpack
 
-from ..store.journal import last
+from ..errors import CdpfsError
+from ..names import check_name
+from ..store import journal
 from ..store.lmdb import Store
+from ..store.replicas import ReplicaState
+from ..store.replicas import delete as delete
+from ..store.replicas import get as get
+from ..store.replicas import put as put
+from ..store.replicas import states as states
 from .protocol import KEEPALIVE
 
 MAX_LAG_RECORDS = 10_000_000  # default of config.replica_max_lag
@@ -28,39 +35,6 @@ MAX_LAG_RECORDS = 10_000_000  # default of config.replica_max_lag
 # a live link is never older than that, plus a round trip.
 SILENT_AFTER = 2 * KEEPALIVE
 CONNECTED, SILENT, NOT_CONNECTED = "connected", "silent", "not connected"
-
-
-@dataclass(slots=True)
-class ReplicaState:
-    """What the primary knows of one replica (kept in the ``replicas`` table)."""
-
-    name: str
-    address: str
-    mode: str = "async"
-    acked: int = 0
-    acked_ts: int = 0  # timestamp of the acknowledged record
-    hold: int = 0  # during a full resync, its base's seq: the journal after it is needed
-    connected: bool = False
-    bytes_sent: int = 0
-    records_sent: int = 0
-    last_error: str = ""
-    updated_ns: int = 0
-    heard_ns: int = 0  # wall clock when the replica last answered (WANT, ACK, PONG ...)
-    limit: int = 0  # bytes per second on the wire, 0: no limit
-    rate: float = 0.0  # bytes per second sent lately (moving average while shipping)
-    record_rate: float = 0.0  # records per second shipped lately
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def pack(self) -> bytes:
-        return msgpack.packb(asdict(self), use_bin_type=True)
-
-    @classmethod
-    def unpack(cls, raw: bytes | memoryview) -> ReplicaState:
-        """A saved state; fields this version does not know (a newer one saved them)
-        are left out, so a store can be read by the release before."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in msgpack.unpackb(bytes(raw), raw=False).items()
-                      if k in known})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,53 +83,63 @@ def link(state: ReplicaState, now_ns: int, lag: int) -> Link:
     return Link(CONNECTED, silent, moving, state.rate if moving else 0.0)
 
 
-def get(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> ReplicaState | None:
-    raw = txn.get(name.encode(), db=dbs["replicas"])
-    return None if raw is None else ReplicaState.unpack(raw)
+def register(path: Path, name: str, address: str, mode: str = "async",
+             limit: int = 0) -> ReplicaState:
+    """Register (or change) replica ``name`` of the store at ``path`` (``cdpfs replica
+    add``): a mount ships to it from then on. A clone is refused: its history starts
+    at its point, which a replica would lack."""
+    check_name(name, "replica")
+    with Store(path) as store, store.txn(write=True) as txn:
+        if store.clone_of is not None:
+            raise CdpfsError(f"{path}: is a clone of {store.clone_of.path}; a clone cannot be "
+                             f"replicated (its history starts at #{store.clone_of.seq}, which "
+                             "a replica would lack)")
+        state = get(store, txn, name) or ReplicaState(name, address)
+        state.address, state.mode, state.limit = address, mode, limit
+        put(store, txn, state)
+    return state
 
 
-def put(txn: lmdb.Transaction, dbs: dict[str, Any], state: ReplicaState) -> None:
-    txn.put(state.name.encode(), state.pack(), db=dbs["replicas"])
+def unregister(path: Path, name: str) -> None:
+    """Forget replica ``name`` of the store at ``path`` (``cdpfs replica remove``):
+    nothing is shipped to it any more, and retention no longer keeps journal for it.
+    CdpfsError naming the replicas there if it has none of that name."""
+    with Store(path) as store, store.txn(write=True) as txn:
+        if name not in {s.name for s in states(store, txn)}:
+            check_name(name, "replica")  # one registered before the rule can still go
+        if not delete(store, txn, name):
+            names = ", ".join(s.name for s in states(store, txn)) or "none"
+            raise CdpfsError(f"{path} has no replica {name!r} (it has: {names})")
 
 
-def delete(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
-    """Forget replica ``name`` (``cdpfs replica remove``); False if it was not there."""
-    return bool(txn.delete(name.encode(), db=dbs["replicas"]))
-
-
-def save_progress(txn: lmdb.Transaction, dbs: dict[str, Any], state: ReplicaState,
+def save_progress(store: Store, txn: lmdb.Transaction, state: ReplicaState,
                   create: bool = False) -> bool:
     """Store what a sender learnt of its replica (position, counters, errors), keeping
     what the user set (address, mode, limit) as it is in the table now: a change made
     by ``cdpfs replica add`` while it ships is never written back over. A replica no
     longer registered stays so unless ``create``. Whether anything was written."""
-    known = get(txn, dbs, state.name)
+    known = get(store, txn, state.name)
     if known is None and not create:
         return False
     if known is not None:
         state = ReplicaState(**{**asdict(state), "address": known.address,
                                 "mode": known.mode, "limit": known.limit})
-    put(txn, dbs, state)
+    put(store, txn, state)
     return True
-
-
-def states(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[ReplicaState]:
-    """Every registered replica, by name."""
-    return [ReplicaState.unpack(v) for _, v in txn.cursor(db=dbs["replicas"])]
 
 
 def load_states(store: Store) -> list[ReplicaState]:
     """Every registered replica of ``store``, read in a transaction of its own."""
     with store.txn() as txn:
-        return states(txn, store.db)
+        return states(store, txn)
 
 
-def min_acked(txn: lmdb.Transaction, dbs: dict[str, Any], newest: int,
+def min_acked(store: Store, txn: lmdb.Transaction, newest: int,
               cap: int = MAX_LAG_RECORDS) -> int | None:
     """The lowest position a registered replica acknowledged, among those less than
     ``cap`` records behind ``newest`` (None: none). A replica further behind gets a
     full resync when it comes back."""
-    acks = [max(s.acked, s.hold) for s in states(txn, dbs)
+    acks = [max(s.acked, s.hold) for s in states(store, txn)
             if newest - max(s.acked, s.hold) <= cap]
     return min(acks) if acks else None
 
@@ -164,4 +148,4 @@ def needed_after(store: Store, txn: lmdb.Transaction) -> int | None:
     """The seq after which retention must keep the journal (and what it references)
     for the replicas (``history.prune.Pruner``'s ``keep_after``); None: none needs any."""
     cap = store.config(txn, "replica_max_lag") or MAX_LAG_RECORDS
-    return min_acked(txn, store.db, last(txn, store.db)[0], cap)
+    return min_acked(store, txn, journal.last(store, txn)[0], cap)

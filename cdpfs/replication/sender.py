@@ -107,7 +107,7 @@ class Sender:
         # as manual: a one-off 'cdpfs replicate' must not make later mounts ship to it.
         self.state = ReplicaState(name, address, mode="manual")
         with store.txn() as txn:
-            known = registry.get(txn, store.db, name)
+            known = registry.get(store, txn, name)
         # Saved in the registry once it answered; made there by the first save if it
         # was not registered before, never made again if it is removed meanwhile.
         self._registered = known is not None
@@ -149,7 +149,7 @@ class Sender:
             return
         self.state.updated_ns = time.time_ns()
         with self.store.txn(write=True) as txn:
-            registry.save_progress(txn, self.store.db, self.state, create=self._create)
+            registry.save_progress(self.store, txn, self.state, create=self._create)
         self._create = False
 
     async def run(self, follow: bool = True, attempts: int = 0) -> None:
@@ -402,7 +402,7 @@ class Sender:
     def _bookmarks(self) -> dict[str, list[int]]:
         """The user's bookmarks the replica can hold (their records acknowledged)."""
         with self.store.txn() as txn:
-            return {b.name: [b.seq, b.created_ns] for b in bookmarks.bookmarks(txn, self.store.db)
+            return {b.name: [b.seq, b.created_ns] for b in bookmarks.bookmarks(self.store, txn)
                     if b.seq <= self.state.acked}
 
     def _read_batch(self, acked: int) -> tuple[list[list[Any]], dict[str, list[Any]]]:
@@ -413,7 +413,7 @@ class Sender:
         """Whether the records after ``acked`` are no longer in the journal (pruned).
         CdpfsError if the replica's history is not this volume's."""
         with self.store.txn() as txn:
-            last, _ = journal.last(txn, self.store.db)
+            last, _ = journal.last(self.store, txn)
             mine = record_check(txn, self.store, acked)
             if acked > last or (check and mine and check != mine):
                 held = f"records up to #{acked} (this volume is at #{last})" if acked > last \
@@ -421,7 +421,7 @@ class Sender:
                 raise CdpfsError(f"replica {self.state.name} holds {held}: its history has "
                                  "parted from this volume's (written to, or fed from "
                                  "elsewhere); nothing was sent")
-            return acked < last and journal.get(txn, self.store.db, acked + 1) is None
+            return acked < last and not journal.has(self.store, txn, acked + 1)
 
     async def _exchange(self, conn: wire.Connection, refs: dict[str, list[Any]],
                         body: dict[str, Any]) -> int:
@@ -442,7 +442,7 @@ class Sender:
         """Send the whole retained history (blocks only where the replica lacks them),
         for a replica whose position is no longer in the journal."""
         with self.store.txn() as txn:
-            top, _ = journal.last(txn, self.store.db)
+            top, _ = journal.last(self.store, txn)
         log.warning("replica %s needs a full resync (its records were pruned here): sending "
                     "the history up to #%d, blocks only where it lacks them", self.state.name,
                     top)

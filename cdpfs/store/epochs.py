@@ -69,7 +69,7 @@ def begin(store: Store, txn: lmdb.Transaction, epoch: int) -> Lineage:
     if epoch <= seen(store, txn):
         raise ValueError(f"epoch {epoch} is not newer than {seen(store, txn)}")
     line = lineage(store, txn)
-    first = last(txn, store.db)[0] + 1
+    first = last(store, txn)[0] + 1
     line = [(e, s) for e, s in line if s < first] + [(epoch, first)]
     store.set_config(txn, _LINEAGE, line)
     store.set_config(txn, _SEEN, epoch)

@@ -1,14 +1,17 @@
-"""The store directory: one LMDB environment, its sub-databases and the block table.
+"""The store directory: one LMDB environment, its sub-databases and the meta table.
 
 A store is a directory holding ``data.mdb``/``lock.mdb`` (LMDB) and ``cdpfs.lock``
 (the writer lock that keeps a second writer out, ``lock.py``). This module opens
-and creates stores, grows the LMDB map, and reads and writes content-addressed
-blocks and packs.
+and creates stores, grows the LMDB map, begins and ends transactions and reads
+the meta table. The other tables are read and written only through the modules
+of this package named for what they hold (``journal``, ``versions``, ``blocks``,
+``bookmarks``, ``replicas``, ``entries``; ``view`` reads the volume as of a seq):
+no module outside ``cdpfs/store/`` touches a table handle (``Store.db``).
 
 A *clone* is a store whose meta names a base store and a point of it
 (``clone.base``, ``clone.seq``): what the clone's own tables do not hold is read
 from the base as of that point (``Base``; ``view.View`` falls through to it),
-and its blocks and packs likewise. The base keeps the point from pruning with a
+and its blocks and packs likewise (``blocks``). The base keeps the point from pruning with a
 hold (``history.clones``).
 """
 
@@ -36,7 +39,7 @@ from .. import system
 from ..errors import Corrupt, StoreError
 from . import codec, journal
 from .lock import LOCK_NAME, Holder, WriterLock, holder
-from .schema import U64, u64
+from .schema import U64
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,8 @@ class Store:
     Attributes:
         path: the store directory.
         env: the LMDB environment.
-        db: the named sub-databases by name (``db["inodes"]`` ...).
+        db: the named sub-databases by name (``db["inodes"]`` ...), for the modules
+            of this package only.
         block_size: the logical block size fixed when the store was created.
         readonly: opened without write access.
     """
@@ -210,7 +214,7 @@ class Store:
                 raise StoreError(f"{self.path}: a clone of {clone.path}, which now holds "
                                  "another volume")
             with base.txn() as txn:
-                check = journal.check(txn, base.db, clone.seq)
+                check = journal.check(base, txn, clone.seq)
             if not check:
                 raise StoreError(f"{self.path}: a clone of {clone.path} at #{clone.seq}, "
                                  "which that store no longer has")
@@ -240,7 +244,7 @@ class Store:
             # been failed back or replaced while the clone is open): a clone never
             # shows another state than its own.
             if self.clone_of.check and \
-                    journal.check(under, self.base.store.db, self.base.seq) != self.clone_of.check:
+                    journal.check(self.base.store, under, self.base.seq) != self.clone_of.check:
                 self.base.store.end(under)
                 raise Corrupt(self.clone_of.check, f"{self.path}: its base "
                               f"{self.base.store.path} no longer holds the history the clone "
@@ -401,6 +405,30 @@ class Store:
             self._active -= 1
             self._cond.notify_all()
 
+    # --- the meta table: identity, counters, settings -------------------------------
+
+    def meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        """The meta table's value of ``key`` (None if unset)."""
+        return txn.get(key, db=self.db["meta"])
+
+    def set_meta(self, txn: lmdb.Transaction, key: bytes, value: bytes | None) -> None:
+        """Set (None: delete) the meta table's ``key``."""
+        if value is None:
+            txn.delete(key, db=self.db["meta"])
+        else:
+            txn.put(key, value, db=self.db["meta"])
+
+    def meta_items(self, txn: lmdb.Transaction, prefix: bytes) -> dict[bytes, bytes]:
+        """The meta table's entries whose keys start with ``prefix``."""
+        cur = txn.cursor(db=self.db["meta"])
+        out: dict[bytes, bytes] = {}
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                out[bytes(key)] = bytes(value)
+        return out
+
     def config(self, txn: lmdb.Transaction, name: str) -> Any:
         """A setting stored in the meta table as JSON (None if unset)."""
         raw = txn.get(b"config." + name.encode(), db=self.db["meta"])
@@ -408,6 +436,23 @@ class Store:
 
     def set_config(self, txn: lmdb.Transaction, name: str, value: Any) -> None:
         txn.put(b"config." + name.encode(), json.dumps(value).encode(), db=self.db["meta"])
+
+    def orphans(self, txn: lmdb.Transaction) -> list[int]:
+        """Inodes unlinked while still open (the ``orphans`` table): freed on the next
+        mount if a crash came first."""
+        cur = txn.cursor(db=self.db["orphans"])
+        return [U64.unpack(k)[0] for k in cur.iternext(values=False)]
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def last_txnid(self) -> int:
+        """The newest committed transaction's id: moves with every commit of any process."""
+        return int(self.env.info()["last_txnid"])
+
+    def copy(self, dest: Path) -> None:
+        """A compacted copy of the whole environment into the directory ``dest``."""
+        self.env.copy(str(dest), compact=True)
 
     def disk_free(self) -> int:
         return system.disk_free(self.path)
@@ -424,61 +469,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- blocks ----------------------------------------------------------------
-
-    def has_block(self, txn: lmdb.Transaction, key: bytes) -> bool:
-        return txn.get(key, db=self.db["blocks"]) is not None
-
-    def get_block(self, txn: lmdb.Transaction, key: bytes) -> bytes:
-        """The verified plaintext of block ``key``; Corrupt if it does not match."""
-        data = self.cache.get(key)
-        if data is not None:
-            return data
-        stored = txn.get(key, db=self.db["blocks"])
-        if stored is None and self.base is not None:
-            return self.base.store.get_block(self.under(txn), key)
-        if stored is None:
-            raise Corrupt(key, f"block {key.hex()} is missing from the store")
-        data = codec.decode(stored, key, self.block_size)
-        self.cache.put(key, data)
-        return data
-
-    # --- packs: small writes side by side (see fs.mutate.Mutator._append_piece) -----
-
-    def put_pack(self, txn: lmdb.Transaction, pack: int, data: bytes | bytearray) -> int:
-        """Store a full or final pack, hashed and compressed; return bytes stored."""
-        value = codec.encode_pack(data)
-        txn.put(u64(pack), value, db=self.db["packs"])
-        return len(value)
-
-    def get_piece(self, txn: lmdb.Transaction, pack: int, off: int, length: int,
-                  digest: bytes, sealed: bytes | None = None) -> bytes:
-        """A small write kept in a pack, checked against its hash. ``sealed``: the
-        pack's plaintext when it is sealed but not committed yet."""
-        if sealed is not None:
-            data: bytes | bytearray = sealed
-        elif pack == self.open_pack[0]:
-            data = self.open_pack[1]
-        elif self.base is not None and pack < self.base.pack_start:
-            return self.base.store.get_piece(self.under(txn), pack, off, length, digest)
-        else:
-            key = b"pack" + u64(pack)
-            cached = self.cache.get(key)
-            if cached is None:
-                stored = txn.get(u64(pack), db=self.db["packs"])
-                if stored is None:
-                    raise Corrupt(digest, f"pack {pack} is missing from the store")
-                cached = codec.decode_pack(stored, pack, self.block_size)
-
-                self.cache.put(key, cached)
-            data = cached
-        piece = bytes(data[off : off + length])
-        if codec.digest(piece) != digest:
-            raise Corrupt(digest, f"piece {digest.hex()} in pack {pack} is corrupt "
-                                       "(hash mismatch)")
-        return piece
-
 
 
 def encode_clone(clone: CloneOf) -> bytes:

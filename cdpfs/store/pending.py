@@ -19,10 +19,10 @@ from typing import Any
 
 import lmdb
 
-from . import journal
+from . import blocks, journal
 from .journal import Record
 from .lmdb import Store
-from .schema import T_DIRENT, T_EXTENT, T_XATTR, TABLE_NAMES, U64, inv
+from .schema import T_DIRENT, T_EXTENT, T_XATTR, U64
 
 Job = Callable[[lmdb.Transaction], Any]
 MISSING = object()  # no version in the layers: look in LMDB
@@ -170,21 +170,16 @@ class Pending:
 
 
 def write(store: Store, txn: lmdb.Transaction, layer: Layer) -> int:
-    """Put a frozen layer into write transaction ``txn``: blocks, packs, each record
-    with its versioned puts, the plain puts, then the jobs. Bytes of packs stored."""
-    dbs = store.db
-    blocks = dbs["blocks"]
-    for key, stored in layer.blocks.items():
-        txn.put(key, stored, db=blocks)
+    """Put a frozen layer into write transaction ``txn``: blocks, packs, the records
+    (``journal.apply``: each one's versioned puts and the record), the plain puts,
+    then the jobs. Bytes of packs stored."""
+    for key, raw in layer.blocks.items():
+        blocks.put(store, txn, key, raw)
     packed = 0
     for pack, data in layer.packs.items():
-        packed += store.put_pack(txn, pack, data)
-    tables = {code: dbs[name.decode()] for code, name in TABLE_NAMES.items()}
-    for rec in layer.records:
-        suffix = inv(rec.seq)
-        for table, prefix, value in rec.changes:
-            txn.put(prefix + suffix, value, db=tables[table])
-        journal.append(txn, dbs, rec)
+        packed += blocks.write_pack(store, txn, pack, data)
+    journal.apply(store, txn, layer.records)
+    dbs = store.db
     for (table, key), value in layer.plain.items():
         if value is None:
             txn.delete(key, db=dbs[table])
@@ -193,4 +188,3 @@ def write(store: Store, txn: lmdb.Transaction, layer: Layer) -> int:
     for job, box in layer.jobs:
         box.append(job(txn))
     return packed
-

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import lmdb
 
 from ..errors import Corrupt, NotFound
-from . import codec, journal
+from . import blocks, codec, journal
 from .lmdb import Store
 from .pending import MISSING, Pending
 from .schema import (
@@ -364,7 +364,7 @@ def open_view(store: Store, *, seq: int | None = None, time_ns: int | None = Non
     """
     with store.txn() as txn:
         if time_ns is not None:
-            seq = journal.seq_at(txn, store.db, time_ns)
+            seq = journal.seq_at(store, txn, time_ns)
             if seq == 0:
                 raise NotFound("the volume did not exist yet at that time")
 
@@ -436,15 +436,15 @@ class ReadPlan:
             stored = self.held.get(digest)
             if stored is not None:
                 return codec.decode(stored, digest, self.store.block_size)
-            return self.store.get_block(txn, digest)
+            return blocks.get(self.store, txn, digest)
         except Corrupt as exc:
             raise Corrupt(digest, f"{exc} (file block {index}, offset "
                                        f"{index * self.store.block_size})") from None
 
     def _piece(self, txn: lmdb.Transaction, index: int, ext: Extent) -> bytes:
         try:
-            return self.store.get_piece(txn, ext.pack, ext.pack_off, ext.length, ext.digest,
-                                        self.packs.get(ext.pack))
+            return blocks.piece(self.store, txn, ext.pack, ext.pack_off, ext.length,
+                                ext.digest, self.packs.get(ext.pack))
         except Corrupt as exc:
             raise Corrupt(ext.digest, f"{exc} (file block {index}, offset "
                                            f"{index * self.store.block_size + ext.off})") from None
