@@ -124,6 +124,39 @@ def test_only_the_system_module_touches_the_operating_system() -> None:
     assert not offenders, offenders
 
 
+# What reaches into the LMDB environment past the store's own modules: the Store's
+# handles (``store.db``, ``store.env``), a table handle given to LMDB (``db=``), and
+# a cursor or a table opened by hand.
+_HANDLES = {"db", "env"}
+_HANDLE_CALLS = {"cursor", "open_db"}
+
+
+def _outside_the_store() -> list[Path]:
+    """The source files of the library, the front ends and the tools, but the store's."""
+    store = PACKAGES["cdpfs"] / "store"
+    files = [p for p in _library_files() if store not in p.parents]
+    return files + sorted(PACKAGES["cdpfs.mount"].rglob("*.py")) + \
+        sorted(PACKAGES["cdpfs.tools"].rglob("*.py"))
+
+
+def test_only_the_store_touches_its_tables() -> None:
+    """cdpfs/store owns the on-disk format: every other module reads and writes the
+    tables through its accessors (journal, versions, blocks, bookmarks, replicas,
+    entries, the view, the Store's meta), never through a table handle."""
+    offenders = []
+    for path in _outside_the_store():
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute) and node.attr in _HANDLES:
+                offenders.append(f"{where} .{node.attr}")
+            elif isinstance(node, ast.keyword) and node.arg == "db":
+                offenders.append(f"{where} db=")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in _HANDLE_CALLS:
+                offenders.append(f"{where} .{node.func.attr}()")
+    assert not offenders, f"tables are cdpfs/store's: {offenders}"
+
+
 def test_the_library_chooses_no_errno() -> None:
     offenders = []
     for path in _library_files():
