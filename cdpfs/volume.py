@@ -40,7 +40,6 @@ from .errors import CdpfsError, Corrupt, StoreError, first_error
 from .fs.engine import Engine, ReadEngine, wait_future
 from .fs.timefs import TimeFS
 from .fs.vfs import FileSystem
-from .ha.fence import Fence
 from .history import bookmarks
 from .history.points import resolve
 from .history.prune import Pruner, PruneResult, prune_store
@@ -91,7 +90,7 @@ class Volume:
                  owner: str = "mount",
                  listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
                  connector: Connector = tls_connector,
-                 clock: Callable[[], int] | None = None, fence: Fence | None = None,
+                 clock: Callable[[], int] | None = None, gate: Callable[[], None] | None = None,
                  failback: bool = False) -> None:
         if (mode is Mode.SNAPSHOT) != (at is not None):
             raise ValueError("a snapshot volume, and only one, needs a moment")
@@ -107,7 +106,9 @@ class Volume:
         self.server_ctx = server_ctx
         self.connector = connector
         self.clock = clock
-        self.fence = fence  # high availability: changes only while the role's lease holds
+        # High availability: asked before every change and before an fsync returns,
+        # raises to refuse (a fence: changes only while the role's lease holds).
+        self.gate = gate
         self.failback = failback  # a replica keeps, then takes out, what a parted history wrote
         self.counters = Counters()
         self.store: Store | None = None
@@ -165,8 +166,8 @@ class Volume:
         await trio.to_thread.run_sync(engine.start)
         # Nothing else runs yet: the recovery may run, and commit, in a worker thread.
         await trio.to_thread.run_sync(lambda: engine.run_sync(fs.recover, durable=True))
-        if self.fence is not None:  # what a crash left is cleaned up, role or not
-            fs.gate = self.fence.check
+        if self.gate is not None:  # what a crash left is cleaned up, role or not
+            fs.gate = self.gate
         self.fs = TimeFS(store, engine.view, live=fs, show_history=self.show_history,
                          on_slot=self._hold, settle=engine.settle, **self._clocked())
         fanout = self.fanout = await trio.to_thread.run_sync(
@@ -387,8 +388,8 @@ class Volume:
         commit fails the fsync: the data is on disk here, but not acknowledged)."""
         if self.fanout is not None:
             await self.fanout.synced(seq)
-        if self.fence is not None:
-            self.fence.check()
+        if self.gate is not None:
+            self.gate()
 
     # --- shipping (source mode) ----------------------------------------------------------
 

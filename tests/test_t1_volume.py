@@ -549,7 +549,7 @@ async def test_a_fenced_volume_refuses_every_change_and_still_reads(tmp_path: Pa
     now = [1000.0]
     fence = Fence(until=1005.0, clock=lambda: now[0])
     with trio.fail_after(TIMEOUT):
-        async with served(path, fence=fence) as vol:
+        async with served(path, gate=fence.check) as vol:
             fs = vol.fs
             assert fs is not None
             fh, ino = await create(vol, b"kept")

@@ -387,7 +387,7 @@ class Node:
         try:
             await trio.to_thread.run_sync(self._promote, epoch, nodes)
             self.fence.open_until(lease.valid_until)
-            volume = Volume(self.store_path, Mode.LIVE, fence=self.fence,
+            volume = Volume(self.store_path, Mode.LIVE, gate=self.fence.check,
                             connector=self.connector, owner="ha primary")
             async with trio.open_nursery() as nursery:
                 self.volume = await nursery.start(volume.run)
