@@ -55,6 +55,7 @@ from .store.view import View
 log = logging.getLogger(__name__)
 
 HISTORY_SETTING = "history"  # config.history: "visible" lists @ entries at the root
+SETTINGS = {HISTORY_SETTING: ("hidden", "visible")}  # cdpfs config: allowed values, default first
 DEFAULT_PRUNE_INTERVAL = 3600  # seconds, when config.prune_interval is unset
 # LMDB tells no process of another's commits (a bookmark or 'replica add' made by a
 # tool, records written by the mount 'cdpfs replicate' ships beside): one watcher
@@ -429,3 +430,45 @@ def prune(store: Store, now_ns: int | None = None) -> PruneResult:
     with store.txn() as txn:
         keep_after = registry.needed_after(store, txn)
     return prune_store(store, keep_after=keep_after, now_ns=now_ns)
+
+
+def prune_volume(path: Path) -> PruneResult:
+    """``prune`` of the store at ``path`` (``cdpfs prune``, beside a mount)."""
+    with Store(path) as store:
+        return prune(store)
+
+
+def preflight(path: Path, at: str | None = None) -> str | None:
+    """What a mount finds out before it starts serving, said at once: the store opens
+    (StoreError: not a store, damaged, of another format), and the moment ``at``
+    names a kept point (BadMoment). Who holds the store's writer lock now (None:
+    nobody)."""
+    with Store(path, readonly=True) as store:
+        who = store.holder()
+        if at is not None:
+            with store.txn() as txn:
+                resolve(store, txn, at)  # a bad moment fails here, with its reason
+    return str(who) if who else None
+
+
+def check_settings(changes: dict[str, str]) -> None:
+    """ValueError unless each of ``changes`` names one of ``SETTINGS`` and one of its
+    values."""
+    for name, value in changes.items():
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r} (known: {', '.join(SETTINGS)})")
+        if value not in SETTINGS[name]:
+            raise ValueError(f"{name} must be one of {', '.join(SETTINGS[name])}, "
+                             f"not {value!r}")
+
+
+def configure(path: Path, changes: dict[str, str]) -> dict[str, str]:
+    """Set ``changes`` (``check_settings``: ValueError, nothing changed, for a bad one)
+    in the store at ``path``; every setting as it is now. A mount reads them when it
+    starts (``cdpfs config``)."""
+    check_settings(changes)
+    with Store(path) as store, store.txn(write=bool(changes)) as txn:
+        for name, value in changes.items():
+            store.set_config(txn, name, value)
+        return {name: store.config(txn, name) or values[0]
+                for name, values in SETTINGS.items()}

@@ -172,6 +172,24 @@ def test_only_the_store_touches_its_tables() -> None:
     assert not offenders, f"tables are cdpfs/store's: {offenders}"
 
 
+def test_the_front_ends_and_tools_work_through_the_library() -> None:
+    """A command's work on a store is a function of the library (which keeps the rules,
+    such as that a clone is never replicated): tools/ and mount/ never open a Store
+    or a transaction themselves."""
+    offenders = []
+    for package in ("cdpfs.mount", "cdpfs.tools"):
+        for path in sorted(PACKAGES[package].rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.ImportFrom) and any(a.name == "Store"
+                                                            for a in node.names):
+                    offenders.append(f"{where} imports Store")
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        node.func.attr in ("txn", "begin"):
+                    offenders.append(f"{where} .{node.func.attr}()")
+    assert not offenders, offenders
+
+
 def test_the_library_chooses_no_errno() -> None:
     offenders = []
     for path in _library_files():

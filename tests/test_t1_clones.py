@@ -383,7 +383,7 @@ def test_stat_of_a_clone_counts_its_base_files_and_its_own_bytes(
 
 
 def test_a_scheduled_dr_test_is_overdue_after_two_missed_periods() -> None:
-    from cdpfs.tools.drtest import Result
+    from cdpfs.drtests import Result
 
     day = 86400
     now = time.time_ns()

@@ -18,7 +18,6 @@ import click
 
 from cdpfs.errors import CdpfsError, StoreLocked
 from cdpfs.names import shown
-from cdpfs.store.lmdb import Store
 
 log = logging.getLogger("cdpfs")
 
@@ -158,19 +157,10 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     second, and a crash before that loses them. sync(1) alone does not commit: the
     kernel does not ask a FUSE mount to."""
     from cdpfs.mount.runner import check_mountpoint, mount_store
+    from cdpfs.volume import preflight
 
     store = Path(os.path.realpath(store))  # a loop of links: the store says so below
-    probe = Store(store, readonly=True)  # clear errors before forking: not a store ...
-    try:
-        who = probe.holder()
-        holder = str(who) if who else None
-        if at is not None:
-            from cdpfs.history.points import resolve
-
-            with probe.txn() as txn:
-                resolve(probe, txn, at)  # a bad moment fails here, with its reason
-    finally:
-        probe.close()
+    holder = preflight(store, at)  # clear errors before forking: not a store, a bad moment
     check_mountpoint(mountpoint, nonempty)
     if at is not None and follow:
         raise click.UsageError("--at and --follow exclude each other")
@@ -290,7 +280,7 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
     With --compare PRIMARY REPLICA, check instead that both stores show the same
     tree at one sequence number."""
-    from cdpfs.history.verify import verify as run_verify
+    from cdpfs.history.verify import check
 
     if compare or replica is not None:
         from .replication import compare as run_compare
@@ -302,13 +292,8 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
     from cdpfs.history import clones
 
-    st = Store(store, readonly=True)
-    try:
-        problems = run_verify(st, progress=lambda msg: log.info(msg))
-        with st.txn() as txn:
-            away = [h for h in clones.held(st, txn) if not h.present]
-    finally:
-        st.close()
+    problems = check(store, progress=lambda msg: log.info(msg))
+    away = [h for h in clones.holds(store) if not h.present]
     for h in away:
         click.echo(f"note: #{h.seq} is held for a clone made at {shown(h.path)}, where no "
                    f"clone of this store is now (moved; or removed by hand: cdpfs clone "
@@ -328,30 +313,15 @@ def status(store: Path) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
-    from cdpfs.history import clones
-    from cdpfs.history.stats import store_stats
-    from cdpfs.replication.batches import backlog
-    from cdpfs.replication.registry import link, load_states
+    from cdpfs.replication.registry import link
+    from cdpfs.status import status as store_status
 
-    from .drtest import kept as kept_clones
-    from .drtest import last as last_test
-    from .drtest import running as running_test
+    from .drtest import leftovers
 
-    st = Store(store, readonly=True)
-    try:
-        s = store_stats(st)
-        tested = last_test(st)
-        # A clone carries its base's settings: what they say of tests is the base's.
-        testing = running_test(st) if st.clone_of is None else None
-        evidence = kept_clones(st) if st.clone_of is None else []
-        holder = st.holder()
-        replicas = load_states(st)
-        with st.txn() as txn:
-            behind = {r.name: backlog(st, txn, r.acked) for r in replicas}
-            held = clones.held(st, txn)
-        clone_of = st.clone_of
-    finally:
-        st.close()
+    now = store_status(store)
+    s, holder, clone_of, held = now.stats, now.holder, now.clone_of, now.held
+    tested, testing, evidence = now.tested, now.testing, now.kept
+    replicas, behind = now.replicas, now.behind
     when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
     click.echo(f"store        {shown(s.path)} ({s.uuid})")
     click.echo(f"in use       {holder or 'no'}")
@@ -384,7 +354,7 @@ def status(store: Path) -> None:
         click.echo(f"dr test      running since {since} (pid {testing.pid}): clone "
                    f"{shown(testing.clone)} on {shown(testing.mnt)}")
     elif testing is not None:
-        left = testing.leftovers() or ["its record"]
+        left = leftovers(testing) or ["its record"]
         click.echo(f"dr test      the test of pid {testing.pid} was killed (or crashed) and "
                    f"left {'; '.join(left)}: remove with 'cdpfs replica test {shown(store)} "
                    "--cleanup'")

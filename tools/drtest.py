@@ -11,7 +11,7 @@ by the ``CDPFS_DRTEST`` variable in its environment), unmounts and deletes the
 clone. A pass bookmarks the tested point on the replica as ``tested-<UTC time>``;
 a failure keeps the clone for inspection (unless told not to) and names the
 failing step with its output. The result is kept in the replica store's settings
-(``config.drtest``) for ``cdpfs status``.
+(``config.drtest``, ``cdpfs.drtests``) for ``cdpfs status``.
 
 A test cleans up after itself, also when it fails, times out or is told to stop
 (SIGTERM, SIGINT, SIGHUP: it stops its steps, runs the stop steps, and records
@@ -38,94 +38,49 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
 from cdpfs import system
+from cdpfs.drtests import (
+    TOKEN,
+    Result,
+    Running,
+    check_replica,
+    finish,
+    kept_in,
+    record,
+    record_killed,
+    running_in,
+    when,
+)
 from cdpfs.errors import CdpfsError
-from cdpfs.history import bookmarks, clones
-from cdpfs.history.treehash import tree_hash
+from cdpfs.history import clones
+from cdpfs.history.bookmarks import TESTED
+from cdpfs.history.treehash import hash_of
 from cdpfs.mount.control import find_mount, holder_pid, unmount, wait_exit
-from cdpfs.replication.receiver import ROLE_REPLICA
 from cdpfs.scenario import Scenario, stop_processes
-from cdpfs.store.lmdb import Store
 
 log = logging.getLogger(__name__)
 
-SETTING = "drtest"  # the last result, in the replica's settings
-RUNNING = "drtest_running"  # the test in progress (or killed), and what it makes
-KEPT = "drtest_kept"  # the clone of the newest failed test, kept for inspection
-TOKEN = "CDPFS_DRTEST"  # in the steps' environment: what they started carries it
 CLI = [sys.executable, "-m", "cdpfs.tools.cli"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-@dataclass(slots=True)
-class Result:
-    """One DR test: when, what was tested, and how it went."""
-
-    ts: int  # when it started (ns since the epoch)
-    seq: int  # the tested point
-    ok: bool
-    seconds: float
-    scenario: str
-    failed: str = ""  # the failing step and its output
-    bookmark: str = ""  # the bookmark of a passed test
-    clone: str = ""  # a failed test's clone, kept for inspection
-    tree_hash: str = ""  # "matches the primary", or why it was not compared
-    every: int = 0  # seconds between scheduled tests (replica serve --test-every), or 0
-
-    def overdue(self, now_ns: int) -> bool:
-        """Whether two scheduled tests have been missed since this one."""
-        return bool(self.every) and now_ns - self.ts > 2 * self.every * 10**9
-
-
-@dataclass(slots=True)
-class Running:
-    """A test in progress as recorded in the replica: who runs it and what it makes."""
-
-    pid: int
-    identity: str  # system.process_identity of pid: a reused pid is not this test
-    ts: int  # when it started (ns since the epoch)
-    scenario: str
-    every: int
-    clone: str  # the clone's path (made after this is recorded)
-    mnt: str  # the temporary mount directory (likewise)
-    token: str  # the value of TOKEN in its steps' environment
-    seq: int = 0  # the tested point, once cloned
-    daemon: int = 0  # the clone's mount process, once mounted
-    daemon_identity: str = ""
-
-    @property
-    def alive(self) -> bool:
-        """Whether the test's process still runs."""
-        if not self.identity:  # no identity where it was recorded: the pid alone
-            return system.pid_alive(self.pid)
-        return system.process_identity(self.pid) == self.identity
-
-    def daemon_alive(self) -> bool:
-        return bool(self.daemon) and system.process_identity(self.daemon) == \
-            self.daemon_identity
-
-    def strays(self) -> list[int]:
-        """The processes its steps started that still run."""
-        return system.processes_with_env(TOKEN, self.token)
-
-    def leftovers(self, clone: bool = True) -> list[str]:
-        """What of the test is still there, in words (the clone too, if ``clone``)."""
-        out = []
-        if n := len(self.strays()):
-            out.append(f"{n} process{'es' if n > 1 else ''} its steps started")
-        if find_mount(Path(self.mnt)) is not None:
-            out.append(f"the clone's mount on {self.mnt}")
-        if self.daemon_alive():
-            out.append(f"the clone's mount process {self.daemon}")
-        if os.path.isdir(self.mnt) and not os.path.ismount(self.mnt):
-            out.append(f"directory {self.mnt}")
-        if clone and os.path.lexists(self.clone):
-            out.append(f"clone {self.clone} (and its hold on the replica)")
-        return out
+def leftovers(rec: Running, clone: bool = True) -> list[str]:
+    """What of the test ``rec`` is still there, in words (the clone too, if ``clone``)."""
+    out = []
+    if n := len(rec.strays()):
+        out.append(f"{n} process{'es' if n > 1 else ''} its steps started")
+    if find_mount(Path(rec.mnt)) is not None:
+        out.append(f"the clone's mount on {rec.mnt}")
+    if rec.daemon_alive():
+        out.append(f"the clone's mount process {rec.daemon}")
+    if os.path.isdir(rec.mnt) and not os.path.ismount(rec.mnt):
+        out.append(f"directory {rec.mnt}")
+    if clone and os.path.lexists(rec.clone):
+        out.append(f"clone {rec.clone} (and its hold on the replica)")
+    return out
 
 
 class Interrupted(BaseException):
@@ -180,27 +135,6 @@ class _Signals:
             self._armed = False
 
 
-def last(store: Store) -> Result | None:
-    """The last DR test recorded in ``store`` (None if none)."""
-    with store.txn() as txn:
-        raw = store.config(txn, SETTING)
-    return None if raw is None else Result(**raw)
-
-
-def running(store: Store) -> Running | None:
-    """The test recorded as in progress in ``store``: running, or killed (None if none)."""
-    with store.txn() as txn:
-        raw = store.config(txn, RUNNING)
-    return None if raw is None else Running(**raw)
-
-
-def kept(store: Store) -> list[str]:
-    """The failed tests' clones kept for inspection that are still there."""
-    with store.txn() as txn:
-        paths = store.config(txn, KEPT) or []
-    return [p for p in paths if os.path.lexists(p)]
-
-
 def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         primary: Path | None = None, keep_failed: bool = True, allow_other: bool = False,
         every: int = 0, echo: Callable[[str], None] = print) -> Result:
@@ -212,7 +146,7 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
         raise CdpfsError(f"{scenario.name}: has no [[test]] steps")
     other = clean_up(replica, echo)
     if other is not None and other.alive:
-        raise CdpfsError(f"a DR test of {replica} is running already ({_who(other)})")
+        raise CdpfsError(f"a DR test of {replica} is running already ({other.who()})")
     started, t0 = time.time_ns(), time.monotonic()
     stamp = dt.datetime.fromtimestamp(started // 10**9, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     clone_path = _new_path(replica.parent / f"{replica.name}.drtest-{stamp}")
@@ -220,16 +154,16 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
     mnt = Path(tempfile.gettempdir()) / f"cdpfs-drtest-{token}"
     me = Running(os.getpid(), system.process_identity(os.getpid()) or "", started,
                  scenario.name, every, str(clone_path), str(mnt), token)
-    _record(replica, me, claim=True)  # before anything is made: a kill leaves it named
+    record(replica, me, claim=True)  # before anything is made: a kill leaves it named
     with _Signals() as signals:
         try:
             made = clones.make(replica, clone_path, at)
         except BaseException:
-            _record(replica, None)
+            record(replica, None)
             raise
         echo(f"cloned {replica} as of #{made.seq} into {clone_path}")
         me.seq = made.seq
-        _record(replica, me)
+        record(replica, me)
         failed, hashed = "", "not compared"
         try:
             signals.check()
@@ -238,7 +172,7 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
             _cli("mount", clone_path, mnt, *(["--allow-other"] if allow_other else []))
             me.daemon = holder_pid(clone_path) or 0
             me.daemon_identity = system.process_identity(me.daemon) or ""
-            _record(replica, me)
+            record(replica, me)
             env = {"CDPFS_MOUNT": str(mnt), "CDPFS_CLONE": str(clone_path),
                    "CDPFS_REPLICA": str(replica), "CDPFS_SEQ": str(made.seq), TOKEN: token}
             failed = _steps(scenario, mnt, env, echo, signals)
@@ -268,23 +202,14 @@ def run(replica: Path, scenario: Scenario, *, at: str | None = None,
             result.clone = str(clone_path)
         else:
             _delete_clone(clone_path, replica, echo, quiet=True)
-        left = me.leftovers(clone=not keep)
-        with Store(replica, readonly=True) as st:
-            before = kept(st)
-        still_kept = [p for p in before if p != str(clone_path)]
+        left = leftovers(me, clone=not keep)
+        still_kept = [p for p in kept_in(replica) if p != str(clone_path)]
         if keep:  # the newest failure's clone replaces the one kept before
             still_kept = [p for p in still_kept
                           if not _delete_clone(Path(p), replica, echo, why="of an older "
                                                "failed test, replaced by this one's")]
             still_kept.append(str(clone_path))
-        with Store(replica) as st, st.txn(write=True) as txn:
-            if result.ok:
-                result.bookmark = f"tested-{stamp}"
-                bookmarks.put(st, txn, result.bookmark, made.seq, replace=True)
-            st.set_config(txn, SETTING, asdict(result))
-            st.set_config(txn, KEPT, still_kept)
-            if not left:
-                st.set_config(txn, RUNNING, None)
+        finish(replica, result, f"{TESTED}{stamp}", still_kept, done=not left)
     if left:
         echo(f"left behind: {'; '.join(left)} (cdpfs replica test {replica} --cleanup)")
     return result
@@ -296,36 +221,19 @@ def clean_up(replica: Path, echo: Callable[[str], None] = print) -> Running | No
     it was left alone. CdpfsError naming what could not be removed."""
     replica = Path(os.path.abspath(replica))
     echo = _heard(echo)
-    with Store(replica, readonly=True) as st:
-        rec = running(st)
+    rec = running_in(replica)
     if rec is None or rec.alive:
         return rec
     left = _remove(rec, replica, echo)
     if left:
-        raise CdpfsError(f"the DR test of {replica} killed {_when(rec.ts)} left what "
+        raise CdpfsError(f"the DR test of {replica} killed {when(rec.ts)} left what "
                          f"could not be removed: {'; '.join(left)}")
     result = Result(rec.ts, rec.seq, False, 0.0, rec.scenario,
-                    failed=f"killed before it finished ({_who(rec)}); what it left was "
+                    failed=f"killed before it finished ({rec.who()}); what it left was "
                     "removed", every=rec.every)
-    with Store(replica) as st, st.txn(write=True) as txn:
-        now = st.config(txn, RUNNING)
-        if now is None or now.get("token") != rec.token:
-            return rec  # another cleanup was quicker
-        st.set_config(txn, RUNNING, None)
-        told = st.config(txn, SETTING)
-        if told is not None and told.get("ts") == rec.ts:
-            return rec  # it ended and recorded its result, but could not clean up
-        st.set_config(txn, SETTING, asdict(result))
-    echo(f"recorded the DR test killed before it finished ({_who(rec)}) as failed")
+    if record_killed(replica, rec, result):
+        echo(f"recorded the DR test killed before it finished ({rec.who()}) as failed")
     return rec
-
-
-def check_replica(replica: Path) -> None:
-    """CdpfsError unless ``replica`` is a replica store."""
-    with Store(replica, readonly=True) as st, st.txn() as txn:
-        if st.config(txn, "role") != ROLE_REPLICA:
-            raise CdpfsError(f"{replica}: not a replica store (a DR test runs on a replica; "
-                             "on a primary, use cdpfs clone and mount the clone)")
 
 
 def _heard(echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -340,14 +248,6 @@ def _heard(echo: Callable[[str], None]) -> Callable[[str], None]:
     return say
 
 
-def _who(rec: Running) -> str:
-    return f"pid {rec.pid}, started {_when(rec.ts)}"
-
-
-def _when(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts / 1e9).isoformat(sep=" ", timespec="seconds")
-
-
 def _new_path(path: Path) -> Path:
     """``path``, or ``path-N`` if a test of the same second made it already."""
     n, out = 1, path
@@ -355,17 +255,6 @@ def _new_path(path: Path) -> Path:
         n += 1
         out = path.with_name(f"{path.name}-{n}")
     return out
-
-
-def _record(replica: Path, rec: Running | None, claim: bool = False) -> None:
-    """Record the test in progress (None: none); with ``claim``, only if no other is."""
-    with Store(replica) as st, st.txn(write=True) as txn:
-        if claim and (raw := st.config(txn, RUNNING)) is not None:
-            other = Running(**raw)
-            raise CdpfsError(f"a DR test of {replica} is running already ({_who(other)})"
-                             if other.alive else f"a DR test of {replica} left things "
-                             "behind: cdpfs replica test --cleanup")
-        st.set_config(txn, RUNNING, None if rec is None else asdict(rec))
 
 
 def _steps(scenario: Scenario, mnt: Path, env: dict[str, str], say: Callable[[str], None],
@@ -456,8 +345,7 @@ def _delete_clone(clone: Path, replica: Path, say: Callable[[str], None], why: s
     if not os.path.lexists(clone):
         return True
     try:
-        with Store(clone, readonly=True, open_base=False) as st:
-            of = st.clone_of
+        of = clones.base_of(clone)
         if of is None or os.path.realpath(of.path) != os.path.realpath(replica):
             say(f"{clone}: not a clone of {replica}: left alone")
             return True  # not the test's: nothing of it to remove
@@ -476,12 +364,10 @@ def _compare(clone: Path, primary: Path | None, seq: int) -> str:
     if primary is None:
         return "not compared (no --primary store given)"
     try:
-        with Store(primary, readonly=True) as pst, pst.txn() as txn:
-            want = tree_hash(pst, txn, seq)[0]
+        want = hash_of(primary, seq)
     except CdpfsError as exc:
         return f"not compared (the primary's store cannot be read: {exc})"
-    with Store(clone, readonly=True) as cst, cst.txn() as txn:
-        got = tree_hash(cst, txn, seq)[0]
+    got = hash_of(clone, seq)
     if got != want:
         return f"differs from the primary's at #{seq}: {got[:16]} against {want[:16]}"
     return f"matches the primary's at #{seq} ({got[:16]})"

@@ -28,7 +28,7 @@ from cdpfs.replication import credentials
 from cdpfs.replication.protocol import parse_address
 from cdpfs.scenario import Scenario, parse_assignments
 from cdpfs.scenario import read as read_scenario
-from cdpfs.store.lmdb import Store, is_store
+from cdpfs.store.lmdb import is_store, volume_id
 
 
 def etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,8 +131,7 @@ def create_cmd(cluster: str, store: Path, ttl: int, interval: float, mode: str, 
     check_name(cluster, "cluster")
     if not is_store(store):
         raise ClusterError(f"{store}: not a cdpfs store")
-    with Store(store, readonly=True) as s:
-        uuid = s.uuid
+    uuid = volume_id(store)
     text = ""
     if scenario is not None:
         text = read_scenario(scenario)
@@ -174,11 +173,7 @@ def join_cmd(cluster: str, node: str, store: Path, address: str, mountpoint: Pat
     cert_path = credentials.tls_dir(store) / "node.crt"
     if not cert_path.exists():
         credentials.keygen(store, node)
-    if is_store(store):
-        with Store(store, readonly=True) as s:
-            uuid = s.uuid
-    else:
-        uuid = None
+    uuid = volume_id(store) if is_store(store) else None
     spec = NodeSpec(node, os.path.realpath(store), address, cert=cert_path.read_text(),
                     mount=os.path.realpath(mountpoint) if mountpoint else "", health=health or "",
                     vars=parse_assignments(variables))

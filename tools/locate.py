@@ -23,7 +23,7 @@ from cdpfs import system
 from cdpfs.errors import CdpfsError
 from cdpfs.mount.control import Mount, cdpfs_mounts, live_mount_of
 from cdpfs.names import shown
-from cdpfs.store.lmdb import Store, is_store
+from cdpfs.store.lmdb import is_store
 
 MAX_LINKS = 40  # symbolic links followed in one path, as the kernel allows
 
@@ -37,11 +37,6 @@ class Target:
     rel: str  # relative to the volume root, "" for the root
     through_link: bool = False  # the path given went through a symlink inside the volume
     dev: int | None = None  # the st_dev of the mount (None if not mounted)
-
-    def open(self) -> Store:
-        """The store, opened for reading, after the mount has committed."""
-        self.settle()
-        return Store(self.store)
 
     def settle(self, strict: bool = False) -> None:
         """Make the live mount commit everything written to it: what the kernel still

@@ -17,7 +17,7 @@ import trio
 
 from cdpfs.errors import CdpfsError, first_error
 from cdpfs.ha import roles
-from cdpfs.history.treehash import tree_hash
+from cdpfs.history.treehash import compare as tree_compare
 from cdpfs.mount.control import live_mount_of
 from cdpfs.names import check_name, shown
 from cdpfs.replication import credentials, registry
@@ -25,8 +25,7 @@ from cdpfs.replication.protocol import parse_address
 from cdpfs.replication.receiver import ROLE_REPLICA
 from cdpfs.replication.registry import ReplicaState
 from cdpfs.replication.sender import tls_connect
-from cdpfs.store import journal
-from cdpfs.store.lmdb import Store, is_store
+from cdpfs.store.lmdb import is_store
 from cdpfs.volume import Mode, Volume
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,9 @@ async def _scheduled_tests(volume: Volume, every: int, args: list[str]) -> None:
     """Run ``cdpfs replica test`` (as its own process: the test opens the store and
     mounts a clone) every ``every`` seconds, the first one ``every`` after the
     last recorded test (at once if that is longer ago)."""
-    from .drtest import CLI, last
+    from cdpfs.drtests import last
+
+    from .drtest import CLI
 
     assert volume.store is not None
     done = last(volume.store)
@@ -204,14 +205,7 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
     check_name(name, "replica")
     parse_address(address)
     rate = parse_rate(limit)
-    with Store(store) as st, st.txn(write=True) as txn:
-        if st.clone_of is not None:
-            raise CdpfsError(f"{store}: is a clone of {st.clone_of.path}; a clone cannot be "
-                             "replicated (its history starts at #"
-                             f"{st.clone_of.seq}, which a replica would lack)")
-        state = registry.get(st, txn, name) or ReplicaState(name, address)
-        state.address, state.mode, state.limit = address, mode, rate
-        registry.put(st, txn, state)
+    registry.register(store, name, address, mode, rate)
     click.echo(f"replica {name} of {shown(store)}: {address}, {mode}"
                + (f", limited to {rate} bytes/s" if rate else ""))
 
@@ -222,12 +216,7 @@ def add_cmd(store: Path, name: str, address: str, mode: str, limit: str) -> None
 def remove_cmd(store: Path, name: str) -> None:
     """Forget replica NAME of STORE: nothing is shipped to it any more (a running mount
     stops within a second) and retention no longer keeps journal for it."""
-    with Store(store) as st, st.txn(write=True) as txn:
-        if name not in {s.name for s in registry.states(st, txn)}:
-            check_name(name, "replica")  # one registered before the rule can still go
-        if not registry.delete(st, txn, name):
-            names = ", ".join(s.name for s in registry.states(st, txn)) or "none"
-            raise CdpfsError(f"{store} has no replica {name!r} (it has: {names})")
+    registry.unregister(store, name)
     click.echo(f"replica {name} removed from {shown(store)}: nothing is shipped to it any more, "
                "and its journal is no longer held")
 
@@ -261,10 +250,8 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
     """Ship STORE's changes to a replica, without a mount (until it has everything)."""
     if name is not None:
         check_name(name, "replica")
-    with Store(store) as st:
-        states = {s.name: s for s in registry.load_states(st)}
-        with st.txn() as txn:
-            last = journal.last(st, txn)[0]
+    registered, last = registry.overview(store)
+    states = {s.name: s for s in registered}
     if name is None:
         names = credentials.trusted_names(store)
         if address is None or len(names) != 1:
@@ -311,21 +298,8 @@ def replicate_cmd(store: Path, address: str | None, name: str | None, follow: bo
 
 def compare(primary: Path, replica_path: Path, at: int | None) -> None:
     """Check that two stores hold the same volume state at one seq (whole-tree hash)."""
-    for p in (primary, replica_path):
-        if not is_store(p):
-            raise CdpfsError(f"{p}: not a cdpfs store")
-    with Store(primary) as a, Store(replica_path) as b, a.txn() as ta, b.txn() as tb:
-        if a.uuid != b.uuid:
-            raise CdpfsError(f"{replica_path} holds volume {b.uuid}, not {a.uuid}")
-        last = min(journal.last(a, ta)[0], journal.last(b, tb)[0])
-        seq = last if at is None else at
-        if seq > last:
-            raise CdpfsError(f"#{seq}: both stores have records only up to #{last}")
-        ha, n = tree_hash(a, ta, seq)
-        hb, _ = tree_hash(b, tb, seq)
-    if ha != hb:
-        raise CdpfsError(f"differ at #{seq}: {primary} {ha[:16]}, {replica_path} {hb[:16]}")
-    click.echo(f"identical at #{seq}: {n} entries, tree hash {ha[:16]}")
+    seq, n, digest = tree_compare(primary, replica_path, at)
+    click.echo(f"identical at #{seq}: {n} entries, tree hash {digest[:16]}")
 
 
 @replica.command("test")
@@ -403,8 +377,7 @@ def assess_cmd(store: Path, since: str, lag: str) -> None:
         period, max_lag = parse_duration(since), parse_duration(lag)
     except ValueError as exc:
         raise CdpfsError(str(exc)) from None
-    with Store(store) as st:
-        result = assess(st, time.time_ns() - period * 10**9, max(1, max_lag))
+    result = assess(store, time.time_ns() - period * 10**9, max(1, max_lag))
     for line in result.lines():
         click.echo(line)
 

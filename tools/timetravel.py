@@ -1,7 +1,8 @@
 """The time-travel commands: log, diff, restore, rewind, bookmark(s), clone, prune, stat,
 retention.
 
-Read-only commands open the store directly (after asking a live mount to commit);
+Each command's work on the store is a library function (``cdpfs.history``,
+``cdpfs.volume``), called once a live mount has committed what it holds;
 ``restore`` and ``rewind`` copy from ``@#seq`` trees into the live tree through the
 mount, so every change they make is journaled and can itself be undone.
 """
@@ -19,18 +20,13 @@ import click
 
 from cdpfs.errors import CdpfsError
 from cdpfs.history import bookmarks
-from cdpfs.history.moments import BadMoment
 from cdpfs.history.moments import parse as parse_moment
-from cdpfs.history.points import Points
-from cdpfs.history.points import resolve as resolve_point
-from cdpfs.history.retention import Policy, load_policy, parse_duration, save_policy
-from cdpfs.history.versions import diff as tree_diff
-from cdpfs.history.versions import versions
+from cdpfs.history.points import find as find_point
+from cdpfs.history.retention import configure as configure_retention
+from cdpfs.history.versions import file_versions, tree_changes
 from cdpfs.names import shown
 from cdpfs.scenario import Scenario
-from cdpfs.store.lmdb import Store
-from cdpfs.store.view import View
-from cdpfs.volume import HISTORY_SETTING
+from cdpfs.volume import check_settings, configure
 
 from .locate import Target, locate
 
@@ -48,17 +44,12 @@ def when(ts: int | None) -> str:
     return dt.datetime.fromtimestamp(ts / 1e9).isoformat(sep=" ", timespec="milliseconds")
 
 
-def resolve(store: Store, moment: str) -> tuple[int, int]:
-    """(seq, ts) of the kept point ``moment`` names."""
-    with store.txn() as txn:
-        point = resolve_point(store, txn, moment)
-        return point.seq, point.ts
-
-
 def _point(target: Target, moment: str) -> tuple[int, int]:
-    """(seq, ts) of the kept point ``moment`` names in the target's store."""
-    with target.open() as st:
-        return resolve(st, moment)
+    """(seq, ts) of the kept point ``moment`` names in the target's store (after its
+    mount committed)."""
+    target.settle()
+    point = find_point(target.store, moment)
+    return point.seq, point.ts
 
 
 def _args(op: str, args: dict[str, object]) -> str:
@@ -86,22 +77,13 @@ def _name(raw: object) -> str:
 def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
     """The versions of a file or directory: sequence, time, operation, size."""
     target = locate(path, store)
-    st = target.open()
-    try:
-        upto = resolve(st, at)[0] if at is not None else None
-        with st.txn() as txn:
-            view = View(st, txn) if upto is None else View(st, txn, upto)
-
-            ino = view.resolve(target.rel)
-            click.echo(f"{'seq':>10}  {'time':<23}  {'op':<11} {'size':>12}  details")
-            for n, v in enumerate(versions(st, txn, ino, upto), 1):
-                size = "(gone)" if v.node is None else str(v.node.size)
-                click.echo(f"{v.seq:>10}  {when(v.ts):<23}  {v.op:<11} {size:>12}  "
-                           f"{_args(v.op, v.args)}")
-                if limit and n >= limit:
-                    break
-    finally:
-        st.close()
+    target.settle()
+    found = file_versions(target.store, target.rel, at, limit)
+    click.echo(f"{'seq':>10}  {'time':<23}  {'op':<11} {'size':>12}  details")
+    for v in found:
+        size = "(gone)" if v.node is None else str(v.node.size)
+        click.echo(f"{v.seq:>10}  {when(v.ts):<23}  {v.op:<11} {size:>12}  "
+                   f"{_args(v.op, v.args)}")
 
 
 @click.command("diff")
@@ -114,17 +96,12 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
 
     T1 and T2 are moments (a time, -15m, #seq, a bookmark, or 'now')."""
     target = locate(path, store)
-    st = target.open()
-    try:
-        seqs = [resolve(st, t)[0] for t in (t1, t2)]
-        with st.txn() as txn:
-            changes = tree_diff(st, txn, seqs[0], seqs[1], target.rel)
-    finally:
-        st.close()
+    target.settle()
+    seq1, seq2, changes = tree_changes(target.store, t1, t2, target.rel)
     for change in changes:
         click.echo(shown(str(change)))
     counts = {k: sum(c.kind == k for c in changes) for k in "AMDR"}
-    click.echo(f"#{seqs[0]} -> #{seqs[1]}: {counts['A']} added, {counts['M']} changed, "
+    click.echo(f"#{seq1} -> #{seq2}: {counts['A']} added, {counts['M']} changed, "
                f"{counts['D']} removed, {counts['R']} renamed", err=True)
 
 
@@ -208,10 +185,7 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
     """Name a point in history (now, or --at a moment); bookmarks are kept until deleted."""
     target = locate(volume)
     if delete:
-        if not name or not name.isprintable() or len(name.encode()) > 511:  # no LMDB key
-            raise BadMoment(f"{name!r}: no such bookmark")
-        with Store(target.store) as st, st.txn(write=True) as txn:
-            bookmarks.delete(st, txn, name)
+        bookmarks.remove(target.store, name)
         click.echo(f"deleted bookmark {name}")
         return
     hooks = Scenario.load(scenario, variables) if scenario else None
@@ -224,18 +198,12 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
     if hooks:
         hooks.run("before", cwd, env)
     try:
-        st = target.open()
-        try:
-            with st.txn(write=True) as txn:
-                point = resolve_point(st, txn, "now" if at is None else at)
-                seq, ts = point.seq, point.ts
-                mark = bookmarks.put(st, txn, name, seq)
-        finally:
-            st.close()
+        target.settle()
+        mark, ts = bookmarks.add(target.store, name, at)
     finally:
         if hooks:
             hooks.run("after", cwd, env)
-    click.echo(f"bookmark {mark.name} -> #{seq} ({when(ts)})")
+    click.echo(f"bookmark {mark.name} -> #{mark.seq} ({when(ts)})")
 
 
 @click.command("bookmarks")
@@ -243,28 +211,21 @@ def bookmark_cmd(name: str, at: str | None, delete: bool, volume: Path,
               help="A store, or a path in a mounted volume.")
 def bookmarks_cmd(volume: Path) -> None:
     """List the bookmarks of a volume."""
-    st = locate(volume).open()
-    try:
-        with st.txn() as txn:
-            points = Points(st, txn)
-            for mark in bookmarks.bookmarks(st, txn):
-                click.echo(f"{mark.name:<24} #{mark.seq:<10} {when(points.ts(mark.seq))}")
-    finally:
-        st.close()
+    target = locate(volume)
+    target.settle()
+    for mark, ts in bookmarks.listed(target.store):
+        click.echo(f"{mark.name:<24} #{mark.seq:<10} {when(ts)}")
 
 
 @click.command("prune")
 @click.argument("volume", type=click.Path(path_type=Path))
 def prune_cmd(volume: Path) -> None:
     """Apply the retention policy now: free what no kept point needs."""
-    from cdpfs.volume import prune
+    from cdpfs.volume import prune_volume
 
     target = locate(volume)
-    st = target.open()
-    try:
-        r = prune(st)
-    finally:
-        st.close()
+    target.settle()
+    r = prune_volume(target.store)
     click.echo(f"pruned {shown(target.store)}: {r.versions} versions, {r.records} journal records, "
                f"{r.blocks} blocks and {r.packs} packs ({r.bytes_freed / 2**20:.1f} MiB of "
                f"data) in {r.seconds:.1f}s; {r.kept_points} older points kept, "
@@ -275,14 +236,11 @@ def prune_cmd(volume: Path) -> None:
 @click.argument("volume", type=click.Path(path_type=Path))
 def stat_cmd(volume: Path) -> None:
     """Space and history of a volume: live data, history, dedup, compression."""
-    from cdpfs.history.stats import space_stats
+    from cdpfs.history.stats import space
 
-
-    st = locate(volume).open()
-    try:
-        s = space_stats(st)
-    finally:
-        st.close()
+    target = locate(volume)
+    target.settle()
+    s = space(target.store)
 
     def mib(n: int) -> str:
         return f"{n / 2**20:,.1f} MiB"
@@ -390,25 +348,13 @@ def retention_cmd(volume: Path, keep_all: str | None, minutely: str | None,
                   replica_max_lag: int | None) -> None:
     """Show or set the retention policy of a volume."""
     target = locate(volume)
-    with Store(target.store) as st, st.txn(write=True) as txn:
-        old = load_policy(st, txn)
-        try:
-            new = Policy(*(parse_duration(v) if v else getattr(old, k) for k, v in (
-                ("keep_all", keep_all), ("minutely", minutely), ("hourly", hourly),
-                ("daily", daily))))
-            if new != old:
-                save_policy(st, txn, new)
-            if prune_interval:
-                st.set_config(txn, "prune_interval", parse_duration(prune_interval))
-            if replica_max_lag is not None:
-                st.set_config(txn, "replica_max_lag", replica_max_lag)
-        except ValueError as exc:
-            raise CdpfsError(str(exc)) from None
-        every = st.config(txn, "prune_interval") or 3600
+    try:
+        new, every = configure_retention(
+            target.store, keep_all=keep_all, minutely=minutely, hourly=hourly, daily=daily,
+            prune_interval=prune_interval, replica_max_lag=replica_max_lag)
+    except ValueError as exc:
+        raise CdpfsError(str(exc)) from None
     click.echo(f"retention: {new.describe()}; a mount prunes every {every}s")
-
-
-SETTINGS = {HISTORY_SETTING: ("hidden", "visible")}  # name: allowed values, default first
 
 
 @click.command("config")
@@ -421,18 +367,14 @@ def config_cmd(volume: Path, settings: tuple[str, ...]) -> None:
     changes = {}
     for item in settings:
         name, _, value = item.partition("=")
-        if name not in SETTINGS:
-            raise click.UsageError(f"unknown setting {name!r} (known: {', '.join(SETTINGS)})")
-        if value not in SETTINGS[name]:
-            raise click.UsageError(f"{name} must be one of {', '.join(SETTINGS[name])}, "
-                                   f"not {value!r}")
+        try:
+            check_settings({name: value})
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         changes[name] = value
     target = locate(volume)
-    with Store(target.store) as st, st.txn(write=bool(changes)) as txn:
-        for name, value in changes.items():
-            st.set_config(txn, name, value)
-        for name, values in SETTINGS.items():
-            click.echo(f"{name}={st.config(txn, name) or values[0]}")
+    for name, value in configure(target.store, changes).items():
+        click.echo(f"{name}={value}")
     if changes and target.mount is not None:
         click.echo("a running mount takes the new settings when it is mounted again")
 

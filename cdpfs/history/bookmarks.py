@@ -26,6 +26,7 @@ from ..store.bookmarks import CLONE_HOLD, HOLD, Bookmark
 from ..store.bookmarks import MAX_NAME as MAX_NAME  # what a clone's hold name may take
 from ..store.lmdb import Store
 from .moments import BadMoment, parse
+from .points import resolve
 
 TESTED = "tested-"  # a replica's own bookmarks of points a DR test passed
 
@@ -140,3 +141,25 @@ def mirror(store: Store, txn: lmdb.Transaction, marks: dict[str, list[int]]) -> 
 
 def hold_name(tag: str) -> str:
     return f"{HOLD}{os.getpid()}.{tag}"
+
+
+def add(path: Path, name: str, at: str | None = None) -> tuple[Bookmark, int]:
+    """Bookmark the kept point moment ``at`` names (default: the newest record) in the
+    store at ``path`` as ``name``: the bookmark and the time of its record."""
+    with Store(path) as store, store.txn(write=True) as txn:
+        point = resolve(store, txn, "now" if at is None else at)
+        return put(store, txn, name, point.seq), point.ts
+
+
+def remove(path: Path, name: str) -> None:
+    """Delete the bookmark ``name`` of the store at ``path`` (BadMoment if it has none)."""
+    if not name or not name.isprintable() or len(name.encode()) > MAX_NAME:  # no LMDB key
+        raise BadMoment(f"{name!r}: no such bookmark")
+    with Store(path) as store, store.txn(write=True) as txn:
+        delete(store, txn, name)
+
+
+def listed(path: Path) -> list[tuple[Bookmark, int | None]]:
+    """The bookmarks of the store at ``path`` with the times of their records."""
+    with Store(path) as store, store.txn() as txn:
+        return [(mark, journal.ts(store, txn, mark.seq)) for mark in bookmarks(store, txn)]

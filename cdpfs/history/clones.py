@@ -202,13 +202,25 @@ def held(base: Store, txn: lmdb.Transaction) -> list[Held]:
     return out
 
 
+def holds(path: Path) -> list[Held]:
+    """``held`` of the store at ``path``, opened read-only."""
+    with Store(path, readonly=True) as base, base.txn() as txn:
+        return held(base, txn)
+
+
+def base_of(path: Path) -> CloneOf | None:
+    """What the store at ``path`` says of its base if it is a clone (None if it is
+    none); the base is not opened. StoreError if it is no store."""
+    with Store(path, readonly=True, open_base=False) as store:
+        return store.clone_of
+
+
 def _clone_of(path: Path, base: Store) -> CloneOf | None:
     """What the store at ``path`` says of its base, if it is a clone of ``base``."""
     if not is_store(path):
         return None
     try:
-        with Store(path, readonly=True, open_base=False) as store:
-            of = store.clone_of
+        of = base_of(path)
     except StoreError:
         return None
     if of is None or of.uuid != base.uuid or \

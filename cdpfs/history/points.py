@@ -16,12 +16,13 @@ import bisect
 import datetime as dt
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
+from ..store import bookmarks as marks
 from ..store import journal
 from ..store.lmdb import Store
-from . import bookmarks
 from .moments import BadMoment, Moment, parse
 from .retention import DAY, HOUR, Policy, load_policy
 
@@ -51,6 +52,12 @@ def resolve(store: Store, txn: lmdb.Transaction, text: str, now_ns: int | None =
     return Point(seq, points.ts(seq) or 0)
 
 
+def find(path: Path, text: str, now_ns: int | None = None) -> Point:
+    """The kept point the moment ``text`` names in the store at ``path``."""
+    with Store(path) as store, store.txn() as txn:
+        return resolve(store, txn, text, now_ns)
+
+
 class Points:
     """The kept points of a store as of ``now_ns``, read through ``txn``."""
 
@@ -62,7 +69,7 @@ class Points:
         self.policy = policy or load_policy(store, txn)
         self.last, self.last_ts = journal.last(store, txn)
         # Holds of processes that are gone hold nothing (prune deletes them).
-        self.marks = [b for b in bookmarks.all_points(store, txn)
+        self.marks = [b for b in marks.points(store, txn)
                       if not b.is_hold or b.holder_alive]
         self._marked_set = {b.seq for b in self.marks}
         if store.base is not None:  # a clone keeps the point it was made at
@@ -109,7 +116,7 @@ class Points:
         if moment.kind == "now":
             return self.last
         if moment.kind == "bookmark":
-            mark = bookmarks.get(self.store, self.txn, str(moment.value))
+            mark = marks.get(self.store, self.txn, str(moment.value))
             if mark is None:
                 raise BadMoment(f"{moment.text!r}: no such bookmark")
             return mark.seq

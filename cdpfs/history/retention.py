@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import lmdb
 
@@ -83,3 +84,24 @@ def load_policy(store: Store, txn: lmdb.Transaction) -> Policy:
 def save_policy(store: Store, txn: lmdb.Transaction, policy: Policy) -> None:
     policy.check()
     store.set_config(txn, "retention", asdict(policy))
+
+
+def configure(path: Path, *, keep_all: str | None = None, minutely: str | None = None,
+              hourly: str | None = None, daily: str | None = None,
+              prune_interval: str | None = None, replica_max_lag: int | None = None,
+              ) -> tuple[Policy, int]:
+    """Set what is given of the retention of the store at ``path`` (durations as
+    ``parse_duration`` reads them; ValueError, nothing changed, for a bad one):
+    the policy and how often a mount prunes in seconds, as they are now."""
+    with Store(path) as store, store.txn(write=True) as txn:
+        old = load_policy(store, txn)
+        new = Policy(*(parse_duration(v) if v else getattr(old, k) for k, v in (
+            ("keep_all", keep_all), ("minutely", minutely), ("hourly", hourly),
+            ("daily", daily))))
+        if new != old:
+            save_policy(store, txn, new)
+        if prune_interval:
+            store.set_config(txn, "prune_interval", parse_duration(prune_interval))
+        if replica_max_lag is not None:
+            store.set_config(txn, "replica_max_lag", replica_max_lag)
+        return new, int(store.config(txn, "prune_interval") or 3600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
@@ -67,6 +68,12 @@ class SpaceStats:
     clone_of: str | None = None  # a clone: its base store
     clone_seq: int = 0  # ... the point of the base it was made at
     clone_ts: int = 0
+
+
+def space(path: Path) -> SpaceStats:
+    """``space_stats`` of the store at ``path`` (``cdpfs stat``)."""
+    with Store(path) as store:
+        return space_stats(store)
 
 
 def space_stats(store: Store) -> SpaceStats:

@@ -11,6 +11,7 @@ the clone reads at its point exactly as its base did when it was made.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import lmdb
 
@@ -127,3 +128,9 @@ def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[
         if View(store, txn, MAX_SEQ).inode(1) is None:
             problems.append("root directory is missing")
     return problems
+
+
+def check(path: Path, progress: Callable[[str], None] | None = None) -> list[str]:
+    """``verify`` of the store at ``path``, opened read-only (``cdpfs verify``)."""
+    with Store(path, readonly=True) as store:
+        return verify(store, progress)

@@ -1,5 +1,8 @@
 """Questions about history: the versions of one file, and what changed between two points.
 
+``file_versions`` and ``tree_changes`` answer them for the store at a path
+(``cdpfs log``, ``cdpfs diff``), ``versions`` and ``diff`` inside a transaction.
+
 Both read the versioned tables (``store.versions``, ``store.view``): a file's
 versions are the versions of its inode (every change to a file writes one), and a
 diff walks the two trees as of their sequence numbers, matching entries by inode
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lmdb
@@ -20,6 +24,7 @@ from ..store import versions as store_versions
 from ..store.lmdb import Store
 from ..store.schema import Inode, inode_prefix
 from ..store.view import View
+from .points import resolve
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,37 @@ def versions(store: Store, txn: lmdb.Transaction, ino: int, upto: int | None = N
         rec = journal.get(store, txn, seq)
         yield Version(seq, rec.ts if rec else None, rec.op if rec else "(thinned)",
                       rec.args if rec else {}, Inode.unpack(value) if value else None)
+
+
+def file_versions(path: Path, rel: str, at: str | None = None, limit: int = 0,
+                  ) -> list[Version]:
+    """The versions (at most ``limit``, 0: all) of the file at ``rel`` in the volume of
+    the store at ``path``, newest first; with ``at``, of the file that had that path
+    at that moment, up to then."""
+    with Store(path) as store:
+        upto = None if at is None else _point(store, at)
+        with store.txn() as txn:
+            view = View(store, txn) if upto is None else View(store, txn, upto)
+            out: list[Version] = []
+            for version in versions(store, txn, view.resolve(rel), upto):
+                out.append(version)
+                if len(out) == limit:
+                    break
+            return out
+
+
+def tree_changes(path: Path, t1: str, t2: str, rel: str = "") -> tuple[int, int, list[Change]]:
+    """What changed under ``rel`` in the volume of the store at ``path`` between the
+    kept points moments ``t1`` and ``t2`` name: those points and the changes."""
+    with Store(path) as store:
+        seq1, seq2 = _point(store, t1), _point(store, t2)
+        with store.txn() as txn:
+            return seq1, seq2, diff(store, txn, seq1, seq2, rel)
+
+
+def _point(store: Store, moment: str) -> int:
+    with store.txn() as txn:
+        return resolve(store, txn, moment).seq
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..store import blocks, codec, journal
 from ..store.lmdb import Store
@@ -59,8 +60,14 @@ class Assessment:
         return out
 
 
-def assess(store: Store, since_ns: int, lag: float) -> Assessment:
-    """What replication would have sent for the records stamped since ``since_ns``."""
+def assess(path: Path, since_ns: int, lag: float) -> Assessment:
+    """What replication would have sent for the records stamped since ``since_ns`` in
+    the store at ``path``."""
+    with Store(path) as store:
+        return _assess(store, since_ns, lag)
+
+
+def _assess(store: Store, since_ns: int, lag: float) -> Assessment:
     raw_by_s: dict[int, int] = defaultdict(int)
     wire_by_s: dict[int, int] = defaultdict(int)
     seen_blocks: set[bytes] = set()

@@ -128,6 +128,12 @@ def save_progress(store: Store, txn: lmdb.Transaction, state: ReplicaState,
     return True
 
 
+def overview(path: Path) -> tuple[list[ReplicaState], int]:
+    """The registered replicas of the store at ``path`` and its newest record's seq."""
+    with Store(path) as store, store.txn() as txn:
+        return states(store, txn), journal.last(store, txn)[0]
+
+
 def load_states(store: Store) -> list[ReplicaState]:
     """Every registered replica of ``store``, read in a transaction of its own."""
     with store.txn() as txn:

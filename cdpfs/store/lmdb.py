@@ -471,6 +471,12 @@ class Store:
         self.close()
 
 
+def volume_id(path: Path) -> str:
+    """The volume id (uuid) of the store at ``path`` (StoreError if there is none)."""
+    with Store(path, readonly=True) as store:
+        return store.uuid
+
+
 def encode_clone(clone: CloneOf) -> bytes:
     """The meta value ``clone`` of a clone store."""
     return json.dumps({"base": str(clone.path), "uuid": clone.uuid, "seq": clone.seq,

@@ -1,0 +1,62 @@
+"""What ``cdpfs status`` shows of a store, read in one go.
+
+The journal and the objects (``history.stats``), who holds the store, what it
+is a clone of and which clones hold its points, its DR tests (``drtests``) and,
+for each registered replica, its saved state and how much is still to send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import drtests
+from .history import clones
+from .history.stats import StoreStats, store_stats
+from .replication.batches import backlog
+from .replication.registry import ReplicaState, load_states
+from .store.lmdb import CloneOf, Store
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A store's state.
+
+    Attributes:
+        stats: journal, objects and space.
+        holder: who holds the writer lock (None: nobody).
+        clone_of: what a clone's meta says of its base (None: not a clone).
+        held: the base's clone holds, and whether each clone is still there.
+        tested: the last DR test; testing: one in progress or killed (a clone's
+            settings are its base's: none for a clone); kept: the failed tests'
+            clones kept (none for a clone).
+        replicas: the registered replicas' saved states; behind: for each, the
+            bytes still to send at most and whether that is all of them.
+    """
+
+    stats: StoreStats
+    holder: str | None
+    clone_of: CloneOf | None
+    held: list[clones.Held]
+    tested: drtests.Result | None
+    testing: drtests.Running | None
+    kept: list[str]
+    replicas: list[ReplicaState]
+    behind: dict[str, tuple[int, bool]]
+
+
+def status(path: Path) -> Status:
+    """The state of the store at ``path`` (opened read-only)."""
+    with Store(path, readonly=True) as store:
+        stats = store_stats(store)
+        tested = drtests.last(store)
+        # A clone carries its base's settings: what they say of tests is the base's.
+        testing = drtests.running(store) if store.clone_of is None else None
+        kept = drtests.kept(store) if store.clone_of is None else []
+        who = store.holder()
+        replicas = load_states(store)
+        with store.txn() as txn:
+            behind = {r.name: backlog(store, txn, r.acked) for r in replicas}
+            held = clones.held(store, txn)
+        return Status(stats, str(who) if who else None, store.clone_of, held, tested,
+                      testing, kept, replicas, behind)
