@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from cdpfs.errors import Corrupt, StoreError
+from cdpfs.errors import CdpfsError, Corrupt, StoreError
 from cdpfs.history import bookmarks, clones
 from cdpfs.history.moments import BadMoment
 from cdpfs.history.points import resolve
 from cdpfs.history.stats import space_stats
 from cdpfs.history.treehash import tree_hash
 from cdpfs.history.verify import verify
+from cdpfs.replication import registry
 from cdpfs.store.lmdb import Store
 from cdpfs.store.view import View, open_view
 from cdpfs.testing import FakeClock, LiveStore
@@ -357,6 +358,24 @@ def test_bad_clone_requests_are_refused_and_change_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "taken"]
     with Store(path) as st, st.txn() as txn:
         assert txn.stat(st.db["bookmarks"])["entries"] == marks, "a refused clone left a hold"
+
+
+def test_a_clone_is_never_replicated(
+        tmp_path: Path, base: tuple[Path, int, dict[str, bytes]]) -> None:
+    """The rule is the library's (registry.register), whatever front end asks: a
+    clone's history starts at its point, which a replica would lack."""
+    path, m, _ = base
+    clones.make(path, tmp_path / "clone", f"#{m}")
+    with pytest.raises(CdpfsError, match="a clone cannot be replicated"):
+        registry.register(tmp_path / "clone", "r1", "h:1")
+    assert registry.overview(tmp_path / "clone")[0] == []
+    registry.register(path, "r1", "h:1", "sync", 1000)  # the base can be
+    states, last = registry.overview(path)
+    assert [(s.name, s.address, s.mode, s.limit) for s in states] == [("r1", "h:1", "sync", 1000)]
+    assert last > m
+    registry.unregister(path, "r1")
+    with pytest.raises(CdpfsError, match=r"has no replica 'r1' \(it has: none\)"):
+        registry.unregister(path, "r1")
 
 
 def test_stat_of_a_clone_counts_its_base_files_and_its_own_bytes(
