@@ -1148,7 +1148,7 @@ async def test_a_degraded_sync_replica_is_back_in_sync_with_no_fsync_after_it(
                 await _eventually("the replica back in sync",
                                   lambda: vol.fanout.in_sync() == [NAME])
                 with vol.store.txn() as txn:
-                    top = journal.last(txn, vol.store.db)[0]
+                    top = journal.last(vol.store, txn)[0]
                 assert _replica_top(receiver) == top
 
 
