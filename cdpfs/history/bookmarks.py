@@ -13,8 +13,11 @@ never be pruned under it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -137,6 +140,28 @@ def mirror(store: Store, txn: lmdb.Transaction, marks: dict[str, list[int]]) -> 
             table.put(store, txn, mark)
             changed += 1
     return changed
+
+
+_tags = itertools.count(1)
+
+
+@contextmanager
+def holding(store: Store, seqs: Iterable[int], what: str) -> Iterator[None]:
+    """Hold points ``seqs`` for this process while the block runs (a send or an
+    export reading them, prune running elsewhere meanwhile). A process killed
+    meanwhile holds nothing: a hold of a dead process is dropped by prune."""
+    tags: list[str] = []
+    with store.txn(write=True) as txn:
+        for seq in sorted(set(seqs)):
+            if seq:
+                tags.append(f"{what}.{next(_tags)}")
+                hold(store, txn, tags[-1], seq)
+    try:
+        yield
+    finally:
+        with store.txn(write=True) as txn:
+            for tag in tags:
+                release(store, txn, tag)
 
 
 def hold_name(tag: str) -> str:

@@ -19,10 +19,11 @@ from ..errors import CdpfsError
 from ..store.epochs import MAX_EPOCHS
 
 # Frame types
-HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS, PING, PONG = range(1, 12)
+HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS, PING, PONG, STREAM, END = \
+    range(1, 14)
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", OFFER: "OFFER", WANT: "WANT", DATA: "DATA",
          ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS", PING: "PING",
-         PONG: "PONG"}
+         PONG: "PONG", STREAM: "STREAM", END: "END"}
 
 MAX_SEQ = 2**64 - 1
 MAX_ITEMS = 100_000  # entries of any list or map in one body
@@ -127,13 +128,27 @@ SHAPES: dict[int, Check] = {
     WANT: _REFS,
     DATA: _map({}, {"records": _list(_pair(_SEQ, _bytes())),
                     "base": _map({"table": _text(32),
-                                  "items": _list(_pair(_bytes(), _bytes()))})}),
+                                  "items": _list(_pair(_bytes(), _bytes()))}),
+                    # a send stream's: the pieces' names, and records no time resolves to
+                    "blocks": _list(_bytes(HASH_LEN)), "packs": _list(_int()),
+                    "unindexed": _list(_SEQ)}),
     ACK: _map({"seq": _SEQ}),
     ERROR: _map({}, {"message": _text()}),
     BASE: _map({"seq": _SEQ}, {"begin": _bool, "end": _bool}),
     MARKS: _marks,
     PING: _map({"id": _SEQ}),  # a keepalive on an idle link
     PONG: _map({"id": _SEQ}),  # its answer, naming the PING's id
+    # A send stream's head: the volume, the stretch of history and where it starts
+    # (a resumed stream: after the record ``after``, whose check is ``after_check``).
+    STREAM: _map({"format": _int(1, 2**31), "uuid": _text(64, least=1),
+                  "block_size": _int(1, 2**31), "from": _SEQ, "to": _SEQ,
+                  "to_ts": _int(0, 2**63 - 1), "ends": _bool,
+                  "epochs": _list(_pair(_int(), _int(1)), limit=MAX_EPOCHS)},
+                 {"name": _text(256), "from_check": _bytes(limit=CHECK_LEN),
+                  "from_ts": _int(0, 2**63 - 1), "after": _SEQ,
+                  "after_check": _bytes(limit=CHECK_LEN), "created_ns": _int(0, 2**63 - 1)}),
+    # Its tail: what came before it, so a stream cut short or spliced is told apart.
+    END: _map({"records": _SEQ, "pieces": _SEQ, "chain": _bytes(CHECK_LEN)}),
 }
 
 

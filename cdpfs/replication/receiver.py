@@ -48,19 +48,25 @@ BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under 
 ROLE_REPLICA = "replica"  # config.role of a replica store (a read-write mount refuses it)
 
 
-class _Incoming:
+class Incoming:
     """A batch received and waiting to be applied; or, with ``control``, the start or
-    the end of a full resync (BASE) or the primary's bookmarks (MARKS)."""
+    the end of a full resync (BASE) or the primary's bookmarks (MARKS).
+
+    A send stream's batches (``replication.stream``) are applied by the same code:
+    their records may leave gaps (history thinned by prune, or collapsed to its
+    ends), and records no time resolves to are named in ``unindexed``."""
 
     def __init__(self, offer: dict[str, Any] | None = None, want: dict[str, Any] | None = None,
                  body: dict[str, Any] | None = None, pieces: Sequence[bytes] = (),
-                 control: tuple[int, Any] | None = None) -> None:
+                 control: tuple[int, Any] | None = None, gaps: bool = False) -> None:
         self.control = control
+        self.gaps = gaps
         self.offer = offer or {"blocks": [], "packs": []}
         self.want = want or {"blocks": [], "packs": []}
         body = body or {}
         self.records: list[list[Any]] = body.get("records") or []
         self.base: dict[str, Any] | None = body.get("base")
+        self.unindexed: set[int] = set(body.get("unindexed") or ())
         # the pieces are the wanted blocks, then the wanted packs, in order
         nblocks = len(self.want["blocks"])
         if len(pieces) != nblocks + len(self.want["packs"]):
@@ -96,18 +102,19 @@ class _Incoming:
             return self._apply(txn, store, acked)
         except (lmdb.BadValsizeError, KeyError, TypeError, ValueError,
                 msgpack.UnpackException) as exc:
-            raise wire.WireError(f"the primary sent a batch that cannot be applied: "
+            raise wire.WireError(f"a batch that cannot be applied arrived: "
                                  f"{type(exc).__name__}: {exc}") from None
 
     def _apply(self, txn: Any, store: Store, acked: int) -> int:
-
-        for digest in self.offer["blocks"]:  # had when offered: still here (prune)?
+        # had when offered: still here (prune)? A stream's: sent before, or here?
+        gone = ("is neither in the stream nor in this store" if self.gaps else
+                "went away since it was offered (pruned meanwhile): the batch is sent again")
+        for digest in self.offer["blocks"]:
             if digest not in self.blocks and not blocks.has(store, txn, digest):
-                raise wire.WireError(f"block {bytes(digest).hex()} went away since it was "
-                                     "offered (pruned meanwhile): the batch is sent again")
+                raise wire.WireError(f"block {bytes(digest).hex()} {gone}")
         for pack in self.offer["packs"]:
             if pack not in self.packs and not blocks.has_pack(store, txn, pack):
-                raise wire.WireError(f"pack {pack} went away since it was offered")
+                raise wire.WireError(f"pack {pack} {gone}")
         for digest, stored in self.blocks.items():
             blocks.put(store, txn, digest, stored)
         for pack, stored in self.packs.items():
@@ -118,11 +125,14 @@ class _Incoming:
             entries.put(store, txn, self.base["table"], self.base["items"])
         records = []
         for seq, raw in self.records:
-            if seq != acked + 1:
-                raise wire.WireError(f"record #{seq} out of order (replica is at #{acked})")
+            if seq != acked + 1 and not (self.gaps and seq > acked):
+                raise wire.WireError(f"record #{seq} out of order (this store is at #{acked})")
             records.append(journal.Record.unpack(seq, raw))
             acked = seq
         journal.apply(store, txn, records, [raw for _, raw in self.records])
+        for rec in records:
+            if rec.seq in self.unindexed:
+                journal.unindex(store, txn, rec.seq, rec.ts)
         return acked
 
 
@@ -301,7 +311,7 @@ class Receiver:
         lock = trio.Lock()
         inflight: dict[object, int] = {}  # blocks and ("p", pack) wanted, not applied yet
         offers: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # (offer, want)
-        send_q, recv_q = trio.open_memory_channel[_Incoming](PIPELINE)
+        send_q, recv_q = trio.open_memory_channel[Incoming](PIPELINE)
 
         async def reply(kind: int, body: Any) -> None:
             async with lock:
@@ -349,7 +359,7 @@ class Receiver:
 
     async def _frames(self, conn: wire.Connection, store: Store, inflight: dict[object, int],
                       offers: deque[tuple[dict[str, Any], dict[str, Any]]],
-                      send_q: trio.MemorySendChannel[_Incoming], reply: Any) -> None:
+                      send_q: trio.MemorySendChannel[Incoming], reply: Any) -> None:
         """Take frames from the primary: answer offers and keepalives, queue batches
         for the applier."""
         while True:
@@ -358,7 +368,7 @@ class Receiver:
             if kind == wire.PING:  # answered at once: the primary times the silence
                 await reply(wire.PONG, {"id": body["id"]})
             elif kind in (wire.BASE, wire.MARKS):  # a full resync's start or end; bookmarks
-                await send_q.send(_Incoming(control=(kind, body)))
+                await send_q.send(Incoming(control=(kind, body)))
             elif kind == wire.OFFER:
                 want = await trio.to_thread.run_sync(self._missing, store, body)
                 want = {"blocks": [h for h in want["blocks"] if h not in inflight],
@@ -371,7 +381,7 @@ class Receiver:
                 if not offers:
                     raise wire.WireError("DATA frame without an offer before it")
                 offer, want = offers.popleft()
-                await send_q.send(_Incoming(offer, want, body, pieces))
+                await send_q.send(Incoming(offer, want, body, pieces))
 
     @staticmethod
     def _missing(store: Store, offer: dict[str, Any]) -> dict[str, Any]:
@@ -380,7 +390,7 @@ class Receiver:
             packs = [p for p in offer["packs"] if not blocks.has_pack(store, txn, p)]
         return {"blocks": want, "packs": packs}
 
-    def _apply(self, store: Store, acked: int, group: list[_Incoming]) -> list[int]:
+    def _apply(self, store: Store, acked: int, group: list[Incoming]) -> list[int]:
         """Verify and commit batches in one synced transaction; the seq each ends at."""
         for item in group:
             item.check(store.block_size)

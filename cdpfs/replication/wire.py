@@ -33,6 +33,7 @@ from .messages import (  # noqa: F401 (the frame types, as wire.HELLO ...)
     ACK,
     BASE,
     DATA,
+    END,
     ERROR,
     HELLO,
     MARKS,
@@ -40,6 +41,7 @@ from .messages import (  # noqa: F401 (the frame types, as wire.HELLO ...)
     OFFER,
     PING,
     PONG,
+    STREAM,
     WANT,
     WELCOME,
 )
@@ -105,6 +107,16 @@ class Connection:
         self.sent = 0
         self.received = 0
         self.active = trio.current_time()
+        # The frames' checks so far, chained: a send stream's END carries the sender's
+        # (``chain``), so a frame dropped, repeated or spliced in is noticed.
+        self._chain = b""
+
+    def chain(self) -> bytes:
+        """The chain of the checks of every frame sent or received so far."""
+        return self._chain
+
+    def _link(self, check: bytes | memoryview) -> None:
+        self._chain = codec.digest(self._chain + bytes(check))[:CHECK]
 
     async def send(self, kind: int, body: Any, compress: bool = True) -> int:
         return await self.send_frame(frame(kind, body, compress))
@@ -119,6 +131,7 @@ class Connection:
             await self.stream.send_all(part)
             self.sent += len(part)
             self.active = trio.current_time()
+        self._link(parts[-1])
         return frame_size(parts)
 
     async def _exactly(self, n: int) -> bytes:
@@ -172,6 +185,7 @@ class Connection:
         check = await self._exactly(CHECK)
         if codec.digest(head + table + payload)[:CHECK] != check:
             raise WireError(f"damaged {NAMES.get(kind, kind)} frame (check mismatch), dropped")
+        self._link(check)
         name = NAMES.get(kind, str(kind))
         if expect and kind not in expect and kind != ERROR:
             raise WireError(f"unexpected {name} frame")
@@ -187,6 +201,33 @@ class Connection:
             raise PeerError(body.get("message") or "refused")
         return kind, body, pieces
 
+
+
+class FileStream(trio.abc.Stream):
+    """A binary file (a pipe, a regular file, stdin or stdout) as a trio stream, so a
+    send stream is read and written by the same frames as a replication link. Reads
+    and writes run on a worker thread: a pipe may block."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await trio.to_thread.run_sync(self.file.write, data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc.strerror or str(exc)) from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            return await trio.to_thread.run_sync(self.file.read, max_bytes or READ_SIZE)
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc.strerror or str(exc)) from None
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self.file.flush)
 
 
 class _LargeReads(trio.abc.Stream):

@@ -94,9 +94,32 @@ def unindex(store: Store, txn: lmdb.Transaction, seq: int, ts: int) -> None:
     txn.delete(U64.pack(ts) + U64.pack(seq), db=store.db["timeidx"])
 
 
+def indexed(store: Store, txn: lmdb.Transaction, seq: int, ts: int) -> bool:
+    """Whether record ``seq`` stamped ``ts`` is a point a time resolves to (prune
+    drops the time index entries of the records it thins)."""
+    return txn.get(U64.pack(ts) + U64.pack(seq), db=store.db["timeidx"]) is not None
+
+
+def kept(store: Store, txn: lmdb.Transaction, rec: Record) -> Record:
+    """``rec`` with only the changes whose versions the tables still hold (prune
+    drops versions no kept point shows; their records may stay): ``rec`` itself
+    when it lost none."""
+    dbs = store.db
+    suffix = inv(rec.seq)
+    changes = [c for c in rec.changes
+               if txn.get(c[1] + suffix, db=dbs[_TABLES[c[0]]]) is not None]
+    return rec if len(changes) == len(rec.changes) else rec._replace(changes=changes)
+
+
 def get(store: Store, txn: lmdb.Transaction, seq: int) -> Record | None:
     raw = txn.get(U64.pack(seq), db=store.db["journal"])
     return None if raw is None else Record.unpack(seq, raw)
+
+
+def raw(store: Store, txn: lmdb.Transaction, seq: int) -> bytes | None:
+    """Record ``seq`` packed, as stored (None if the journal does not hold it)."""
+    value = txn.get(U64.pack(seq), db=store.db["journal"])
+    return None if value is None else bytes(value)
 
 
 def has(store: Store, txn: lmdb.Transaction, seq: int) -> bool:
