@@ -149,6 +149,7 @@ def test_full_then_incremental_streams_carry_every_point(tmp_path: Path) -> None
         full = send(src)
         result = receive(tmp_path / "dst", full)
         assert result.created and result.to_seq == top(src)
+        assert result.tree == points(src)[top(src)]  # a full stream's end carries it
         with opened(tmp_path / "dst") as dst:
             assert points(dst) == points(src)
             assert marks(dst) == {"first": top(src)}
@@ -337,7 +338,8 @@ def test_forged_foreign_and_garbled_tokens_are_refused(tmp_path: Path) -> None:
         beyond = stream.make_token(ident, ident.to_seq + 5, check)
         with pytest.raises(stream.StreamError, match="outside its stretch"):
             stream.plan(src, resume=beyond)
-        for garbled in (token[:-3], token[:20] + "x" + token[21:], "hello", ""):
+        changed = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
+        for garbled in (token[:-3], changed, "hello", ""):
             with pytest.raises(stream.StreamError, match="not a resume token"):
                 stream.plan(src, resume=garbled)
         # a good token of another stream into this partial store: refused there

@@ -148,7 +148,9 @@ SHAPES: dict[int, Check] = {
                   "from_ts": _int(0, 2**63 - 1), "after": _SEQ,
                   "after_check": _bytes(limit=CHECK_LEN), "created_ns": _int(0, 2**63 - 1)}),
     # Its tail: what came before it, so a stream cut short or spliced is told apart.
-    END: _map({"records": _SEQ, "pieces": _SEQ, "chain": _bytes(CHECK_LEN)}),
+    # With ``tree``: the tree hash of the volume at ``to``, which the receiver checks.
+    END: _map({"records": _SEQ, "pieces": _SEQ, "chain": _bytes(CHECK_LEN)},
+              {"tree": _text(64)}),
 }
 
 

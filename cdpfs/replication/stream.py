@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 import msgpack
@@ -47,6 +47,7 @@ import trio
 from ..errors import CdpfsError, StoreError
 from ..history import bookmarks
 from ..history.points import point_name, resolve
+from ..history.treehash import tree_hash
 from ..store import codec, epochs, journal
 from ..store.lmdb import Store, is_store
 from ..store.refs import Refs
@@ -104,6 +105,7 @@ class Plan:
     after: int = 0
     after_check: bytes = b""
     from_ts: int = 0
+    tree: bool = False  # the END carries the tree hash at ``to`` (the receiver checks it)
 
 
 @dataclass(slots=True)
@@ -111,6 +113,7 @@ class Result:
     """What a send wrote or a receive applied."""
 
     to_seq: int = 0
+    tree: str = ""  # the tree hash at ``to``, when the stream carried it (checked)
     records: int = 0
     pieces: int = 0
     bytes: int = 0
@@ -166,10 +169,19 @@ def _token_of(store: Store, txn: lmdb.Transaction) -> str:
 
 
 def plan(store: Store, *, start: str | None = None, end: str | None = None,
-         ends: bool = False, resume: str | None = None) -> Plan:
+         ends: bool = False, resume: str | None = None, tree: bool | None = None) -> Plan:
     """What to send from ``store``: the points moments ``start`` (None: a full stream)
     and ``end`` (None: the newest record) name, or what the resume token ``resume``
-    names, checked against this store (StreamError, one line, otherwise)."""
+    names, checked against this store (StreamError, one line, otherwise). ``tree``:
+    whether the stream ends with the tree hash at ``to`` for the receiver to check
+    (it reads the whole volume at ``to`` once more; by default only a full stream's)."""
+    p = _plan(store, start, end, ends, resume)
+    p.tree = not p.ident.from_seq if tree is None else tree
+    return p
+
+
+def _plan(store: Store, start: str | None, end: str | None, ends: bool,
+          resume: str | None) -> Plan:
     if store.clone_of is not None:
         raise StreamError(f"{store.path} is a clone: a clone cannot be sent (send its "
                           "base, or copy the files out with export)")
@@ -242,9 +254,12 @@ async def send(store: Store, conn: wire.Connection, p: Plan,
         marks = await trio.to_thread.run_sync(reader.marks)
         result.marks = len(marks)
         result.bytes += await conn.send(wire.MARKS, marks)
-        result.bytes += await conn.send(wire.END, {"records": result.records,
-                                                   "pieces": result.pieces,
-                                                   "chain": conn.chain()})
+        end: dict[str, Any] = {"records": result.records, "pieces": result.pieces,
+                               "chain": conn.chain()}
+        if p.tree:
+            result.tree = end["tree"] = await trio.to_thread.run_sync(
+                hash_at, store, ident.to_seq)
+        result.bytes += await conn.send(wire.END, end)
     return result
 
 
@@ -358,6 +373,29 @@ def _data_frame(store: Store, txn: lmdb.Transaction, want: dict[str, list[Any]],
         return data_frame(store, txn, want, body)
     except CdpfsError as exc:
         raise StreamError(f"{store.path}: {exc} (run cdpfs verify)") from None
+
+
+def send_file(path: Path, out: BinaryIO, *, progress: Progress | None = None,
+              **options: Any) -> Result:
+    """Send from the store at ``path`` to the binary file ``out`` (a pipe, a file):
+    ``options`` as ``plan`` takes them."""
+    with Store(path) as store:
+        p = plan(store, **options)
+
+        async def run() -> Result:
+            return await send(store, wire.Connection(wire.FileStream(out)), p, progress)
+
+        return trio.run(run)
+
+
+def receive_file(path: Path, inp: BinaryIO, *, new_volume: bool = False,
+                 progress: Progress | None = None) -> Result:
+    """Receive the stream the binary file ``inp`` holds into the store at ``path``."""
+    async def run() -> Result:
+        return await receive(path, wire.Connection(wire.FileStream(inp)),
+                             new_volume=new_volume, progress=progress)
+
+    return trio.run(run)
 
 
 # --- receiving ----------------------------------------------------------------------------
@@ -534,6 +572,14 @@ class _Target:
             if self.applied != self.ident.to_seq:
                 raise wire.WireError(f"the stream ended at #{self.applied}, before its "
                                      f"point #{self.ident.to_seq}")
+            if body.get("tree"):
+                result.tree = await trio.to_thread.run_sync(hash_at, self.store,
+                                                            self.ident.to_seq)
+                if result.tree != body["tree"]:
+                    raise StreamError(
+                        f"the volume received differs from the sender's at #{self.applied} "
+                        f"(tree hash {result.tree[:16]}, the sender's {body['tree'][:16]}): "
+                        "it is kept as received, marked incomplete; report this")
             result.marks = await trio.to_thread.run_sync(self._finish, marks)
         except (wire.WireError, messages.BadMessage, StoreError, lmdb.Error, OSError,
                 ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -576,6 +622,12 @@ class _Target:
         kept = (f"kept what arrived, up to #{self.applied}" if self.applied
                 else "nothing was applied")
         return StreamError(f"receive stopped: {what}; {kept}", token)
+
+
+def hash_at(store: Store, seq: int) -> str:
+    """The tree hash of the volume in ``store`` at ``seq``."""
+    with store.txn() as txn:
+        return tree_hash(store, txn, seq)[0]
 
 
 def _is_point(store: Store, txn: lmdb.Transaction, seq: int, check: bytes) -> bool:
