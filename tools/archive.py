@@ -68,17 +68,23 @@ class _Output:
                                  "redirect standard output)")
             return
         try:
-            st: os.stat_result | None = os.stat(self.path)
+            os.lstat(self.path)  # a link to nothing, or to a link loop, is something
         except FileNotFoundError:
-            st = None
+            exists = False
         except OSError as exc:
             raise CdpfsError(f"{shown(self.path)}: {exc.strerror}") from None
-        if st is not None:
+        else:
+            exists = True
+        if exists:
             if not force:
                 raise CdpfsError(f"{shown(self.path)}: exists (--force replaces it)")
-            if stat.S_ISDIR(st.st_mode):
+            try:
+                st = os.stat(self.path)
+            except OSError:  # a link that leads nowhere: replaced like a file
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
                 raise CdpfsError(f"{shown(self.path)}: is a directory")
-            self.in_place = not stat.S_ISREG(st.st_mode)
+            self.in_place = st is not None and not stat.S_ISREG(st.st_mode)
         parent = self.path.parent
         if not parent.is_dir():
             raise CdpfsError(f"{shown(parent)}: no such directory")
@@ -201,9 +207,9 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
              f"MiB archive"]
     if result.skipped:
         parts.append(f"{result.skipped} sockets left out (tar cannot hold them)")
+    rate = f" ({result.tar_bytes / took / 1e6:.0f} MB/s)" if result.tar_bytes >= 2**20 else ""
     click.echo(f"exported #{point.seq} ({_when(point.ts)}) to {out.name}: {', '.join(parts)} "
-               f"in {took:.1f}s ({result.tar_bytes / took / 1e6:.0f} MB/s)",
-               err=out.path is None)
+               f"in {took:.1f}s{rate}", err=out.path is None)
 
 
 @click.command("import")
@@ -246,12 +252,16 @@ def _input(archive: str) -> Iterator[IO[bytes]]:
         yield sys.stdin.buffer
         return
     try:
-        f = open(archive, "rb")  # noqa: SIM115 - closed below
-    except IsADirectoryError:
-        raise CdpfsError(f"{shown(archive)}: is a directory") from None
+        # Not blocking on a FIFO no one writes to (it then reads as empty); a pipe
+        # that is written to (a shell's <(...)) reads as any file.
+        fd = os.open(archive, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise CdpfsError(f"{shown(archive)}: {exc.strerror}") from None
-    with f:
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CdpfsError(f"{shown(archive)}: is a directory")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as f:
         yield f
 
 
