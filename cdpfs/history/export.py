@@ -47,7 +47,7 @@ from ..errors import CdpfsError, NotFound
 from ..names import shown
 from ..store.lmdb import Store
 from ..store.schema import ROOT_INO, Inode
-from ..store.view import View, open_view
+from ..store.view import ReadPlan, View, open_view
 from . import bookmarks
 from .points import Point, resolve
 
@@ -56,11 +56,13 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
 CHUNK = 1 << 20  # file data read (and checked and decompressed) per task
-WINDOW = 16  # chunks under way ahead of the writer: what bounds memory
+WINDOW = 16  # batches of reads under way ahead of the writer: what bounds memory
+BATCH = 64  # small files' reads done in one task
+QUEUED = 4 << 20  # bytes of headers waiting behind chunks under way, at most
 PAGE = 256  # directory entries read per transaction
 INDICES = 4096  # block-map entries read per transaction
 _ids = itertools.count(1)
-_NAMES = (b"path", b"linkpath", b"GNU.sparse.name")  # records hdrcharset speaks of
+_ZEROS = bytes(BLOCK)
 
 
 class ExportError(CdpfsError):
@@ -118,7 +120,8 @@ def export_tar(store: Store, seq: int, out: BinaryIO, paths: Sequence[str | byte
     written before it is correct, and no end-of-archive marker follows)."""
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers, thread_name_prefix="cdpfs-export") as pool:
-        exporter = _Exporter(store, seq, _TarWriter(out), pool, progress)
+        tar = _TarWriter(out, lambda plans: pool.submit(_read_all, store, plans), progress)
+        exporter = _Exporter(store, seq, tar, pool)
         try:
             exporter.run(_starts(store, seq, paths))
         finally:
@@ -190,18 +193,18 @@ class _Entry:
     ino: int
     node: Inode
     xattrs: list[tuple[bytes, bytes]]
+    plan: ReadPlan | None = None  # a small file's data, planned in the walk's transaction
 
 
 class _Exporter:
     """One export: the walk, the data pipeline and the tally."""
 
     def __init__(self, store: Store, seq: int, tar: _TarWriter, pool: ThreadPoolExecutor,
-                 progress: Callable[[int], None] | None) -> None:
+                 ) -> None:
         self.store = store
         self.seq = seq
         self.tar = tar
         self.pool = pool
-        self.progress = progress
         self.bs = store.block_size
         self.first: dict[int, bytes] = {}  # inode with more names -> its first archive name
         self.result = ExportResult(seq)
@@ -212,16 +215,19 @@ class _Exporter:
                 self._entry(entry)
         self.tar.finish()
         self.result.tar_bytes = self.tar.written
+        self.result.data_bytes = self.tar.data_bytes
 
     # --- the walk: pre-order, a page of a directory per transaction --------------------
 
-    @staticmethod
-    def _read_entry(view: View, name: bytes, ino: int) -> _Entry | None:
+    def _read_entry(self, view: View, name: bytes, ino: int) -> _Entry | None:
         node = view.inode(ino)
         if node is None:
             return None
         xattrs = [(x, view.xattr(ino, x) or b"") for x in view.xattrs(ino)]
-        return _Entry(name, ino, node, xattrs)
+        entry = _Entry(name, ino, node, xattrs)
+        if node.is_reg and 0 < node.size <= CHUNK and node.blocks >= -(-node.size // self.bs):
+            entry.plan = view.plan(ino, 0, node.size, node.size)  # no hole: read it all
+        return entry
 
     def _walk(self, name: bytes, ino: int) -> Iterator[_Entry]:
         with open_view(self.store, seq=self.seq) as view:
@@ -293,7 +299,10 @@ class _Exporter:
                 layout = None
         if layout is None:
             self.tar.header(e.name, b"0", e.node, size, e.xattrs)
-            self._data(e.ino, size, [(0, size)] if size else [])
+            if e.plan is not None:
+                self.tar.data(e.plan, size)
+            else:
+                self._data(e.ino, size, [(0, size)] if size else [])
             self.tar.pad(size)
         else:
             self._sparse(e, layout)
@@ -363,26 +372,14 @@ class _Exporter:
             yield start * bs, min(end * bs, size) - start * bs
 
     def _data(self, ino: int, size: int, regions: Iterable[tuple[int, int]]) -> None:
-        """Write the bytes of ``regions`` in order: read plans are made here (a short
+        """The bytes of ``regions``, in order: read plans are made here (a short
         transaction for a few), blocks fetched, checked and decompressed on the
-        pool's threads, at most WINDOW chunks ahead."""
-        under_way: deque[Future[bytes]] = deque()
-        tar = self.tar
+        pool's threads; the writer keeps at most WINDOW chunks under way."""
         for piece in _batches(_pieces(regions), 8):
             with open_view(self.store, seq=self.seq) as view:
-                plans = [view.plan(ino, off, n, size) for off, n in piece]
-            for plan in plans:
-                under_way.append(self.pool.submit(plan.run))
-                if len(under_way) >= WINDOW:
-                    self._put(tar, under_way.popleft().result())
-        while under_way:
-            self._put(tar, under_way.popleft().result())
-
-    def _put(self, tar: _TarWriter, data: bytes) -> None:
-        tar.write(data)
-        self.result.data_bytes += len(data)
-        if self.progress is not None:
-            self.progress(len(data))
+                plans = [(view.plan(ino, off, n, size), n) for off, n in piece]
+            for plan, n in plans:
+                self.tar.data(plan, n)
 
 
 def _pieces(regions: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -402,18 +399,30 @@ def _batches(items: Iterator[tuple[int, int]], n: int) -> Iterator[list[tuple[in
 # --- the tar format ------------------------------------------------------------------------
 
 
-def _octal(n: int, width: int) -> bytes | None:
-    """``n`` as a ustar numeric field of ``width`` bytes, or None if it does not fit."""
-    if 0 <= n < 8 ** (width - 1):
-        return b"%0*o\0" % (width - 1, n)
-    return None
-
-
 def _time(ns: int) -> bytes:
     """A PAX time: seconds with a nine-digit fraction (a time before 1970 too)."""
     sign = b"-" if ns < 0 else b""
     sec, frac = divmod(abs(ns), 10**9)
     return b"%s%d.%09d" % (sign, sec, frac)
+
+
+_MAX7 = 8**7 - 1  # the largest number of a 7-digit octal field (uid, gid, mode)
+_MAX11 = 8**11 - 1  # ... of an 11-digit one (size, mtime)
+_MAGIC = b"ustar\x0000"
+_NO_OWNER = bytes(64)  # uname and gname left empty: extraction uses the numbers
+_TAIL = bytes(BLOCK - 345)
+
+
+def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+           linkname: bytes, rdev: int) -> bytes:
+    """One ustar header block; every number fits its field (the caller saw to it)."""
+    head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+        name.ljust(100, b"\0"), mode, uid, gid, size, mtime)
+    tail = b"%s%s%s%s%07o\0%07o\0%s" % (
+        kind, linkname.ljust(100, b"\0"), _MAGIC, _NO_OWNER,
+        os.major(rdev) & _MAX7, os.minor(rdev) & _MAX7, _TAIL)
+    checksum = sum(head) + sum(tail) + 8 * 32  # the checksum field counts as spaces
+    return head + b"%06o\0 " % checksum + tail
 
 
 def _record(key: bytes, value: bytes) -> bytes:
@@ -439,90 +448,162 @@ def _utf8(value: bytes) -> bool:
     return True
 
 
-class _TarWriter:
-    """Headers, data and padding, counted, written to a binary stream."""
+class _Batch:
+    """Reads of file data done in one task on the pool, in one read transaction."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    __slots__ = ("future", "plans", "size")
+
+    def __init__(self) -> None:
+        self.plans: list[ReadPlan] = []
+        self.size = 0
+        self.future: Future[list[bytes]] | None = None
+
+
+def _read_all(store: Store, plans: list[ReadPlan]) -> list[bytes]:
+    with store.txn() as txn:
+        return [plan.run(txn) for plan in plans]
+
+
+class _TarWriter:
+    """The archive in order: headers and padding (bytes) and file data (read on the
+    pool's threads, a batch of small reads per task), each written out as soon as
+    everything before it is. A damaged block fails its batch when its turn comes:
+    nothing from there on is written.
+
+    Attributes:
+        written: bytes of the archive so far, those under way included.
+        data_bytes: bytes of file data written out.
+    """
+
+    def __init__(self, out: BinaryIO, submit: Callable[[list[ReadPlan]], Future[list[bytes]]],
+                 progress: Callable[[int], None] | None = None) -> None:
         self.out = out
+        self.submit = submit
+        self.progress = progress
         self.written = 0
+        self.data_bytes = 0
+        self._queue: deque[bytes | tuple[_Batch, int, int]] = deque()
+        self._open: _Batch | None = None  # the batch taking reads, not sent yet
+        self._sent = 0  # batches sent whose data is not all written out
+        self._queued = 0  # bytes of headers waiting in the queue
 
     def write(self, data: bytes) -> None:
-        if data:
+        if not data:
+            return
+        self.written += len(data)
+        if not self._queue:
             self.out.write(data)
-            self.written += len(data)
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > QUEUED:
+            self._drain(wait=True)
+
+    def data(self, plan: ReadPlan, n: int) -> None:
+        """``n`` bytes of file data, which ``plan`` reads: read with the next few (up
+        to BATCH plans or CHUNK bytes) in one task."""
+        batch = self._open
+        if batch is None:
+            batch = self._open = _Batch()
+        batch.plans.append(plan)
+        batch.size += n
+        self.written += n
+        self._queue.append((batch, len(batch.plans) - 1, n))
+        if len(batch.plans) >= BATCH or batch.size >= CHUNK:
+            self._send()
+            self._drain(wait=self._sent > WINDOW)
+
+    def _send(self) -> None:
+        batch, self._open = self._open, None
+        assert batch is not None
+        batch.future = self.submit(batch.plans)
+        self._sent += 1
+
+    def _drain(self, wait: bool = False, everything: bool = False) -> None:
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            if isinstance(item, tuple):
+                batch, i, n = item
+                if batch.future is None:
+                    if not (wait or everything):
+                        return
+                    self._send()
+                assert batch.future is not None
+                if not batch.future.done() and not (wait or everything):
+                    return
+                data = batch.future.result()[i]
+                if len(data) != n:
+                    raise CdpfsError(f"a read returned {len(data)} bytes instead of {n}")
+                if i == len(batch.plans) - 1:
+                    self._sent -= 1
+                self.data_bytes += n
+                if self.progress is not None:
+                    self.progress(n)
+                wait = False
+            else:
+                data = item
+                self._queued -= len(data)
+            queue.popleft()
+            self.out.write(data)
 
     def pad(self, size: int) -> None:
-        self.write(bytes(-size % BLOCK))
+        self.write(_ZEROS[: -size % BLOCK])
 
     def header(self, name: bytes, kind: bytes, node: Inode, size: int,
                xattrs: list[tuple[bytes, bytes]], *, linkname: bytes = b"",
                sparse: int | None = None) -> None:
-        """The (PAX and) ustar headers of one entry whose data is ``size`` bytes."""
-        records: list[tuple[bytes, bytes]] = []
-        fields: dict[str, bytes] = {}
+        """The PAX and ustar headers of one entry whose data is ``size`` bytes (every
+        entry has a PAX header: its times have nanoseconds)."""
+        records = [_record(b"mtime", _time(node.mtime)), _record(b"atime", _time(node.atime)),
+                   _record(b"ctime", _time(node.ctime))]
+        names: list[bytes] = []  # values hdrcharset speaks of
         if sparse is not None:  # the real name goes in the sparse records alone
-            base = name.rsplit(b"/", 1)[-1]
-            ustar_name = b"GNUSparseFile.0/" + _ascii(base, 100 - 16)
-            records += [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
-                        (b"GNU.sparse.name", name), (b"GNU.sparse.realsize", b"%d" % sparse)]
+            ustar_name = b"GNUSparseFile.0/" + _ascii(name.rsplit(b"/", 1)[-1], 100 - 16)
+            records += [_record(b"GNU.sparse.major", b"1"), _record(b"GNU.sparse.minor", b"0"),
+                        _record(b"GNU.sparse.name", name),
+                        _record(b"GNU.sparse.realsize", b"%d" % sparse)]
+            names.append(name)
         elif len(name) > 100:
-            records.append((b"path", name))
+            records.append(_record(b"path", name))
+            names.append(name)
             ustar_name = _ascii(name, 100)
         else:
             ustar_name = name
         if len(linkname) > 100:
-            records.append((b"linkpath", linkname))
+            records.append(_record(b"linkpath", linkname))
+            names.append(linkname)
             linkname = _ascii(linkname, 100)
-        for key, width, value in ((b"uid", 8, node.uid), (b"gid", 8, node.gid),
-                                  (b"size", 12, size)):
-            packed = _octal(value, width)
-            if packed is None:
-                records.append((key, b"%d" % value))
-                packed = _octal(0, width)
-            assert packed is not None
-            fields[key.decode()] = packed
-        records += [(b"mtime", _time(node.mtime)), (b"atime", _time(node.atime)),
-                    (b"ctime", _time(node.ctime))]
-        fields["mtime"] = _octal(node.mtime // 10**9, 12) or _octal(0, 12)  # type: ignore[assignment]
+        uid, gid = node.uid, node.gid
+        if uid > _MAX7:
+            records.append(_record(b"uid", b"%d" % uid))
+            uid = 0
+        if gid > _MAX7:
+            records.append(_record(b"gid", b"%d" % gid))
+            gid = 0
+        ustar_size = size
+        if size > _MAX11:
+            records.append(_record(b"size", b"%d" % size))
+            ustar_size = 0
         for xname, value in xattrs:
             if b"=" in xname:
                 log.warning("%s: extended attribute %s: a name with '=' cannot be put in "
                             "a PAX header, left out", shown(name), shown(xname))
                 continue
-            records.append((b"SCHILY.xattr." + xname, value))
-        if records:
-            binary = not all(_utf8(v) for k, v in records if k in _NAMES)
-            body = b"".join(_record(k, v) for k, v in
-                            ([(b"hdrcharset", b"BINARY")] if binary else []) + records)
-            pax_name = b"PaxHeaders/" + _ascii(ustar_name.rstrip(b"/").rsplit(b"/", 1)[-1],
-                                               100 - 11)
-            self._ustar(pax_name, b"x", 0o644, fields["uid"], fields["gid"],
-                        _octal(len(body), 12), fields["mtime"], b"", 0)  # type: ignore[arg-type]
-            self.write(body)
-            self.pad(len(body))
+            records.append(_record(b"SCHILY.xattr." + xname, value))
+        if names and not all(_utf8(n) for n in names):
+            records.insert(0, _record(b"hdrcharset", b"BINARY"))
+        body = b"".join(records)
+        mtime = min(max(node.mtime // 10**9, 0), _MAX11)
         rdev = node.rdev if kind in (b"3", b"4") else 0
-        self._ustar(ustar_name, kind, stat.S_IMODE(node.mode), fields["uid"], fields["gid"],
-                    fields["size"], fields["mtime"], linkname, rdev)
-
-    def _ustar(self, name: bytes, kind: bytes, mode: int, uid: bytes, gid: bytes, size: bytes,
-               mtime: bytes, linkname: bytes, rdev: int) -> None:
-        h = bytearray(BLOCK)
-        h[0:len(name)] = name
-        h[100:108] = b"%07o\0" % mode
-        h[108:116] = uid
-        h[116:124] = gid
-        h[124:136] = size
-        h[136:148] = mtime
-        h[148:156] = b" " * 8
-        h[156:157] = kind
-        h[157:157 + len(linkname)] = linkname
-        h[257:265] = b"ustar\x0000"
-        h[329:337] = _octal(os.major(rdev), 8) or b"0000000\0"
-        h[337:345] = _octal(os.minor(rdev), 8) or b"0000000\0"
-        h[148:156] = b"%06o\0 " % sum(h)
-        self.write(bytes(h))
+        pax = _ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(body), mtime, b"", 0)
+        self.write(pax + body + _ZEROS[: -len(body) % BLOCK]
+                   + _ustar(ustar_name, kind, stat.S_IMODE(node.mode), uid, gid, ustar_size,
+                            mtime, linkname, rdev))
 
     def finish(self) -> None:
-        """The end-of-archive marker (two zero blocks), padded to a whole record."""
+        """The end-of-archive marker (two zero blocks), padded to a whole record; then
+        everything still under way, written out."""
         self.write(bytes(2 * BLOCK))
         self.write(bytes(-self.written % RECORD))
+        self._drain(everything=True)
