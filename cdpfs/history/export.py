@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default record: the archive is padded to a multiple of it
-CHUNK = 1 << 20  # file data read (and checked and decompressed) per task
+CHUNK = 1 << 20  # file data read (and checked and decompressed) per task, about
 WINDOW = 16  # batches of reads under way ahead of the writer: what bounds memory
 BATCH = 64  # small files' reads done in one task
 QUEUED = 4 << 20  # bytes of headers waiting behind chunks under way, at most
@@ -375,18 +375,20 @@ class _Exporter:
         """The bytes of ``regions``, in order: read plans are made here (a short
         transaction for a few), blocks fetched, checked and decompressed on the
         pool's threads; the writer keeps at most WINDOW chunks under way."""
-        for piece in _batches(_pieces(regions), 8):
+        # A plan per block: a plan of several would join their bytes, a copy more.
+        for piece in _batches(_pieces(regions, self.bs), BATCH):
             with open_view(self.store, seq=self.seq) as view:
                 plans = [(view.plan(ino, off, n, size), n) for off, n in piece]
             for plan, n in plans:
                 self.tar.data(plan, n)
 
 
-def _pieces(regions: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+def _pieces(regions: Iterable[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the regions cut at multiples of ``size``."""
     for off, length in regions:
         end = off + length
         while off < end:
-            n = min(CHUNK - off % CHUNK, end - off)
+            n = min(size - off % size, end - off)
             yield off, n
             off += n
 
