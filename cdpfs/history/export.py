@@ -121,7 +121,7 @@ def export_tar(store: Store, seq: int, out: BinaryIO, paths: Sequence[str | byte
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers, thread_name_prefix="cdpfs-export") as pool:
         tar = _TarWriter(out, lambda plans: pool.submit(_read_all, store, plans), progress)
-        exporter = _Exporter(store, seq, tar, pool)
+        exporter = _Exporter(store, seq, tar)
         try:
             exporter.run(_starts(store, seq, paths))
         finally:
@@ -199,12 +199,10 @@ class _Entry:
 class _Exporter:
     """One export: the walk, the data pipeline and the tally."""
 
-    def __init__(self, store: Store, seq: int, tar: _TarWriter, pool: ThreadPoolExecutor,
-                 ) -> None:
+    def __init__(self, store: Store, seq: int, tar: _TarWriter) -> None:
         self.store = store
         self.seq = seq
         self.tar = tar
-        self.pool = pool
         self.bs = store.block_size
         self.first: dict[int, bytes] = {}  # inode with more names -> its first archive name
         self.result = ExportResult(seq)
@@ -343,7 +341,8 @@ class _Exporter:
         if tar.written - written != layout.map_len:
             raise CdpfsError(f"{shown(e.name)}: its block map changed during the export")
         tar.write(bytes(map_size - layout.map_len))
-        self._data(e.ino, size, self._regions(e.ino, size))
+        if self._data(e.ino, size, self._regions(e.ino, size)) != layout.data:
+            raise CdpfsError(f"{shown(e.name)}: its block map changed during the export")
         tar.pad(map_size + layout.data)
         self.result.sparse += 1
 
@@ -371,16 +370,20 @@ class _Exporter:
         if start >= 0:
             yield start * bs, min(end * bs, size) - start * bs
 
-    def _data(self, ino: int, size: int, regions: Iterable[tuple[int, int]]) -> None:
+    def _data(self, ino: int, size: int, regions: Iterable[tuple[int, int]]) -> int:
         """The bytes of ``regions``, in order: read plans are made here (a short
-        transaction for a few), blocks fetched, checked and decompressed on the
-        pool's threads; the writer keeps at most WINDOW chunks under way."""
+        transaction for a batch), blocks fetched, checked and decompressed on the
+        pool's threads; the writer keeps at most WINDOW batches under way. The
+        number of bytes."""
+        total = 0
         # A plan per block: a plan of several would join their bytes, a copy more.
         for piece in _batches(_pieces(regions, self.bs), BATCH):
             with open_view(self.store, seq=self.seq) as view:
                 plans = [(view.plan(ino, off, n, size), n) for off, n in piece]
             for plan, n in plans:
                 self.tar.data(plan, n)
+                total += n
+        return total
 
 
 def _pieces(regions: Iterable[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
