@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -90,6 +91,9 @@ class Bench:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+CPU: dict[str, list[float]] = {}  # CPU seconds (user + system) of each timed side
+
+
 def sh(*argv: str | os.PathLike[str], stdout: Path | None = None,
        stdin: Path | None = None) -> float:
     """Run a command (its stdout to a file if given); the seconds it took."""
@@ -105,16 +109,24 @@ def sh(*argv: str | os.PathLike[str], stdout: Path | None = None,
     return took
 
 
+def cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def best(cfg: Config, *sides: Callable[[], float]) -> list[float]:
     """The best time of each side over ``cfg.repeat`` rounds, the sides alternating
-    (and their order swapped each round)."""
+    (and their order swapped each round); the CPU seconds of each run of a side go
+    to ``CPU`` under its function's name."""
     times: list[list[float]] = [[] for _ in sides]
     for r in range(cfg.repeat):
         order = list(range(len(sides)))
         if r % 2:
             order.reverse()
         for i in order:
+            before = cpu_seconds()
             times[i].append(sides[i]())
+            CPU.setdefault(sides[i].__name__, []).append(cpu_seconds() - before)
     return [min(t) for t in times]
 
 
@@ -201,6 +213,12 @@ def export_section(bench: Bench) -> None:
     bench.rows.append(Figure("export", "export of the state, no fsync (stdout to a file)",
                              "MB/s", nbytes / t_exp2 / MB, nbytes / t_tar2 / MB, "tar -c",
                              "export/tar", ratio_min=0.8))
+    cpu = {name: min(v) for name, v in CPU.items()}
+    bench.notes.append(
+        f"export: CPU seconds (user + system, least of the runs): export "
+        f"{cpu['export_durable']:.1f} and tar -c {cpu['tar_durable']:.1f} (fsynced), export "
+        f"{cpu['export_plain']:.1f} and tar -c {cpu['tar_plain']:.1f}; import "
+        f"{cpu['import_']:.1f} and tar -x {cpu['untar']:.1f}")
     size_cdpfs, size_tar = out_cdpfs.stat().st_size, out_tar.stat().st_size
     bench.notes.append(f"export: a tree of {files} files, {nbytes / MiB:.0f} MiB; archives "
                        f"{size_cdpfs / MiB:.0f} MiB (cdpfs, PAX headers with ns times) and "
