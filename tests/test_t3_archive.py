@@ -167,6 +167,11 @@ def test_gnu_tar_and_bsdtar_restore_an_export_to_its_moments_tree(volume: Volume
     # through the mount point too: the same moment, the same bytes
     cdpfs("export", m, "--at", f"#{seq}", "-o", tmp_path / "again.tar")
     assert (tmp_path / "again.tar").read_bytes() == archive.read_bytes()
+    # a subtree named by its path in the mount, as of the moment
+    cdpfs("export", m, "--at", f"#{seq}", m / "docs", "-o", tmp_path / "docs.tar")
+    listed = subprocess.run(["tar", "-tf", str(tmp_path / "docs.tar")], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert listed == ["docs/", "docs/readme.txt"]
     then = tree(m / f"@#{seq}")
     assert b"new-after" not in then and then[b"docs/readme.txt"]["uid"] == 1234
     for tool, argv in (("gnu", [gnu, "--xattrs", "--xattrs-include=*", "-xpf"]),

@@ -170,7 +170,7 @@ def _clear_leftovers(path: Path) -> None:
 def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
                force: bool) -> None:
     """Write the volume as it was AT as a PAX tar archive: all of it, or the PATHs
-    (relative to the volume's root). Owners, modes, times to the nanosecond,
+    (relative to the volume's root, or paths in its mount). Owners, modes, times to the nanosecond,
     extended attributes, hard links, sparse files (holes stay holes), symlinks,
     FIFOs and devices are kept; GNU tar (--xattrs --xattrs-include='*' -xpf) and
     bsdtar (-xpf) restore them. The moment is held while the export reads it.
@@ -182,6 +182,11 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
         raise CdpfsError(f"{shown(volume)}: give the store or the mount point, not a path "
                          "inside it; PATHs (relative to the volume root) say what to export")
     parse_moment(at)  # a malformed moment fails before anything is opened
+    if target.mount is not None:  # a path in the mount names the same path in the volume
+        mnt = os.fsencode(target.mount)
+        paths = tuple(os.fsdecode(os.path.relpath(p, mnt))
+                      if os.path.abspath(p).startswith(mnt + b"/") else p
+                      for p in map(os.fsencode, paths))
     out = _Output(output, force)
     started = time.monotonic()
     with _stop_on_sigterm():
