@@ -65,7 +65,7 @@ def members(data: bytes) -> dict[str, bytes]:
 
 def holds(store: Path) -> list[str]:
     with Store(store) as st, st.txn() as txn:
-        return [b.name for b in bookmarks.all_points(txn, st.db) if b.is_hold]
+        return [b.name for b in bookmarks.all_points(st, txn) if b.is_hold]
 
 
 def leftovers(where: Path) -> list[str]:

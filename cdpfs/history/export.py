@@ -102,12 +102,12 @@ def held(store: Store, moment: str, now_ns: int | None = None) -> Iterator[Point
     tag = f"export.{next(_ids)}"
     with store.txn(write=True) as txn:
         point = resolve(store, txn, moment, now_ns)
-        bookmarks.hold(txn, store.db, tag, point.seq)
+        bookmarks.hold(store, txn, tag, point.seq)
     try:
         yield point
     finally:
         with store.txn(write=True) as txn:
-            bookmarks.release(txn, store.db, tag)
+            bookmarks.release(store, txn, tag)
 
 
 def export_tar(store: Store, seq: int, out: BinaryIO, paths: Sequence[str | bytes] = (), *,
