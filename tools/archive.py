@@ -175,7 +175,7 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
     FIFOs and devices are kept; GNU tar (--xattrs --xattrs-include='*' -xpf) and
     bsdtar (-xpf) restore them. The moment is held while the export reads it.
     Works on a replica store while it receives."""
-    from cdpfs.history.export import export_tar, held
+    from cdpfs.history.export import export_volume
 
     target = locate(volume)
     if target.rel:
@@ -190,20 +190,15 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
     out = _Output(output, force)
     started = time.monotonic()
     with _stop_on_sigterm():
-        st = target.open()
+        target.settle()  # a live mount commits what it has first
         try:
-            with held(st, at) as point:
-                try:
-                    with out as f:
-                        result = export_tar(st, point.seq, f, paths)
-                except BrokenPipeError:
-                    # Whoever read standard output went away: say so once, and let
-                    # nothing else write to the closed pipe on the way out.
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                    raise CdpfsError("the reader of the archive went away before it was "
-                                     "complete (broken pipe)") from None
-        finally:
-            st.close()
+            point, result = export_volume(target.store, at, out, paths)
+        except BrokenPipeError:
+            # Whoever read standard output went away: say so once, and let
+            # nothing else write to the closed pipe on the way out.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise CdpfsError("the reader of the archive went away before it was "
+                             "complete (broken pipe)") from None
     took = max(time.monotonic() - started, 1e-9)
     parts = [f"{result.entries} entries", f"{result.files} files"
              + (f" ({result.sparse} sparse)" if result.sparse else ""),

@@ -8,7 +8,8 @@ symlinks, FIFOs and devices. Nothing is copied aside: listings are read a page a
 a time and file data a chunk at a time, each in a short read transaction of its
 own, and blocks are checked and decompressed on worker threads as they are
 written out, a bounded window ahead. A damaged block ends the export
-(``Corrupt``) before any of its bytes are written.
+(``Corrupt``) before any of its bytes are written. ``export_volume`` is the whole
+of ``cdpfs export``'s work on a store: open it, hold the moment, write it.
 
 The headers are written here rather than with ``tarfile``, which can neither
 write sparse files nor times to the nanosecond: a ustar header, preceded by a
@@ -39,8 +40,9 @@ import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import CdpfsError, NotFound
@@ -108,6 +110,18 @@ def held(store: Store, moment: str, now_ns: int | None = None) -> Iterator[Point
     finally:
         with store.txn(write=True) as txn:
             bookmarks.release(store, txn, tag)
+
+
+def export_volume(path: Path, moment: str, output: AbstractContextManager[BinaryIO],
+                  paths: Sequence[str | bytes] = (), *,
+                  progress: Callable[[int], None] | None = None) -> tuple[Point, ExportResult]:
+    """``cdpfs export``: the store at ``path`` opened, the point ``moment`` names held
+    (``held``) and ``export_tar`` of it (or of ``paths``) written to the stream that
+    ``output`` opens. ``output`` is entered only once the point is held, so a bad
+    moment makes nothing, and left with the error if the export fails (it may then
+    take back what it made). The point and what was written."""
+    with Store(path) as store, held(store, moment) as point, output as out:
+        return point, export_tar(store, point.seq, out, paths, progress=progress)
 
 
 def export_tar(store: Store, seq: int, out: BinaryIO, paths: Sequence[str | bytes] = (), *,
