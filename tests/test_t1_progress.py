@@ -1,6 +1,7 @@
-"""Progress reports (``cdpfs.progress``) on a fake clock: JSON lines at most once a
-second with rising bytes and a last ``done`` line counting every byte processed;
-nothing at all with ``none``, or with ``auto`` off a terminal.
+"""Progress reports (``cdpfs.progress``) on a fake clock, and as export and import feed
+them on real stores (no FUSE): JSON lines at most once a second with rising bytes and
+a last ``done`` line counting every byte processed; nothing at all with ``none``, or
+with ``auto`` off a terminal.
 """
 
 from __future__ import annotations
@@ -8,12 +9,21 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cdpfs.fs.tarimport import import_tar
+from cdpfs.history.export import data_size, export_volume
 from cdpfs.progress import Progress
-from cdpfs.testing import FakeClock
+from cdpfs.store.lmdb import Store
+from cdpfs.testing import FakeClock, LiveStore
+
+MIB = 1 << 20
 
 
 def lines(text: str) -> list[dict[str, Any]]:
@@ -105,4 +115,40 @@ def test_a_stream_that_fails_stops_the_reports_not_the_work() -> None:
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="auto, bar, json, none"):
         Progress("loud")
+
+
+def test_export_and_import_report_every_byte_of_file_data(tmp_path: Path) -> None:
+    store = tmp_path / "vol.store"
+    rng = random.Random(4)
+    sizes = [0, 1, 5000, 3 * MIB + 17, 40 * 1024]
+    with LiveStore(store) as live:
+        for i, size in enumerate(sizes):
+            fh, _ = live.create(b"f%d" % i)
+            if size:
+                live(live.fs.write, fh, 0, rng.randbytes(size))
+            live(live.fs.release, fh)
+        live(live.fs.link, live(lambda: live.fs.view.lookup(1, b"f3")), 1, b"again")
+        live.sync()
+    archive = io.BytesIO()
+    clock = FakeClock()
+    err = io.StringIO()
+    with Progress("json", "export", stream=err, clock=clock) as p:
+        point, result = export_volume(store, "now", nullcontext(archive), progress=p)
+    [last] = lines(err.getvalue())
+    assert last["done"] and last["bytes"] == result.data_bytes == sum(sizes)
+    assert last["total"] == sum(sizes) and p.total == sum(sizes)
+    with Store(store) as st:  # the total: every file's data, f3's once
+        assert data_size(st, point.seq) == data_size(st, point.seq, ["f3", "again"]) + \
+            sum(sizes) - sizes[3]
+    # a Progress that shows nothing is not given a total (no walk for it)
+    with Progress("none", "export") as quiet:
+        export_volume(store, "now", nullcontext(io.BytesIO()), progress=quiet)
+    assert quiet.total is None and quiet.done == sum(sizes)
+    err = io.StringIO()
+    archive.seek(0)
+    with Progress("json", "import", stream=err, clock=clock) as p:
+        made = import_tar(archive, tmp_path / "new.store", progress=p.advance)
+    [last] = lines(err.getvalue())
+    assert last["done"] and last["bytes"] == made.data_bytes == sum(sizes)
+    assert os.path.isdir(tmp_path / "new.store")
 

@@ -12,6 +12,7 @@ garbage archives, and a target in the way, leaving no store behind.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -228,6 +230,46 @@ def test_a_killed_export_leaves_no_archive_under_its_name(big_store: Path, tmp_p
     assert leftovers(tmp_path) == []
     with tarfile.open(out) as tar:
         assert [m.size for m in tar] == [0] + [64 * MIB] * 5
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_progress_is_json_lines_on_stderr_with_json_and_nothing_on_a_pipe(
+        big_store: Path, two_states: tuple[Path, int], tmp_path: Path) -> None:
+    out = tmp_path / "out.tar"
+    proc = cdpfs("export", big_store, "--at", "now", "-o", out, "--progress", "json")
+    said = json_lines(proc.stderr)  # every line of stderr is JSON
+    assert said[-1]["done"] is True and said[-1]["op"] == "export"
+    assert said[-1]["bytes"] == said[-1]["total"] == 5 * 64 * MIB
+    assert not any("done" in line for line in said[:-1])
+    assert [line["bytes"] for line in said] == sorted(line["bytes"] for line in said)
+    assert proc.stdout.startswith("exported #")
+    with tarfile.open(out) as tar:
+        assert [m.size for m in tar] == [0] + [64 * MIB] * 5
+    # to standard output: the archive as without progress; the summary follows the JSON
+    store, first = two_states
+    plain = subprocess.run([*CLI, "export", str(store), "--at", f"#{first}", "-o", "-"],
+                           capture_output=True, timeout=60, check=True)
+    piped = subprocess.run([*CLI, "export", str(store), "--at", f"#{first}", "-o", "-",
+                            "--progress", "json"], capture_output=True, timeout=60, check=True)
+    assert piped.stdout == plain.stdout and members(piped.stdout)["f"] == b"one"
+    *progress, summary = piped.stderr.decode().splitlines()
+    last = json_lines("\n".join(progress))[-1]
+    assert summary.startswith("exported #") and last["done"] is True
+    assert last["bytes"] == last["total"] == 3  # f: b"one"
+    # auto on a pipe, and none: nothing on stderr
+    for mode in ("auto", "none"):
+        quiet = cdpfs("export", store, "--at", "now", "-o", out, "--force", "--progress", mode)
+        assert quiet.stderr == "" and quiet.stdout.startswith("exported #")
+    # an import says how much file data it wrote, and the archive's tree is made
+    made = cdpfs("import", out, tmp_path / "new.store", "--progress", "json")
+    assert json_lines(made.stderr)[-1]["done"] is True
+    assert json_lines(made.stderr)[-1]["bytes"] == 3
+    assert cdpfs("import", out, tmp_path / "other.store").stderr == ""
+    with Store(tmp_path / "new.store") as st, open_view(st) as view:
+        assert view.read_file("f") == b"two"
 
 
 def tar_of(*names: tuple[str, bytes, str]) -> bytes:

@@ -32,6 +32,13 @@ from .locate import locate
 
 TMP_INFIX = ".export-"  # .NAME.export-PID.tmp: an archive being written
 
+PROGRESS = click.option(
+    "--progress", type=click.Choice(["auto", "json", "none"]), default="auto",
+    show_default=True,
+    help="auto: a bar (bytes/s, ETA) when standard error is a terminal, nothing "
+         "otherwise; json: one line of JSON a second on standard error, then a last "
+         "one with \"done\"; none: nothing.")
+
 
 def _when(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts / 1e9).isoformat(sep=" ", timespec="milliseconds")
@@ -167,8 +174,9 @@ def _clear_leftovers(path: Path) -> None:
 @click.option("-o", "--output", required=True, metavar="FILE|-",
               help="Write the archive to FILE (or - for standard output).")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@PROGRESS
 def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
-               force: bool) -> None:
+               force: bool, progress: str) -> None:
     """Write the volume as it was AT as a PAX tar archive: all of it, or the PATHs
     (relative to the volume's root, or paths in its mount). Owners, modes, times to the nanosecond,
     extended attributes, hard links, sparse files (holes stay holes), symlinks,
@@ -176,6 +184,7 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
     bsdtar (-xpf) restore them. The moment is held while the export reads it.
     Works on a replica store while it receives."""
     from cdpfs.history.export import export_volume
+    from cdpfs.progress import Progress
 
     target = locate(volume)
     if target.rel:
@@ -192,7 +201,8 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
     with _stop_on_sigterm():
         target.settle()  # a live mount commits what it has first
         try:
-            point, result = export_volume(target.store, at, out, paths)
+            with Progress(progress, "export") as bar:
+                point, result = export_volume(target.store, at, out, paths, progress=bar)
         except BrokenPipeError:
             # Whoever read standard output went away: say so once, and let
             # nothing else write to the closed pipe on the way out.
@@ -215,7 +225,8 @@ def export_cmd(volume: Path, paths: tuple[str, ...], at: str, output: str,
 @click.command("import")
 @click.argument("archive", metavar="FILE.tar|-")
 @click.argument("store", type=click.Path(path_type=Path))
-def import_cmd(archive: str, store: Path) -> None:
+@PROGRESS
+def import_cmd(archive: str, store: Path, progress: str) -> None:
     """Make a new volume in STORE (a missing or empty directory) from a tar archive
     (GNU, PAX or bsdtar's; gzip, bzip2 or xz compressed too; - for standard input).
     Owners (by number), modes, times, extended attributes, hard links, symlinks,
@@ -224,12 +235,13 @@ def import_cmd(archive: str, store: Path) -> None:
     and so is a truncated or damaged archive; STORE is then left as it was."""
     from cdpfs.fs.tarimport import import_tar
     from cdpfs.mount.control import check_source
+    from cdpfs.progress import Progress
 
     check_source(Path(os.path.abspath(store)))  # a store that could never be mounted
     started = time.monotonic()
-    with _stop_on_sigterm(), _input(archive) as source:
+    with _stop_on_sigterm(), _input(archive) as source, Progress(progress, "import") as bar:
         result = import_tar(source, store, label="standard input" if archive == "-"
-                            else archive)
+                            else archive, progress=bar.advance)
     took = time.monotonic() - started
     for line in result.warnings:
         click.echo(f"cdpfs: warning: {shown(line)}", err=True)

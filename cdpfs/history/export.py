@@ -47,6 +47,7 @@ from typing import BinaryIO
 
 from ..errors import CdpfsError, NotFound
 from ..names import shown
+from ..progress import Progress
 from ..store.lmdb import Store
 from ..store.schema import ROOT_INO, Inode
 from ..store.view import ReadPlan, View, open_view
@@ -114,14 +115,29 @@ def held(store: Store, moment: str, now_ns: int | None = None) -> Iterator[Point
 
 def export_volume(path: Path, moment: str, output: AbstractContextManager[BinaryIO],
                   paths: Sequence[str | bytes] = (), *,
-                  progress: Callable[[int], None] | None = None) -> tuple[Point, ExportResult]:
+                  progress: Progress | None = None) -> tuple[Point, ExportResult]:
     """``cdpfs export``: the store at ``path`` opened, the point ``moment`` names held
     (``held``) and ``export_tar`` of it (or of ``paths``) written to the stream that
-    ``output`` opens. ``output`` is entered only once the point is held, so a bad
-    moment makes nothing, and left with the error if the export fails (it may then
-    take back what it made). The point and what was written."""
-    with Store(path) as store, held(store, moment) as point, output as out:
-        return point, export_tar(store, point.seq, out, paths, progress=progress)
+    ``output`` opens. ``output`` is entered only once the point is held and the paths
+    found, so a bad moment or path makes nothing, and left with the error if the
+    export fails (it may then take back what it made). ``progress`` is advanced by
+    the file data written; when it shows anything and has no total, its total is
+    the data the export will write (``data_size``). The point and what was written."""
+    with Store(path) as store, held(store, moment) as point:
+        starts = _starts(store, point.seq, paths)
+        if progress is not None and progress.shown and progress.total is None:
+            progress.total = _Walker(store, point.seq).measure(starts)
+        with output as out:
+            return point, export_tar(store, point.seq, out, paths,
+                                     progress=None if progress is None else progress.advance)
+
+
+def data_size(store: Store, seq: int, paths: Sequence[str | bytes] = ()) -> int:
+    """About the bytes of file data ``export_tar`` of ``paths`` at ``seq`` writes: a
+    walk of the tree's inodes, none of its data (a hard-linked file counted once, a
+    sparse file by the blocks that hold data). A progress total: it costs a part of
+    what the export's own walk does, nothing on large files."""
+    return _Walker(store, seq).measure(_starts(store, seq, paths))
 
 
 def export_tar(store: Store, seq: int, out: BinaryIO, paths: Sequence[str | bytes] = (), *,
@@ -210,40 +226,46 @@ class _Entry:
     plan: ReadPlan | None = None  # a small file's data, planned in the walk's transaction
 
 
-class _Exporter:
-    """One export: the walk, the data pipeline and the tally."""
+class _Walker:
+    """The tree (or subtrees) as of one point, walked in pre-order."""
 
-    def __init__(self, store: Store, seq: int, tar: _TarWriter) -> None:
+    def __init__(self, store: Store, seq: int) -> None:
         self.store = store
         self.seq = seq
-        self.tar = tar
         self.bs = store.block_size
-        self.first: dict[int, bytes] = {}  # inode with more names -> its first archive name
-        self.result = ExportResult(seq)
 
-    def run(self, starts: list[tuple[bytes, int]]) -> None:
+    def measure(self, starts: list[tuple[bytes, int]]) -> int:
+        """The bytes of file data under ``starts``, from their inodes (``data_size``)."""
+        total = 0
+        seen: set[int] = set()
         for name, ino in starts:
-            for entry in self._walk(name, ino):
-                self._entry(entry)
-        self.tar.finish()
-        self.result.tar_bytes = self.tar.written
-        self.result.data_bytes = self.tar.data_bytes
+            for e in self._walk(name, ino, light=True):
+                node = e.node
+                if not node.is_reg or (node.nlink > 1 and e.ino in seen):
+                    continue
+                seen.add(e.ino)
+                total += min(node.size, node.blocks * self.bs)
+        return total
 
     # --- the walk: pre-order, a page of a directory per transaction --------------------
 
-    def _read_entry(self, view: View, name: bytes, ino: int) -> _Entry | None:
+    def _read_entry(self, view: View, name: bytes, ino: int,
+                    light: bool = False) -> _Entry | None:
+        """The entry ``name`` is (``light``: its inode alone)."""
         node = view.inode(ino)
         if node is None:
             return None
+        if light:
+            return _Entry(name, ino, node, [])
         xattrs = [(x, view.xattr(ino, x) or b"") for x in view.xattrs(ino)]
         entry = _Entry(name, ino, node, xattrs)
         if node.is_reg and 0 < node.size <= CHUNK and node.blocks >= -(-node.size // self.bs):
             entry.plan = view.plan(ino, 0, node.size, node.size)  # no hole: read it all
         return entry
 
-    def _walk(self, name: bytes, ino: int) -> Iterator[_Entry]:
+    def _walk(self, name: bytes, ino: int, light: bool = False) -> Iterator[_Entry]:
         with open_view(self.store, seq=self.seq) as view:
-            top = self._read_entry(view, name, ino)
+            top = self._read_entry(view, name, ino, light)
         if top is None:
             raise NotFound(f"{shown(name)}: no inode {ino} at #{self.seq}")
         yield top
@@ -257,7 +279,7 @@ class _Exporter:
             more = False
             with open_view(self.store, seq=self.seq) as view:
                 for child_name, child in view.listdir(dino, after):
-                    entry = self._read_entry(view, dprefix + child_name, child)
+                    entry = self._read_entry(view, dprefix + child_name, child, light)
                     after = child_name
                     if entry is None:
                         continue
@@ -272,6 +294,24 @@ class _Exporter:
             last = page[-1] if page else None
             if last is not None and last.node.is_dir:
                 stack.append((last.ino, last.name + b"/", None))
+
+
+class _Exporter(_Walker):
+    """One export: the walk, the data pipeline and the tally."""
+
+    def __init__(self, store: Store, seq: int, tar: _TarWriter) -> None:
+        super().__init__(store, seq)
+        self.tar = tar
+        self.first: dict[int, bytes] = {}  # inode with more names -> its first archive name
+        self.result = ExportResult(seq)
+
+    def run(self, starts: list[tuple[bytes, int]]) -> None:
+        for name, ino in starts:
+            for entry in self._walk(name, ino):
+                self._entry(entry)
+        self.tar.finish()
+        self.result.tar_bytes = self.tar.written
+        self.result.data_bytes = self.tar.data_bytes
 
     # --- entries --------------------------------------------------------------------------
 
