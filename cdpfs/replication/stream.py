@@ -613,7 +613,9 @@ class _Target:
     def _broken(self, exc: BaseException) -> StreamError:
         """The error for a stream that broke off: what was kept, and the token."""
         what = str(exc) or type(exc).__name__
-        if isinstance(exc, lmdb.Error):
+        if isinstance(exc, wire.Closed) or "closed by the peer" in what:
+            what = "the stream ended before its last frame (cut short, or the sender stopped)"
+        elif isinstance(exc, lmdb.Error):
             what = f"cannot write the store: {what}"
         try:
             with self.store.txn() as txn:
