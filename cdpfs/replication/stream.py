@@ -44,7 +44,7 @@ import lmdb
 import msgpack
 import trio
 
-from ..errors import CdpfsError, StoreError
+from ..errors import CdpfsError, NoSpace, StoreError
 from ..history import bookmarks
 from ..history.points import point_name, resolve
 from ..history.treehash import tree_hash
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # of the stream; a receiver refuses a newer one
 PARTIAL = b"receive.partial"  # meta, while a receive is incomplete: [identity, applied]
 TOKEN_PREFIX = "cdpfs-resume-"
+ROOM = 16 << 20  # bytes of disk kept free beyond twice a batch (LMDB's copy-on-write)
 _TOKEN_CHECK = 8
 
 Progress = Callable[[int], None]
@@ -582,14 +583,22 @@ class _Target:
                         f"(tree hash {result.tree[:16]}, the sender's {body['tree'][:16]}): "
                         "it is kept as received, marked incomplete; report this")
             result.marks = await trio.to_thread.run_sync(self._finish, marks)
-        except (wire.WireError, messages.BadMessage, StoreError, lmdb.Error, OSError,
+        except (wire.WireError, messages.BadMessage, StoreError, NoSpace, lmdb.Error, OSError,
                 ValueError, TypeError, msgpack.UnpackException) as exc:
             raise self._broken(exc) from None
         result.bytes = conn.received
         return result
 
     def _apply(self, batch: Incoming) -> int:
-        self.store.grow_if_needed(2 * batch.size() + (8 << 20))
+        """Apply ``batch`` durably, with how far the receive got; NoSpace (before
+        anything of it is written) when the disk cannot take it."""
+        needed = 2 * batch.size() + ROOM
+        with self.store.txn() as txn:
+            room = self.store.disk_free() + self.store.reusable_bytes(txn)
+        if room < needed:
+            raise NoSpace(f"no space left for the store ({room >> 20} MiB free on its disk, "
+                          f"{needed >> 20} MiB needed for the next part of the stream)")
+        self.store.grow_if_needed(needed)
         with self.store.txn(write=True) as txn:
             applied = batch.apply(txn, self.store, self.applied)
             self.store.set_meta(txn, PARTIAL, msgpack.packb([self.ident.pack(), applied],
@@ -616,7 +625,9 @@ class _Target:
         if isinstance(exc, wire.Closed) or "closed by the peer" in what:
             what = "the stream ended before its last frame (cut short, or the sender stopped)"
         elif isinstance(exc, lmdb.Error):
-            what = f"cannot write the store: {what}"
+            free = self.store.disk_free()
+            what = (f"no space left for the store ({free >> 20} MiB free on its disk)"
+                    if free < 2 * ROOM else f"cannot write the store: {what}")
         try:
             with self.store.txn() as txn:
                 token = token_of(self.store, txn)
