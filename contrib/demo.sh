@@ -65,6 +65,11 @@ echo "snapshot mount of $T1 (read-only, beside the live one): $(cat "$DEMO/snap/
 "$CDPFS" umount "$DEMO/snap"
 "$CDPFS" export "$MNT" --at before-cleanup -o "$DEMO/before-cleanup.tar"   # a past moment as a tar
 tar -tvf "$DEMO/before-cleanup.tar" | head -5 || true
+# the whole history as a stream (a file, or piped to another machine), then an increment
+"$CDPFS" send "$MNT" --to before-cleanup -o "$DEMO/vol.full"
+"$CDPFS" receive "$DEMO/copy.store" -i "$DEMO/vol.full"
+"$CDPFS" send "$STORE" --from before-cleanup | "$CDPFS" receive "$DEMO/copy.store"
+"$CDPFS" verify --compare "$STORE" "$DEMO/copy.store"
 "$CDPFS" stat "$MNT"
 
 step "a local replica: every change shipped, over TLS, as it happens"
