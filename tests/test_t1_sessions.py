@@ -542,7 +542,7 @@ async def test_a_record_out_of_turn_is_refused(tmp_path: Path, offset: int,
             await conn.send(wire.DATA, {"records": [[seq, raw[seq]]]})
             with pytest.raises(wire.WireError):
                 await conn.recv(wire.ACK)
-            assert any(f"record #{seq} out of order (replica is at #1)" in r.getMessage()
+            assert any(f"record #{seq} out of order (this store is at #1)" in r.getMessage()
                        for r in caplog.records)
             assert _replica_top(receiver) == 1 and receiver.counters.records_applied == 1
             # A real ship then completes from #1.
