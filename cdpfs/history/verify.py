@@ -19,7 +19,7 @@ from ..errors import Corrupt
 from ..store import blocks, codec, journal, versions
 from ..store.lmdb import Store
 from ..store.refs import of_extent
-from ..store.schema import MAX_SEQ, U64, Extent, inode_prefix, seq_of
+from ..store.schema import MAX_SEQ, RECEIVING, U64, Extent, inode_prefix, seq_of
 from ..store.view import View
 from . import bookmarks
 
@@ -125,7 +125,9 @@ def verify(store: Store, progress: Callable[[str], None] | None = None) -> list[
             progress("checking versions")
         problems.extend(_check_versions(store, txn, last))
         problems.extend(_check_clone(store, txn))
-        if View(store, txn, MAX_SEQ).inode(1) is None:
+        # (a receive stopped before its first records made a store with nothing yet)
+        if View(store, txn, MAX_SEQ).inode(1) is None and \
+                not (last == 0 and store.meta(txn, RECEIVING) is not None):
             problems.append("root directory is missing")
     return problems
 

@@ -51,6 +51,7 @@ from ..history.treehash import tree_hash
 from ..store import codec, epochs, journal
 from ..store.lmdb import Store, is_store
 from ..store.refs import Refs
+from ..store.schema import RECEIVING
 from . import messages, wire
 from .batches import BATCH_BYTES, BATCH_RECORDS, data_frame
 from .receiver import ROLE_REPLICA, Incoming
@@ -58,7 +59,7 @@ from .receiver import ROLE_REPLICA, Incoming
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of the stream; a receiver refuses a newer one
-PARTIAL = b"receive.partial"  # meta, while a receive is incomplete: [identity, applied]
+PARTIAL = RECEIVING  # meta, while a receive is incomplete: [identity, applied]
 TOKEN_PREFIX = "cdpfs-resume-"
 ROOM = 16 << 20  # bytes of disk kept free beyond twice a batch (LMDB's copy-on-write)
 _TOKEN_CHECK = 8

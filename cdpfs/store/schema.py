@@ -23,6 +23,8 @@ T_XATTR = 4
 TABLE_NAMES = {T_INODE: b"inodes", T_DIRENT: b"dirents", T_EXTENT: b"extents", T_XATTR: b"xattrs"}
 
 ROOT_INO = 1
+# Meta key of a store a receive is filling (``replication.stream``): which stream, how far.
+RECEIVING = b"receive.partial"
 NAME_MAX = 255  # bytes of one name (a path component)
 
 
