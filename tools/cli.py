@@ -382,8 +382,9 @@ _WHERE = {
                      "prune", "stat", "df", "retention", "config"], "timetravel"),
     **dict.fromkeys(["replica", "replicate", "assess"], "replication"),
     "ha": "ha",
+    "rebuild": "rebuild",
 }
-_MODULES = ("timetravel", "replication", "ha")
+_MODULES = ("timetravel", "replication", "ha", "rebuild")
 
 
 def _load(module: str | None = None) -> None:
