@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from .errors import CdpfsError, root_cause
+from .errors import CdpfsError, first_error, root_cause
 from .ha import roles
 from .replication import credentials, stream, wire
 from .replication.protocol import ANSWER_TIMEOUT, PROTOCOL, parse_address
@@ -81,7 +81,10 @@ async def answer(store: Store, conn: wire.Connection, fetch: dict[str, Any],
              f"after #{start}" if start else "from the start", plan.ident.to_seq)
     before = conn.sent
     try:
-        sent = await stream.send(store, conn, plan)
+        try:
+            sent = await stream.send(store, conn, plan)
+        except BaseExceptionGroup as group:  # its reader and writer run in a nursery
+            raise first_error(group) from None
     except stream.StreamError as exc:
         if conn.sent != before:  # cut in the middle: the receive says so
             raise
@@ -248,7 +251,10 @@ async def _round(path: Path, connect: Connect, source: str, found: _Found, out: 
     try:
         with trio.fail_after(ANSWER_TIMEOUT):
             link = await connect()
-    except (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+    except (ssl.SSLError, trio.BrokenResourceError) as exc:  # the TLS handshake
+        raise RebuildError(f"{source}: cannot connect: {root_cause(exc)}; {_trust(path)}") \
+            from None
+    except (OSError, trio.TooSlowError) as exc:
         raise RebuildError(f"{source}: cannot connect: {root_cause(exc)}") from None
     try:
         conn = wire.Connection(link)
@@ -259,11 +265,8 @@ async def _round(path: Path, connect: Connect, source: str, found: _Found, out: 
         except wire.PeerError as exc:
             raise RebuildError(f"{source} refused: {exc}") from None
         except (wire.WireError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            raise RebuildError(
-                f"{source}: no answer ({root_cause(exc)}); if its log says 'refused TLS "
-                f"connection', it does not trust {path}'s certificate yet: 'cdpfs replica "
-                f"trust REPLICA_STORE {credentials.tls_dir(path) / 'node.crt'} --name NAME', "
-                "then restart its server") from None
+            raise RebuildError(f"{source}: no answer ({root_cause(exc)}); {_trust(path)}") \
+                from None
         if found.top and not found.token and welcome["acked"] == found.top:
             return True
         try:
@@ -282,6 +285,13 @@ async def _round(path: Path, connect: Connect, source: str, found: _Found, out: 
              "the rest of the stream" if found.token else "a stream", got.to_seq, source,
              got.records)
     return False
+
+
+def _trust(path: Path) -> str:
+    """What a TLS refusal of a replica server most likely means, and the cure."""
+    return (f"if the replica's log says 'refused TLS connection', it does not trust {path}'s "
+            f"certificate yet: 'cdpfs replica trust REPLICA_STORE "
+            f"{credentials.tls_dir(path) / 'node.crt'} --name NAME', then restart its server")
 
 
 def rebuild_file(path: Path, source: Path, *, progress: Progress | None = None) -> Rebuilt:
