@@ -434,6 +434,7 @@ def test_a_rebuild_from_a_file_goes_on_with_the_same_file(tmp_path: Path) -> Non
     assert stream.pending(target)
     out = rebuild.rebuild(target, str(whole))
     assert out.resumed == at and out.checked and not out.finished
+    assert out.records == _top(target) - at  # read again, only what it lacked applied
     assert _state(target)[:3] == _state(primary)[:3]
     assert _role(target) == roles.ROLE_LIVE
     _verified(target)

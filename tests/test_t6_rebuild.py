@@ -244,8 +244,10 @@ def test_a_primary_is_rebuilt_from_a_send_stream_in_a_file(tmp_path: Path) -> No
         assert 0 < at < top
         cdpfs("verify", vol.store)
         out = cdpfs("rebuild", vol.store, "--from", sent).stdout
-        assert re.search(rf"volume {uuid} up to #{top}, tree hash \w+ \(checked against the "
-                         rf"sender's\).*taking up the rebuild left at #{at}\b", out, re.S), out
+        got = re.search(rf"volume {uuid} up to #{top}, tree hash \w+ \(checked against the "
+                        r"sender's\).*received (\d+) records, .* taking up the rebuild left at "
+                        rf"#{at}\b", out, re.S)
+        assert got and int(got[1]) == top - at, out  # the same file, what it lacked applied
         assert _identity(vol.store) == (uuid, [*line, (line[-1][0] + 1, top + 1)], top)
         line1 = cdpfs("rebuild", vol.store, "--from", sent, check=False).stderr
         assert "holds volume" in line1 and "already" in line1, line1
