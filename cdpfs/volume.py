@@ -14,7 +14,8 @@ Modes (``Mode``):
 * ``follow``: the newest state of a store another process writes, read-only
   (``mount --follow`` of a replica);
 * ``replica``: receive a primary's records (``cdpfs replica serve``), prune by the
-  replica's own policy, and ship on to the replicas registered here (a chain);
+  replica's own policy, ship on to the replicas registered here (a chain), and
+  answer a rebuild's FETCH with a send stream of the store (``cdpfs.rebuild``);
 * ``source``: read a store beside whoever serves it, to ship to one replica
   (``cdpfs replicate``).
 
@@ -43,6 +44,7 @@ from .fs.vfs import FileSystem
 from .history import bookmarks
 from .history.points import resolve
 from .history.prune import Pruner, PruneResult, prune_store
+from .rebuild import answer as answer_fetch
 from .replication import registry
 from .replication.fanout import Connector, Fanout, tls_connector
 from .replication.receiver import ROLE_REPLICA, Receiver
@@ -141,6 +143,7 @@ class Volume:
         if self.mode is Mode.REPLICA:
             self.receiver = await trio.to_thread.run_sync(
                 lambda: Receiver(self.path, self.counters, failback=self.failback))
+            self.receiver.on_fetch = answer_fetch  # a rebuild's stream, beside the primary
             self.store = self.receiver.store
             return
         self.store = store = await trio.to_thread.run_sync(Store, self.path)

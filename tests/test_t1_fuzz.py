@@ -74,6 +74,11 @@ def _valid(uuid: str) -> dict[int, Any]:
         wire.MARKS: {"mark": [1, 5]},
         wire.PING: {"id": 1},
         wire.PONG: {"id": 1},
+        wire.STREAM: {"format": 1, "uuid": uuid, "block_size": 128 << 10, "from": 0, "to": 1,
+                      "to_ts": 1, "ends": False, "epochs": [[0, 1]]},
+        wire.END: {"records": 1, "pieces": 0, "chain": bytes(16)},
+        wire.FETCH: {"proto": PROTOCOL, "uuid": uuid, "after": 1, "check": bytes(16),
+                     "tree": True},
     }
 
 
@@ -136,7 +141,7 @@ def _frames(draw: st.DrawFn, uuid: str, kinds: tuple[int, ...] = tuple(wire.NAME
         kind = draw(st.sampled_from(sorted(wire.NAMES)))
         return _raw(kind, draw(st.sampled_from(BOMBS)), wire.COMPRESSED, pieces)
     if choice == "random":
-        kind, body = draw(st.integers(0, 12)), draw(VALUES)
+        kind, body = draw(st.integers(0, max(wire.NAMES) + 1)), draw(VALUES)
     else:
         kind, body = draw(_mutated(uuid, draw(st.sampled_from([kinds] * 3 + [tuple(wire.NAMES)]))))
     payload = msgpack.packb(body, use_bin_type=True)

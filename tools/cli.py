@@ -387,8 +387,9 @@ _WHERE = {
     "ha": "ha",
     **dict.fromkeys(["export", "import"], "archive"),
     **dict.fromkeys(["send", "receive"], "streams"),
+    "rebuild": "rebuild",
 }
-_MODULES = ("timetravel", "replication", "ha", "archive", "streams")
+_MODULES = ("timetravel", "replication", "ha", "archive", "streams", "rebuild")
 
 
 def _load(module: str | None = None) -> None:

@@ -19,11 +19,11 @@ from ..errors import CdpfsError
 from ..store.epochs import MAX_EPOCHS
 
 # Frame types
-HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS, PING, PONG, STREAM, END = \
-    range(1, 14)
+HELLO, WELCOME, OFFER, WANT, DATA, ACK, ERROR, BASE, MARKS, PING, PONG, STREAM, END, FETCH = \
+    range(1, 15)
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", OFFER: "OFFER", WANT: "WANT", DATA: "DATA",
          ACK: "ACK", ERROR: "ERROR", BASE: "BASE", MARKS: "MARKS", PING: "PING",
-         PONG: "PONG", STREAM: "STREAM", END: "END"}
+         PONG: "PONG", STREAM: "STREAM", END: "END", FETCH: "FETCH"}
 
 MAX_SEQ = 2**64 - 1
 MAX_ITEMS = 100_000  # entries of any list or map in one body
@@ -151,6 +151,13 @@ SHAPES: dict[int, Check] = {
     # With ``tree``: the tree hash of the volume at ``to``, which the receiver checks.
     END: _map({"records": _SEQ, "pieces": _SEQ, "chain": _bytes(CHECK_LEN)},
               {"tree": _text(64)}),
+    # A rebuild asks a replica server for a send stream of its store: the volume it
+    # expects, and where its target is (the token of an interrupted receive, or its
+    # newest record ``after`` with that record's ``check``); ``tree``: end with the
+    # tree hash. Answered by WELCOME (the replica's newest record), then the stream.
+    FETCH: _map({"proto": _int(0, 2**31)},
+                {"uuid": _text(64, least=1), "resume": _text(), "after": _SEQ,
+                 "check": _bytes(limit=CHECK_LEN), "tree": _bool}),
 }
 
 

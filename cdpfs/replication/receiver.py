@@ -15,6 +15,12 @@ and can be mounted read-only while it receives (``cdpfs mount --follow`` or
 ``--at``). Bookmarks arrive as MARKS and are mirrored. The volume service
 (``cdpfs.volume``, mode ``replica``) runs a ``Receiver`` beside the replica's own
 prune and the senders to the replicas registered in the replica's store (a chain).
+
+A connection may instead open with FETCH: a rebuild asks for a send stream of the
+replica's store (``cdpfs rebuild --from ADDRESS``). The receiver checks who asks
+for what (the protocol, the volume, a store that is whole) and hands the
+connection to ``on_fetch``, which the volume service sets (the streams are a
+layer above this one); meanwhile the primary's session goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import functools
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,9 @@ log = logging.getLogger(__name__)
 GROUP_MAX = 8  # batches committed in one transaction at most
 BASE_PENDING = b"replica.base_pending"  # meta key while a full resync is under way
 ROLE_REPLICA = "replica"  # config.role of a replica store (a read-write mount refuses it)
+
+# Serves a FETCH: (the replica's store, the connection, the FETCH body, the peer).
+Fetch = Callable[[Store, wire.Connection, dict[str, Any], str], Awaitable[None]]
 
 
 class Incoming:
@@ -145,6 +154,8 @@ class Receiver:
         store_ready: set once ``store`` is there (opened, or created by a primary).
         counters: records applied and bytes received are counted here.
         on_applied: called (trio thread) after each commit of received records.
+        on_fetch: serves a FETCH (a rebuild asking for a send stream of the store);
+            None: FETCH is refused.
     """
 
     def __init__(self, path: Path, counters: Counters | None = None, *,
@@ -155,6 +166,7 @@ class Receiver:
         self.counters = counters or Counters()
         self.store_ready = trio.Event()
         self.on_applied: Callable[[], None] | None = None
+        self.on_fetch: Fetch | None = None
         self.store: Store | None = None
         if is_store(self.path):
             self.store = Store(path)
@@ -262,8 +274,11 @@ class Receiver:
             return int(msg["seq"])
 
     async def handle(self, conn: wire.Connection, peer: str) -> None:
-        """Serve one connected primary until it goes away."""
-        _, hello = await conn.recv(wire.HELLO)
+        """Serve one connected primary until it goes away (or one FETCH)."""
+        kind, hello = await conn.recv(wire.HELLO, wire.FETCH)
+        if kind == wire.FETCH:
+            await self._fetch(conn, peer, hello)
+            return
         if hello.get("proto") != PROTOCOL:
             await conn.send(wire.ERROR, {"message": f"protocol {hello.get('proto')} unsupported"})
             return
@@ -291,6 +306,30 @@ class Receiver:
             finally:
                 if self._session is scope:
                     self._session = None
+
+    async def _fetch(self, conn: wire.Connection, peer: str, fetch: dict[str, Any]) -> None:
+        """A rebuild asks for a send stream of this store: refused (ERROR, one line)
+        unless it speaks this protocol, expects this volume, and the store is whole
+        (it exists, and no full resync is half laid over it); then ``on_fetch``
+        answers, beside the primary's session."""
+        why = ""
+        if fetch["proto"] != PROTOCOL:
+            why = f"protocol {fetch['proto']} unsupported (this replica speaks {PROTOCOL})"
+        elif self.on_fetch is None:
+            why = "this server does not serve send streams"
+        elif self.store is None:
+            why = "this replica holds no volume yet (no primary has shipped to it)"
+        elif fetch.get("uuid") not in (None, self.store.uuid):
+            why = f"this replica holds volume {self.store.uuid}, not {fetch['uuid']}"
+        elif (await trio.to_thread.run_sync(self.position))[1]:
+            why = ("a full resync is under way on this replica: its store is not whole "
+                   "until it is done")
+        if why:
+            log.warning("%s: send stream refused: %s", peer, why)
+            await conn.send(wire.ERROR, {"message": why})
+            return
+        assert self.on_fetch is not None and self.store is not None
+        await self.on_fetch(self.store, conn, fetch, peer)
 
     async def _receive(self, conn: wire.Connection, peer: str, hello: dict[str, Any]) -> None:
         """One primary session: batches in, acknowledgements out."""

@@ -392,11 +392,13 @@ def send_file(path: Path, out: BinaryIO, *, progress: Progress | None = None,
 
 
 def receive_file(path: Path, inp: BinaryIO, *, new_volume: bool = False,
-                 progress: Progress | None = None) -> Result:
-    """Receive the stream the binary file ``inp`` holds into the store at ``path``."""
+                 progress: Progress | None = None, mark: tuple[bytes, bytes] | None = None,
+                 again: bool = False) -> Result:
+    """Receive the stream the binary file ``inp`` holds into the store at ``path``
+    (``receive``'s options)."""
     async def run() -> Result:
         return await receive(path, wire.Connection(wire.FileStream(inp)),
-                             new_volume=new_volume, progress=progress)
+                             new_volume=new_volume, progress=progress, mark=mark, again=again)
 
     return trio.run(run)
 
@@ -405,10 +407,17 @@ def receive_file(path: Path, inp: BinaryIO, *, new_volume: bool = False,
 
 
 async def receive(path: Path, conn: wire.Connection, *, new_volume: bool = False,
-                  progress: Progress | None = None) -> Result:
+                  progress: Progress | None = None, mark: tuple[bytes, bytes] | None = None,
+                  again: bool = False) -> Result:
     """Receive a stream from ``conn`` into the store at ``path`` (made if missing).
     StreamError (one line) for a stream this store cannot take, before anything is
-    written; one that breaks off keeps what was applied and names its resume token."""
+    written; one that breaks off keeps what was applied and names its resume token.
+
+    ``mark``: a meta entry (key, value) written with the receive's start, in the
+    transaction that notes it (a rebuild's: the store it makes says so from its
+    first byte). ``again``: the stream is the one this store's interrupted receive
+    was taking, read again from its start (a file cannot be sent from a token):
+    the records the store applied already are skipped."""
     try:
         _, head = await conn.recv(wire.STREAM)
     except wire.WireError as exc:
@@ -416,7 +425,8 @@ async def receive(path: Path, conn: wire.Connection, *, new_volume: bool = False
     if head["format"] > FORMAT:
         raise StreamError(f"a stream of format {head['format']}: this cdpfs reads up to "
                           f"format {FORMAT} (upgrade it)")
-    target = await trio.to_thread.run_sync(_Target.open, Path(path), head, new_volume)
+    target = await trio.to_thread.run_sync(_Target.open, Path(path), head, new_volume, mark,
+                                           again)
     try:
         return await target.run(conn, progress)
     except StreamError as exc:
@@ -433,8 +443,12 @@ class _Target:
     head, and locked against a mount or a replica server meanwhile."""
 
     def __init__(self, store: Store, head: dict[str, Any], created: bool,
-                 there: set[str] | None) -> None:
+                 there: set[str] | None, mark: tuple[bytes, bytes] | None = None,
+                 again: bool = False) -> None:
         self.store = store
+        self.mark = mark
+        self.again = again  # may skip what an interrupted receive of this stream applied
+        self.skip = 0  # records up to this one were applied before: skipped
         self.there = there  # what the target directory held before (None: no directory)
         self.head = head
         self.created = created
@@ -443,7 +457,8 @@ class _Target:
         self.applied = 0
 
     @classmethod
-    def open(cls, path: Path, head: dict[str, Any], new_volume: bool) -> _Target:
+    def open(cls, path: Path, head: dict[str, Any], new_volume: bool,
+             mark: tuple[bytes, bytes] | None = None, again: bool = False) -> _Target:
         start = int(head.get("after") or head["from"])
         there = set(os.listdir(path)) if path.is_dir() else None
         if new_volume and start:
@@ -462,7 +477,7 @@ class _Target:
                 raise StreamError(f"{path} exists: --new-volume makes a new store")
             store = Store(path)
             created = False
-        target = cls(store, head, created, there)
+        target = cls(store, head, created, there, mark, again)
         try:
             store.lock("receive")
             target._check(new_volume)
@@ -501,17 +516,18 @@ class _Target:
         with store.txn(write=True) as txn:
             top = journal.top(store, txn)
             partial = store.meta(txn, PARTIAL)
+            mine = None if partial is None else Identity.unpack(
+                msgpack.unpackb(partial, raw=False)[0])
             after = int(head.get("after") or 0)
             if after:
-                mine = None if partial is None else Identity.unpack(
-                    msgpack.unpackb(partial, raw=False)[0])
                 if mine != ident or top != after or \
                         journal.check(store, txn, top) != bytes(head.get("after_check") or b""):
                     raise StreamError(f"{store.path}: this stream resumes a receive this "
                                       "store is not in the middle of (a token of another "
                                       "store or stream)")
-            elif partial is not None and not (top == ident.from_seq and Identity.unpack(
-                    msgpack.unpackb(partial, raw=False)[0]) == ident):
+            elif self.again and mine == ident:
+                self.skip = top  # the same stream again: from where it was cut
+            elif partial is not None and not (top == ident.from_seq and mine == ident):
                 raise StreamError(f"{store.path} is in the middle of another receive: resume "
                                   f"it with 'cdpfs send --resume {token_of(store, txn)}'")
             elif not ident.from_seq and top:
@@ -534,13 +550,16 @@ class _Target:
                 epochs.follow(store, txn, line)
             if self.created and not new_volume:  # a copy: takes increments, like a replica
                 store.set_config(txn, "role", ROLE_REPLICA)
-            self.applied = after or ident.from_seq
+            self.applied = after or self.skip or ident.from_seq
             store.set_meta(txn, PARTIAL, msgpack.packb([ident.pack(), self.applied],
                                                        use_bin_type=True))
+            if self.mark is not None:
+                store.set_meta(txn, *self.mark)
 
     async def run(self, conn: wire.Connection, progress: Progress | None) -> Result:
         result = Result(self.ident.to_seq, created=self.created)
         marks: dict[str, list[int]] = {}
+        carried = 0  # records the stream carried, skipped ones too (END counts them)
         try:
             while True:
                 chain = conn.chain()
@@ -549,7 +568,7 @@ class _Target:
                 if progress is not None:
                     progress(conn.received - received)
                 if kind == wire.END:
-                    if body["chain"] != chain or body["records"] != result.records or \
+                    if body["chain"] != chain or body["records"] != carried or \
                             body["pieces"] != result.pieces:
                         raise wire.WireError("the stream's end does not match what came "
                                              "before it (frames lost, repeated or spliced)")
@@ -560,16 +579,21 @@ class _Target:
                 if body.get("base") is not None:
                     raise wire.WireError("a send stream's DATA frame with table entries")
                 refs = Refs()
-                for seq, raw in body.get("records") or ():
+                records = body.get("records") or []
+                for seq, raw in records:
                     if seq > self.ident.to_seq:
                         raise wire.WireError(f"record #{seq} is past the stream's end "
                                              f"#{self.ident.to_seq}")
-                    refs.add_record(journal.Record.unpack(seq, raw))
+                    if seq > self.skip:
+                        refs.add_record(journal.Record.unpack(seq, raw))
+                if self.skip:  # applied before: its blocks are put again, they are here
+                    body = {**body, "records": [r for r in records if r[0] > self.skip]}
                 batch = Incoming(refs.offer(), {"blocks": body.get("blocks") or [],
                                                 "packs": body.get("packs") or []},
                                  body, pieces, gaps=True)
                 await trio.to_thread.run_sync(batch.check, self.store.block_size)
                 self.applied = await trio.to_thread.run_sync(self._apply, batch)
+                carried += len(records)
                 result.records += len(batch.records)
                 result.pieces += len(pieces)
             if self.applied != self.ident.to_seq:

@@ -35,6 +35,7 @@ from .messages import (  # noqa: F401 (the frame types, as wire.HELLO ...)
     DATA,
     END,
     ERROR,
+    FETCH,
     HELLO,
     MARKS,
     NAMES,
