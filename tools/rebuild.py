@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from cdpfs.names import shown
+from cdpfs.progress import Progress
 from cdpfs.rebuild import rebuild
 
-PROGRESS = ("auto", "json", "none")
+from .archive import PROGRESS
 
 
 @click.command("rebuild")
@@ -20,8 +21,7 @@ PROGRESS = ("auto", "json", "none")
               "certificate, or a file holding a full send stream.")
 @click.option("--name", help="The name the replica's certificate is trusted under in "
               "STORE (default: its one trusted name).")
-@click.option("--progress", type=click.Choice(PROGRESS), default="auto", show_default=True,
-              help="How progress is shown.")
+@PROGRESS
 def rebuild_cmd(store: Path, source: str, name: str | None, progress: str) -> None:
     """Make the volume again in STORE (a new or empty directory, with a TLS identity
     for an address: 'cdpfs replica keygen STORE') from a replica or a send stream,
@@ -29,7 +29,8 @@ def rebuild_cmd(store: Path, source: str, name: str | None, progress: str) -> No
     tree hash; then STORE is the volume's primary. Interrupted, the same command goes
     on from where it was."""
     started = time.monotonic()
-    done = rebuild(store, source, peer=name, progress=None)
+    with Progress(progress, "rebuild") as bar:
+        done = rebuild(store, source, peer=name, progress=bar.advance)
     check = "checked against the sender's" if done.checked else "as received"
     click.echo(f"rebuilt {shown(store)}: volume {done.uuid} up to #{done.to_seq}, tree hash "
                f"{done.tree[:16]} ({check}), primary of epoch {done.epoch}")
