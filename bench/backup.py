@@ -15,12 +15,37 @@ alternating, so a machine shared with other work disturbs both alike):
    file; ``tar`` alone). Target: export/tar >= 0.8. The export is checked with
    ``tar --compare`` against the tree (contents, sizes, modes, owners, mtimes).
 
-More sections (send, receive, rebuild) add a function to ``SECTIONS``.
+2. **send**: a volume of ~1 GiB with 10,000 points: the tree of ``export`` with
+   1,000 small files instead of an eighth of it (the incompressible files take
+   the rest), imported (a record for each entry made, MiB written and attribute
+   set), then small changes made through the library in-process
+   (``cdpfs.testing.LiveStore``, as a mount makes them: writes of 16-511 random
+   bytes into small files and renames, each a record of its own) until the
+   journal holds 10,000 records, every one a point; the same changes are made to
+   the native tree. Then ``cdpfs send STORE -o FILE`` (a full stream; it fsyncs
+   before its rename) and ``cdpfs receive NEW -i FILE`` (synced transactions)
+   against ``cp data.mdb X && sync X``: MB/s of the store's used bytes, and the
+   stream's size against them. Then 1% of the tree's bytes is overwritten with
+   new random bytes (256 KiB ranges, block-aligned, in the large files) through
+   the library and in the native tree, and ``cdpfs send STORE --from #SEQ -o
+   INC`` is measured against the stored size of the blocks and packs the new
+   records reference that the store did not hold before (target: <= 1.1x) and
+   against ``rsync -a --no-whole-file --stats`` from the changed tree to a copy
+   of the old one ("Total bytes sent": what rsync sends over a network; its
+   local default, whole files, is a note). For information, the same for the
+   small changes alone (an increment from the import's last record): records
+   weigh more there against the few bytes written. Checked, untimed: the
+   increment received into the received copy gives the source's tree hash, and
+   ``cdpfs export`` of the source matches the native tree (``tar --compare``,
+   modification times aside: the library stamps its own).
 
-Usage: ``python bench/backup.py [--quick] [--repeat N] [--only export] [--markdown
-FILE] [--dir DIR] [--keep] [-v]``. ``--quick``: a 128 MiB tree. Needs GNU tar. The
-work directory (under ``--dir``, default /var/tmp: not tmpfs) is removed unless
-``--keep``. Exit status 1 if anything failed or read back wrong.
+More sections (receive, rebuild) add a function to ``SECTIONS``.
+
+Usage: ``python bench/backup.py [--quick] [--repeat N] [--only export,send]
+[--markdown FILE] [--dir DIR] [--keep] [-v]``. ``--quick``: a 128 MiB tree (and
+1,000 points). Needs GNU tar and rsync. The work directory (under ``--dir``,
+default /var/tmp: not tmpfs) is removed unless ``--keep``. Exit status 1 if
+anything failed or read back wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +55,7 @@ import logging
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -50,6 +76,13 @@ from run import (
     start_run,
     work_dir,
 )
+
+from cdpfs.replication.stream import hash_at
+from cdpfs.store import blocks, journal
+from cdpfs.store.lmdb import Store
+from cdpfs.store.refs import Refs
+from cdpfs.store.schema import ROOT_INO, U64
+from cdpfs.testing import LiveStore
 
 log = logging.getLogger("backup")
 CLI = str(Path(sys.executable).with_name("cdpfs"))
@@ -130,11 +163,19 @@ def best(cfg: Config, *sides: Callable[[], float]) -> list[float]:
     return [min(t) for t in times]
 
 
-def make_tree(root: Path, size: int) -> tuple[int, int]:
-    """About ``size`` bytes of files under ``root``: (files, bytes)."""
+def make_tree(root: Path, size: int, small_files: int | None = None) -> tuple[int, int]:
+    """About ``size`` bytes of files under ``root``: (files, bytes). Half of it text
+    in 8 MiB files, three eighths incompressible files of 24 MiB, an eighth small
+    files of 1-16 KiB; with ``small_files``, that many small files instead, and the
+    incompressible files take what is left (the same tree otherwise)."""
     rng = random.Random(20)
     text, _, _ = make_text(size // 2)
     files = total = 0
+    if small_files is None:
+        media = [24 * MiB] * (size * 3 // 8 // (24 * MiB))
+    else:
+        rest = size - len(text) - small_files * 8704  # the small files' mean size
+        media = [24 * MiB] * (rest // (24 * MiB)) + [rest % (24 * MiB)] * bool(rest % (24 * MiB))
 
     def put(path: Path, data: bytes) -> None:
         nonlocal files, total
@@ -146,11 +187,11 @@ def make_tree(root: Path, size: int) -> tuple[int, int]:
     chunk = 8 * MiB
     for i in range(len(text) // chunk):  # half of it text in 8 MiB files
         put(root / "text" / f"part{i:03d}.py", text[i * chunk:(i + 1) * chunk])
-    for i in range(size * 3 // 8 // (24 * MiB)):  # incompressible
-        put(root / "media" / f"blob{i:02d}.bin", rng.randbytes(24 * MiB))
+    for i, n in enumerate(media):  # incompressible
+        put(root / "media" / f"blob{i:02d}.bin", rng.randbytes(n))
     small = size // 8
     i = 0
-    while small > 0:  # the rest small files, 100 to a directory
+    while (small > 0) if small_files is None else (i < small_files):  # 100 to a directory
         n = rng.randrange(1024, 16 * 1024)
         off = rng.randrange(0, len(text) - n)
         put(root / "src" / f"d{i // 100:03d}" / f"f{i:05d}.py", text[off:off + n])
@@ -233,11 +274,267 @@ def export_section(bench: Bench) -> None:
         path.unlink(missing_ok=True)
 
 
-SECTIONS: dict[str, Callable[[Bench], None]] = {"export": export_section}
+class Mirror:
+    """Changes made through the library to a store (in-process, as a mount makes
+    them: each call a journal record) and the same bytes and names changed in the
+    native tree beside it."""
+
+    def __init__(self, store: Path, tree: Path) -> None:
+        self.live = LiveStore(store, existing=True)
+        self.tree = tree
+        self.dirs: dict[Path, int] = {Path("."): ROOT_INO}
+
+    def _lookup(self, parent: int, name: bytes) -> int:
+        ino = self.live.fs.view.lookup(parent, name)
+        if ino is None:
+            raise BenchError(f"{name!r} is not in the store")
+        return int(ino)
+
+    def _dir(self, rel: Path) -> int:
+        ino = self.dirs.get(rel)
+        if ino is None:
+            ino = self.dirs[rel] = self.live(self._lookup, self._dir(rel.parent),
+                                             os.fsencode(rel.name))
+        return ino
+
+    def write(self, rel: Path, off: int, data: bytes) -> None:
+        live = self.live
+        ino = live(self._lookup, self._dir(rel.parent), os.fsencode(rel.name))
+        fh = live(live.fs.open, ino, os.O_RDWR)
+        live(live.fs.write, fh, off, data)
+        live(live.fs.release, fh)
+        with open(self.tree / rel, "r+b") as f:
+            f.seek(off)
+            f.write(data)
+
+    def rename(self, rel: Path, new: Path) -> None:
+        parent = self._dir(rel.parent)
+        self.live(self.live.fs.rename, parent, os.fsencode(rel.name), parent,
+                  os.fsencode(new.name), 0)
+        os.rename(self.tree / rel, self.tree / new)
+
+    def close(self) -> None:
+        self.live.sync()
+        self.live.close()
+
+
+def churn(mirror: Mirror, count: int, rng: random.Random) -> None:
+    """``count`` small changes to the small files (each a record): writes of 16-511
+    random bytes inside a file, and every fourth a rename within its directory."""
+    tree = mirror.tree
+    names = sorted(p.relative_to(tree) for p in (tree / "src").rglob("*.py"))
+    for i in range(count):
+        k = rng.randrange(len(names))
+        rel = names[k]
+        if i % 4 == 3:
+            new = rel.with_name(f"{rel.stem.split('-')[0]}-{i}.py")
+            mirror.rename(rel, new)
+            names[k] = new
+        else:
+            n = rng.randrange(16, 512)
+            size = (tree / rel).stat().st_size
+            mirror.write(rel, rng.randrange(0, max(1, size - n)), rng.randbytes(n))
+        if i % 1000 == 999:
+            mirror.live.sync()
+
+
+def change_share(mirror: Mirror, share: float, total: int, rng: random.Random) -> int:
+    """Overwrite ``share`` of ``total`` bytes with new random bytes: ranges of two
+    blocks, block-aligned, none twice, in the large files (text and media), each
+    range one write; the bytes written."""
+    tree, bs = mirror.tree, mirror.live.store.block_size
+    big = sorted(p.relative_to(tree) for d in ("text", "media") for p in (tree / d).iterdir())
+    nblocks = {rel: (tree / rel).stat().st_size // bs for rel in big}
+    taken: set[tuple[Path, int]] = set()
+    done = 0
+    while done < share * total:
+        rel = rng.choice(big)
+        if nblocks[rel] < 2:
+            continue
+        b = rng.randrange(nblocks[rel] - 1)
+        if (rel, b) in taken or (rel, b + 1) in taken:
+            continue
+        taken.update({(rel, b), (rel, b + 1)})
+        mirror.write(rel, b * bs, rng.randbytes(2 * bs))
+        done += 2 * bs
+    return done
+
+
+def store_counts(path: Path) -> tuple[int, int, int, int]:
+    """(journal records, points, the newest record, used bytes) of the store at ``path``."""
+    with Store(path, readonly=True) as store, store.txn() as txn:
+        return (journal.count(store, txn), int(txn.stat(store.db["timeidx"])["entries"]),
+                journal.top(store, txn), store.used_bytes())
+
+
+def stored_keys(path: Path) -> tuple[set[bytes], set[int]]:
+    """The hashes of the blocks and the ids of the packs the store at ``path`` holds."""
+    with Store(path, readonly=True) as store, store.txn() as txn:
+        have = set(txn.cursor(db=store.db["blocks"]).iternext(values=False))
+        packs = {U64.unpack(k)[0] for k in
+                 txn.cursor(db=store.db["packs"]).iternext(values=False)}
+        return have, packs
+
+
+def new_stored(path: Path, after: int, had: tuple[set[bytes], set[int]]) -> tuple[int, int, int]:
+    """(stored bytes, blocks, packs) of what the records after ``after`` reference that
+    is not in ``had`` (``stored_keys`` before them): as the store keeps it, compressed."""
+    with Store(path, readonly=True) as store, store.txn() as txn:
+        refs = Refs()
+        refs.add_records(journal.records(store, txn, after + 1))
+        sizes = [blocks.stored(store, txn, k) for k in refs.blocks if k not in had[0]]
+        packs = [blocks.stored_pack(store, txn, p) for p in refs.packs if p not in had[1]]
+        if any(v is None for v in sizes + packs):
+            raise BenchError("a block or pack a new record references is not stored")
+        return (sum(len(v) for v in sizes + packs if v is not None), len(sizes), len(packs))
+
+
+def rsync_bytes(src: Path, dst: Path, *options: str) -> tuple[int, int]:
+    """``rsync -a --stats OPTIONS src/ dst/``: (total bytes sent, received)."""
+    proc = subprocess.run(["rsync", "-a", "--stats", *options, f"{src}/", f"{dst}/"],
+                          capture_output=True, text=True)
+    sent = re.search(r"Total bytes sent: ([\d,]+)", proc.stdout)
+    got = re.search(r"Total bytes received: ([\d,]+)", proc.stdout)
+    if proc.returncode != 0 or sent is None or got is None:
+        raise BenchError(f"rsync failed ({proc.returncode}): {proc.stderr[-500:]}")
+    return int(sent.group(1).replace(",", "")), int(got.group(1).replace(",", ""))
+
+
+def send_section(bench: Bench) -> None:
+    """Full send and receive of a ~1 GiB volume with 10,000 points against ``cp`` of
+    its store file, and an incremental send after a 1% change against the changed
+    blocks' stored size and ``rsync`` (see the module docstring)."""
+    cfg, work = bench.cfg, bench.work
+    want_points = 1_000 if cfg.quick else 10_000
+    tree = work / "tree"
+    files, nbytes = make_tree(tree, cfg.size, small_files=want_points // 10)
+    source = work / "source.tar"
+    sh("tar", "--format=posix", "-cf", source, "-C", tree, ".")
+    store = work / "vol.store"
+    sh(CLI, "import", "-", store, stdin=source)
+    source.unlink()
+    imported, _, import_top, _ = store_counts(store)
+    had = stored_keys(store)
+    rng = random.Random(21)
+    started = time.perf_counter()
+    mirror = Mirror(store, tree)
+    try:
+        churn(mirror, want_points - imported, rng)
+    finally:
+        mirror.close()
+    churned = time.perf_counter() - started
+    records, points, base, used = store_counts(store)
+    # the small changes alone as an increment: their records weigh against their bytes
+    small = work / "small.stream"
+    sh(CLI, "send", store, "--from", f"#{import_top}", "-o", small)
+    small_bytes = small.stat().st_size
+    small.unlink()
+    small_new, small_blocks, small_packs = new_stored(store, import_top, had)
+    data_mdb = store / "data.mdb"
+    log.info("volume: %d files, %.0f MiB; %d records, %d points; %.0f MiB used", files,
+             nbytes / MiB, records, points, used / MiB)
+
+    stream, copy, copied = work / "full.stream", work / "copy.store", work / "cp.mdb"
+
+    def send_full() -> float:
+        stream.unlink(missing_ok=True)
+        return sh(CLI, "send", store, "-o", stream)
+
+    def receive_full() -> float:
+        sh("rm", "-rf", copy)
+        return sh(CLI, "receive", copy, "-i", stream)
+
+    def cp_store() -> float:
+        copied.unlink(missing_ok=True)
+        return sh("cp", data_mdb, copied) + sh("sync", copied)
+
+    t_send, t_receive, t_cp = best(cfg, send_full, receive_full, cp_store)
+    stream_bytes = stream.stat().st_size
+    bench.rows.append(Figure("send", "full send to a file, fsynced (MB/s of store used)",
+                             "MB/s", used / t_send / MB, used / t_cp / MB, "cp + sync",
+                             "send/cp"))
+    bench.rows.append(Figure("send", "full receive from the file (MB/s of store used)",
+                             "MB/s", used / t_receive / MB, used / t_cp / MB, "cp + sync",
+                             "receive/cp"))
+    bench.rows.append(Figure("send", "full stream's size against the store's used bytes",
+                             "MiB", stream_bytes / MiB, used / MiB, "store used",
+                             "stream/store"))
+    bench.rows.append(Figure("send", "incremental send of the small changes, against their "
+                             "stored size", "MB", small_bytes / MB, small_new / MB,
+                             "their blocks and packs", "inc/changed"))
+    cpu = {name: min(CPU[name]) for name in ("send_full", "receive_full", "cp_store")}
+    bench.notes.append(
+        f"send: a volume of {files} files, {nbytes / MiB:.0f} MiB, {records} records "
+        f"({imported} of the import, {records - imported} small changes made in-process "
+        f"in {churned:.1f}s), {points} of them points; the store uses {used / MiB:.0f} MiB "
+        f"(data.mdb {data_mdb.stat().st_size / MiB:.0f} MiB); the full stream "
+        f"{stream_bytes / MiB:.0f} MiB. Seconds (best of {cfg.repeat}): send {t_send:.1f}, "
+        f"receive {t_receive:.1f}, cp + sync {t_cp:.1f}; CPU seconds (user + system, least "
+        f"of the runs): send {cpu['send_full']:.1f}, receive {cpu['receive_full']:.1f}, cp + "
+        f"sync {cpu['cp_store']:.1f}. The small changes' increment (#{import_top} to "
+        f"#{base}): {small_bytes:,} bytes against {small_blocks} new blocks and "
+        f"{small_packs} new packs, {small_new:,} bytes stored")
+    copied.unlink()
+    stream.unlink()
+
+    # --- incremental: 1% of the tree's bytes changed ---
+    old, old_whole = work / "old", work / "old-whole"
+    for dest in (old, old_whole):
+        sh("cp", "-a", tree, dest)
+    had = stored_keys(store)
+    mirror = Mirror(store, tree)
+    try:
+        changed = change_share(mirror, 0.01, nbytes, rng)
+    finally:
+        mirror.close()
+    _, _, after, _ = store_counts(store)
+    inc = work / "inc.stream"
+    t_inc = sh(CLI, "send", store, "--from", f"#{base}", "-o", inc)
+    inc_bytes = inc.stat().st_size
+    new_bytes, new_blocks, new_packs = new_stored(store, base, had)
+    sent, received = rsync_bytes(tree, old, "--no-whole-file")
+    sent_whole, _ = rsync_bytes(tree, old_whole)
+    bench.rows.append(Figure("send", "incremental send after a 1% change, against the "
+                             "changed blocks' stored size", "MB", inc_bytes / MB,
+                             new_bytes / MB, "changed blocks", "inc/changed", ratio_max=1.1))
+    bench.rows.append(Figure("send", "incremental send after a 1% change, against rsync",
+                             "MB", inc_bytes / MB, sent / MB, "rsync --no-whole-file",
+                             "inc/rsync"))
+    t_inc_receive = sh(CLI, "receive", copy, "-i", inc)
+    bench.notes.append(
+        f"send: the 1% change: {changed / MiB:.1f} MiB of new random bytes in "
+        f"{after - base} writes (records #{base + 1} to #{after}); they reference "
+        f"{new_blocks} new blocks and {new_packs} new packs, {new_bytes:,} bytes stored; the "
+        f"incremental stream {inc_bytes:,} bytes (sent in {t_inc:.1f}s, received into the "
+        f"copy in {t_inc_receive:.1f}s). rsync -a --no-whole-file: {sent:,} bytes sent, "
+        f"{received:,} received; rsync -a (whole files, its local default): {sent_whole:,} "
+        f"bytes sent")
+    # checked, untimed: the copy is the volume; the volume is the native tree
+    with Store(store, readonly=True) as a, Store(copy, readonly=True) as b:
+        if hash_at(a, after) != hash_at(b, after):
+            bench.errors.append("send: the copy's tree hash differs from the source's")
+    inc.unlink()
+    for path in (copy, old, old_whole):
+        sh("rm", "-rf", path)
+    export = work / "export.tar"
+    sh(CLI, "export", store, "--at", "now", "-o", export)
+    proc = subprocess.run(["tar", "--compare", "-f", str(export), "-C", str(tree)],
+                          capture_output=True, text=True)
+    differ = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if line.strip() and "Mod time differs" not in line]
+    if proc.returncode not in (0, 1) or differ:
+        bench.errors.append(f"send: the volume differs from the native tree: "
+                            f"{' / '.join(differ[:5])[-500:]}")
+    export.unlink()
+
+
+SECTIONS: dict[str, Callable[[Bench], None]] = {"export": export_section,
+                                                "send": send_section}
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    p = argparse.ArgumentParser(description="Benchmark cdpfs backups: export of a state.")
+    p = argparse.ArgumentParser(description="Benchmark cdpfs backups: export of a state, "
+                                "send and receive.")
     p.add_argument("--quick", action="store_true", help="a 128 MiB tree instead of 1 GiB")
     p.add_argument("--repeat", type=int, default=3,
                    help="timings of each side, alternating; the best kept (default 3)")
