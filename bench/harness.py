@@ -89,6 +89,18 @@ def cdpfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 30
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Assert the command failed with exactly one ``cdpfs: error:`` line (no traceback)
+    holding each of ``words``; return that line."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def live_names(root: Path) -> list[str]:
     """The names in a volume's root directory, without the @ entries of history."""
     return sorted(n for n in os.listdir(root) if not n.startswith("@"))

@@ -25,7 +25,7 @@ from typing import Any
 
 import lmdb
 import pytest
-from harness import CLI, cdpfs, wait_until
+from harness import CLI, cdpfs, one_line_error, wait_until
 
 from cdpfs.history import bookmarks
 from cdpfs.store import codec
@@ -36,13 +36,6 @@ from cdpfs.testing import LiveStore
 MIB = 1 << 20
 S = 10**9
 
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def write(live: LiveStore, name: bytes, data: bytes) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import CLI, cdpfs, wait_until
+from harness import CLI, cdpfs, one_line_error, wait_until
 
 from cdpfs.history.treehash import tree_hash
 from cdpfs.history.verify import verify
@@ -32,14 +32,6 @@ from cdpfs.testing import FakeClock, LiveStore
 MIB = 1 << 20
 S = 10**9
 
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def fill(path: Path, files: int, size: int, seed: int, clock: FakeClock | None = None,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HAVE_FUSE
-from harness import CLI, Volume, cdpfs, force_unmount, last_seq, settle, store_seq
+from harness import CLI, Volume, cdpfs, force_unmount, last_seq, one_line_error, settle, store_seq
 
 from cdpfs.history.points import resolve
 from cdpfs.store.lmdb import Store
@@ -80,13 +80,6 @@ def errno_of(fn: Callable[..., object], *args: object, **kw: object) -> int:
         return exc.errno or -1
     return 0
 
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """Assert the command failed with exactly one ``cdpfs: error:`` line; return it."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), proc.stderr
-    return lines[0]
 
 
 Tree = dict[str, tuple[object, ...]]

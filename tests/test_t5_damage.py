@@ -31,7 +31,7 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import HAVE_FUSE
-from harness import Volume, cdpfs, live_names
+from harness import Volume, cdpfs, live_names, one_line_error
 
 from cdpfs.mount.control import holder_pid
 from cdpfs.store import codec
@@ -391,14 +391,6 @@ def test_space_freed_by_prune_takes_new_writes(tmp_path: Path) -> None:
 
 # --- command-line mistakes ---------------------------------------------------------------
 
-
-def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cdpfs: error:"), r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_missing_store_and_wrong_mountpoint_one_line_errors(volume: Volume,

@@ -49,6 +49,7 @@ from harness import (
     force_unmount,
     free_port,
     last_seq,
+    one_line_error,
     pair_stores,
     settle,
     stop_process,
@@ -167,16 +168,6 @@ def acked(store: Path, name: str) -> int:
     assert m, line
     return int(m[1])
 
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """The command failed (exit 1) with exactly one ``cdpfs: error:`` line, no traceback,
-    and that line last; returns it."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("cdpfs: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return errors[0]
 
 
 # --- trees ----------------------------------------------------------------------------------
