@@ -1,8 +1,9 @@
 """What ``cdpfs status`` shows of a store, read in one go.
 
 The journal and the objects (``history.stats``), who holds the store, what it
-is a clone of and which clones hold its points, its DR tests (``drtests``) and,
-for each registered replica, its saved state and how much is still to send.
+is a clone of and which clones hold its points, its DR tests (``drtests``), its
+backups (``backups``) and, for each registered replica, its saved state and how
+much is still to send.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import drtests
+from . import backups, drtests
 from .history import clones
 from .history.stats import StoreStats, store_stats
 from .replication.batches import backlog
@@ -41,6 +42,7 @@ class Status:
     tested: drtests.Result | None
     testing: drtests.Running | None
     kept: list[str]
+    backed_up: backups.Schedule
     replicas: list[ReplicaState]
     behind: dict[str, tuple[int, bool]]
 
@@ -53,10 +55,12 @@ def status(path: Path) -> Status:
         # A clone carries its base's settings: what they say of tests is the base's.
         testing = drtests.running(store) if store.clone_of is None else None
         kept = drtests.kept(store) if store.clone_of is None else []
+        backed_up = backups.schedule(store) if store.clone_of is None else \
+            backups.Schedule(None, None)
         who = store.holder()
         replicas = load_states(store)
         with store.txn() as txn:
             behind = {r.name: backlog(store, txn, r.acked) for r in replicas}
             held = clones.held(store, txn)
         return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, replicas, behind)
+                      testing, kept, backed_up, replicas, behind)

@@ -1,0 +1,400 @@
+"""Backups of a volume into a directory, each checked against its point before it counts.
+
+A backup (``make``) is the volume's whole kept history up to its newest point, as a
+send stream (``replication.stream``, with the tree hash of the point in its END),
+written beside the others in a directory: first to a temporary file there
+(``.cdpfs-backup-<pid>-...``), synced; then **verified**: read back and received
+into a scratch store made in a temporary directory there, whose tree hash at the
+point must be the one the stream carries and the sender computed; the scratch store
+is removed. Only then is the file renamed to its backup name,
+``<volume id, 8 characters>-<UTC time of the point>.cdpfs`` (the point's record
+time to the nanosecond: one name per point), with its record beside it in
+``NAME.json`` (``Backup``: volume, point, format, size, tree hash, whether it
+verified, when it was made and how long it took, the blake3 of the file as read
+back). A backup that fails at any step leaves no file under a backup name: what it
+made is removed (a killed one's, by the next backup in that directory), it is
+logged, and the store records it as failed.
+
+With ``keep`` N, the oldest verified backups of the volume beyond the newest N are
+deleted once a new one has verified; unverified files (no record beside them, or
+changed since) are never counted nor deleted. The store keeps, in its settings,
+the last backup made or failed (``config.backup``) and the newest verified one
+(``config.backup_verified``), with the period of the schedule that made them
+(``replica serve --backup-every``), for ``cdpfs status`` and the next scheduled
+run. ``listing`` is what ``cdpfs backups DIR`` shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import blake3
+
+from . import system
+from .errors import CdpfsError
+from .replication import stream
+from .store.lmdb import Store
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("send",)
+SUFFIX = {"send": ".cdpfs"}
+RECORD = ".json"  # a backup's record: NAME + RECORD beside it
+TEMP = ".cdpfs-backup-"  # what a backup under way makes in the directory: TEMP<pid>-...
+SETTING = "backup"  # the last backup made or failed, in the store's settings
+VERIFIED = "backup_verified"  # the newest verified backup, likewise
+_NAME = re.compile(r"([0-9a-f]{8})-(\d{8}T\d{6})\.(\d{9})Z(\.[a-z]+)")
+_READ = 1 << 20
+
+
+class BackupError(CdpfsError):
+    """A backup that cannot be made, or a backup directory that cannot be read (one line)."""
+
+
+@dataclass(slots=True)
+class Backup:
+    """One backup: its record beside the file, and what the store keeps of its last.
+
+    Attributes:
+        volume: the volume's id.
+        seq, point_ts: the point backed up (its record and that record's time, ns).
+        format: ``send``.
+        made_at: when the backup started (ns since the epoch).
+        seconds: how long it took, writing and verifying.
+        size: the file's size in bytes.
+        tree: the tree hash of the volume at the point.
+        verified: read back, it gave that tree at that point.
+        path: the backup file ("" for a failed one).
+        file_hash: blake3 of the file as read back to verify it.
+        failed: why it failed ("" if it did not).
+        every: seconds between scheduled backups (``replica serve --backup-every``), or 0.
+    """
+
+    volume: str
+    seq: int
+    point_ts: int
+    format: str
+    made_at: int
+    seconds: float = 0.0
+    size: int = 0
+    tree: str = ""
+    verified: bool = False
+    path: str = ""
+    file_hash: str = ""
+    failed: str = ""
+    every: int = 0
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> Backup:
+        """From a record as saved (keys this version does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A backup file in a directory, with its record (None if it has none)."""
+
+    path: Path
+    record: Backup | None
+    size: int  # on disk now
+
+    @property
+    def verified(self) -> bool:
+        """Verified when made, and the same size now."""
+        return self.record is not None and self.record.verified and \
+            self.size == self.record.size
+
+    def state(self) -> str:
+        """Whether it verified, in words."""
+        if self.record is None:
+            return "not verified (no record beside it)"
+        if not self.record.verified:
+            return "not verified"
+        if self.size != self.record.size:
+            return f"CHANGED since it verified ({self.size} bytes, {self.record.size} then)"
+        return "verified"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What a store keeps of its backups: the last one made or failed, the newest
+    verified one."""
+
+    last: Backup | None
+    verified: Backup | None
+
+    @property
+    def every(self) -> int:
+        return self.last.every if self.last is not None else 0
+
+    def overdue(self, now_ns: int) -> bool:
+        """Whether two scheduled backups have been missed: no verified backup made
+        within two periods (counted from the last attempt when none verified yet)."""
+        since = self.verified or self.last
+        return bool(self.every) and since is not None and \
+            now_ns - since.made_at > 2 * self.every * 10**9
+
+
+def point_stamp(ts: int) -> str:
+    """A point's record time in a file name: UTC to the nanosecond, no colons."""
+    when = dt.datetime.fromtimestamp(ts // 10**9, dt.UTC)
+    return f"{when.strftime('%Y%m%dT%H%M%S')}.{ts % 10**9:09d}Z"
+
+
+def name_of(volume: str, point_ts: int, fmt: str) -> str:
+    """The file name of a backup of ``volume`` at the point stamped ``point_ts``."""
+    return f"{volume[:8]}-{point_stamp(point_ts)}{SUFFIX[fmt]}"
+
+
+# --- making one -----------------------------------------------------------------------
+
+
+def backup(path: Path, directory: Path, *, fmt: str = "send", keep: int = 0,
+           every: int = 0) -> Backup:
+    """``make`` a backup of the store at ``path`` (a replica being served, a primary
+    being mounted: read beside them) into ``directory``; BackupError (one line) if
+    it failed."""
+    _check_directory(directory)
+    with Store(path) as store:
+        if store.clone_of is not None:
+            raise BackupError(f"{path} is a clone: back up its base (a clone's history "
+                              "below its point is its base's)")
+        made = make(store, directory, fmt=fmt, keep=keep, every=every)
+    if not made.verified:
+        raise BackupError(f"backup of {path} failed: {made.failed}")
+    return made
+
+
+def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, every: int = 0,
+         on_written: Callable[[Path], None] | None = None) -> Backup:
+    """Back ``store`` up into ``directory`` as of its newest point, verify it, keep the
+    newest ``keep`` verified ones (0: all), record it in the store; the backup, with
+    ``failed`` set if it failed (logged; no file of it is left). ``on_written`` is
+    called with the temporary file before it is verified (a test damages it there)."""
+    if fmt not in FORMATS:
+        raise BackupError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    made = Backup(store.uuid, 0, 0, fmt, time.time_ns(), every=every)
+    t0 = time.monotonic()
+    token = secrets.token_hex(4)
+    tmp = directory / f"{TEMP}{os.getpid()}-{token}{SUFFIX[fmt]}"
+    try:
+        _check_directory(directory)
+        sweep(directory)
+        p = stream.plan(store, tree=True)
+        made.seq, made.point_ts = p.ident.to_seq, p.ident.to_ts
+        with open(tmp, "xb") as out:
+            sent = stream.send_store(store, out, p)
+            out.flush()
+            os.fsync(out.fileno())
+        made.tree, made.size = sent.tree, tmp.stat().st_size
+        if on_written is not None:
+            on_written(tmp)
+        made.file_hash = verify(tmp, made, directory / f"{TEMP}{os.getpid()}-{token}.verify")
+        made.verified = True
+        made.seconds = time.monotonic() - t0
+        final = directory / name_of(made.volume, made.point_ts, fmt)
+        made.path = str(final)
+        _publish(tmp, final, made)
+        gone = prune_kept(directory, made.volume, keep) if keep else []
+        log.info("backup of %s at #%d verified: %s, %.1f MiB in %.1fs%s", store.path,
+                 made.seq, final, made.size / 2**20, made.seconds,
+                 f"; deleted {len(gone)} older" if gone else "")
+    except (CdpfsError, OSError) as exc:
+        made.failed = _why(exc)
+        log.error("backup of %s into %s failed: %s", store.path, directory, made.failed)
+    except KeyboardInterrupt:
+        made.failed = "interrupted"
+        log.warning("backup of %s into %s interrupted", store.path, directory)
+        raise
+    finally:
+        if not made.verified:
+            made.seconds, made.path = time.monotonic() - t0, ""
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        record(store, made)
+    return made
+
+
+def verify(path: Path, want: Backup, scratch: Path) -> str:
+    """Check the backup file ``path`` against ``want`` (volume, point and tree hash):
+    received into a scratch store at ``scratch`` (removed after), it must give that
+    tree at that point, and hold nothing past its end. The blake3 of the file;
+    BackupError saying why it does not verify."""
+    scratch.mkdir()
+    try:
+        with open(path, "rb") as f:
+            reading = _Hashing(f)
+            try:
+                got = stream.receive_file(scratch / "store", reading)
+            except CdpfsError as exc:
+                raise BackupError(f"{path.name} does not verify: {exc}") from None
+            if reading.rest():
+                raise BackupError(f"{path.name} does not verify: bytes after the "
+                                  "stream's end")
+        with Store(scratch / "store", readonly=True) as copy:
+            volume = copy.uuid
+        if volume != want.volume or got.to_seq != want.seq:
+            raise BackupError(f"{path.name} does not verify: it holds volume {volume} "
+                              f"at #{got.to_seq}, not {want.volume} at #{want.seq}")
+        if not got.tree or got.tree != want.tree:
+            raise BackupError(f"{path.name} does not verify: its tree hash at #{want.seq} "
+                              f"is {got.tree[:16] or 'missing'}, the volume's {want.tree[:16]}")
+        return reading.digest()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _Hashing:
+    """A file read through, hashed as it is read."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.hash = blake3.blake3()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+    def rest(self) -> int:
+        """Read what is left; how many bytes that was."""
+        n = 0
+        while data := self.read(_READ):
+            n += len(data)
+        return n
+
+    def digest(self) -> str:
+        return self.hash.hexdigest()
+
+
+def _publish(tmp: Path, final: Path, made: Backup) -> None:
+    """Give the verified file its backup name, then its record (both durable)."""
+    side = tmp.with_name(tmp.name + RECORD)
+    with open(side, "w") as f:
+        json.dump(asdict(made), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    os.replace(side, final.with_name(final.name + RECORD))
+    system.fsync_dir(final.parent)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.is_dir():
+        raise BackupError(f"{directory}: no such directory (backups go into an existing "
+                          "directory)")
+
+
+def sweep(directory: Path) -> list[Path]:
+    """Remove what backups killed while under way left in ``directory`` (their
+    temporary files and scratch stores: those of processes no longer running)."""
+    gone = []
+    for entry in os.scandir(directory):
+        if not entry.name.startswith(TEMP):
+            continue
+        pid = entry.name[len(TEMP):].split("-", 1)[0]
+        if not pid.isdigit() or system.pid_alive(int(pid)):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("removed %s, left by a backup that did not finish", path)
+        gone.append(path)
+    return gone
+
+
+def prune_kept(directory: Path, volume: str, keep: int) -> list[Path]:
+    """Delete the oldest verified backups of ``volume`` in ``directory`` beyond the
+    newest ``keep`` (at least one is always kept); those deleted."""
+    mine = [b for b in listing(directory) if b.verified and b.record is not None and
+            b.record.volume == volume]
+    gone = []
+    for old in mine[:-max(1, keep)]:
+        with contextlib.suppress(FileNotFoundError):
+            old.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            old.path.with_name(old.path.name + RECORD).unlink()
+        gone.append(old.path)
+    if gone:
+        system.fsync_dir(directory)
+    return gone
+
+
+# --- what is there ----------------------------------------------------------------------
+
+
+def listing(directory: Path) -> list[Listed]:
+    """The backup files in ``directory`` with their records, oldest point first;
+    BackupError (one line) if it cannot be read."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        raise BackupError(f"{directory}: {exc.strerror or exc} (not a directory of "
+                          "backups)") from None
+    out = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(tuple(SUFFIX.values())) \
+                or not entry.is_file():
+            continue
+        path = Path(entry.path)
+        out.append(Listed(path, _read_record(path), entry.stat().st_size))
+    return sorted(out, key=_order)
+
+
+def _read_record(path: Path) -> Backup | None:
+    try:
+        raw = json.loads(system.read_small_file(path.with_name(path.name + RECORD), 1 << 16))
+        return Backup.of(raw) if isinstance(raw, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _order(b: Listed) -> tuple[int, int, str]:
+    if b.record is not None:
+        return b.record.point_ts, b.record.made_at, b.path.name
+    m = _NAME.fullmatch(b.path.name)
+    if m is None:
+        return 0, 0, b.path.name
+    when = dt.datetime.strptime(m[2], "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+    return int(when.timestamp()) * 10**9 + int(m[3]), 0, b.path.name
+
+
+# --- the store's record -----------------------------------------------------------------
+
+
+def record(store: Store, made: Backup) -> None:
+    """Note ``made`` in the store's settings as its last backup (and newest verified)."""
+    with store.txn(write=True) as txn:
+        store.set_config(txn, SETTING, asdict(made))
+        if made.verified:
+            store.set_config(txn, VERIFIED, asdict(made))
+
+
+def schedule(store: Store) -> Schedule:
+    """What ``store`` keeps of its backups."""
+    with store.txn() as txn:
+        last, good = store.config(txn, SETTING), store.config(txn, VERIFIED)
+    return Schedule(None if last is None else Backup.of(last),
+                    None if good is None else Backup.of(good))
