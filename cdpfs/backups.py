@@ -186,6 +186,7 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
     called with the temporary file before it is verified (a test damages it there)."""
     if fmt not in FORMATS:
         raise BackupError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    directory = Path(os.path.abspath(directory))
     made = Backup(store.uuid, 0, 0, fmt, time.time_ns(), every=every)
     t0 = time.monotonic()
     token = secrets.token_hex(4)
@@ -202,7 +203,8 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
         made.tree, made.size = sent.tree, tmp.stat().st_size
         if on_written is not None:
             on_written(tmp)
-        made.file_hash = verify(tmp, made, directory / f"{TEMP}{os.getpid()}-{token}.verify")
+        made.file_hash = verify(tmp, made, directory / f"{TEMP}{os.getpid()}-{token}.verify",
+                                f"the backup of #{made.seq}")
         made.verified = True
         made.seconds = time.monotonic() - t0
         final = directory / name_of(made.volume, made.point_ts, fmt)
@@ -228,11 +230,12 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
     return made
 
 
-def verify(path: Path, want: Backup, scratch: Path) -> str:
+def verify(path: Path, want: Backup, scratch: Path, what: str = "") -> str:
     """Check the backup file ``path`` against ``want`` (volume, point and tree hash):
     received into a scratch store at ``scratch`` (removed after), it must give that
     tree at that point, and hold nothing past its end. The blake3 of the file;
-    BackupError saying why it does not verify."""
+    BackupError saying why ``what`` (default: the file's name) does not verify."""
+    what = what or path.name
     scratch.mkdir()
     try:
         with open(path, "rb") as f:
@@ -240,17 +243,17 @@ def verify(path: Path, want: Backup, scratch: Path) -> str:
             try:
                 got = stream.receive_file(scratch / "store", reading)
             except CdpfsError as exc:
-                raise BackupError(f"{path.name} does not verify: {exc}") from None
+                raise BackupError(f"{what} does not verify: {exc}") from None
             if reading.rest():
-                raise BackupError(f"{path.name} does not verify: bytes after the "
+                raise BackupError(f"{what} does not verify: bytes after the "
                                   "stream's end")
         with Store(scratch / "store", readonly=True) as copy:
             volume = copy.uuid
         if volume != want.volume or got.to_seq != want.seq:
-            raise BackupError(f"{path.name} does not verify: it holds volume {volume} "
+            raise BackupError(f"{what} does not verify: it holds volume {volume} "
                               f"at #{got.to_seq}, not {want.volume} at #{want.seq}")
         if not got.tree or got.tree != want.tree:
-            raise BackupError(f"{path.name} does not verify: its tree hash at #{want.seq} "
+            raise BackupError(f"{what} does not verify: its tree hash at #{want.seq} "
                               f"is {got.tree[:16] or 'missing'}, the volume's {want.tree[:16]}")
         return reading.digest()
     finally:

@@ -5,6 +5,7 @@ directory's, with their points, sizes and whether they verified."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import click
@@ -35,6 +36,9 @@ def backup_cmd(store: Path, directory: Path, keep: int, fmt: str, niceness: int,
     backup is read back and checked against the tree hash of its point before it
     counts; a failed one leaves no file there."""
     os.nice(niceness)
+    # Stopped with SIGINT (a replica server stopping), it removes what it wrote and
+    # records itself as interrupted: also when started with SIGINT ignored (nohup, &).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     made = backup(store, directory, fmt=fmt, keep=keep, every=every)
     click.echo(f"backup of {shown(store)} at #{made.seq} ({point_name(made.point_ts)}) "
                f"verified: {shown(made.path)}, {made.size / 2**20:.1f} MiB in "

@@ -173,11 +173,12 @@ async def _scheduled(volume: Volume, what: str, every: int, last: Callable[[Any]
                      args: list[str], stop: Callable[[trio.Process], Awaitable[None]],
                      retry: int = 0) -> None:
     """Run ``cdpfs ARGS`` (as its own process, at its own lower priority: a DR test
-    mounts a clone, a backup reads the whole volume) every ``every`` seconds once
-    the replica store exists, the first ``every`` after the last one recorded in
-    the store (``last``; at once if that is longer ago, or there was none); one
-    that failed again after ``retry`` seconds if that is sooner. ``stop`` stops
-    one under way when the server stops."""
+    mounts a clone, a backup reads the whole volume) every ``every`` seconds, start
+    to start (one that took longer is followed at once), once the replica store
+    exists; the first ``every`` after the start of the last one recorded in the
+    store (``last``; at once if that is longer ago, or there was none); one that
+    failed again ``retry`` seconds after its start if that is sooner. ``stop``
+    stops one under way when the server stops."""
     from .drtest import CLI
 
     assert volume.receiver is not None
@@ -186,6 +187,7 @@ async def _scheduled(volume: Volume, what: str, every: int, last: Callable[[Any]
     due = time.time() + (0 if done is None else every - (time.time_ns() - done) / 1e9)
     while True:
         await trio.sleep(max(0.0, due - time.time()))
+        started = time.time()
         log.info("scheduled %s of %s starting", what, volume.path)
         # Its output goes to a file, not a pipe: a pipe would close as the server stops,
         # and the child, cleaning up then, would fail writing to it.
@@ -196,7 +198,7 @@ async def _scheduled(volume: Volume, what: str, every: int, last: Callable[[Any]
             said = out.read().decode(errors="replace").strip().splitlines()
         log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
                 "scheduled %s: %s", what, said[-1] if said else f"exit {proc.returncode}")
-        due = time.time() + (min(every, retry) if proc.returncode and retry else every)
+        due = started + (min(every, retry) if proc.returncode and retry else every)
 
 
 async def _stop_test(proc: trio.Process) -> None:
