@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set up, create a demo volume,
 # mount it, use it like any disk, travel back in time (an @ path, log, diff,
-# bookmark, restore, a snapshot mount), ship it to a local replica and read the
+# bookmark, restore, a snapshot mount, a tar of a past moment), ship it to a local replica and read the
 # replica while it receives, fail over between two high-availability nodes on
 # a 3-member etcd, unmount, remount, verify the store.
 set -euo pipefail
@@ -63,6 +63,8 @@ mkdir -p "$DEMO/snap"
 "$CDPFS" mount --at "$T1" "$STORE" "$DEMO/snap"
 echo "snapshot mount of $T1 (read-only, beside the live one): $(cat "$DEMO/snap/notes.txt")"
 "$CDPFS" umount "$DEMO/snap"
+"$CDPFS" export "$MNT" --at before-cleanup -o "$DEMO/before-cleanup.tar"   # a past moment as a tar
+tar -tvf "$DEMO/before-cleanup.tar" | head -5 || true
 "$CDPFS" stat "$MNT"
 
 step "a local replica: every change shipped, over TLS, as it happens"

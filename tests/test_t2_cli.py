@@ -122,7 +122,8 @@ def _store_commands(st: Path, kind: str, good: Path, base: Path) -> list[list[st
         ["replicate", st, "--to", "127.0.0.1:1", "--name", "r1", "--attempts", "1"],
         ["verify", "--compare", st, good], ["init", st], ["clone", st, base / f"of-{kind}"],
         ["replica", "remove", st, "r1"],
-        ["replica", "trust", st, base / "peer" / "tls" / "node.crt", "--name", "peer"]]
+        ["replica", "trust", st, base / "peer" / "tls" / "node.crt", "--name", "peer"],
+        ["export", st, "--at", "now", "-o", base / f"export-{kind}.tar"]]
     if kind != "good":  # these change what a store is: the other commands use the good one
         cmds += [["replica", "promote", st], ["replica", "demote", st],
                  ["replica", "keygen", st]]
@@ -139,7 +140,10 @@ def _path_commands(path: Path, good: Path) -> list[list[str | Path]]:
             ["ha", "create", "c", "--volume", good, "--scenario", path, "--etcd", ETCD],
             ["ha", "join", "c", "n", "--store", path, "--address", "h:1", "--etcd", ETCD],
             ["ha", "status", "c", "--etcd", ETCD, "--etcd-ca", path, "--etcd-cert", path,
-             "--etcd-key", path]]
+             "--etcd-key", path],
+            ["export", good, "--at", "now", "-o", path], ["export", good, "--at", "now", path,
+                                                          "-o", good.parent / "sub.tar"],
+            ["import", path, good.parent / "imported"]]
 
 
 def _commands(s: dict[str, Path], base: Path, rights_only: bool = False) -> list[list[str]]:
@@ -219,13 +223,16 @@ def _commands(s: dict[str, Path], base: Path, rights_only: bool = False) -> list
              ["restore", good / "x", "--at", "#1"], ["verify", "--compare", good],
              ["verify", good, "--at", "3"], ["init", good, "--block-size", "12345"],
              ["clone", good, base / "a,b"], ["clone", good, base / "a#b"],
-             ["clone", good, base / ("p" * 200) / ("q" * 200) / "clone"]]
+             ["clone", good, base / ("p" * 200) / ("q" * 200) / "clone"],
+             ["import", s["file"], base / "from-plain"], ["import", good / "data.mdb", good],
+             ["export", good, "--at", "now", "..", "-o", base / "up.tar"]]
     cmds += [["init", base / "new", "--block-size", n] for n in ("0", "-4096", "1" * 40, "x")]
     for moment in BAD_MOMENTS:
         cmds += [["log", "f", "--store", good, "--at", moment],
                  ["diff", moment, "now", "--store", good],
                  ["bookmark", "b", "--at", moment, "--volume", good],
-                 ["mount", "--at", moment, good, base / "busy"]]
+                 ["mount", "--at", moment, good, base / "busy"],
+                 ["export", good, "--at", moment, "-o", base / "at.tar"]]
     cmds += [["clone", good, base / "clone-at", "--at", m] for m in BAD_MOMENTS[::3]]
     return [[str(a) for a in c] for c in cmds]
 

@@ -409,6 +409,7 @@ _WHERE = {
                      "prune", "stat", "df", "retention", "config"], "timetravel"),
     **dict.fromkeys(["replica", "replicate", "assess"], "replication"),
     "ha": "ha",
+    **dict.fromkeys(["export", "import"], "archive"),
     **dict.fromkeys(["backup", "backups"], "backups"),
 }
 _MODULES = tuple(dict.fromkeys(_WHERE.values()))

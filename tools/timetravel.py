@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -124,12 +123,11 @@ def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
     entries, nbytes = measure(src, root=then)
     skip = None if target.rel else (lambda name: name.startswith("@"))  # history at the root
     started = time.monotonic()
-    from tqdm import tqdm
+    from cdpfs.progress import Progress
 
-    with tqdm(total=nbytes, unit="B", unit_scale=True, desc="restoring", leave=False,
-              disable=None, file=sys.stderr) as bar:
+    with Progress("auto", "restoring", nbytes) as bar:
         summary = restore_tree(src, live, src_root=then, dst_root=mount, dst_dev=target.dev,
-                               delete=delete, skip_root=skip, progress=bar.update)
+                               delete=delete, skip_root=skip, progress=bar.advance)
     took = time.monotonic() - started
     what = "volume" if rewind else (target.rel or "/")
     click.echo(f"restored {what} to #{seq} ({when(ts)}): {entries} entries, "
