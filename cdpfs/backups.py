@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,13 +45,17 @@ import blake3
 
 from . import system
 from .errors import CdpfsError
+from .fs.tarimport import import_tar
+from .history.export import export_tar, held
+from .history.treehash import tree_hash
 from .replication import stream
+from .store import journal
 from .store.lmdb import Store
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("send",)
-SUFFIX = {"send": ".cdpfs"}
+FORMATS = ("send", "tar")
+SUFFIX = {"send": ".cdpfs", "tar": ".tar"}
 RECORD = ".json"  # a backup's record: NAME + RECORD beside it
 TEMP = ".cdpfs-backup-"  # what a backup under way makes in the directory: TEMP<pid>-...
 SETTING = "backup"  # the last backup made or failed, in the store's settings
@@ -70,11 +75,11 @@ class Backup:
     Attributes:
         volume: the volume's id.
         seq, point_ts: the point backed up (its record and that record's time, ns).
-        format: ``send``.
+        format: ``send`` or ``tar``.
         made_at: when the backup started (ns since the epoch).
         seconds: how long it took, writing and verifying.
         size: the file's size in bytes.
-        tree: the tree hash of the volume at the point.
+        tree: the tree hash of the volume at the point (a tar's without sockets).
         verified: read back, it gave that tree at that point.
         path: the backup file ("" for a failed one).
         file_hash: blake3 of the file as read back to verify it.
@@ -95,6 +100,7 @@ class Backup:
     file_hash: str = ""
     failed: str = ""
     every: int = 0
+    left_out: int = 0  # sockets, which a tar cannot hold
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> Backup:
@@ -194,13 +200,11 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
     try:
         _check_directory(directory)
         sweep(directory)
-        p = stream.plan(store, tree=True)
-        made.seq, made.point_ts = p.ident.to_seq, p.ident.to_ts
         with open(tmp, "xb") as out:
-            sent = stream.send_store(store, out, p)
+            _WRITERS[fmt](store, out, made)
             out.flush()
             os.fsync(out.fileno())
-        made.tree, made.size = sent.tree, tmp.stat().st_size
+        made.size = tmp.stat().st_size
         if on_written is not None:
             on_written(tmp)
         made.file_hash = verify(tmp, made, directory / f"{TEMP}{os.getpid()}-{token}.verify",
@@ -230,34 +234,88 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
     return made
 
 
+def _write_send(store: Store, out: BinaryIO, made: Backup) -> None:
+    """A send stream of the whole kept history up to the newest point, its END
+    carrying the tree hash there."""
+    p = stream.plan(store, tree=True)
+    made.seq, made.point_ts = p.ident.to_seq, p.ident.to_ts
+    made.tree = stream.send_store(store, out, p).tree
+
+
+def _write_tar(store: Store, out: BinaryIO, made: Backup) -> None:
+    """A PAX tar of the tree at the newest point (held meanwhile), and the tree hash
+    there of what a tar holds."""
+    with held(store, "now") as point:
+        made.seq, made.point_ts = point.seq, point.ts
+        made.left_out = export_tar(store, point.seq, out).skipped
+        with store.txn() as txn:
+            made.tree = tree_hash(store, txn, point.seq, sockets=False)[0]
+
+
+_WRITERS: dict[str, Callable[[Store, BinaryIO, Backup], None]] = {
+    "send": _write_send, "tar": _write_tar}
+
+
 def verify(path: Path, want: Backup, scratch: Path, what: str = "") -> str:
-    """Check the backup file ``path`` against ``want`` (volume, point and tree hash):
-    received into a scratch store at ``scratch`` (removed after), it must give that
-    tree at that point, and hold nothing past its end. The blake3 of the file;
-    BackupError saying why ``what`` (default: the file's name) does not verify."""
+    """Check the backup file ``path`` against ``want`` (its format, volume, point and
+    tree hash): made into a scratch store at ``scratch`` (removed after), it must
+    give that tree. A send stream is received (its volume and point must be
+    ``want``'s, and nothing may follow its end); a tar is imported, and the tree
+    of the new volume compared. The blake3 of the file; BackupError saying why
+    ``what`` (default: the file's name) does not verify."""
     what = what or path.name
     scratch.mkdir()
     try:
         with open(path, "rb") as f:
             reading = _Hashing(f)
             try:
-                got = stream.receive_file(scratch / "store", reading)
+                if want.format == "tar":
+                    got = _import_tar(reading, scratch / "store", what)
+                    _tar_end(path)
+                else:
+                    got = _receive(reading, scratch / "store", want, what)
             except CdpfsError as exc:
                 raise BackupError(f"{what} does not verify: {exc}") from None
-            if reading.rest():
-                raise BackupError(f"{what} does not verify: bytes after the "
-                                  "stream's end")
-        with Store(scratch / "store", readonly=True) as copy:
-            volume = copy.uuid
-        if volume != want.volume or got.to_seq != want.seq:
-            raise BackupError(f"{what} does not verify: it holds volume {volume} "
-                              f"at #{got.to_seq}, not {want.volume} at #{want.seq}")
-        if not got.tree or got.tree != want.tree:
+        if got != want.tree:
             raise BackupError(f"{what} does not verify: its tree hash at #{want.seq} "
-                              f"is {got.tree[:16] or 'missing'}, the volume's {want.tree[:16]}")
+                              f"is {got[:16] or 'missing'}, the volume's {want.tree[:16]}")
         return reading.digest()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _receive(reading: _Hashing, scratch: Path, want: Backup, what: str) -> str:
+    """Receive a send stream into a scratch store: the tree hash at its point."""
+    got = stream.receive_file(scratch, reading)
+    if reading.rest():
+        raise BackupError("bytes after the stream's end")
+    with Store(scratch, readonly=True) as copy:
+        volume = copy.uuid
+    if volume != want.volume or got.to_seq != want.seq:
+        raise BackupError(f"it holds volume {volume} at #{got.to_seq}, not {want.volume} "
+                          f"at #{want.seq}")
+    return got.tree
+
+
+def _tar_end(path: Path) -> None:
+    """BackupError unless what follows the tar's end marker is zeros (the padding of
+    its last record, which an import reads past without looking)."""
+    with tarfile.open(path, "r:") as tar:  # headers only: the data is sought past
+        for _ in tar:
+            pass
+        end = tar.offset
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read(_READ).strip(b"\0") or f.read(1):
+            raise BackupError("bytes that are not zeros after the archive's end marker")
+
+
+def _import_tar(reading: _Hashing, scratch: Path, what: str) -> str:
+    """Import a tar into a scratch volume: the tree hash of what it holds."""
+    import_tar(reading, scratch, label=what)
+    reading.rest()  # the padding of its last record: hashed too
+    with Store(scratch, readonly=True) as copy, copy.txn() as txn:
+        return tree_hash(copy, txn, journal.last(copy, txn)[0], sockets=False)[0]
 
 
 class _Hashing:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from test_t1_stream import make_volume, points, write
 from cdpfs import backups
 from cdpfs.backups import Backup, BackupError
 from cdpfs.history import bookmarks
+from cdpfs.history.treehash import tree_hash
 from cdpfs.replication import stream
 from cdpfs.store import journal
 from cdpfs.store.lmdb import Store
@@ -107,15 +110,17 @@ def test_keep_n_deletes_the_oldest_verified_backups_only(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("where", [0.0001, 0.3, 0.6, 0.97, 0.9999])
-def test_a_damaged_backup_never_counts(tmp_path: Path, where: float) -> None:
+@pytest.mark.parametrize("fmt", ["send", "tar"])
+def test_a_damaged_backup_never_counts(tmp_path: Path, fmt: str, where: float) -> None:
     out = tmp_path / "backups"
     out.mkdir()
     live, clock, rnd, names = make_volume(tmp_path / "src", rounds=20)
     with live:
-        good = backups.make(live.store, out, keep=1)
+        good = backups.make(live.store, out, fmt=fmt, keep=1)
         before = _files(out)
         write(live, clock, rnd, names, 5)
-        bad = backups.make(live.store, out, keep=1, on_written=lambda p: _flip(p, where))
+        bad = backups.make(live.store, out, fmt=fmt, keep=1,
+                           on_written=lambda p: _flip(p, where))
         assert not bad.verified and bad.path == "", bad
         assert "does not verify" in bad.failed, bad.failed
         assert bad.seq > good.seq and bad.size
@@ -124,13 +129,42 @@ def test_a_damaged_backup_never_counts(tmp_path: Path, where: float) -> None:
         kept = backups.schedule(live.store)
         assert kept.last == bad and kept.verified == good
     # The same check of a damaged copy of a good backup fails too.
-    copy = tmp_path / "copy.cdpfs"
+    copy = tmp_path / f"copy.{fmt}"
     shutil.copy(good.path, copy)
     backups.verify(copy, good, tmp_path / "scratch")  # the copy as it is verifies
     _flip(copy, where)
     with pytest.raises(BackupError, match="does not verify"):
         backups.verify(copy, good, tmp_path / "scratch")
     assert not (tmp_path / "scratch").exists()
+
+
+def test_a_tar_backup_verifies_by_the_tree_it_gives_back(tmp_path: Path) -> None:
+    """Imported into a scratch volume, a tar must give the point's tree (without
+    sockets, which a tar cannot hold: they are counted)."""
+    out = tmp_path / "backups"
+    out.mkdir()
+    live, _, _, _ = make_volume(tmp_path / "src", rounds=30)
+    with live:
+        live(live.fs.mknod, 1, b"sock", stat.S_IFSOCK | 0o755, 0, 0)
+        live(live.fs.setxattr, 1, b"user.where", b"root")
+        fh, _ = live.create(b"sparse")
+        live(live.fs.write, fh, 5 << 20, b"end")
+        live(live.fs.release, fh)
+        live.sync()
+        tar = backups.make(live.store, out, fmt="tar")
+        send = backups.make(live.store, out, fmt="send")
+        with live.store.txn() as txn:
+            without = tree_hash(live.store, txn, tar.seq, sockets=False)[0]
+    assert tar.verified and send.verified and tar.seq == send.seq, (tar, send)
+    assert tar.left_out == 1 and tar.tree == without != send.tree
+    assert Path(tar.path).name == Path(send.path).name.replace(".cdpfs", ".tar")
+    assert tar.size < 2 << 20  # the hole went as a hole
+    assert [(b.record.format if b.record else "") for b in backups.listing(out)] == \
+        ["tar", "send"]
+    # The same tar verified as a send stream: not one.
+    with pytest.raises(BackupError, match="not a cdpfs send stream"):
+        backups.verify(Path(tar.path), Backup.of({**asdict(tar), "format": "send"}),
+                       tmp_path / "scratch")
 
 
 def test_a_backup_is_checked_against_its_own_point(tmp_path: Path) -> None:
