@@ -130,6 +130,40 @@ def test_a_replica_server_backs_up_on_a_schedule_while_it_receives(
     assert last >= newest.seq and writer.writes > 50
 
 
+def test_a_tar_backup_of_a_receiving_replica_imports_as_the_primarys_tree(
+        served: Served, tmp_path: Path) -> None:
+    """``cdpfs backup REPLICA --format tar`` beside the replica server, while the
+    primary is written: verified, and ``cdpfs import`` of it is the primary's tree
+    at its point."""
+    vol, replica, server = served
+    (vol.mnt / "big").write_bytes(os.urandom(4 << 20))
+    (vol.mnt / "dir").mkdir()
+    os.symlink("../big", vol.mnt / "dir" / "link")
+    wait_replicated(vol, replica)
+    out = tmp_path / "backups"
+    out.mkdir()
+    writer = Appender(vol.mnt / "log")
+    writer.start()
+    try:
+        wait_until(lambda: writer.writes > 10, what="the first writes")
+        before = store_seq(replica)
+        said = cdpfs("backup", replica, "--to", out, "--format", "tar").stdout
+        during = store_seq(replica) - before
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert " verified: " in said and said.strip().endswith("s"), said
+    assert during > 0, "the replica applied nothing while the backup ran"
+    (made,) = backups.listing(out)
+    assert made.verified and made.record is not None and made.record.format == "tar"
+    cdpfs("import", made.path, tmp_path / "imported")
+    seq = made.record.seq
+    assert hash_of(tmp_path / "imported", store_seq(tmp_path / "imported")) == \
+        hash_of(vol.store, seq) == made.record.tree
+    assert "full resync" not in server.text()
+    assert f"#{seq}, verified" in cdpfs("status", replica).stdout
+
+
 def test_a_bad_backup_schedule_is_refused_before_serving(served: Served,
                                                          tmp_path: Path) -> None:
     _, replica, _ = served
