@@ -1,9 +1,9 @@
 """What ``cdpfs status`` shows of a store, read in one go.
 
 The journal and the objects (``history.stats``), who holds the store, what it
-is a clone of and which clones hold its points, its DR tests (``drtests``), its
-backups (``backups``) and, for each registered replica, its saved state and how
-much is still to send.
+is a clone of and which clones hold its points, a receive that broke off, its DR
+tests (``drtests``), its backups (``backups``) and, for each registered replica,
+its saved state and how much is still to send.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from . import backups, drtests
 from .history import clones
 from .history.stats import StoreStats, store_stats
+from .replication import stream
 from .replication.batches import backlog
 from .replication.registry import ReplicaState, load_states
 from .store.lmdb import CloneOf, Store
@@ -33,6 +34,7 @@ class Status:
             clones kept (none for a clone).
         replicas: the registered replicas' saved states; behind: for each, the
             bytes still to send at most and whether that is all of them.
+        receiving: the resume token of a receive that broke off ("" if none).
     """
 
     stats: StoreStats
@@ -45,6 +47,7 @@ class Status:
     backed_up: backups.Schedule
     replicas: list[ReplicaState]
     behind: dict[str, tuple[int, bool]]
+    receiving: str = ""
 
 
 def status(path: Path) -> Status:
@@ -62,5 +65,6 @@ def status(path: Path) -> Status:
         with store.txn() as txn:
             behind = {r.name: backlog(store, txn, r.acked) for r in replicas}
             held = clones.held(store, txn)
+            receiving = stream.token_of(store, txn)
         return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, backed_up, replicas, behind)
+                      testing, kept, backed_up, replicas, behind, receiving)

@@ -256,10 +256,10 @@ def import_cmd(archive: str, store: Path, progress: str) -> None:
 
 
 @contextlib.contextmanager
-def _input(archive: str) -> Iterator[IO[bytes]]:
+def _input(archive: str, what: str = "an archive") -> Iterator[IO[bytes]]:
     if archive == "-":
         if sys.stdin.isatty():
-            raise CdpfsError("will not read an archive from a terminal (give FILE.tar, or "
+            raise CdpfsError(f"will not read {what} from a terminal (give a file, or "
                              "redirect standard input)")
         yield sys.stdin.buffer
         return

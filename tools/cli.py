@@ -331,6 +331,9 @@ def status(store: Path) -> None:
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
     if clone_of is not None:
         click.echo(f"clone of     {shown(clone_of.path)} as of #{clone_of.seq}")
+    if now.receiving:
+        click.echo(f"receiving    INCOMPLETE: a receive broke off at #{s.last_seq}; resume: "
+                   f"cdpfs send --resume {now.receiving} ... | cdpfs receive {shown(s.path)}")
     for h in held:
         where = "" if h.present else (
             "; no clone of this store is there now (moved, or removed by hand: then "
@@ -410,6 +413,7 @@ _WHERE = {
     **dict.fromkeys(["replica", "replicate", "assess"], "replication"),
     "ha": "ha",
     **dict.fromkeys(["export", "import"], "archive"),
+    **dict.fromkeys(["send", "receive"], "streams"),
     **dict.fromkeys(["backup", "backups"], "backups"),
 }
 _MODULES = tuple(dict.fromkeys(_WHERE.values()))

@@ -153,10 +153,11 @@ def read_token(text: str) -> tuple[Identity, int, bytes]:
 def pending(path: Path) -> str:
     """The resume token of the store at ``path``'s interrupted receive ("" if none)."""
     with Store(path, readonly=True) as store, store.txn() as txn:
-        return _token_of(store, txn)
+        return token_of(store, txn)
 
 
-def _token_of(store: Store, txn: lmdb.Transaction) -> str:
+def token_of(store: Store, txn: lmdb.Transaction) -> str:
+    """The resume token of ``store``'s interrupted receive ("" if none)."""
     raw = store.meta(txn, PARTIAL)
     if raw is None:
         return ""
@@ -515,7 +516,7 @@ class _Target:
             elif partial is not None and not (top == ident.from_seq and Identity.unpack(
                     msgpack.unpackb(partial, raw=False)[0]) == ident):
                 raise StreamError(f"{store.path} is in the middle of another receive: resume "
-                                  f"it with 'cdpfs send --resume {_token_of(store, txn)}'")
+                                  f"it with 'cdpfs send --resume {token_of(store, txn)}'")
             elif not ident.from_seq and top:
                 raise StreamError(f"{store.path} already holds history (up to #{top}): a full "
                                   "stream is received into a new store, an incremental one "
@@ -621,7 +622,7 @@ class _Target:
             what = f"cannot write the store: {what}"
         try:
             with self.store.txn() as txn:
-                token = _token_of(self.store, txn)
+                token = token_of(self.store, txn)
         except (lmdb.Error, StoreError):
             token = ""
         kept = (f"kept what arrived, up to #{self.applied}" if self.applied
