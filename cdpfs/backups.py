@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_type_hints
 
 import blake3
 
@@ -103,10 +103,26 @@ class Backup:
     left_out: int = 0  # sockets, which a tar cannot hold
 
     @classmethod
-    def of(cls, raw: dict[str, Any]) -> Backup:
-        """From a record as saved (keys this version does not know are left out)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+    def of(cls, raw: Any) -> Backup:
+        """From a record as saved (keys this version does not know are left out);
+        ValueError if it is not one (a record damaged or made by hand)."""
+        if not isinstance(raw, dict):
+            raise ValueError("a backup's record is a JSON object")
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        for name, value in values.items():
+            want = _TYPES[name]
+            if not isinstance(value, want) or isinstance(value, bool) != (want is bool) or \
+                    (isinstance(value, int | float) and not 0 <= value < 2**63):
+                raise ValueError(f"a backup's record with {name}={value!r}")
+        try:
+            return cls(**values)
+        except TypeError:
+            raise ValueError("a backup's record without its point") from None
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    name: (int, float) if kind is float else kind
+    for name, kind in get_type_hints(Backup).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +234,12 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
         log.info("backup of %s at #%d verified: %s, %.1f MiB in %.1fs%s", store.path,
                  made.seq, final, made.size / 2**20, made.seconds,
                  f"; deleted {len(gone)} older" if gone else "")
-    except (CdpfsError, OSError) as exc:
+    except (CdpfsError, OSError) as exc:  # the caller says so (the scheduler logs it)
         made.failed = _why(exc)
-        log.error("backup of %s into %s failed: %s", store.path, directory, made.failed)
+        log.info("backup of %s into %s failed: %s", store.path, directory, made.failed)
     except KeyboardInterrupt:
         made.failed = "interrupted"
-        log.warning("backup of %s into %s interrupted", store.path, directory)
+        log.info("backup of %s into %s interrupted", store.path, directory)
         raise
     finally:
         if not made.verified:
@@ -363,6 +379,11 @@ def _check_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise BackupError(f"{directory}: no such directory (backups go into an existing "
                           "directory)")
+    try:
+        os.fsencode(directory).decode()
+    except UnicodeDecodeError:
+        raise BackupError(f"{directory}: backups go into a directory whose path is valid "
+                          "UTF-8 (each is checked in a scratch store made there)") from None
 
 
 def sweep(directory: Path) -> list[Path]:
@@ -426,9 +447,9 @@ def listing(directory: Path) -> list[Listed]:
 
 def _read_record(path: Path) -> Backup | None:
     try:
-        raw = json.loads(system.read_small_file(path.with_name(path.name + RECORD), 1 << 16))
-        return Backup.of(raw) if isinstance(raw, dict) else None
-    except (OSError, ValueError, TypeError):
+        return Backup.of(json.loads(system.read_small_file(path.with_name(path.name + RECORD),
+                                                           1 << 16)))
+    except (OSError, ValueError):  # none, or not one: the file counts as unverified
         return None
 
 
@@ -457,5 +478,12 @@ def schedule(store: Store) -> Schedule:
     """What ``store`` keeps of its backups."""
     with store.txn() as txn:
         last, good = store.config(txn, SETTING), store.config(txn, VERIFIED)
-    return Schedule(None if last is None else Backup.of(last),
-                    None if good is None else Backup.of(good))
+    return Schedule(_of(last), _of(good))
+
+
+def _of(raw: Any) -> Backup | None:
+    try:
+        return None if raw is None else Backup.of(raw)
+    except ValueError:
+        log.warning("a backup's record in the store's settings is damaged: ignored")
+        return None

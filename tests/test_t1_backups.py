@@ -218,6 +218,10 @@ def test_what_killed_backups_left_is_removed_and_bad_directories_refused(
             backups.backup(tmp_path / "nowhere", tmp_path / "nowhere")
         missing = backups.make(live.store, tmp_path / "nowhere")
         assert not missing.verified and "no such directory" in missing.failed
+        odd = tmp_path / os.fsdecode(b"not-utf8-\xff")
+        odd.mkdir()
+        refused = backups.make(live.store, odd)
+        assert "valid UTF-8" in refused.failed and not os.listdir(odd)
         with pytest.raises(BackupError, match="--format zip"):
             backups.make(live.store, out, fmt="zip")
     with pytest.raises(BackupError, match="not a directory of backups"):

@@ -5,7 +5,7 @@ A mounted primary ships (async) to ``cdpfs replica serve ... --backup-every 2s
 backup every period in a process of its own (``cdpfs backup``, niced), each
 verified before it gets its name; at most two are kept. Meanwhile the replica
 keeps applying (sampled while a backup's temporary files exist) and is never
-resynced in full. A backup received into a new store gives the primary's tree at
+resynced in full. A backup received (``cdpfs receive``) gives the primary's tree at
 its point. ``cdpfs status`` of the replica shows the last backup, and OVERDUE once
 the server has been stopped for two periods.
 """
@@ -22,7 +22,6 @@ from test_t3_history import one_line_error
 
 from cdpfs import backups
 from cdpfs.history.treehash import hash_of
-from cdpfs.replication import stream
 
 
 class Appender(threading.Thread):
@@ -109,10 +108,10 @@ def test_a_replica_server_backs_up_on_a_schedule_while_it_receives(
     newest = listed[-1].record
     assert newest is not None and newest.every == 2
     # A backup received into a new store gives the primary's tree at its point.
-    with open(listed[-1].path, "rb") as f:
-        got = stream.receive_file(tmp_path / "restored", f)
-    assert got.to_seq == newest.seq and got.tree == hash_of(vol.store, newest.seq)
-    assert hash_of(tmp_path / "restored", newest.seq) == got.tree
+    cdpfs("receive", tmp_path / "restored", "-i", listed[-1].path)
+    assert store_seq(tmp_path / "restored") == newest.seq
+    assert hash_of(tmp_path / "restored", newest.seq) == hash_of(vol.store, newest.seq) == \
+        newest.tree
     # Status right after a backup (a period is about as long as a backup here).
     done = server.text().count("scheduled backup: backup of")
     wait_until(lambda: server.text().count("scheduled backup: backup of") > done,
