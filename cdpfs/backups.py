@@ -1,14 +1,16 @@
 """Backups of a volume into a directory, each checked against its point before it counts.
 
-A backup (``make``) is the volume's whole kept history up to its newest point, as a
-send stream (``replication.stream``, with the tree hash of the point in its END),
-written beside the others in a directory: first to a temporary file there
-(``.cdpfs-backup-<pid>-...``), synced; then **verified**: read back and received
-into a scratch store made in a temporary directory there, whose tree hash at the
-point must be the one the stream carries and the sender computed; the scratch store
-is removed. Only then is the file renamed to its backup name,
-``<volume id, 8 characters>-<UTC time of the point>.cdpfs`` (the point's record
-time to the nanosecond: one name per point), with its record beside it in
+A backup (``make``) is the volume as of its newest point, written beside the others
+in a directory: as a send stream of its whole kept history (``send``:
+``replication.stream``, the tree hash of the point in its END) or as a tar of the
+point (``tar``: ``history.export``; sockets, which a tar cannot hold, are left
+out). It goes first to a temporary file there (``.cdpfs-backup-<pid>-...``),
+synced; then it is **verified**: read back into a scratch store made in a
+temporary directory there (a stream received, a tar imported), whose tree hash at
+the point must be the volume's; the scratch store is removed. Only then is the
+file renamed to its backup name, ``<volume id, 8 characters>-<UTC time of the
+point>.cdpfs`` (or ``.tar``; the point's record time to the nanosecond: one name
+per point), with its record beside it in
 ``NAME.json`` (``Backup``: volume, point, format, size, tree hash, whether it
 verified, when it was made and how long it took, the blake3 of the file as read
 back). A backup that fails at any step leaves no file under a backup name: what it
@@ -229,7 +231,11 @@ def make(store: Store, directory: Path, *, fmt: str = "send", keep: int = 0, eve
         made.seconds = time.monotonic() - t0
         final = directory / name_of(made.volume, made.point_ts, fmt)
         made.path = str(final)
-        _publish(tmp, final, made)
+        try:
+            _publish(tmp, final, made)
+        except BaseException:
+            made.verified = False
+            raise
         gone = prune_kept(directory, made.volume, keep) if keep else []
         log.info("backup of %s at #%d verified: %s, %.1f MiB in %.1fs%s", store.path,
                  made.seq, final, made.size / 2**20, made.seconds,
@@ -360,12 +366,16 @@ class _Hashing:
 def _publish(tmp: Path, final: Path, made: Backup) -> None:
     """Give the verified file its backup name, then its record (both durable)."""
     side = tmp.with_name(tmp.name + RECORD)
-    with open(side, "w") as f:
-        json.dump(asdict(made), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    os.replace(side, final.with_name(final.name + RECORD))
+    try:
+        with open(side, "w") as f:
+            json.dump(asdict(made), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        os.replace(side, final.with_name(final.name + RECORD))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
     system.fsync_dir(final.parent)
 
 

@@ -139,6 +139,8 @@ def test_a_tar_backup_of_a_receiving_replica_imports_as_the_primarys_tree(
     (vol.mnt / "dir").mkdir()
     os.symlink("../big", vol.mnt / "dir" / "link")
     wait_replicated(vol, replica)
+    shown = cdpfs("status", replica).stdout.splitlines()  # no backup made: nothing said
+    assert not [line for line in shown if line.startswith("backup")], shown
     out = tmp_path / "backups"
     out.mkdir()
     writer = Appender(vol.mnt / "log")
