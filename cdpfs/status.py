@@ -2,8 +2,8 @@
 
 The journal and the objects (``history.stats``), who holds the store, what it
 is a clone of and which clones hold its points, a receive that broke off, its DR
-tests (``drtests``) and,
-for each registered replica, its saved state and how much is still to send.
+tests (``drtests``), its backups (``backups``) and, for each registered replica,
+its saved state and how much is still to send.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import drtests
+from . import backups, drtests
 from .history import clones
 from .history.stats import StoreStats, store_stats
 from .replication import stream
@@ -44,6 +44,7 @@ class Status:
     tested: drtests.Result | None
     testing: drtests.Running | None
     kept: list[str]
+    backed_up: backups.Schedule
     replicas: list[ReplicaState]
     behind: dict[str, tuple[int, bool]]
     receiving: str = ""
@@ -57,6 +58,8 @@ def status(path: Path) -> Status:
         # A clone carries its base's settings: what they say of tests is the base's.
         testing = drtests.running(store) if store.clone_of is None else None
         kept = drtests.kept(store) if store.clone_of is None else []
+        backed_up = backups.schedule(store) if store.clone_of is None else \
+            backups.Schedule(None, None)
         who = store.holder()
         replicas = load_states(store)
         with store.txn() as txn:
@@ -64,4 +67,4 @@ def status(path: Path) -> Status:
             held = clones.held(store, txn)
             receiving = stream.token_of(store, txn)
         return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, replicas, behind, receiving)
+                      testing, kept, backed_up, replicas, behind, receiving)

@@ -87,6 +87,11 @@ def _stores(base: Path) -> dict[str, Path]:
     out["empty"].mkdir()
     (base / "busy").mkdir()  # a mount point with a file in it: never mounted on
     (base / "busy" / "mine").write_text("x")
+    (base / "backups").mkdir()  # backups go there; beside them, records made by hand
+    for n, record in enumerate(('{"seq": "x"}', '{"volume": "v", "seq": 1, "point_ts": 1e400, '
+                                '"format": "send", "made_at": 1}', "[", "[1]", "x" * 70000)):
+        (base / "backups" / f"{n}.cdpfs").write_text("not a stream")
+        (base / "backups" / f"{n}.cdpfs.json").write_text(record)
     for name, damage in (("truncated", lambda p: os.truncate(p, 12288)),
                          ("zeroed", lambda p: p.write_bytes(bytes(p.stat().st_size)))):
 
@@ -123,7 +128,8 @@ def _store_commands(st: Path, kind: str, good: Path, base: Path) -> list[list[st
         ["verify", "--compare", st, good], ["init", st], ["clone", st, base / f"of-{kind}"],
         ["replica", "remove", st, "r1"],
         ["replica", "trust", st, base / "peer" / "tls" / "node.crt", "--name", "peer"],
-        ["export", st, "--at", "now", "-o", base / f"export-{kind}.tar"]]
+        ["export", st, "--at", "now", "-o", base / f"export-{kind}.tar"],
+        ["backup", st, "--to", base / "backups"]]
     if kind != "good":  # these change what a store is: the other commands use the good one
         cmds += [["replica", "promote", st], ["replica", "demote", st],
                  ["replica", "keygen", st]]
@@ -143,7 +149,8 @@ def _path_commands(path: Path, good: Path) -> list[list[str | Path]]:
              "--etcd-key", path],
             ["export", good, "--at", "now", "-o", path], ["export", good, "--at", "now", path,
                                                           "-o", good.parent / "sub.tar"],
-            ["import", path, good.parent / "imported"]]
+            ["import", path, good.parent / "imported"],
+            ["backup", good, "--to", path], ["backups", path]]
 
 
 def _commands(s: dict[str, Path], base: Path, rights_only: bool = False) -> list[list[str]]:
@@ -192,20 +199,26 @@ def _commands(s: dict[str, Path], base: Path, rights_only: bool = False) -> list
                   "--check-timeout", n, "--etcd", ETCD],
                  ["ha", "promote", "c", "n", "--timeout", n, "--etcd", ETCD],
                  ["ha", "switchover", "c", "n", "--timeout", n, "--etcd", ETCD],
-                 ["replica", "test", good, "--scenario", s["file"], "--nice", n]]
+                 ["replica", "test", good, "--scenario", s["file"], "--nice", n],
+                 ["backup", good, "--to", base / "backups", "--keep", n],
+                 ["backup", good, "--to", base / "backups", "--nice", n]]
     for d in (HUGE + "s", "1e3s", "inf"):  # every duration
         cmds += [["retention", good, f"--{opt}", d] for opt in
                  ("keep-all", "minutely", "hourly", "daily", "prune-interval")]
         cmds += [["assess", good, "--since", d], ["assess", good, "--lag", d],
                  ["replica", "serve", good, "--listen", "127.0.0.1:1", "--test-every", d,
-                  "--test-scenario", s["file"]]]
+                  "--test-scenario", s["file"]],
+                 ["replica", "serve", good, "--listen", "127.0.0.1:1", "--backup-every", d,
+                  "--backup-to", base]]
     for rate in ("inf", "1e400", "-5"):
         cmds += [["replica", "add", good, "r1", "--address", "h:1", "--limit", rate]]
     for url in ("http://[::1", "http://h:99999", "ftp://h:1"):  # etcd URLs
         cmds += [["ha", "status", "c", "--etcd", url],
                  ["ha", "create", "c", "--volume", good, "--etcd", url],
                  ["ha", "join", "c", "n", "--store", good, "--address", "h:1", "--etcd", url]]
-    cmds += [["retention", good, "--keep-all", "forever"], ["retention", good, "--daily", "1s"],
+    cmds += [["backups", base / "backups"], ["backup", good, "--to", base / "backups",
+                                             "--format", "zip"],
+             ["retention", good, "--keep-all", "forever"], ["retention", good, "--daily", "1s"],
              ["retention", good, "--replica-max-lag", "-5"], ["df", good],
              ["config", good, "history"], ["config", good, "history=maybe"],
              ["config", good, "=x"], ["config", good, "history=visible", "history=hidden"],

@@ -361,6 +361,7 @@ def status(store: Path) -> None:
         click.echo(f"dr test      the test of pid {testing.pid} was killed (or crashed) and "
                    f"left {'; '.join(left)}: remove with 'cdpfs replica test {shown(store)} "
                    "--cleanup'")
+    _backups(now.backed_up)
     for r in replicas:
         lag = s.last_seq - r.acked
         seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
@@ -377,6 +378,32 @@ def status(store: Path) -> None:
                    + (f", last error: {shown(r.last_error)}" if r.last_error else ""))
 
 
+def _backups(backed_up: Any) -> None:
+    """The status lines of a store's backups (``cdpfs.backups.Schedule``): the newest
+    verified one, its age and whether the schedule is OVERDUE; the last one if it
+    failed. None if no backup was ever made of it."""
+    last, good, now = backed_up.last, backed_up.verified, time.time_ns()
+    due = ""
+    if backed_up.every:
+        due = (f"; OVERDUE (every {backed_up.every}s, two missed)"
+               if backed_up.overdue(now) else f"; every {backed_up.every}s")
+    if good is not None:
+        click.echo(f"backup       last {_ago(now - good.made_at)} ago (#{good.seq}, verified, "
+                   f"{good.size / 2**20:.1f} MiB, {good.format}): {shown(good.path)}"
+                   + ("" if last is not None and last.failed else due))
+    if last is not None and last.failed:
+        click.echo(f"backup       FAILED {_ago(now - last.made_at)} ago: {shown(last.failed)}"
+                   + due)
+
+
+def _ago(ns: int) -> str:
+    seconds = max(0.0, ns / 1e9)
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f} {unit}"
+    return f"{seconds:.0f}s"
+
+
 # Where each command is defined (a module of this package), so that a command
 # imports only its own module; a command missing here is still found (every module
 # is imported then). tests/test_t2_cli.py checks this table.
@@ -388,8 +415,9 @@ _WHERE = {
     **dict.fromkeys(["export", "import"], "archive"),
     **dict.fromkeys(["send", "receive"], "streams"),
     "rebuild": "rebuild",
+    **dict.fromkeys(["backup", "backups"], "backups"),
 }
-_MODULES = ("timetravel", "replication", "ha", "archive", "streams", "rebuild")
+_MODULES = tuple(dict.fromkeys(_WHERE.values()))
 
 
 def _load(module: str | None = None) -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import trio
 
+from cdpfs.backups import FORMATS
 from cdpfs.errors import CdpfsError, first_error
 from cdpfs.ha import roles
 from cdpfs.history.treehash import compare as tree_compare
@@ -29,6 +32,8 @@ from cdpfs.store.lmdb import is_store
 from cdpfs.volume import Mode, Volume
 
 log = logging.getLogger(__name__)
+
+BACKUP_RETRY = 300  # seconds: a scheduled backup that failed is tried again this soon
 
 
 @click.group("replica")
@@ -76,11 +81,19 @@ def trust_cmd(store: Path, cert: Path, name: str) -> None:
               help="A variable of the DR test scenario.")
 @click.option("--test-allow-other", is_flag=True,
               help="Mount the DR tests' clones for other users too.")
+@click.option("--backup-every", metavar="DURATION",
+              help="Back the store up this often (cdpfs backup), e.g. 1d; needs --backup-to.")
+@click.option("--backup-to", type=click.Path(path_type=Path),
+              help="The directory of the scheduled backups (it must exist).")
+@click.option("--keep", type=click.IntRange(0, 10**6),
+              help="Keep the newest N verified backups there (default: all).")
+@click.option("--format", "backup_format", type=click.Choice(FORMATS),
+              help="Of the scheduled backups (default: send).")
 def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
               test_scenario: Path | None, test_vars: tuple[str, ...],
-              test_allow_other: bool) -> None:
+              test_allow_other: bool, backup_every: str | None, backup_to: Path | None,
+              keep: int | None, backup_format: str | None) -> None:
     """Receive a primary's changes into STORE (created on first contact); runs until stopped."""
-    from cdpfs.history.retention import parse_duration
     from cdpfs.scenario import Scenario
 
     parse_address(listen)
@@ -88,19 +101,26 @@ def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
     if test_every is not None or test_scenario is not None:
         if test_every is None or test_scenario is None:
             raise click.UsageError("--test-every and --test-scenario go together")
-        try:
-            every = parse_duration(test_every)
-        except ValueError as exc:
-            raise CdpfsError(str(exc)) from None
-        if every <= 0:
-            raise CdpfsError(f"--test-every {test_every}: must be longer than 0s")
+        every = _period("--test-every", test_every)
         Scenario.load(test_scenario, test_vars)  # a bad scenario fails here, not a day later
+    backup_period = 0
+    if backup_every is not None or backup_to is not None or keep is not None or \
+            backup_format is not None:
+        if backup_every is None or backup_to is None:
+            raise click.UsageError("--backup-every and --backup-to go together (--keep and "
+                                   "--format with them)")
+        backup_period = _period("--backup-every", backup_every)
+        if not backup_to.is_dir():
+            raise CdpfsError(f"--backup-to {backup_to}: no such directory")
     ctx = credentials.server_context(store)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     test = ["replica", "test", str(store.resolve()), "--scenario", str(test_scenario),
             "--every", str(every), *(f"--set={v}" for v in test_vars),
             *(["--allow-other"] if test_allow_other else [])]
+    backup = ["backup", str(store.resolve()), "--to", str(backup_to and backup_to.resolve()),
+              "--keep", str(keep or 0), "--format", backup_format or "send",
+              "--every", str(backup_period)]
 
     async def main() -> None:
         with trio.open_signal_receiver(2, 15) as signals:
@@ -109,37 +129,76 @@ def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
                                 failback=failback)
                 await nursery.start(volume.run)
                 if every:
-                    nursery.start_soon(_scheduled_tests, volume, every, test)
+                    nursery.start_soon(_scheduled, volume, "DR test", every, _last_test, test,
+                                       _stop_test)
+                if backup_period:
+                    nursery.start_soon(_scheduled, volume, "backup", backup_period,
+                                       _last_backup, backup, _stop_backup, BACKUP_RETRY)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
     _run(main)
 
 
-async def _scheduled_tests(volume: Volume, every: int, args: list[str]) -> None:
-    """Run ``cdpfs replica test`` (as its own process: the test opens the store and
-    mounts a clone) every ``every`` seconds, the first one ``every`` after the
-    last recorded test (at once if that is longer ago)."""
+def _period(option: str, text: str) -> int:
+    """The seconds of a schedule's period (CdpfsError, one line, if not one)."""
+    from cdpfs.history.retention import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise CdpfsError(str(exc)) from None
+    if seconds <= 0:
+        raise CdpfsError(f"{option} {text}: must be longer than 0s")
+    return seconds
+
+
+def _last_test(store: Any) -> int | None:
+    """When the last DR test recorded in the served store started (ns)."""
     from cdpfs.drtests import last
 
+    done = last(store)
+    return None if done is None else done.ts
+
+
+def _last_backup(store: Any) -> int | None:
+    """When the last backup recorded in the served store started (ns)."""
+    from cdpfs.backups import schedule
+
+    done = schedule(store).last
+    return None if done is None else done.made_at
+
+
+async def _scheduled(volume: Volume, what: str, every: int, last: Callable[[Any], int | None],
+                     args: list[str], stop: Callable[[trio.Process], Awaitable[None]],
+                     retry: int = 0) -> None:
+    """Run ``cdpfs ARGS`` (as its own process, at its own lower priority: a DR test
+    mounts a clone, a backup reads the whole volume) every ``every`` seconds, start
+    to start (one that took longer is followed at once), once the replica store
+    exists; the first ``every`` after the start of the last one recorded in the
+    store (``last``; at once if that is longer ago, or there was none); one that
+    failed again ``retry`` seconds after its start if that is sooner. ``stop``
+    stops one under way when the server stops."""
     from .drtest import CLI
 
-    assert volume.store is not None
-    done = last(volume.store)
-    due = time.time() + (0 if done is None else every - (time.time_ns() - done.ts) / 1e9)
+    assert volume.receiver is not None
+    await volume.receiver.store_ready.wait()
+    done = await trio.to_thread.run_sync(last, volume.receiver.store)
+    due = time.time() + (0 if done is None else every - (time.time_ns() - done) / 1e9)
     while True:
         await trio.sleep(max(0.0, due - time.time()))
-        log.info("scheduled DR test of %s starting", volume.path)
+        started = time.time()
+        log.info("scheduled %s of %s starting", what, volume.path)
         # Its output goes to a file, not a pipe: a pipe would close as the server stops,
-        # and the test, cleaning up then, would fail writing to it.
+        # and the child, cleaning up then, would fail writing to it.
         with tempfile.TemporaryFile() as out:
             proc = await trio.run_process([*CLI, *args], check=False, stdout=out,
-                                          stderr=subprocess.STDOUT, deliver_cancel=_stop_test)
+                                          stderr=subprocess.STDOUT, deliver_cancel=stop)
             out.seek(0)
             said = out.read().decode(errors="replace").strip().splitlines()
         log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
-                "scheduled DR test: %s", said[-1] if said else f"exit {proc.returncode}")
-        due = time.time() + every
+                "scheduled %s: %s", what, said[-1] if said else f"exit {proc.returncode}")
+        due = started + (min(every, retry) if proc.returncode and retry else every)
 
 
 async def _stop_test(proc: trio.Process) -> None:
@@ -147,6 +206,15 @@ async def _stop_test(proc: trio.Process) -> None:
     stop steps, unmount, the clone); SIGKILL if that takes over a minute (what it
     leaves, the next test removes)."""
     proc.terminate()
+    await trio.sleep(60)
+    proc.kill()
+
+
+async def _stop_backup(proc: trio.Process) -> None:
+    """Stop a scheduled backup as the server stops: SIGINT, on which it removes what
+    it wrote and records itself as interrupted; SIGKILL if that takes over a minute
+    (what it leaves, the next backup there removes)."""
+    proc.send_signal(signal.SIGINT)
     await trio.sleep(60)
     proc.kill()
 

@@ -1,14 +1,16 @@
 """A hash of a whole tree as of a seq: equal hashes mean identical volumes.
 
 Used to check that a replica holds exactly the primary's state
-(``cdpfs verify --compare``: ``compare``) and that a DR test's clone shows the
-primary's state at the tested point (``hash_of``). The walk is in name order; every entry adds its
-path, kind, permissions, owner, size, mtime, symlink target, extended
+(``cdpfs verify --compare``: ``compare``), that a DR test's clone shows the
+primary's state at the tested point (``hash_of``), and that a backup gives back
+its point's tree (``cdpfs.backups``). The walk is in name order; every entry adds
+its path, kind, permissions, owner, size, mtime, symlink target, extended
 attributes and, for a regular file, the blake3 of its content.
 """
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import blake3
@@ -21,8 +23,10 @@ from ..store.schema import ROOT_INO
 from ..store.view import View
 
 
-def tree_hash(store: Store, txn: lmdb.Transaction, seq: int) -> tuple[str, int]:
-    """(hex hash, number of entries) of the volume as of ``seq``."""
+def tree_hash(store: Store, txn: lmdb.Transaction, seq: int, *,
+              sockets: bool = True) -> tuple[str, int]:
+    """(hex hash, number of entries) of the volume as of ``seq``; without
+    ``sockets``, sockets are left out (what a tar can hold: a tar backup's check)."""
     view = View(store, txn, seq)
     h = blake3.blake3()
     count = 0
@@ -30,7 +34,7 @@ def tree_hash(store: Store, txn: lmdb.Transaction, seq: int) -> tuple[str, int]:
     while todo:
         ino, path = todo.pop()
         node = view.inode(ino)
-        if node is None:
+        if node is None or (not sockets and stat.S_ISSOCK(node.mode)):
             continue
         count += 1
         h.update(b"%s\0%o %d %d %d %d\0%s\0" % (path, node.mode, node.uid, node.gid, node.size,

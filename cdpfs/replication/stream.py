@@ -383,12 +383,17 @@ def send_file(path: Path, out: BinaryIO, *, progress: Progress | None = None,
     """Send from the store at ``path`` to the binary file ``out`` (a pipe, a file):
     ``options`` as ``plan`` takes them."""
     with Store(path) as store:
-        p = plan(store, **options)
+        return send_store(store, out, plan(store, **options), progress)
 
-        async def run() -> Result:
-            return await send(store, wire.Connection(wire.FileStream(out)), p, progress)
 
-        return trio.run(run)
+def send_store(store: Store, out: BinaryIO, p: Plan, progress: Progress | None = None,
+               ) -> Result:
+    """Send the stream ``p`` plans from a store open in this process to the binary
+    file ``out`` (``send_file``; a backup of a store being served)."""
+    async def run() -> Result:
+        return await send(store, wire.Connection(wire.FileStream(out)), p, progress)
+
+    return trio.run(run)
 
 
 def receive_file(path: Path, inp: BinaryIO, *, new_volume: bool = False,
