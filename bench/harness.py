@@ -90,15 +90,17 @@ def cdpfs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 30
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
-    """Assert the command failed with exactly one ``cdpfs: error:`` line (no traceback)
-    holding each of ``words``; return that line."""
+    """Assert the command failed (exit 1) with exactly one ``cdpfs: error:`` line, the
+    last it wrote (warnings such as a retry may come before it), no traceback, holding
+    each of ``words``; return that line."""
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cdpfs: error: "), proc.stderr
+    errors = [line for line in lines if line.startswith("cdpfs: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
 
 
 def live_names(root: Path) -> list[str]:

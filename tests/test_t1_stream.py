@@ -31,7 +31,7 @@ from cdpfs.history.treehash import tree_hash
 from cdpfs.history.verify import verify
 from cdpfs.replication import stream, wire
 from cdpfs.replication.receiver import ROLE_REPLICA
-from cdpfs.store import journal
+from cdpfs.store import blocks, epochs, journal
 from cdpfs.store.lmdb import Store
 from cdpfs.testing import FakeClock, LiveStore
 
@@ -349,3 +349,32 @@ def test_forged_foreign_and_garbled_tokens_are_refused(tmp_path: Path) -> None:
         receive(tmp_path / "dst", send(src, resume=token))
         with opened(tmp_path / "dst") as dst:
             assert points(dst) == points(src)
+
+
+def test_a_copy_taken_over_numbers_its_packs_apart_from_the_old_primary(
+        tmp_path: Path) -> None:
+    """Pack ids are numbers, not hashes: a primary that lost its role and a copy that
+    took over must never hand out the same one (the old primary, rejoining as a
+    replica, keeps its packs of after the fork and would take an offered pack of the
+    same id as one it has: its reads would fail their hash check)."""
+    live, clock, _, names = make_volume(tmp_path / "src", seed=12, rounds=10)
+
+    def small_writes(store_live: LiveStore) -> set[int]:
+        with store_live.store.txn() as txn:
+            before = {p for p, _ in blocks.scan_packs(store_live.store, txn)}
+        for n in range(5):  # partial-block writes: their bytes go into packs
+            fh = reopen(store_live, names[0])
+            store_live(store_live.fs.write, fh, 1000 + n, b"x%d" % n * 30)
+            store_live(store_live.fs.release, fh)
+            store_live.sync()
+        with store_live.store.txn() as txn:
+            return {p for p, _ in blocks.scan_packs(store_live.store, txn)} - before
+
+    with live:
+        receive(tmp_path / "copy", send(live.store))
+        with Store(tmp_path / "copy") as copy, copy.txn(write=True) as txn:
+            epochs.begin(copy, txn, epochs.seen(copy, txn) + 1)  # what a promotion does
+        old = small_writes(live)  # the old primary writes on after the take-over
+    with LiveStore(tmp_path / "copy", clock=clock, existing=True) as taken_over:
+        new = small_writes(taken_over)
+    assert old and new and not old & new

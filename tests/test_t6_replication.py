@@ -816,7 +816,8 @@ def test_attempts_count_failures_in_a_row(repl: Pair) -> None:
     drops each followed by a session that made progress."""
     with repl.writing() as m:
         (m / "f").touch()
-        for i in range(6000):  # one record each: a few batches
+        # one record each: batches of 2,000, several in each group commit on the replica
+        for i in range(20000):
             os.utime(m / "f", ns=(i, i))
     last = store_last(repl.primary)
     proc = repl.procs.start(["replicate", repl.primary, "--to", repl.proxy.address,

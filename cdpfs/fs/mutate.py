@@ -33,7 +33,7 @@ from ..errors import (
     NotFound,
     NotPermitted,
 )
-from ..store import blocks, codec, journal, pending
+from ..store import blocks, codec, epochs, journal, pending
 from ..store.journal import Record
 from ..store.lmdb import DEFAULT_BLOCK_SIZE, Store
 from ..store.pending import Pending
@@ -62,6 +62,7 @@ from ..system import coarse_time_ns
 T = TypeVar("T")
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+PACK_EPOCH_SHIFT = 40  # epoch E numbers its packs from E << 40 on (see Mutator: counters)
 
 
 
@@ -124,8 +125,14 @@ class Mutator:
         # primary (a failover) must not hand out a number that is taken.
         raw = store.meta(txn, b"next_ino")
         self.next_ino = max(int(raw) if raw else ROOT_INO + 1, store.after_last(txn, "inodes"))
+        # Pack ids are not content hashes: a primary that lost its role may have
+        # written packs after the fork that its store keeps when it rejoins as a
+        # replica (a failback takes out records, not packs), and a replica would take
+        # an offered pack of the same id as one it has. So each epoch numbers its
+        # packs from a range of its own.
         raw = store.meta(txn, b"next_pack")
-        self.next_pack = max(int(raw) if raw else 1, store.after_last(txn, "packs"))
+        self.next_pack = max(int(raw) if raw else 1, store.after_last(txn, "packs"),
+                             epochs.current(store, txn) << PACK_EPOCH_SHIFT)
 
     @property
     def view(self) -> View:
