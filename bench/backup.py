@@ -39,9 +39,20 @@ alternating, so a machine shared with other work disturbs both alike):
    ``cdpfs export`` of the source matches the native tree (``tar --compare``,
    modification times aside: the library stamps its own).
 
-More sections (receive, rebuild) add a function to ``SECTIONS``.
+3. **rebuild**: the tree of ``export`` imported, sent into a replica's store
+   (``cdpfs send | cdpfs receive``), which ``cdpfs replica serve`` serves on
+   loopback (mutual TLS); ``cdpfs rebuild NEW --from 127.0.0.1:PORT`` makes the
+   volume again in an empty store (with only its TLS identity), against ``rsync -a``
+   of the native tree from an rsync daemon on loopback into an empty directory,
+   followed by ``sync -f`` (the rebuild commits durably): seconds (target: the
+   rebuild within 1.2x of rsync's time) and bytes over the connection (the
+   rebuild's as it reports them; rsync's "Total bytes received"; target: fewer).
+   Checked, untimed: the rebuilt store's tree hash is the source's (the rebuild
+   checks it against the sender's too), and rsync's copy matches the tree.
 
-Usage: ``python bench/backup.py [--quick] [--repeat N] [--only export,send]
+More sections add a function to ``SECTIONS``.
+
+Usage: ``python bench/backup.py [--quick] [--repeat N] [--only export,send,rebuild]
 [--markdown FILE] [--dir DIR] [--keep] [-v]``. ``--quick``: a 128 MiB tree (and
 1,000 points). Needs GNU tar and rsync. The work directory (under ``--dir``,
 default /var/tmp: not tmpfs) is removed unless ``--keep``. Exit status 1 if
@@ -64,6 +75,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import free_port, stop_process, wait_until
 from run import (
     MB,
     BenchError,
@@ -528,8 +540,111 @@ def send_section(bench: Bench) -> None:
     export.unlink()
 
 
+def rebuild_section(bench: Bench) -> None:
+    """A rebuild of a ~1 GiB volume from its replica's server over loopback against
+    ``rsync -a`` of the native tree from an rsync daemon (see the module docstring)."""
+    cfg, work = bench.cfg, bench.work
+    tree = work / "tree"
+    files, nbytes = make_tree(tree, cfg.size)
+    source = work / "source.tar"
+    sh("tar", "--format=posix", "-cf", source, "-C", tree, ".")
+    store, replica, target = work / "vol.store", work / "replica.store", work / "new.store"
+    sh(CLI, "import", "-", store, stdin=source)
+    source.unlink()
+    stream = work / "full.stream"
+    sh(CLI, "send", store, "-o", stream)
+    sh(CLI, "receive", replica, "-i", stream)
+    stream.unlink()
+    identity = work / "identity"  # the new machine's TLS identity, kept for each run
+    sh(CLI, "replica", "keygen", identity, "--name", "primary")
+    sh(CLI, "replica", "keygen", replica, "--name", "r1")
+    sh(CLI, "replica", "trust", identity, replica / "tls" / "node.crt", "--name", "r1")
+    sh(CLI, "replica", "trust", replica, identity / "tls" / "node.crt", "--name", "primary")
+    port, rport = free_port(), free_port()
+    server_log, rsyncd_log = work / "serve.log", work / "rsyncd.log"
+    conf = work / "rsyncd.conf"
+    conf.write_text(f"use chroot = no\nlog file = {rsyncd_log}\npid file = {work}/rsyncd.pid\n"
+                    f"[tree]\n  path = {tree}\n  read only = yes\n  uid = root\n"
+                    "  gid = root\n")
+    with open(server_log, "wb") as out:
+        server = subprocess.Popen([CLI, "replica", "serve", str(replica), "--listen",
+                                   f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=out)
+    rsyncd = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                               "--address=127.0.0.1", f"--port={rport}"],
+                              stdin=subprocess.DEVNULL)
+    native = work / "native"
+    got: dict[str, int] = {}
+    try:
+        wait_until(lambda: b" listening on " in server_log.read_bytes() or
+                   server.poll() is not None, timeout=60, what="the replica server")
+        if server.poll() is not None:
+            raise BenchError(f"replica serve failed: {server_log.read_text()[-500:]}")
+
+        def rebuild() -> float:
+            sh("rm", "-rf", target)
+            sh("cp", "-a", identity, target)
+            started = time.perf_counter()
+            proc = subprocess.run([CLI, "rebuild", str(target), "--from",
+                                   f"127.0.0.1:{port}", "--progress", "none"],
+                                  capture_output=True, text=True)
+            took = time.perf_counter() - started
+            moved = re.search(r"received \d+ records, ([\d.]+) MiB", proc.stdout)
+            if proc.returncode != 0 or not moved:
+                raise BenchError(f"rebuild failed: {proc.stdout}{proc.stderr}"[-500:])
+            got["rebuild"] = int(float(moved[1]) * MiB)
+            return took
+
+        def rsync() -> float:
+            sh("rm", "-rf", native)
+            native.mkdir()
+            started = time.perf_counter()
+            proc = subprocess.run(["rsync", "-a", "--stats", f"rsync://127.0.0.1:{rport}/tree/",
+                                   f"{native}/"], capture_output=True, text=True)
+            sh("sync", "-f", native)
+            took = time.perf_counter() - started
+            moved = re.search(r"Total bytes received: ([\d,]+)", proc.stdout)
+            if proc.returncode != 0 or not moved:
+                raise BenchError(f"rsync failed: {proc.stdout}{proc.stderr}"[-500:])
+            got["rsync"] = int(moved[1].replace(",", ""))
+            return took
+
+        wait_until(lambda: subprocess.run(["rsync", f"rsync://127.0.0.1:{rport}/"],
+                                          capture_output=True).returncode == 0,
+                   timeout=30, what="the rsync daemon")
+        t_rebuild, t_rsync = best(cfg, rebuild, rsync)
+    finally:
+        stop_process(server)
+        stop_process(rsyncd)
+    bench.rows.append(Figure("rebuild", "rebuild from the replica over loopback, seconds",
+                             "s", t_rebuild, t_rsync, "rsync -a + sync", "rebuild/rsync",
+                             ratio_max=1.2))
+    bench.rows.append(Figure("rebuild", "bytes over the connection", "MB",
+                             got["rebuild"] / MB, got["rsync"] / MB, "rsync -a",
+                             "rebuild/rsync", ratio_max=1.0))
+    cpu = {name: min(CPU[name]) for name in ("rebuild", "rsync")}
+    bench.notes.append(
+        f"rebuild: a tree of {files} files, {nbytes / MiB:.0f} MiB; seconds (best of "
+        f"{cfg.repeat}): rebuild {t_rebuild:.1f}, rsync -a + sync {t_rsync:.1f}; CPU seconds "
+        f"of the command (user + system, least of the runs; not the servers'): rebuild "
+        f"{cpu['rebuild']:.1f}, rsync {cpu['rsync']:.1f}")
+    # checked, untimed: the rebuilt volume is the source; rsync's copy is the tree
+    with Store(store, readonly=True) as a, Store(target, readonly=True) as b:
+        with a.txn() as ta, b.txn() as tb:
+            top, rebuilt_top = journal.top(a, ta), journal.top(b, tb)
+        if rebuilt_top != top or hash_at(a, top) != hash_at(b, top):
+            bench.errors.append("rebuild: the rebuilt store is not the source's volume")
+    proc = subprocess.run(["diff", "-r", "-q", str(tree), str(native)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        bench.errors.append(f"rebuild: rsync's copy differs: {proc.stdout[-300:]}")
+    for path in (target, replica, native, store):
+        sh("rm", "-rf", path)
+
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {"export": export_section,
-                                                "send": send_section}
+                                                "send": send_section,
+                                                "rebuild": rebuild_section}
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:

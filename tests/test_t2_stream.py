@@ -20,9 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import lmdb
 import pytest
 from harness import CLI, cdpfs, one_line_error, wait_until
 
+from cdpfs.errors import StoreError
 from cdpfs.history.treehash import tree_hash
 from cdpfs.history.verify import verify
 from cdpfs.store import journal
@@ -61,6 +63,14 @@ def points(path: Path) -> dict[int, str]:
 def top(path: Path) -> int:
     with Store(path, readonly=True) as store, store.txn() as txn:
         return journal.top(store, txn)
+
+
+def _arrived(path: Path) -> bool:
+    """Whether a store being received holds records yet (False while it is made)."""
+    try:
+        return (path / "data.mdb").exists() and top(path) > 0
+    except (StoreError, lmdb.Error):
+        return False
 
 
 def sound(path: Path) -> None:
@@ -160,7 +170,7 @@ def test_bad_streams_and_arguments_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("who", ["send", "receive"])
 def test_a_killed_send_or_receive_leaves_a_resumable_target(tmp_path: Path, who: str) -> None:
     src = tmp_path / "src"
-    fill(src, 30, 4 * MIB, seed=5)
+    fill(src, 40, 4 * MIB, seed=5)
     want = points(src)
     rnd = random.Random(6 if who == "send" else 7)
     resumed = 0
@@ -172,9 +182,9 @@ def test_a_killed_send_or_receive_leaves_a_resumable_target(tmp_path: Path, who:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert sender.stdout is not None
         sender.stdout.close()
-        wait_until(lambda d=dst, r=receiver: (d / "data.mdb").exists() or  # type: ignore[misc]
-                   r.poll() is not None, timeout=60)
-        time.sleep(rnd.uniform(0.0, 1.5))  # somewhere in the 2-3 s the stream takes
+        wait_until(lambda d=dst, r=receiver: r.poll() is not None or  # type: ignore[misc]
+                   _arrived(d), timeout=60)
+        time.sleep(rnd.uniform(0.0, 0.3))  # records arrive for about a second
         (sender if who == "send" else receiver).send_signal(signal.SIGKILL)
         sender.wait(timeout=60)
         receiver.wait(timeout=60)

@@ -44,7 +44,7 @@ import lmdb
 import msgpack
 import trio
 
-from ..errors import CdpfsError, NoSpace, StoreError
+from ..errors import CdpfsError, NoSpace, StoreError, first_error
 from ..history import bookmarks
 from ..history.points import point_name, resolve
 from ..history.treehash import tree_hash
@@ -245,8 +245,13 @@ async def send(store: Store, conn: wire.Connection, p: Plan,
                         return
                     await batches_in.send(batch)
 
+        async def hash_tree() -> None:  # while the frames go: its reads are the same
+            result.tree = await trio.to_thread.run_sync(hash_at, store, ident.to_seq)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load)
+            if p.tree:
+                nursery.start_soon(hash_tree)
             async for parts, nrecords, npieces in batches:
                 size = await conn.send_frame(parts)
                 result.bytes += size
@@ -260,8 +265,7 @@ async def send(store: Store, conn: wire.Connection, p: Plan,
         end: dict[str, Any] = {"records": result.records, "pieces": result.pieces,
                                "chain": conn.chain()}
         if p.tree:
-            result.tree = end["tree"] = await trio.to_thread.run_sync(
-                hash_at, store, ident.to_seq)
+            end["tree"] = result.tree
         result.bytes += await conn.send(wire.END, end)
     return result
 
@@ -285,29 +289,31 @@ class _Reader:
         if ident.ends:
             newest: dict[tuple[int, bytes], int] = {}
             with self.store.txn() as txn:
-                for rec in self._records(txn, ident.from_seq):
+                for rec, _ in self._records(txn, ident.from_seq):
                     for table, prefix, _ in rec.changes:
                         newest[(table, prefix)] = rec.seq
             self.newest = newest
         if self.plan.after and self.plan.after != ident.from_seq:
             with self.store.txn() as txn:
                 rec = journal.get(self.store, txn, self.plan.after)
-                carried = None if rec is None else self._as_carried(txn, rec)
+                carried = None if rec is None else self._as_carried(txn, rec, None)
             if carried is None or codec.digest(carried[1])[:16] != self.plan.after_check:
                 raise StreamError(f"the resume token names record #{self.plan.after} as this "
                                   "store does not hold it (made up, or another store's): "
                                   "nothing was sent")
 
-    def _records(self, txn: lmdb.Transaction, after: int) -> Iterator[journal.Record]:
+    def _records(self, txn: lmdb.Transaction, after: int,
+                 ) -> Iterator[tuple[journal.Record, bytes]]:
+        """(record, as stored) of each record after ``after`` up to ``to``."""
         for seq, raw in journal.packed(self.store, txn, after + 1):
             if seq > self.plan.ident.to_seq:
                 return
-            yield journal.Record.unpack(seq, raw)
+            yield journal.Record.unpack(seq, raw), raw
 
-    def _as_carried(self, txn: lmdb.Transaction, rec: journal.Record,
+    def _as_carried(self, txn: lmdb.Transaction, rec: journal.Record, raw: bytes | None,
                     ) -> tuple[journal.Record, bytes, bool] | None:
         """(the record as the stream carries it, packed, whether a point) or None
-        when the stream leaves it out."""
+        when the stream leaves it out; ``raw``: the record as stored, if read."""
         ident = self.plan.ident
         kept = journal.kept(self.store, txn, rec)
         if self.newest is not None:
@@ -319,7 +325,10 @@ class _Reader:
                 kept = kept._replace(changes=changes)
         else:
             point = journal.indexed(self.store, txn, rec.seq, rec.ts)
-        raw = journal.raw(self.store, txn, rec.seq) if kept is rec else kept.pack()
+        if kept is not rec:
+            raw = kept.pack()
+        elif raw is None:
+            raw = journal.raw(self.store, txn, rec.seq)
         if raw is None:
             raise StreamError(f"record #{rec.seq} went away while it was sent")
         return kept, raw, point
@@ -331,9 +340,9 @@ class _Reader:
         refs = Refs()
         size = 0
         with self.store.txn() as txn:
-            for rec in self._records(txn, self.at):
+            for rec, stored in self._records(txn, self.at):
                 self.at = rec.seq
-                carried = self._as_carried(txn, rec)
+                carried = self._as_carried(txn, rec, stored)
                 if carried is None:
                     continue
                 kept, raw, point = carried
@@ -563,44 +572,15 @@ class _Target:
 
     async def run(self, conn: wire.Connection, progress: Progress | None) -> Result:
         result = Result(self.ident.to_seq, created=self.created)
-        marks: dict[str, list[int]] = {}
-        carried = 0  # records the stream carried, skipped ones too (END counts them)
         try:
-            while True:
-                chain = conn.chain()
-                received = conn.received
-                kind, body, pieces = await conn.recv_frame(wire.DATA, wire.MARKS, wire.END)
-                if progress is not None:
-                    progress(conn.received - received)
-                if kind == wire.END:
-                    if body["chain"] != chain or body["records"] != carried or \
-                            body["pieces"] != result.pieces:
-                        raise wire.WireError("the stream's end does not match what came "
-                                             "before it (frames lost, repeated or spliced)")
-                    break
-                if kind == wire.MARKS:
-                    marks = body
-                    continue
-                if body.get("base") is not None:
-                    raise wire.WireError("a send stream's DATA frame with table entries")
-                refs = Refs()
-                records = body.get("records") or []
-                for seq, raw in records:
-                    if seq > self.ident.to_seq:
-                        raise wire.WireError(f"record #{seq} is past the stream's end "
-                                             f"#{self.ident.to_seq}")
-                    if seq > self.skip:
-                        refs.add_record(journal.Record.unpack(seq, raw))
-                if self.skip:  # applied before: its blocks are put again, they are here
-                    body = {**body, "records": [r for r in records if r[0] > self.skip]}
-                batch = Incoming(refs.offer(), {"blocks": body.get("blocks") or [],
-                                                "packs": body.get("packs") or []},
-                                 body, pieces, gaps=True)
-                await trio.to_thread.run_sync(batch.check, self.store.block_size)
-                self.applied = await trio.to_thread.run_sync(self._apply, batch)
-                carried += len(records)
-                result.records += len(batch.records)
-                result.pieces += len(pieces)
+            try:  # a batch is received and checked while the one before it is applied
+                async with trio.open_nursery() as nursery:
+                    batches_in, batches = trio.open_memory_channel[Incoming](0)
+                    nursery.start_soon(self._applier, batches)
+                    async with batches_in:
+                        marks, body = await self._frames(conn, batches_in, result, progress)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             if self.applied != self.ident.to_seq:
                 raise wire.WireError(f"the stream ended at #{self.applied}, before its "
                                      f"point #{self.ident.to_seq}")
@@ -618,6 +598,55 @@ class _Target:
             raise self._broken(exc) from None
         result.bytes = conn.received
         return result
+
+    async def _applier(self, batches: trio.MemoryReceiveChannel[Incoming]) -> None:
+        """Apply the batches in order, each in a synced transaction of its own."""
+        async with batches:
+            async for batch in batches:
+                self.applied = await trio.to_thread.run_sync(self._apply, batch)
+
+    async def _frames(self, conn: wire.Connection,
+                      batches: trio.MemorySendChannel[Incoming], result: Result,
+                      progress: Progress | None) -> tuple[dict[str, list[int]], dict[str, Any]]:
+        """Read the stream's frames up to its END, checking each and handing its batch to
+        the applier: (the stream's bookmarks, the END's body)."""
+        marks: dict[str, list[int]] = {}
+        carried = 0  # records the stream carried, skipped ones too (END counts them)
+        while True:
+            chain = conn.chain()
+            received = conn.received
+            kind, body, pieces = await conn.recv_frame(wire.DATA, wire.MARKS, wire.END)
+            if progress is not None:
+                progress(conn.received - received)
+            if kind == wire.END:
+                if body["chain"] != chain or body["records"] != carried or \
+                        body["pieces"] != result.pieces:
+                    raise wire.WireError("the stream's end does not match what came "
+                                         "before it (frames lost, repeated or spliced)")
+                return marks, body
+            if kind == wire.MARKS:
+                marks = body
+                continue
+            if body.get("base") is not None:
+                raise wire.WireError("a send stream's DATA frame with table entries")
+            refs = Refs()
+            records = body.get("records") or []
+            for seq, raw in records:
+                if seq > self.ident.to_seq:
+                    raise wire.WireError(f"record #{seq} is past the stream's end "
+                                         f"#{self.ident.to_seq}")
+                if seq > self.skip:
+                    refs.add_record(journal.Record.unpack(seq, raw))
+            if self.skip:  # applied before: its blocks are put again, they are here
+                body = {**body, "records": [r for r in records if r[0] > self.skip]}
+            batch = Incoming(refs.offer(), {"blocks": body.get("blocks") or [],
+                                            "packs": body.get("packs") or []},
+                             body, pieces, gaps=True)
+            await trio.to_thread.run_sync(batch.check, self.store.block_size)
+            await batches.send(batch)
+            carried += len(records)
+            result.records += len(batch.records)
+            result.pieces += len(pieces)
 
     def _apply(self, batch: Incoming) -> int:
         """Apply ``batch`` durably, with how far the receive got; NoSpace (before

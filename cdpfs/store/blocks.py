@@ -41,8 +41,9 @@ def _base(store: Store, txn: lmdb.Transaction) -> tuple[Store, lmdb.Transaction]
 
 
 def has(store: Store, txn: lmdb.Transaction, key: bytes) -> bool:
-    """Whether this store's own table holds block ``key`` (a clone's base's do not count)."""
-    return txn.get(key, db=store.db["blocks"]) is not None
+    """Whether this store's own table holds block ``key`` (a clone's base's do not count).
+    A cursor finds the key without copying the block out, as ``txn.get`` would."""
+    return bool(txn.cursor(db=store.db["blocks"]).set_key(key))
 
 
 def stored(store: Store, txn: lmdb.Transaction, key: bytes) -> bytes | None:
@@ -64,6 +65,13 @@ def get(store: Store, txn: lmdb.Transaction, key: bytes) -> bytes:
     data = codec.decode(raw, key, store.block_size)
     store.cache.put(key, data)
     return data
+
+
+def holds(store: Store, txn: lmdb.Transaction, key: bytes) -> bool:
+    """Whether block ``key`` can be read here (a clone's base's counting)."""
+    if has(store, txn, key):
+        return True
+    return store.base is not None and holds(*_base(store, txn), key)
 
 
 def put(store: Store, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
@@ -92,12 +100,19 @@ def sweep(store: Store, txn: lmdb.Transaction, resume: bytes,
 
 def has_pack(store: Store, txn: lmdb.Transaction, pack: int) -> bool:
     """Whether this store's own table holds pack ``pack``."""
-    return txn.get(U64.pack(pack), db=store.db["packs"]) is not None
+    return bool(txn.cursor(db=store.db["packs"]).set_key(U64.pack(pack)))
 
 
 def stored_pack(store: Store, txn: lmdb.Transaction, pack: int) -> bytes | None:
     """Pack ``pack`` as stored (compressed), from this store's own table."""
     return txn.get(U64.pack(pack), db=store.db["packs"])
+
+
+def holds_pack(store: Store, txn: lmdb.Transaction, pack: int) -> bool:
+    """Whether pack ``pack`` can be read here (a clone's base's counting)."""
+    if store.base is not None and pack < store.base.pack_start:
+        return holds_pack(*_base(store, txn), pack)
+    return has_pack(store, txn, pack)
 
 
 def put_pack(store: Store, txn: lmdb.Transaction, pack: int, raw: bytes) -> None:
