@@ -68,6 +68,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -128,9 +129,19 @@ class Bench:
                 f"best of {self.cfg.repeat}")
 
     def run(self) -> None:
-        for name in self.cfg.only:
-            log.info("section %s", name)
-            SECTIONS[name](self)
+        """Each section in a directory of its own, removed after it."""
+        root = self.work
+        try:
+            for name in self.cfg.only:
+                log.info("section %s", name)
+                self.work = root / name
+                self.work.mkdir()
+                try:
+                    SECTIONS[name](self)
+                finally:
+                    shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            self.work = root
 
 
 # --- helpers ---------------------------------------------------------------------------------
