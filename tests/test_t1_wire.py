@@ -425,7 +425,8 @@ async def test_sent_and_received_count_the_bytes() -> None:
         seen += len(_joined(parts))
         assert b.received == seen
     assert (a.received, b.sent) == (0, 0)
-    # A paced send awaits the pacer once per part, with each part's size.
+    # A paced send awaits the pacer before each write, with its size: the parts
+    # are written about a MiB at a time, so a limit holds to within a MiB.
     paced: list[int] = []
 
     async def pace(n: int) -> None:
@@ -433,4 +434,10 @@ async def test_sent_and_received_count_the_bytes() -> None:
 
     parts = wire.frame(wire.DATA, {}, pieces=[stored, b"ab"])
     await a.send_frame(parts, pace=pace)
-    assert paced == [len(p) for p in parts]
+    assert paced == [sum(map(len, parts))]
+    big = [bytes(400_000)] * 6  # 2.4 MB: three writes of at least a MiB, then the rest
+    parts = wire.frame(wire.DATA, {}, pieces=big)
+    paced.clear()
+    await a.send_frame(parts, pace=pace)
+    assert sum(paced) == sum(map(len, parts)) and len(paced) == 3, paced
+    assert all(n >= wire.SEND_SIZE for n in paced[:-1]), paced

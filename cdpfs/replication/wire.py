@@ -58,6 +58,7 @@ PIECES = 2
 MAX_PIECES = 1 << 16
 COMPRESS_MIN = 512
 READ_SIZE = 1 << 20  # bytes asked of the socket per read
+SEND_SIZE = 1 << 20  # bytes given to the stream per write, about
 
 
 Part = bytes | memoryview
@@ -124,14 +125,22 @@ class Connection:
 
     async def send_frame(self, parts: Sequence[Part],
                          pace: Callable[[int], Awaitable[None]] | None = None) -> int:
-        """Send a frame made by ``frame``; ``pace(n)`` is awaited before each part
-        (a bandwidth limit). The frame's size."""
-        for part in parts:
-            if pace is not None:
-                await pace(len(part))
-            await self.stream.send_all(part)
-            self.sent += len(part)
-            self.active = trio.current_time()
+        """Send a frame made by ``frame``, its parts joined into writes of about
+        ``SEND_SIZE`` (a write per block cost TLS and the event loop more than the
+        bytes); ``pace(n)`` is awaited before each write (a bandwidth limit). The
+        frame's size."""
+        group: list[Part] = []
+        size = 0
+        for i, part in enumerate(parts):
+            group.append(part)
+            size += len(part)
+            if size >= SEND_SIZE or i == len(parts) - 1:
+                if pace is not None:
+                    await pace(size)
+                await self.stream.send_all(group[0] if len(group) == 1 else b"".join(group))
+                self.sent += size
+                self.active = trio.current_time()
+                group, size = [], 0
         self._link(parts[-1])
         return frame_size(parts)
 
@@ -181,9 +190,14 @@ class Connection:
         if magic != MAGIC or length + sum(sizes) > MAX_FRAME:
             raise WireError(f"malformed frame header (magic {magic!r}, length "
                             f"{length}+{sum(sizes)})")
-        payload = await self._exactly(length)
-        pieces = [await self._exactly(size) for size in sizes]
-        check = await self._exactly(CHECK)
+        rest = await self._exactly(length + sum(sizes) + CHECK)  # one read: pieces are many
+        payload = rest[:length]
+        pieces = []
+        at = length
+        for size in sizes:
+            pieces.append(rest[at:at + size])
+            at += size
+        check = rest[at:]
         if codec.digest(head + table + payload)[:CHECK] != check:
             raise WireError(f"damaged {NAMES.get(kind, kind)} frame (check mismatch), dropped")
         self._link(check)
@@ -207,10 +221,13 @@ class Connection:
 class FileStream(trio.abc.Stream):
     """A binary file (a pipe, a regular file, stdin or stdout) as a trio stream, so a
     send stream is read and written by the same frames as a replication link. Reads
-    and writes run on a worker thread: a pipe may block."""
+    and writes run on a worker thread (a pipe may block). ``Connection`` writes a
+    frame a MiB at a time and reads it in one piece after its head: a thread's
+    round trip per part of a frame (a head, a block) cost more than the data."""
 
     def __init__(self, file: Any) -> None:
         self.file = file
+        self._read = getattr(file, "read1", file.read)  # what is there, up to the size asked
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -222,8 +239,10 @@ class FileStream(trio.abc.Stream):
         pass
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """At most ``max_bytes``: never more is taken from the file than asked for
+        (what follows a stream in a file is the caller's to read)."""
         try:
-            return await trio.to_thread.run_sync(self.file.read, max_bytes or READ_SIZE)
+            return await trio.to_thread.run_sync(self._read, max_bytes or READ_SIZE)
         except OSError as exc:
             raise trio.BrokenResourceError(exc.strerror or str(exc)) from None
 
