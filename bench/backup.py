@@ -595,6 +595,7 @@ def rebuild_section(bench: Bench) -> None:
         def rebuild() -> float:
             sh("rm", "-rf", target)
             sh("cp", "-a", identity, target)
+            sh("sync")  # untimed: neither side flushes what came before it
             started = time.perf_counter()
             proc = subprocess.run([CLI, "rebuild", str(target), "--from",
                                    f"127.0.0.1:{port}", "--progress", "none"],
@@ -609,6 +610,7 @@ def rebuild_section(bench: Bench) -> None:
         def rsync() -> float:
             sh("rm", "-rf", native)
             native.mkdir()
+            sh("sync")
             started = time.perf_counter()
             proc = subprocess.run(["rsync", "-a", "--stats", f"rsync://127.0.0.1:{rport}/tree/",
                                    f"{native}/"], capture_output=True, text=True)
