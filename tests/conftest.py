@@ -9,6 +9,7 @@ anywhere.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,13 @@ from etcdcluster import EtcdCluster
 from harness import Procs, ReplicaServer, Volume, can_mount, cdpfs, pair_stores
 
 HAVE_FUSE = can_mount()
+
+# A shell that starts a job in the background without job control makes it ignore
+# SIGINT, and every process the tests start would inherit that: a Ctrl-C test
+# (t6_drtest) then waits for a signal its process never sees. A handler of this
+# process's own is reset to the default in each child it starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
