@@ -9,6 +9,9 @@ here, so no two of them can disagree about what a figure means:
   would cost right now (the recovery point), not the gap between the newest
   record's time and the last acknowledged one's: a replica away for 3 s after an
   hour without writes lacks 3 s of writes, not an hour.
+- ``window``: the continuous-data-protection window: the oldest point any moment
+  can still be rewound to (retention and prune thin and drop older ones), and
+  its age.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from .history.points import oldest_point
 from .replication.batches import backlog
 from .store import journal
 from .store.lmdb import Store
@@ -56,3 +60,24 @@ def replica_lag(store: Store, txn: lmdb.Transaction, acked: int, now_ns: int, *,
     seconds = max(0.0, (now_ns - waiting[1]) / 1e9) if waiting else 0.0
     nbytes, complete = backlog(store, txn, acked) if count_bytes else (0, False)
     return Lag(records, nbytes, complete, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """How far back a volume can be rewound.
+
+    Attributes:
+        oldest_seq: the oldest point kept (0: none, an empty journal).
+        oldest_ts: its time (ns; 0 if none).
+        seconds: its age at the moment asked (0 if none).
+    """
+
+    oldest_seq: int
+    oldest_ts: int
+    seconds: float
+
+
+def window(store: Store, txn: lmdb.Transaction, now_ns: int) -> Window:
+    """The CDP window of ``store`` at ``now_ns`` (wall clock, ns): its oldest point."""
+    seq, ts = oldest_point(store, txn)
+    return Window(seq, ts, max(0.0, (now_ns - ts) / 1e9) if seq else 0.0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backups, drtests
-from .figures import Lag, replica_lag
+from .figures import Lag, Window, replica_lag, window
 from .history import clones
 from .history.stats import StoreStats, store_stats
 from .replication import stream
@@ -35,6 +35,7 @@ class Status:
             clones kept (none for a clone).
         replicas: the registered replicas' saved states; lags: how far each is
             behind (``figures.replica_lag``), by name; at_ns: when (wall clock).
+        window: how far back the volume can be rewound (``figures.window``).
         receiving: the resume token of a receive that broke off ("" if none).
     """
 
@@ -49,6 +50,7 @@ class Status:
     replicas: list[ReplicaState]
     lags: dict[str, Lag]
     at_ns: int
+    window: Window
     receiving: str = ""
 
 
@@ -67,7 +69,8 @@ def status(path: Path) -> Status:
         with store.txn() as txn:
             at_ns = time.time_ns()
             lags = {r.name: replica_lag(store, txn, r.acked, at_ns) for r in replicas}
+            kept_window = window(store, txn, at_ns)
             held = clones.held(store, txn)
             receiving = stream.token_of(store, txn)
         return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, backed_up, replicas, lags, at_ns, receiving)
+                      testing, kept, backed_up, replicas, lags, at_ns, kept_window, receiving)

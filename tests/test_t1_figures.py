@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import cdpfs
 
-from cdpfs.figures import NONE, replica_lag
+from cdpfs.figures import NONE, replica_lag, window
 from cdpfs.fs.mutate import init_volume
 from cdpfs.replication import registry
 from cdpfs.store import journal
@@ -67,6 +67,8 @@ def test_lag_seconds_count_from_the_oldest_record_the_replica_lacks(tmp_path: Pa
         assert replica_lag(store, txn, newest, now) == NONE
         assert replica_lag(store, txn, 0, now).seconds == 3600  # lacks the first record too
         assert replica_lag(store, txn, old, now, count_bytes=False).bytes == 0
+        kept = window(store, txn, now)  # every record is a point: back to the first
+        assert (kept.oldest_seq, kept.seconds) == (1, 3600)
 
 
 def test_status_shows_the_seconds_the_replica_lacks(tmp_path: Path) -> None:
@@ -80,3 +82,4 @@ def test_status_shows_the_seconds_the_replica_lacks(tmp_path: Path) -> None:
     assert got, out
     assert (int(got[1]), int(got[2])) == (old, newest - old)
     assert 3 <= float(got[3]) < 60, out  # 3 s and the test's own time, not 3,597 s
+    assert re.search(r"window +back to \S+ \(#1, 1\.0 h ago\)", out), out

@@ -326,6 +326,10 @@ def status(store: Path) -> None:
     click.echo(f"store        {shown(s.path)} ({s.uuid})")
     click.echo(f"in use       {holder or 'no'}")
     click.echo(f"journal      {s.records} records, last #{s.last_seq} at {when}")
+    if now.window.oldest_seq:
+        oldest = datetime.datetime.fromtimestamp(now.window.oldest_ts / 1e9)
+        click.echo(f"window       back to {oldest.isoformat(timespec='seconds')} "
+                   f"(#{now.window.oldest_seq}, {_ago(int(now.window.seconds * 1e9))} ago)")
     click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
