@@ -9,6 +9,9 @@ here, so no two of them can disagree about what a figure means:
   would cost right now (the recovery point), not the gap between the newest
   record's time and the last acknowledged one's: a replica away for 3 s after an
   hour without writes lacks 3 s of writes, not an hour.
+- ``cluster_lag``: in an HA cluster, how many records each node is behind the
+  most advanced position any node reported (what ``/replica?lag=N`` and ``cdpfs
+  ha status`` tell).
 - ``window``: the continuous-data-protection window: the oldest point any moment
   can still be rewound to (retention and prune thin and drop older ones), and
   its age.
@@ -16,6 +19,7 @@ here, so no two of them can disagree about what a figure means:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import lmdb
@@ -60,6 +64,13 @@ def replica_lag(store: Store, txn: lmdb.Transaction, acked: int, now_ns: int, *,
     seconds = max(0.0, (now_ns - waiting[1]) / 1e9) if waiting else 0.0
     nbytes, complete = backlog(store, txn, acked) if count_bytes else (0, False)
     return Lag(records, nbytes, complete, seconds)
+
+
+def cluster_lag(seqs: Mapping[str, int]) -> dict[str, int]:
+    """Records each node of a cluster is behind the newest position reported, from
+    each node's reported position (its newest record)."""
+    top = max(seqs.values(), default=0)
+    return {name: max(0, top - seq) for name, seq in seqs.items()}
 
 
 @dataclass(frozen=True, slots=True)

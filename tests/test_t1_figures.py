@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import cdpfs
 
-from cdpfs.figures import NONE, replica_lag, window
+from cdpfs.figures import NONE, cluster_lag, replica_lag, window
 from cdpfs.fs.mutate import init_volume
 from cdpfs.replication import registry
 from cdpfs.store import journal
@@ -83,3 +83,8 @@ def test_status_shows_the_seconds_the_replica_lacks(tmp_path: Path) -> None:
     assert (int(got[1]), int(got[2])) == (old, newest - old)
     assert 3 <= float(got[3]) < 60, out  # 3 s and the test's own time, not 3,597 s
     assert re.search(r"window +back to \S+ \(#1, 1\.0 h ago\)", out), out
+
+
+def test_cluster_lag_is_behind_the_newest_position_reported() -> None:
+    assert cluster_lag({"a": 120, "b": 100, "c": 120}) == {"a": 0, "b": 20, "c": 0}
+    assert cluster_lag({}) == {}
