@@ -8,14 +8,15 @@ its saved state and how much is still to send.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import backups, drtests
+from .figures import Lag, Window, replica_lag, window
 from .history import clones
 from .history.stats import StoreStats, store_stats
 from .replication import stream
-from .replication.batches import backlog
 from .replication.registry import ReplicaState, load_states
 from .store.lmdb import CloneOf, Store
 
@@ -32,8 +33,9 @@ class Status:
         tested: the last DR test; testing: one in progress or killed (a clone's
             settings are its base's: none for a clone); kept: the failed tests'
             clones kept (none for a clone).
-        replicas: the registered replicas' saved states; behind: for each, the
-            bytes still to send at most and whether that is all of them.
+        replicas: the registered replicas' saved states; lags: how far each is
+            behind (``figures.replica_lag``), by name; at_ns: when (wall clock).
+        window: how far back the volume can be rewound (``figures.window``).
         receiving: the resume token of a receive that broke off ("" if none).
     """
 
@@ -46,7 +48,9 @@ class Status:
     kept: list[str]
     backed_up: backups.Schedule
     replicas: list[ReplicaState]
-    behind: dict[str, tuple[int, bool]]
+    lags: dict[str, Lag]
+    at_ns: int
+    window: Window
     receiving: str = ""
 
 
@@ -63,8 +67,10 @@ def status(path: Path) -> Status:
         who = store.holder()
         replicas = load_states(store)
         with store.txn() as txn:
-            behind = {r.name: backlog(store, txn, r.acked) for r in replicas}
+            at_ns = time.time_ns()
+            lags = {r.name: replica_lag(store, txn, r.acked, at_ns) for r in replicas}
+            kept_window = window(store, txn, at_ns)
             held = clones.held(store, txn)
             receiving = stream.token_of(store, txn)
         return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, backed_up, replicas, behind, receiving)
+                      testing, kept, backed_up, replicas, lags, at_ns, kept_window, receiving)

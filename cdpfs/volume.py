@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import trio
 
 from .counters import Counters
 from .errors import CdpfsError, Corrupt, StoreError, first_error
+from .figures import Lag, replica_lag
 from .fs.engine import Engine, ReadEngine, wait_future
 from .fs.timefs import TimeFS
 from .fs.vfs import FileSystem
@@ -50,7 +52,6 @@ from .replication.fanout import Connector, Fanout, tls_connector
 from .replication.receiver import ROLE_REPLICA, Receiver
 from .replication.registry import ReplicaState
 from .replication.sender import Connect, Sender
-from .store import journal
 from .store.lmdb import Store
 from .store.view import View
 
@@ -417,14 +418,18 @@ class Volume:
             raise first_error(group) from None
         return sender
 
-    def lag(self) -> dict[str, int]:
-        """Records each replica is behind this volume's newest committed record."""
+    def lag(self, count_bytes: bool = False) -> dict[str, Lag]:
+        """How far each replica is behind this volume's newest committed record, as
+        its sender last heard (``figures.replica_lag``; ``count_bytes``: the bytes
+        still to send too, which reads the records it lacks)."""
         if self.fanout is None or self.store is None:
             return {}
+        now = time.time_ns()
         with self.store.txn() as txn:
-            newest = journal.last(self.store, txn)[0]
-        self.counters.lag = self.fanout.lag(newest)
-        return self.counters.lag
+            lags = {name: replica_lag(self.store, txn, acked, now, count_bytes=count_bytes)
+                    for name, acked in self.fanout.acked().items()}
+        self.counters.lag = {name: lag.records for name, lag in lags.items()}
+        return lags
 
 
 def prune(store: Store, now_ns: int | None = None) -> PruneResult:

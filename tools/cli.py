@@ -321,11 +321,15 @@ def status(store: Path) -> None:
     now = store_status(store)
     s, holder, clone_of, held = now.stats, now.holder, now.clone_of, now.held
     tested, testing, evidence = now.tested, now.testing, now.kept
-    replicas, behind = now.replicas, now.behind
+    replicas, lags = now.replicas, now.lags
     when = datetime.datetime.fromtimestamp(s.last_time_ns / 1e9).isoformat(timespec="seconds")
     click.echo(f"store        {shown(s.path)} ({s.uuid})")
     click.echo(f"in use       {holder or 'no'}")
     click.echo(f"journal      {s.records} records, last #{s.last_seq} at {when}")
+    if now.window.oldest_seq:
+        oldest = datetime.datetime.fromtimestamp(now.window.oldest_ts / 1e9)
+        click.echo(f"window       back to {oldest.isoformat(timespec='seconds')} "
+                   f"(#{now.window.oldest_seq}, {_ago(int(now.window.seconds * 1e9))} ago)")
     click.echo(f"objects      {s.blocks} blocks, {s.packs} packs, {s.versions} versions")
     click.echo(f"space        {s.used_bytes / 2**20:.1f} MiB used "
                f"(map {s.map_bytes / 2**20:.0f} MiB), block size {s.block_size // 1024} KiB")
@@ -363,15 +367,13 @@ def status(store: Path) -> None:
                    "--cleanup'")
     _backups(now.backed_up)
     for r in replicas:
-        lag = s.last_seq - r.acked
-        seconds = (s.last_time_ns - r.acked_ts) / 1e9 if r.acked_ts and lag else 0.0
-        nbytes, complete = behind[r.name]
-        size = f"{'' if complete else '>'}{nbytes / 2**20:.1f} MiB"
-        view = link(r, time.time_ns(), lag)  # rate and ETA only while records move
-        eta = view.eta(nbytes)
+        lag = lags[r.name]
+        size = f"{'' if lag.complete else '>'}{lag.bytes / 2**20:.1f} MiB"
+        view = link(r, now.at_ns, lag.records)  # rate and ETA only while records move
+        eta = view.eta(lag.bytes)
         click.echo(f"replica      {r.name} ({shown(r.address)}, {r.mode}): "
                    f"{view.words()}, acked #{r.acked}, "
-                   f"lag {lag} records / {size} / {seconds:.1f}s"
+                   f"lag {lag.records} records / {size} / {lag.seconds:.1f}s"
                    + (f", ETA {eta:.0f}s" if eta is not None else "")
                    + f", sent {r.records_sent} records {r.bytes_sent / 2**20:.1f} MiB"
                    + (f", {view.rate / 1e6:.1f} MB/s lately" if view.moving else "")

@@ -21,6 +21,7 @@ import click
 import trio
 
 from cdpfs.errors import ClusterError, first_error
+from cdpfs.figures import cluster_lag
 from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings, check_name
 from cdpfs.ha.etcd import Etcd, Tls
 from cdpfs.names import shown
@@ -220,7 +221,7 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
         primary = await c.primary()
         nodes = await c.nodes()
         states = await c.states()
-        top = max((s.seq for s in states.values()), default=0)
+        lags = cluster_lag({n: s.seq for n, s in states.items()})
         now = time.time()
         return {
             "cluster": cluster, "volume": settings.volume, "settings": asdict(settings),
@@ -228,7 +229,7 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
             "epoch": primary.epoch if primary else None,
             "nodes": {n: {"address": spec.address, "mount": spec.mount,
                           **({"role": states[n].role, "seq": states[n].seq,
-                              "lag": top - states[n].seq, "synced": states[n].synced,
+                              "lag": lags[n], "synced": states[n].synced,
                               "cannot_serve": states[n].cannot_serve,
                               "reported_ago": round(now - states[n].time, 1)}
                              if n in states else {"role": "unknown"})}

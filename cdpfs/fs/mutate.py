@@ -543,8 +543,10 @@ class Mutator:
         return -freed
 
 
-def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE) -> Store:
-    """Create a store holding an empty volume: its first record makes the root."""
+def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE,
+                clock: Callable[[], int] = coarse_time_ns) -> Store:
+    """Create a store holding an empty volume: its first record, stamped by
+    ``clock``, makes the root."""
     store = Store.create(path, block_size=block_size)
 
     def body(op: Op) -> None:
@@ -554,7 +556,7 @@ def init_volume(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SI
     try:
         changes = Pending()
         with store.txn(write=True) as txn:
-            m = Mutator(store, lambda: txn, changes)
+            m = Mutator(store, lambda: txn, changes, clock=clock)
             m.run("init", {}, body)
             m.seal()
             pending.write(store, txn, changes.current)

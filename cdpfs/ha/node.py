@@ -48,6 +48,7 @@ from typing import Any
 import trio
 
 from ..errors import CdpfsError, ClusterError
+from ..figures import cluster_lag
 from ..replication import credentials
 from ..replication.fanout import Connector, tls_connector
 from ..scenario import Scenario
@@ -363,9 +364,8 @@ class Node:
         if self.role == "primary":
             self.lag = 0
         else:
-            states = await self.cluster.states()
-            top = max((s.seq for s in states.values()), default=seq)
-            self.lag = max(0, top - seq) if pos else None
+            seqs = {n: s.seq for n, s in (await self.cluster.states()).items()}
+            self.lag = cluster_lag({**seqs, self.name: seq})[self.name] if pos else None
 
     # --- primary ------------------------------------------------------------------------
 

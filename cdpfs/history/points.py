@@ -180,3 +180,14 @@ class Points:
                 break
             prev = (seq, ts)
         return sorted(out)
+
+
+def oldest_point(store: Store, txn: lmdb.Transaction) -> tuple[int, int]:
+    """(seq, ts) of the oldest point a moment can still resolve to, (0, 0) if none:
+    records kept only to date versions come before it and are not points."""
+    points = Points(store, txn)
+    for seq, raw in journal.packed(store, txn):
+        ts = journal.ts_of(raw)
+        if points.is_kept(seq, ts):
+            return seq, ts
+    return 0, 0

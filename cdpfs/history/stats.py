@@ -12,7 +12,7 @@ from ..store.lmdb import Store
 from ..store.refs import Refs
 from ..store.schema import U64, Extent, Inode
 from ..store.view import View
-from .points import Points
+from .points import Points, oldest_point
 from .retention import load_policy
 
 
@@ -111,11 +111,7 @@ def space_stats(store: Store) -> SpaceStats:
             if pack in refs.packs:
                 live_stored += len(value)
         points = Points(store, txn)
-        oldest_seq, oldest_ts = 0, None
-        for seq, raw in journal.packed(store, txn):  # records kept only to date versions first
-            if points.is_kept(seq, journal.ts_of(raw)):
-                oldest_seq, oldest_ts = seq, journal.ts_of(raw)
-                break
+        oldest_seq, oldest_ts = oldest_point(store, txn)
         last_seq, last_ts = journal.last(store, txn)
         base = store.base
         return SpaceStats(
@@ -125,7 +121,7 @@ def space_stats(store: Store) -> SpaceStats:
             file_bytes=store.used_bytes(), free_inside=store.reusable_bytes(txn),
             disk_free=store.disk_free(), dedup_ratio=logical / unique if unique else 1.0,
             compression_ratio=plain / stored if stored else 1.0, oldest_seq=oldest_seq,
-            oldest_ts=oldest_ts, last_seq=last_seq, last_ts=last_ts,
+            oldest_ts=oldest_ts or None, last_seq=last_seq, last_ts=last_ts,
             records=journal.count(store, txn),
             policy=load_policy(store, txn).describe(),
             clone_of=None if base is None else str(base.store.path),

@@ -282,6 +282,6 @@ class Fanout:
         finally:
             self._leaving.discard(name)
 
-    def lag(self, newest: int) -> dict[str, int]:
-        """Records each replica is behind ``newest``."""
-        return {name: max(0, newest - s.state.acked) for name, s in self.senders.items()}
+    def acked(self) -> dict[str, int]:
+        """The record each replica has acknowledged (its lag: ``figures.replica_lag``)."""
+        return {name: s.state.acked for name, s in self.senders.items()}
