@@ -144,3 +144,20 @@ def test_a_small_file_hashes_alike_in_a_pack_or_a_block(tmp_path: Path) -> None:
     assert _hash_of(tmp_path, "block", block) == want
     assert _hash_of(tmp_path, "other", lambda vol, fh: once(vol, fh) or
                     vol(vol.fs.write, fh, 4999, b"!")) != want
+
+
+def test_the_walk_stops_when_its_check_says_so(tmp_path: Path) -> None:
+    """What ``check`` raises ends the walk (a send cut short stops its hashing)."""
+    _hash_of(tmp_path, "vol", _whole)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with Store(tmp_path / "vol") as store, store.txn() as txn:
+        _, entries = tree_hash(store, txn, 2**64 - 1, check=lambda: None)
+        with pytest.raises(KeyboardInterrupt):
+            tree_hash(store, txn, 2**64 - 1, check=check)
+    assert entries == 2 and len(calls) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -31,15 +32,19 @@ from ..store.schema import ROOT_INO, Extent
 from ..store.view import View
 
 
-def tree_hash(store: Store, txn: lmdb.Transaction, seq: int, *,
-              sockets: bool = True) -> tuple[str, int]:
+def tree_hash(store: Store, txn: lmdb.Transaction, seq: int, *, sockets: bool = True,
+              check: Callable[[], None] | None = None) -> tuple[str, int]:
     """(hex hash, number of entries) of the volume as of ``seq``; without
-    ``sockets``, sockets are left out (what a tar can hold: a tar backup's check)."""
+    ``sockets``, sockets are left out (what a tar can hold: a tar backup's check).
+    ``check`` is called before each entry: what it raises stops the walk (a worker
+    thread's ``trio.from_thread.check_cancelled``)."""
     view = View(store, txn, seq)
     h = blake3.blake3()
     count = 0
     todo: list[tuple[int, bytes]] = [(ROOT_INO, b"")]
     while todo:
+        if check is not None:
+            check()
         ino, path = todo.pop()
         node = view.inode(ino)
         if node is None or (not sockets and stat.S_ISSOCK(node.mode)):

@@ -246,7 +246,7 @@ async def send(store: Store, conn: wire.Connection, p: Plan,
                     await batches_in.send(batch)
 
         async def hash_tree() -> None:  # while the frames go: its reads are the same
-            result.tree = await trio.to_thread.run_sync(hash_at, store, ident.to_seq)
+            result.tree = await _hash_in_thread(store, ident.to_seq)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load)
@@ -585,8 +585,7 @@ class _Target:
                 raise wire.WireError(f"the stream ended at #{self.applied}, before its "
                                      f"point #{self.ident.to_seq}")
             if body.get("tree"):
-                result.tree = await trio.to_thread.run_sync(hash_at, self.store,
-                                                            self.ident.to_seq)
+                result.tree = await _hash_in_thread(self.store, self.ident.to_seq)
                 if result.tree != body["tree"]:
                     raise StreamError(
                         f"the volume received differs from the sender's at #{self.applied} "
@@ -701,6 +700,16 @@ def hash_at(store: Store, seq: int) -> str:
     """The tree hash of the volume in ``store`` at ``seq``."""
     with store.txn() as txn:
         return tree_hash(store, txn, seq)[0]
+
+
+async def _hash_in_thread(store: Store, seq: int) -> str:
+    """``hash_at`` in a worker thread that stops when the calling task is cancelled
+    (a stream cut short does not wait for the whole volume to be hashed)."""
+    def run() -> str:
+        with store.txn() as txn:
+            return tree_hash(store, txn, seq, check=trio.from_thread.check_cancelled)[0]
+
+    return await trio.to_thread.run_sync(run)
 
 
 def _is_point(store: Store, txn: lmdb.Transaction, seq: int, check: bytes) -> bool:
