@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: set up, create a demo volume,
 # mount it, use it like any disk, travel back in time (an @ path, log, diff,
 # bookmark, restore, a snapshot mount, a tar of a past moment), ship it to a local replica and read the
-# replica while it receives, fail over between two high-availability nodes on
+# replica while it receives, DR-test the replica, back it up and rebuild a lost
+# primary from the backup, fail over between two high-availability nodes on
 # a 3-member etcd, unmount, remount, verify the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,7 +115,7 @@ mkdir -p "$DEMO/clone.mnt"
 echo "changed on the clone only" > "$DEMO/clone.mnt/hello.txt"
 echo "the clone (read-write): $(cat "$DEMO/clone.mnt/hello.txt"); the live volume: $(cat "$MNT/hello.txt")"
 "$CDPFS" umount "$DEMO/clone.mnt"
-"$CDPFS" stat "$CLONE" | head -2
+"$CDPFS" stat "$CLONE" > "$DEMO/clone.stat" && head -2 "$DEMO/clone.stat"
 "$CDPFS" status "$STORE" | grep "^clone"   # the base holds the clone's moment until it is deleted
 "$CDPFS" clone --delete "$CLONE"
 sqlite3 "$MNT/app.db" "create table orders(id integer primary key, item text);
@@ -128,11 +129,18 @@ done
 "$CDPFS" replica test "$REPLICA" --scenario contrib/scenarios/sqlite.toml --set DB=app.db \
   --set TEST_QUERY="select count(*) from orders" --primary "$STORE"
 "$CDPFS" status "$REPLICA" | grep "dr test"
+
+step "a verified backup taken from the replica, and a lost primary rebuilt from it"
+mkdir -p "$DEMO/backups"
+"$CDPFS" backup "$REPLICA" --to "$DEMO/backups"   # read back and checked before it counts
+"$CDPFS" backups "$DEMO/backups"
 "$CDPFS" umount "$VIEW"
 "$CDPFS" umount "$MNT"
 "$CDPFS" verify --compare "$STORE" "$REPLICA"
 kill $SERVE; wait $SERVE 2>/dev/null || true
 trap - EXIT
+"$CDPFS" rebuild "$DEMO/rebuilt.store" --from "$(ls "$DEMO"/backups/*.cdpfs)"
+"$CDPFS" verify --compare "$STORE" "$DEMO/rebuilt.store"   # the same tree at the backup's point
 
 step "high availability: two nodes, a 3-member etcd, the primary killed, then a switchover back"
 HA="$DEMO/ha"
