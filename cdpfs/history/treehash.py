@@ -62,7 +62,6 @@ def tree_hash(store: Store, txn: lmdb.Transaction, seq: int, *, sockets: bool = 
     return h.hexdigest(), count
 
 
-HOLE = Extent("H", 0, 0, b"")
 UNIT = 128 * 1024  # the pieces a file's content is hashed in
 
 
@@ -86,11 +85,13 @@ def _named(store: Store, txn: lmdb.Transaction, chain: list[Extent],
            length: int) -> bytes | None:
     """The hash of a block's first ``length`` bytes when ``chain`` holds them whole
     under one name (a block, a pack piece from the start, or a hole), else None."""
-    if not chain or chain == [HOLE]:
+    if not chain:
         return _zeros(length)
     if len(chain) != 1:
         return None
     ext = chain[0]
+    if ext.kind == "H":
+        return _zeros(length)
     if ext.kind == "F" and ext.length == length and blocks.holds(store, txn, ext.digest):
         return ext.digest
     if ext.kind == "P" and ext.off == 0 and ext.length == length and \

@@ -696,20 +696,18 @@ class _Target:
         return StreamError(f"receive stopped: {what}; {kept}", token)
 
 
-def hash_at(store: Store, seq: int) -> str:
-    """The tree hash of the volume in ``store`` at ``seq``."""
+def hash_at(store: Store, seq: int, check: Callable[[], None] | None = None) -> str:
+    """The tree hash of the volume in ``store`` at ``seq`` (``check``: as
+    ``tree_hash`` takes it)."""
     with store.txn() as txn:
-        return tree_hash(store, txn, seq)[0]
+        return tree_hash(store, txn, seq, check=check)[0]
 
 
 async def _hash_in_thread(store: Store, seq: int) -> str:
     """``hash_at`` in a worker thread that stops when the calling task is cancelled
     (a stream cut short does not wait for the whole volume to be hashed)."""
-    def run() -> str:
-        with store.txn() as txn:
-            return tree_hash(store, txn, seq, check=trio.from_thread.check_cancelled)[0]
-
-    return await trio.to_thread.run_sync(run)
+    return await trio.to_thread.run_sync(
+        lambda: hash_at(store, seq, check=trio.from_thread.check_cancelled))
 
 
 def _is_point(store: Store, txn: lmdb.Transaction, seq: int, check: bytes) -> bool:
