@@ -57,20 +57,25 @@ class Status:
 def status(path: Path) -> Status:
     """The state of the store at ``path`` (opened read-only)."""
     with Store(path, readonly=True) as store:
-        stats = store_stats(store)
-        tested = drtests.last(store)
-        # A clone carries its base's settings: what they say of tests is the base's.
-        testing = drtests.running(store) if store.clone_of is None else None
-        kept = drtests.kept(store) if store.clone_of is None else []
-        backed_up = backups.schedule(store) if store.clone_of is None else \
-            backups.Schedule(None, None)
-        who = store.holder()
-        replicas = load_states(store)
-        with store.txn() as txn:
-            at_ns = time.time_ns()
-            lags = {r.name: replica_lag(store, txn, r.acked, at_ns) for r in replicas}
-            kept_window = window(store, txn, at_ns)
-            held = clones.held(store, txn)
-            receiving = stream.token_of(store, txn)
-        return Status(stats, str(who) if who else None, store.clone_of, held, tested,
-                      testing, kept, backed_up, replicas, lags, at_ns, kept_window, receiving)
+        return status_of(store)
+
+
+def status_of(store: Store) -> Status:
+    """The state of ``store``, open in this process (the node API's, beside its mount)."""
+    stats = store_stats(store)
+    tested = drtests.last(store)
+    # A clone carries its base's settings: what they say of tests is the base's.
+    testing = drtests.running(store) if store.clone_of is None else None
+    kept = drtests.kept(store) if store.clone_of is None else []
+    backed_up = backups.schedule(store) if store.clone_of is None else \
+        backups.Schedule(None, None)
+    who = store.holder()
+    replicas = load_states(store)
+    with store.txn() as txn:
+        at_ns = time.time_ns()
+        lags = {r.name: replica_lag(store, txn, r.acked, at_ns) for r in replicas}
+        kept_window = window(store, txn, at_ns)
+        held = clones.held(store, txn)
+        receiving = stream.token_of(store, txn)
+    return Status(stats, str(who) if who else None, store.clone_of, held, tested,
+                  testing, kept, backed_up, replicas, lags, at_ns, kept_window, receiving)

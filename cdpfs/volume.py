@@ -37,8 +37,10 @@ from typing import Any
 
 import trio
 
+from . import noticed
 from .counters import Counters
 from .errors import CdpfsError, Corrupt, StoreError, first_error
+from .events import Events
 from .figures import Lag, replica_lag
 from .fs.engine import Engine, ReadEngine, wait_future
 from .fs.timefs import TimeFS
@@ -52,6 +54,7 @@ from .replication.fanout import Connector, Fanout, tls_connector
 from .replication.receiver import ROLE_REPLICA, Receiver
 from .replication.registry import ReplicaState
 from .replication.sender import Connect, Sender
+from .store.bookmarks import Bookmark
 from .store.lmdb import Store
 from .store.view import View
 
@@ -95,7 +98,7 @@ class Volume:
                  listen: str | None = None, server_ctx: ssl.SSLContext | None = None,
                  connector: Connector = tls_connector,
                  clock: Callable[[], int] | None = None, gate: Callable[[], None] | None = None,
-                 failback: bool = False) -> None:
+                 failback: bool = False, events: Events | None = None) -> None:
         if (mode is Mode.SNAPSHOT) != (at is not None):
             raise ValueError("a snapshot volume, and only one, needs a moment")
         if mode is Mode.REPLICA and (listen is None or server_ctx is None):
@@ -114,7 +117,8 @@ class Volume:
         # raises to refuse (a fence: changes only while the role's lease holds).
         self.gate = gate
         self.failback = failback  # a replica keeps, then takes out, what a parted history wrote
-        self.counters = Counters()
+        # what it reports; the events are the process's (an HA node's outlive its volumes)
+        self.counters = Counters(events=events or Events())
         self.store: Store | None = None
         self.fs: TimeFS | None = None
         self.seq: int | None = None
@@ -289,8 +293,13 @@ class Volume:
                 log.info("pruned: %d versions, %d records, %d blocks, %d packs, %.1f MiB "
                          "freed in %.1fs", result.versions, result.records, result.blocks,
                          result.packs, result.bytes_freed / 2**20, result.seconds)
+                if result.records or result.versions:
+                    self.counters.events.emit("prune", records=result.records,
+                                              versions=result.versions,
+                                              bytes_freed=result.bytes_freed)
             except CdpfsError as exc:
                 log.error("prune of %s failed: %s", store.path, exc)
+                self.counters.events.emit("error", message=f"prune failed: {exc}")
             except Exception:
                 log.exception("periodic prune failed")
 
@@ -320,6 +329,7 @@ class Volume:
         """Wake what depends on other processes' writes when the store changed
         (see WATCH_INTERVAL): the registry, bookmarks, the journal."""
         seen = store.last_txnid()
+        recorded = await trio.to_thread.run_sync(noticed.look, store)
         while True:
             await trio.sleep(WATCH_INTERVAL)
             now = store.last_txnid()
@@ -331,6 +341,10 @@ class Volume:
                 self.fanout.committed()
             for fn in on_change:
                 fn()
+            before, recorded = recorded, await trio.to_thread.run_sync(noticed.look, store)
+            if recorded != before:
+                for kind, fields in noticed.changes(store, before, recorded):
+                    self.counters.events.emit(kind, **fields)
 
     # --- requests (front ends) ---------------------------------------------------------
 
@@ -370,7 +384,9 @@ class Volume:
         prepared = fs.prepare_write(off, data)
         if prepared is not None:
             await wait_future(prepared)
-        return int(await self.call(fs.write, fh, off, data, prepared))
+        written = int(await self.call(fs.write, fh, off, data, prepared))
+        self.counters.bytes_written += written
+        return written
 
     async def flush(self, fh: int) -> None:
         """A close of ``fh``: nothing is left to report (writes are applied before
@@ -379,13 +395,15 @@ class Volume:
     async def fsync(self, fh: int) -> None:
         """Everything written before is durable (and on the sync replicas) on return."""
         assert self.fs is not None
-        seq = await self.call(self.fs.fsync, fh, durable=True)
-        await self._synced(seq)
+        with self.counters.fsyncs.time():
+            seq = await self.call(self.fs.fsync, fh, durable=True)
+            await self._synced(seq)
 
     async def fsyncdir(self) -> None:
         assert self.fs is not None
-        seq = await self.call(self.fs.sync, durable=True)
-        await self._synced(seq)
+        with self.counters.fsyncs.time():
+            seq = await self.call(self.fs.sync, durable=True)
+            await self._synced(seq)
 
     async def _synced(self, seq: int) -> None:
         """The end of an fsync: wait for the sync replicas, then acknowledge it only if
@@ -417,6 +435,25 @@ class Volume:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         return sender
+
+    async def bookmark(self, name: str, at: str | None = None) -> tuple[Bookmark, int]:
+        """Bookmark the point moment ``at`` names (default: the newest, once everything
+        written before is committed) as ``name``: the bookmark and its record's time.
+        BadMoment for a bad name or moment, Exists for a name taken."""
+        store = self.store
+        if self.mode is not Mode.LIVE or store is None or self.fs is None:
+            raise CdpfsError(f"{self.path}: bookmarks are made on the live volume")
+        await self.call(self.fs.sync, durable=True)
+
+        def put() -> tuple[Bookmark, int]:
+            with store.txn(write=True) as txn:
+                point = resolve(store, txn, "now" if at is None else at, self._now())
+                return bookmarks.put(store, txn, name, point.seq), point.ts
+
+        made = await trio.to_thread.run_sync(put)
+        if self.fanout is not None:
+            self.fanout.committed()  # the replicas get it
+        return made
 
     def lag(self, count_bytes: bool = False) -> dict[str, Lag]:
         """How far each replica is behind this volume's newest committed record, as

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from cdpfs.api.server import ApiOptions
 from cdpfs.errors import StoreError, first_error
 from cdpfs.ha.cluster import Cluster
 from cdpfs.ha.etcd import Etcd, Tls
@@ -42,17 +43,18 @@ EMPTY_HINT = "move what is there away: the node can serve again once it is empty
 
 
 def run_node(endpoints: list[str], tls: Tls | None, cluster: str, name: str, *,
-             allow_other: bool = False) -> None:
-    """Run node ``name`` of ``cluster`` until SIGINT/SIGTERM."""
+             allow_other: bool = False, api: ApiOptions | None = None) -> None:
+    """Run node ``name`` of ``cluster`` until SIGINT/SIGTERM (``api``: serve the node
+    API so, not on the address the node joined with)."""
     sys.setswitchinterval(0.0002)  # as a live mount: requests beside commits
     try:
-        trio.run(_run, endpoints, tls, cluster, name, allow_other)
+        trio.run(_run, endpoints, tls, cluster, name, allow_other, api)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
 
 
 async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
-               allow_other: bool) -> None:
+               allow_other: bool, api: ApiOptions | None) -> None:
     async with Etcd(endpoints, tls) as etcd, trio.open_nursery() as nursery:
         mounted: list[Path] = []
 
@@ -132,7 +134,7 @@ async def _run(endpoints: list[str], tls: Tls | None, cluster: str, name: str,
                     return
 
         node = Node(Cluster(etcd, cluster), name, serve=serve, check=check, drain=drain,
-                    can_serve=can_serve)
+                    can_serve=can_serve, api=api)
         nursery.start_soon(stop_on_signal)
         await node.run()
         nursery.cancel_scope.cancel()

@@ -20,6 +20,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from cdpfs.api.app import Served
+from cdpfs.api.server import ApiOptions, serve_api
 from cdpfs.errors import StoreError, first_error
 from cdpfs.volume import Mode, Volume
 
@@ -96,13 +98,13 @@ def check_mountpoint(mountpoint: Path, nonempty: bool = False,
 def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False,
                 ready: Callable[[], None] | None = None, at: str | None = None,
                 show_history: bool | None = None, follow: bool = False,
-                nonempty: bool = False) -> None:
+                nonempty: bool = False, api: ApiOptions | None = None) -> None:
     """Mount ``store_path`` on ``mountpoint`` and serve until unmounted.
 
     With ``at`` (a moment), mount that past state alone, read-only, beside any
     live mount of the same store. With ``follow``, mount the newest state read-only
     as another process (a replica server, a live mount) changes it. ``ready`` is
-    called once the mount answers.
+    called once the mount answers. With ``api``, serve the node API beside it.
     """
     check_mountpoint(mountpoint, nonempty)
     mountpoint = mountpoint.resolve()
@@ -116,15 +118,17 @@ def mount_store(store_path: Path, mountpoint: Path, *, allow_other: bool = False
                     kernel_mtime=FuseOperations.enable_writeback_cache,
                     owner=f"mount on {mountpoint}")
     try:
-        trio.run(_serve, volume, mountpoint, allow_other, ready)
+        trio.run(_serve, volume, mountpoint, allow_other, ready, api)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
 
 
 async def _serve(volume: Volume, mountpoint: Path, allow_other: bool,
-                 ready: Callable[[], None] | None) -> None:
+                 ready: Callable[[], None] | None, api: ApiOptions | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(volume.run)
+        if api is not None:
+            await nursery.start(serve_api, api, Served(volume, "mount"))
         store = volume.store
         assert store is not None
         tag = {Mode.SNAPSHOT: volume.seq, Mode.FOLLOW: "follow"}.get(volume.mode)

@@ -19,6 +19,8 @@ import click
 from cdpfs.errors import CdpfsError, StoreLocked
 from cdpfs.names import shown
 
+from .serving import api_from, api_options
+
 log = logging.getLogger("cdpfs")
 
 try:  # click 8.2 and later: a group called alone shows its help as this usage error
@@ -146,10 +148,12 @@ def init(store: Path, block_size: int) -> None:
               "(hidden unless set).")
 @click.option("--nonempty", is_flag=True,
               help="Mount on a directory that has files in it (the mount hides them).")
+@api_options
 @click.pass_context
 def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
           allow_other: bool, logfile: Path | None, at: str | None, follow: bool,
-          history: str | None, nonempty: bool) -> None:
+          history: str | None, nonempty: bool, api: str | None, api_tokens: Path | None,
+          api_cert: Path | None, api_key: Path | None) -> None:
     """Mount the volume in STORE on MOUNTPOINT (in the background by default).
 
     Durability: a write is durable once fsync(2) of its file returns (or 'cdpfs
@@ -162,6 +166,7 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     store = Path(os.path.realpath(store))  # a loop of links: the store says so below
     holder = preflight(store, at)  # clear errors before forking: not a store, a bad moment
     check_mountpoint(mountpoint, nonempty)
+    serving = api_from(api, api_tokens, api_cert, api_key)
     if at is not None and follow:
         raise click.UsageError("--at and --follow exclude each other")
     if holder and at is None and not follow:
@@ -171,8 +176,7 @@ def mount(ctx: click.Context, store: Path, mountpoint: Path, foreground: bool,
     def run(ready: object = None) -> None:
         mount_store(store, mountpoint, allow_other=allow_other, ready=ready,  # type: ignore[arg-type]
                     at=at, show_history=None if history is None else history == "visible",
-                    follow=follow,
-                    nonempty=nonempty)
+                    follow=follow, nonempty=nonempty, api=serving)
 
     if foreground:
         _setup_logging(max(ctx.obj["verbose"], 1))

@@ -31,6 +31,8 @@ from cdpfs.scenario import Scenario, parse_assignments
 from cdpfs.scenario import read as read_scenario
 from cdpfs.store.lmdb import is_store, volume_id
 
+from .serving import api_from, api_options
+
 
 def etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
@@ -332,16 +334,20 @@ def promote_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints:
 @click.argument("node")
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
 @etcd_options
+@api_options
 def run_cmd(cluster: str, node: str, allow_other: bool, endpoints: str,
-            etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None) -> None:
+            etcd_ca: Path | None, etcd_cert: Path | None, etcd_key: Path | None,
+            api: str | None, api_tokens: Path | None, api_cert: Path | None,
+            api_key: Path | None) -> None:
     """Run NODE's daemon in the foreground: a replica until it wins the primary role,
     the primary (mounted) while it holds it. SIGTERM hands the role on."""
     check_name(cluster, "cluster")
     check_name(node, "node")
     from cdpfs.mount.hanode import run_node
 
+    serving = api_from(api, api_tokens, api_cert, api_key)
     urls, tls = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
-    run_node(urls, tls, cluster, node, allow_other=allow_other)
+    run_node(urls, tls, cluster, node, allow_other=allow_other, api=serving)
 
 
 COMMANDS = [ha]

@@ -31,6 +31,8 @@ from cdpfs.replication.sender import tls_connect
 from cdpfs.store.lmdb import is_store
 from cdpfs.volume import Mode, Volume
 
+from .serving import api_from, api_options
+
 log = logging.getLogger(__name__)
 
 BACKUP_RETRY = 300  # seconds: a scheduled backup that failed is tried again this soon
@@ -89,14 +91,17 @@ def trust_cmd(store: Path, cert: Path, name: str) -> None:
               help="Keep the newest N verified backups there (default: all).")
 @click.option("--format", "backup_format", type=click.Choice(FORMATS),
               help="Of the scheduled backups (default: send).")
+@api_options
 def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
               test_scenario: Path | None, test_vars: tuple[str, ...],
               test_allow_other: bool, backup_every: str | None, backup_to: Path | None,
-              keep: int | None, backup_format: str | None) -> None:
+              keep: int | None, backup_format: str | None, api: str | None,
+              api_tokens: Path | None, api_cert: Path | None, api_key: Path | None) -> None:
     """Receive a primary's changes into STORE (created on first contact); runs until stopped."""
     from cdpfs.scenario import Scenario
 
     parse_address(listen)
+    serving = api_from(api, api_tokens, api_cert, api_key)
     every = 0
     if test_every is not None or test_scenario is not None:
         if test_every is None or test_scenario is None:
@@ -128,6 +133,11 @@ def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
                 volume = Volume(store, Mode.REPLICA, listen=listen, server_ctx=ctx,
                                 failback=failback)
                 await nursery.start(volume.run)
+                if serving is not None:
+                    from cdpfs.api.app import Served
+                    from cdpfs.api.server import serve_api
+
+                    await nursery.start(serve_api, serving, Served(volume, "replica server"))
                 if every:
                     nursery.start_soon(_scheduled, volume, "DR test", every, _last_test, test,
                                        _stop_test)

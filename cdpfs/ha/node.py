@@ -47,7 +47,9 @@ from typing import Any
 
 import trio
 
+from ..api.server import ApiOptions, serve_api
 from ..errors import CdpfsError, ClusterError
+from ..events import Events
 from ..figures import cluster_lag
 from ..replication import credentials
 from ..replication.fanout import Connector, tls_connector
@@ -59,7 +61,6 @@ from ..volume import Mode, Volume
 from . import roles
 from .cluster import Cluster, NodeSpec, NodeState, Primary, Settings
 from .fence import Fence
-from .health import serve_health
 from .lease import Lease
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,12 @@ class Node:
                  drain: Callable[[], Awaitable[None]] | None = None,
                  can_serve: CanServe | None = None,
                  connector: Connector = tls_connector,
-                 clock: Callable[[], float] = boot_clock) -> None:
+                 clock: Callable[[], float] = boot_clock,
+                 api: ApiOptions | None = None) -> None:
         self.cluster = cluster
         self.name = name
+        self.api = api  # how to serve the node API (None: on the address it joined with)
+        self.promotions = 0  # times it became primary
         self.serve = serve
         self.check = check
         self.drain = drain  # the front end hands in what the kernel still holds
@@ -101,6 +105,7 @@ class Node:
         self.role = "starting"
         self.epoch = 0
         self.volume: Volume | None = None
+        self.events = Events()  # of this node, whichever volume it serves
         self.fence = Fence(clock=clock)
         self.changed = trio.Event()
         self.spec: NodeSpec | None = None
@@ -126,6 +131,10 @@ class Node:
         if role != self.role:
             log.info("node %s: %s -> %s%s", self.name, self.role, role,
                      f" (epoch {self.epoch})" if role == "primary" else "")
+            self.events.emit("role", node=self.name, role=role, was=self.role,
+                             epoch=self.epoch)
+            if role == "primary" and self.role != "fenced":
+                self.promotions += 1
         self.role = role
         self.changed.set()
         self.changed = trio.Event()
@@ -150,8 +159,9 @@ class Node:
         nodes = await self.cluster.nodes()
         await trio.to_thread.run_sync(self._trust, nodes)
         async with trio.open_nursery() as nursery:
-            if self.spec.health:
-                await nursery.start(serve_health, self.spec.health, self.health)
+            api = self.api or (ApiOptions(self.spec.health) if self.spec.health else None)
+            if api is not None:
+                await nursery.start(serve_api, api, self)
             task_status.started(self)
             await self._hooks("demote")  # whatever a crash left running or configured
             while not self._stopping.is_set():
@@ -188,6 +198,20 @@ class Node:
         empty mount point, one sent before the application started would fail)."""
         return self.role, self.lag, self.fence.is_open() and self.serving and bool(self.ready)
 
+    def about(self) -> dict[str, Any]:
+        """What the node API's ``/api/v1/node`` tells of this node."""
+        volume = self.volume
+        return {"kind": "ha node", "name": self.name, "role": self.role,
+                "epoch": self.epoch, "lag": self.lag, "writable": self.health()[2],
+                "lease_left_seconds": round(max(0.0, self.fence.until - self.clock()), 3)
+                if self.fence.is_open() else 0.0,
+                "promotions": self.promotions, "cannot_serve": self.cannot_serve,
+                "last_primary": None if self.last_primary is None
+                else {"node": self.last_primary.node, "epoch": self.last_primary.epoch},
+                "store": None if volume is None else str(volume.path),
+                "mode": None if volume is None else volume.mode.value,
+                "events_run": self.events.run, "events_last_id": self.events.last_id}
+
     def _trust(self, nodes: dict[str, NodeSpec]) -> None:
         """Trust the certificate of every other node, as the cluster lists them."""
         for other in nodes.values():
@@ -210,7 +234,7 @@ class Node:
         ctx = await trio.to_thread.run_sync(credentials.server_context, self.store_path)
         volume = Volume(self.store_path, Mode.REPLICA, listen=self.spec.address,
                         server_ctx=ctx, connector=self.connector, owner="ha replica",
-                        failback=True)
+                        failback=True, events=self.events)
         async with trio.open_nursery() as nursery:
             self.volume = await nursery.start(volume.run)
             self.epoch = 0
@@ -388,7 +412,8 @@ class Node:
             await trio.to_thread.run_sync(self._promote, epoch, nodes)
             self.fence.open_until(lease.valid_until)
             volume = Volume(self.store_path, Mode.LIVE, gate=self.fence.check,
-                            connector=self.connector, owner="ha primary")
+                            connector=self.connector, owner="ha primary",
+                            events=self.events)
             async with trio.open_nursery() as nursery:
                 self.volume = await nursery.start(volume.run)
                 if volume.fanout is not None and self.last_primary is not None:

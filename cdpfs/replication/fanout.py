@@ -185,6 +185,8 @@ class Fanout:
 
     def _owes(self, name: str, seq: int) -> None:
         """An fsync of ``seq`` returns without sync replica ``name`` (degraded)."""
+        if name not in self.degraded:
+            self.counters.events.emit("sync-degraded", replica=name, seq=seq)
         self.degraded.add(name)
         self._owed[name] = max(self._owed.get(name, 0), seq)
         woken = self._degraded_now.pop(name, None)
@@ -198,6 +200,7 @@ class Fanout:
         self._owed.pop(name, None)
         self._retry_at.pop(name, None)
         log.warning("sync replica %s caught up: fsync waits for it again", name)
+        self.counters.events.emit("sync-restored", replica=name)
 
     def _rejoin(self, sync: list[Sender]) -> None:
         """Take back degraded sync replicas that have every fsync that returned without

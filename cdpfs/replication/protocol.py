@@ -31,9 +31,11 @@ def record_check(txn: Any, store: Store, seq: int) -> bytes:
     return journal.check(store, txn, seq)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [addr]:port) to (host, port); CdpfsError if malformed."""
+def parse_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [addr]:port) to (host, port); CdpfsError if malformed.
+    ``any_port``: port 0 too (a listener on a free port the system picks)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not host or not (0 if any_port else 1) <= int(port) \
+            < 65536:
         raise CdpfsError(f"{text!r}: expected HOST:PORT (a port from 1 to 65535)")
     return host.strip("[]"), int(port)

@@ -124,6 +124,7 @@ class Sender:
         self._dirty = False  # state changed since it was last saved
         self._saved_at = 0.0
         self.heard_at = 0.0
+        self._behind = False  # connected, and not yet had everything in this session
 
     def poke(self) -> None:
         """Something changed (records committed, bookmarks): look now."""
@@ -196,6 +197,8 @@ class Sender:
         level = logging.ERROR if internal else logging.WARNING
         log.log(level if error != self.state.last_error else logging.DEBUG,
                 "replica %s at %s: %s; retrying", self.state.name, self.address, error)
+        if self.state.connected or error != self.state.last_error:
+            self.counters.events.emit("replica-lost", replica=self.state.name, error=error)
         self.state.connected, self.state.last_error = False, error
         await trio.to_thread.run_sync(self._save)
         if attempts and self._failures >= attempts:
@@ -205,6 +208,7 @@ class Sender:
 
     async def _stopped(self, error: str) -> None:
         """Shipping to this replica ends on ``error``: keep it for status."""
+        self.counters.events.emit("replica-lost", replica=self.state.name, error=error)
         self.state.connected, self.state.last_error = False, error
         await trio.to_thread.run_sync(self._save)
 
@@ -231,6 +235,9 @@ class Sender:
                 await conn.send(wire.ERROR, {"message": str(exc)})  # for the replica's log
                 raise
             self.state.connected, self.state.last_error = True, ""
+            self.counters.events.emit("replica-connected", replica=self.state.name,
+                                      acked=acked)
+            self._behind = True  # until it has everything: a caught-up event then
             if acked != self.state.acked:
                 log.info("replica %s is at #%d", self.state.name, acked)
             self.state.acked = acked
@@ -368,6 +375,10 @@ class Sender:
                         marks_sent = marks
                     if self._dirty:
                         await trio.to_thread.run_sync(self._save)
+                    if self._behind:  # the first time in this session
+                        self.counters.events.emit("replica-caught-up",
+                                                  replica=self.state.name, acked=upto)
+                        self._behind = False
                     self.caught_up.set()
                     if not follow:
                         break

@@ -1,0 +1,1 @@
+"""The node API: health, metrics, JSON documents, events and actions over HTTP."""

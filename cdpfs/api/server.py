@@ -1,0 +1,88 @@
+"""Serve the node API: hypercorn's trio worker in the process's own trio loop.
+
+``serve_api`` is started with ``nursery.start`` beside the volume it reports on
+and returns the address it listens on (port 0 picks a free one). It also keeps
+the space figures of the metrics fresh (a scan now and then, in a thread).
+Limits (hypercorn's): 16 KiB of request head, a read that waits longer than
+``READ_TIMEOUT`` ends the connection; the app limits bodies (``app``). The access
+log is off: a scrape a second would drown the node's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from ..errors import CdpfsError
+from ..replication.protocol import parse_address
+from ..store.lmdb import Store
+from .access import Access, check_listen, is_loopback, load_tokens
+from .app import NodeApp, Source
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT = 10  # seconds a connection may stay silent mid-request
+DEFAULT_PORT = 8470
+
+
+@dataclass(frozen=True, slots=True)
+class ApiOptions:
+    """How a process serves its API (``--api``, ``--api-tokens``, ``--api-cert``,
+    ``--api-key``)."""
+
+    address: str
+    tokens: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def access(self) -> Access:
+        """The tokens (CdpfsError for a bad file or a listen address that needs TLS)."""
+        host, _ = parse_address(self.address, any_port=True)
+        if (self.cert is None) != (self.key is None):
+            raise CdpfsError("--api-cert and --api-key go together")
+        check_listen(host, self.cert is not None)
+        tokens = load_tokens(self.tokens) if self.tokens is not None else {}
+        return Access(tokens, open_reads=is_loopback(host))
+
+
+def _config(options: ApiOptions) -> Config:
+    config = Config()
+    host, port = parse_address(options.address, any_port=True)
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.read_timeout = READ_TIMEOUT
+    config.accesslog = None
+    config.errorlog = logging.getLogger("cdpfs.api.hypercorn")
+    config.include_server_header = False
+    config.graceful_timeout = 1.0
+    if options.cert is not None and options.key is not None:
+        config.certfile, config.keyfile = str(options.cert), str(options.key)
+    return config
+
+
+async def serve_api(options: ApiOptions, source: Source, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API of ``source`` until cancelled; started: the bound address
+    (``http://host:port`` or ``https://...``)."""
+    access = options.access()
+    node = NodeApp(source, access, scheme="https" if options.cert else "http")
+    config = _config(options)
+    async with trio.open_nursery() as nursery:
+        try:
+            binds = await nursery.start(serve, node.app, config)
+        except OSError as exc:
+            raise CdpfsError(f"API on {options.address}: {exc.strerror or exc}") from None
+        nursery.start_soon(node.space.refresh, lambda: _store(source))
+        log.info("API on %s", binds[0])
+        task_status.started(binds[0])
+
+
+def _store(source: Source) -> Store | None:
+    """The store ``source`` serves now (an HA node serves another after each role
+    change; a replica server has none until its first primary made it)."""
+    volume = source.volume
+    return None if volume is None else volume.store
