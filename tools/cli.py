@@ -313,7 +313,9 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-def status(store: Path) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (its keys: the user guide).")
+def status(store: Path, as_json: bool) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
 
@@ -323,6 +325,13 @@ def status(store: Path) -> None:
     from .drtest import leftovers
 
     now = store_status(store)
+    if as_json:
+        import json
+
+        from cdpfs.api.documents import status_document
+
+        click.echo(json.dumps(status_document(now), indent=2))
+        return
     s, holder, clone_of, held = now.stats, now.holder, now.clone_of, now.held
     tested, testing, evidence = now.tested, now.testing, now.kept
     replicas, lags = now.replicas, now.lags
