@@ -60,3 +60,17 @@ def shown(text: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None) -> s
             out.append(_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100
                                             else f"\\u{ord(ch):04x}"))
     return "".join(out)
+
+
+def volume_path(text: object) -> str:
+    """A path inside a volume as a request names it (``a/b`` or ``/a/b``, from the
+    volume's root), as a relative path; BadName for anything that would lead
+    elsewhere: ``..``, ``.``, empty parts, a first part starting with ``@`` (the
+    volume's history, read-only), a NUL, or the root itself."""
+    if not isinstance(text, str) or not text.strip("/"):
+        raise BadName(f"{shown(str(text))}: a path inside the volume, such as docs/a.txt")
+    parts = text.strip("/").split("/")
+    if any(p in ("", ".", "..") or "\0" in p for p in parts) or parts[0].startswith("@"):
+        raise BadName(f"{shown(text)}: a path inside the volume, without '.', '..' or "
+                      "empty parts, not in its history (@...)")
+    return "/".join(parts)

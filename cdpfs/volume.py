@@ -436,6 +436,19 @@ class Volume:
             raise first_error(group) from None
         return sender
 
+    async def point(self, moment: str) -> tuple[int, int]:
+        """The kept point ``moment`` names (BadMoment if none): its seq and time."""
+        store = self.store
+        if store is None:
+            raise CdpfsError(f"{self.path}: no store yet")
+
+        def find() -> tuple[int, int]:
+            with store.txn() as txn:
+                point = resolve(store, txn, moment, self._now())
+                return point.seq, point.ts
+
+        return await trio.to_thread.run_sync(find)
+
     async def bookmark(self, name: str, at: str | None = None) -> tuple[Bookmark, int]:
         """Bookmark the point moment ``at`` names (default: the newest, once everything
         written before is committed) as ``name``: the bookmark and its record's time.

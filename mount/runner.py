@@ -15,14 +15,19 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from cdpfs.api.app import Served
+from cdpfs.api.access import Caller
+from cdpfs.api.app import Action, Served
 from cdpfs.api.server import ApiOptions, serve_api
-from cdpfs.errors import StoreError, first_error
+from cdpfs.errors import CdpfsError, StoreError, first_error
+from cdpfs.names import volume_path
+from cdpfs.restore import Summary, restore_tree
 from cdpfs.volume import Mode, Volume
 
 from .control import check_source
@@ -128,7 +133,8 @@ async def _serve(volume: Volume, mountpoint: Path, allow_other: bool,
     async with trio.open_nursery() as nursery:
         await nursery.start(volume.run)
         if api is not None:
-            await nursery.start(serve_api, api, Served(volume, "mount"))
+            actions = {"restore": restore_action(volume, mountpoint)}
+            await nursery.start(serve_api, api, Served(volume, "mount", actions))
         store = volume.store
         assert store is not None
         tag = {Mode.SNAPSHOT: volume.seq, Mode.FOLLOW: "follow"}.get(volume.mode)
@@ -171,3 +177,34 @@ async def stop_on_signal() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+def restore_action(volume: Volume, mountpoint: Path) -> Action:
+    """The node API's restore (``POST /api/v1/restore``, ``{"path": ..., "at": MOMENT,
+    "delete": false}``): the file or tree at ``path`` put back as it was, through
+    the mount (``cdpfs restore``'s engine: nothing written outside the path), in a
+    thread (its requests come back to this process)."""
+
+    async def restore(body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        rel = volume_path(body.get("path"))
+        at, delete = body.get("at"), body.get("delete", False)
+        if not isinstance(at, str) or not isinstance(delete, bool):
+            raise CdpfsError("at: a moment (a time, -15m, #seq or a bookmark); delete: "
+                             "true or false")
+        seq, ts = await volume.point(at)
+        summary = await trio.to_thread.run_sync(_restore, mountpoint, rel, seq, delete)
+        if summary.warnings:
+            raise CdpfsError(f"{len(summary.warnings)} entries could not be restored: "
+                             f"{summary.warnings[0]}")
+        volume.counters.events.emit("restore", path=rel, seq=seq, caller=caller.name)
+        return {"path": rel, "seq": seq, "time_ns": ts, **asdict(summary)}
+
+    return restore
+
+
+def _restore(mountpoint: Path, rel: str, seq: int, delete: bool) -> Summary:
+    then = mountpoint / f"@#{seq}"
+    if not os.path.lexists(then / rel):
+        raise CdpfsError(f"{rel}: did not exist at #{seq}")
+    return restore_tree(then / rel, mountpoint / rel, src_root=then, dst_root=mountpoint,
+                        dst_dev=os.stat(mountpoint).st_dev, delete=delete)

@@ -219,3 +219,40 @@ def test_the_status_document_of_the_command_line_and_the_api_agree(
         == ["r1"]
     assert api["replicas"][0]["acked"] == cli["replicas"][0]["acked"] == \
         cli["journal"]["last_seq"]
+
+
+def test_a_file_restored_through_the_api_is_back_on_the_mount(
+        nodes: tuple[Volume, ReplicaServer, str, str]) -> None:
+    vol, _, primary, replica = nodes
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    (vol.mnt / "docs").mkdir()
+    (vol.mnt / "docs" / "a.txt").write_text("the good version\n")
+    r = httpx.post(f"{primary}/api/v1/bookmarks", json={"name": "good"}, headers=admin)
+    assert r.status_code == 201, r.text
+    (vol.mnt / "docs" / "a.txt").write_text("a mistake\n")
+    (vol.mnt / "outside").write_text("not to be touched\n")
+
+    for bad in ("../outside", "docs/../../etc", "@-1m/docs", "/", 7):
+        r = httpx.post(f"{primary}/api/v1/restore", json={"path": bad, "at": "good"},
+                       headers=admin)
+        assert r.status_code == 400 and "\n" not in r.json()["error"], r.text
+    r = httpx.post(f"{primary}/api/v1/restore", json={"path": "docs/a.txt", "at": "never"},
+                   headers=admin)
+    assert r.status_code == 400
+    r = httpx.post(f"{primary}/api/v1/restore",
+                   json={"path": "docs/a.txt", "at": "good"},
+                   headers={"Authorization": f"Bearer {VIEWER}"})
+    assert r.status_code == 403
+    assert (vol.mnt / "docs" / "a.txt").read_text() == "a mistake\n"
+
+    r = httpx.post(f"{primary}/api/v1/restore", json={"path": "docs/a.txt", "at": "good"},
+                   headers=admin, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["files_written"] == 1
+    assert (vol.mnt / "docs" / "a.txt").read_text() == "the good version\n"
+    assert (vol.mnt / "outside").read_text() == "not to be touched\n"
+    # a replica server offers no restore; the mount goes on serving
+    r = httpx.post(f"{replica}/api/v1/restore", json={"path": "docs/a.txt", "at": "good"},
+                   headers=admin)
+    assert r.status_code == 409 and "replica server" in r.json()["error"]
+    assert httpx.get(f"{primary}/health").status_code == 200

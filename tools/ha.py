@@ -24,6 +24,7 @@ from cdpfs.errors import ClusterError, first_error
 from cdpfs.figures import cluster_lag
 from cdpfs.ha.cluster import MODES, Cluster, NodeSpec, Settings, check_name
 from cdpfs.ha.etcd import Etcd, Tls
+from cdpfs.ha.handover import hand_over
 from cdpfs.names import shown
 from cdpfs.replication import credentials
 from cdpfs.replication.protocol import parse_address
@@ -256,43 +257,6 @@ def status_cmd(cluster: str, as_json: bool, endpoints: str, etcd_ca: Path | None
                              f"{info['cannot_serve']}"))
 
 
-async def _hand_over(c: Cluster, node: str, force: bool, timeout: float) -> float:
-    """Ask for the role to go to ``node``; seconds until it holds it."""
-    nodes = await c.nodes()
-    if node not in nodes:
-        raise ClusterError(f"cluster {c.name} has no node {node!r} (nodes: "
-                           f"{', '.join(sorted(nodes)) or 'none'})")
-    primary = await c.primary()
-    if primary is not None and primary.node == node:
-        raise ClusterError(f"node {node} is the primary already (epoch {primary.epoch})")
-    states = await c.states()
-    state = states.get(node)
-    if state is None or state.role != "replica":
-        raise ClusterError(f"node {node} is not running as a replica "
-                           f"({state.role if state else 'no report'}): start its daemon")
-    if state.cannot_serve:
-        raise ClusterError(f"node {node} cannot serve the volume: {state.cannot_serve}")
-    top = max(s.seq for s in states.values())
-    # With a primary there, it drains until the target has everything before it lets
-    # the role go; without one, a target that lags would lose what it lacks.
-    if primary is None and state.seq < top and not force:
-        raise ClusterError(f"node {node} is {top - state.seq} records behind: wait until it "
-                           "has caught up, or promote it with --force (losing those records)")
-    started = time.monotonic()
-    await c.ask(node, force)
-    try:
-        with trio.fail_after(timeout):
-            while True:
-                holder = await c.primary()
-                if holder is not None and holder.node == node:
-                    return time.monotonic() - started
-                await trio.sleep(0.05)
-    except trio.TooSlowError:
-        await c.clear_request()
-        raise ClusterError(f"node {node} did not take the role within {timeout:.0f} s "
-                           "(the request is withdrawn)") from None
-
-
 def _hand_over_cmd(cluster: str, node: str, force: bool, timeout: float, endpoints: str,
                    ca: Path | None, cert: Path | None, key: Path | None) -> None:
     check_name(cluster, "cluster")
@@ -300,7 +264,7 @@ def _hand_over_cmd(cluster: str, node: str, force: bool, timeout: float, endpoin
     if not 0 < timeout <= 86400:  # not NaN either
         raise ClusterError(f"--timeout {timeout}: from 0 to 86400 seconds")
     conn = _connection(endpoints, ca, cert, key)
-    took = _with_cluster(conn, cluster, lambda c: _hand_over(c, node, force, timeout))
+    took = _with_cluster(conn, cluster, lambda c: hand_over(c, node, force, timeout))
     click.echo(f"node {node} is the primary of {cluster} ({took:.1f} s)")
 
 

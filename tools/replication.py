@@ -133,17 +133,23 @@ def serve_cmd(store: Path, listen: str, failback: bool, test_every: str | None,
                 volume = Volume(store, Mode.REPLICA, listen=listen, server_ctx=ctx,
                                 failback=failback)
                 await nursery.start(volume.run)
+                scheduled = {}
+                if every:
+                    scheduled["drtest"] = _Scheduled(volume, "DR test", every, _last_test,
+                                                     test, _stop_test)
+                if backup_period:
+                    scheduled["backup"] = _Scheduled(volume, "backup", backup_period,
+                                                     _last_backup, backup, _stop_backup,
+                                                     BACKUP_RETRY)
+                for job in scheduled.values():
+                    nursery.start_soon(job.run)
                 if serving is not None:
                     from cdpfs.api.app import Served
                     from cdpfs.api.server import serve_api
 
-                    await nursery.start(serve_api, serving, Served(volume, "replica server"))
-                if every:
-                    nursery.start_soon(_scheduled, volume, "DR test", every, _last_test, test,
-                                       _stop_test)
-                if backup_period:
-                    nursery.start_soon(_scheduled, volume, "backup", backup_period,
-                                       _last_backup, backup, _stop_backup, BACKUP_RETRY)
+                    actions = {name: job.now for name, job in scheduled.items()}
+                    await nursery.start(serve_api, serving,
+                                        Served(volume, "replica server", actions))
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
@@ -179,36 +185,69 @@ def _last_backup(store: Any) -> int | None:
     return None if done is None else done.made_at
 
 
-async def _scheduled(volume: Volume, what: str, every: int, last: Callable[[Any], int | None],
-                     args: list[str], stop: Callable[[trio.Process], Awaitable[None]],
-                     retry: int = 0) -> None:
+class _Scheduled:
     """Run ``cdpfs ARGS`` (as its own process, at its own lower priority: a DR test
     mounts a clone, a backup reads the whole volume) every ``every`` seconds, start
     to start (one that took longer is followed at once), once the replica store
     exists; the first ``every`` after the start of the last one recorded in the
     store (``last``; at once if that is longer ago, or there was none); one that
-    failed again ``retry`` seconds after its start if that is sooner. ``stop``
-    stops one under way when the server stops."""
-    from .drtest import CLI
+    failed again ``retry`` seconds after its start if that is sooner; and at once
+    when asked (``now``: the node API's action). ``stop`` stops one under way when
+    the server stops."""
 
-    assert volume.receiver is not None
-    await volume.receiver.store_ready.wait()
-    done = await trio.to_thread.run_sync(last, volume.receiver.store)
-    due = time.time() + (0 if done is None else every - (time.time_ns() - done) / 1e9)
-    while True:
-        await trio.sleep(max(0.0, due - time.time()))
-        started = time.time()
-        log.info("scheduled %s of %s starting", what, volume.path)
-        # Its output goes to a file, not a pipe: a pipe would close as the server stops,
-        # and the child, cleaning up then, would fail writing to it.
-        with tempfile.TemporaryFile() as out:
-            proc = await trio.run_process([*CLI, *args], check=False, stdout=out,
-                                          stderr=subprocess.STDOUT, deliver_cancel=stop)
-            out.seek(0)
-            said = out.read().decode(errors="replace").strip().splitlines()
-        log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
-                "scheduled %s: %s", what, said[-1] if said else f"exit {proc.returncode}")
-        due = started + (min(every, retry) if proc.returncode and retry else every)
+    def __init__(self, volume: Volume, what: str, every: int,
+                 last: Callable[[Any], int | None], args: list[str],
+                 stop: Callable[[trio.Process], Awaitable[None]], retry: int = 0) -> None:
+        self.volume, self.what, self.every, self.last = volume, what, every, last
+        self.args, self.stop, self.retry = args, stop, retry
+        self.running = False
+        self._asked = trio.Event()
+
+    async def now(self, body: dict[str, Any], caller: Any) -> dict[str, Any]:
+        """Start one now (the node API's action): refused while one runs."""
+        from cdpfs.api.app import Refused
+
+        if self.running:
+            raise Refused(f"a {self.what} is under way already")
+        if self.volume.store is None:
+            raise Refused("the replica has no store yet (no primary has connected)")
+        log.info("%s of %s asked for by %s", self.what, self.volume.path,
+                 getattr(caller, "name", "") or "the API")
+        self._asked.set()
+        return {"started": True, "what": self.what}
+
+    async def run(self) -> None:
+        from .drtest import CLI
+
+        volume = self.volume
+        assert volume.receiver is not None
+        await volume.receiver.store_ready.wait()
+        done = await trio.to_thread.run_sync(self.last, volume.receiver.store)
+        due = time.time() + (0 if done is None else
+                             self.every - (time.time_ns() - done) / 1e9)
+        while True:
+            with trio.move_on_after(max(0.0, due - time.time())):
+                await self._asked.wait()
+            self._asked = trio.Event()
+            started = time.time()
+            log.info("scheduled %s of %s starting", self.what, volume.path)
+            self.running = True
+            try:
+                # Its output goes to a file, not a pipe: a pipe would close as the server
+                # stops, and the child, cleaning up then, would fail writing to it.
+                with tempfile.TemporaryFile() as out:
+                    proc = await trio.run_process([*CLI, *self.args], check=False,
+                                                  stdout=out, stderr=subprocess.STDOUT,
+                                                  deliver_cancel=self.stop)
+                    out.seek(0)
+                    said = out.read().decode(errors="replace").strip().splitlines()
+            finally:
+                self.running = False
+            log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
+                    "scheduled %s: %s", self.what,
+                    said[-1] if said else f"exit {proc.returncode}")
+            due = started + (min(self.every, self.retry) if proc.returncode and self.retry
+                             else self.every)
 
 
 async def _stop_test(proc: trio.Process) -> None:

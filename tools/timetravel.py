@@ -105,7 +105,7 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
 
 
 def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
-    from .restore import measure, restore_tree
+    from cdpfs.restore import measure, restore_tree
 
     live = target.live_path
     seq, ts = _point(target, at)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
@@ -44,14 +44,30 @@ from .access import ANONYMOUS, Access, Caller, same_origin
 
 log = logging.getLogger(__name__)
 
+class Refused(CdpfsError):
+    """An action that cannot be done now (another is under way, the role is wrong): 409."""
+
+
 MAX_BODY = 64 * 1024  # bytes an action's JSON may have
 BODY_TIMEOUT = 10.0  # seconds an action's body may take to arrive
+
+
+# An action a front end offers (``Source.actions``): called with the request's JSON
+# object and the caller; its answer's JSON object. CdpfsError: refused, one line.
+Action = Callable[[dict[str, Any], "Caller"], Awaitable[dict[str, Any]]]
+ACTIONS = {  # route -> the action's name in Source.actions
+    "/api/v1/restore": "restore",
+    "/api/v1/switchover": "switchover",
+    "/api/v1/drtests": "drtest",
+    "/api/v1/backups": "backup",
+}
 
 
 class Source(Protocol):
     """What the API serves (a mount's, a replica server's or an HA node's)."""
 
     events: Events
+    actions: dict[str, Action]  # what this process can do besides bookmarks
 
     @property
     def volume(self) -> Volume | None: ...
@@ -72,6 +88,7 @@ class Served:
 
     volume: Volume
     kind: str  # "mount" or "replica server"
+    actions: dict[str, Action] = field(default_factory=dict)
 
     @property
     def events(self) -> Events:
@@ -134,6 +151,8 @@ class NodeApp:
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/api/v1/bookmarks", self._action(self.bookmark), methods=["POST"]),
         ]
+        routes += [Route(path, self._action(self._offered(name)), methods=["POST"])
+                   for path, name in ACTIONS.items()]
         self.app = Starlette(routes=routes, exception_handlers={
             404: lambda request, exc: _error(404, "not found"),
             405: lambda request, exc: _error(405, "method not allowed"),
@@ -255,6 +274,24 @@ class NodeApp:
     async def openapi(self, request: Request) -> Response:
         from .openapi import document
         return JSONResponse(document())
+
+    def _offered(self, name: str) -> Callable[[Request, Caller, dict[str, Any]],
+                                              Awaitable[Response]]:
+        async def run(request: Request, caller: Caller, body: dict[str, Any]) -> Response:
+            action = self.source.actions.get(name)
+            if action is None:
+                return _error(409, f"this node does not offer a {name} "
+                              f"(it is a {self.source.about()['kind']})")
+            self.source.events.emit("action", what=name, caller=caller.name,
+                                    request=body)
+            try:
+                answer = await action(body, caller)
+            except CdpfsError as exc:
+                log.warning("API: %s's %s refused: %s", caller.name, name, exc)
+                return _error(409 if isinstance(exc, Refused) else 400, str(exc))
+            log.info("API: %s's %s: %s", caller.name, name, json.dumps(answer)[:200])
+            return JSONResponse(answer, status_code=202 if answer.get("started") else 200)
+        return run
 
     async def bookmark(self, request: Request, caller: Caller,
                        body: dict[str, Any]) -> Response:

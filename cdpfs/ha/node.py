@@ -61,6 +61,7 @@ from ..volume import Mode, Volume
 from . import roles
 from .cluster import Cluster, NodeSpec, NodeState, Primary, Settings
 from .fence import Fence
+from .handover import hand_over
 from .lease import Lease
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Node:
         self.name = name
         self.api = api  # how to serve the node API (None: on the address it joined with)
         self.promotions = 0  # times it became primary
+        self.actions = {"switchover": self._switchover}  # the node API's
         self.serve = serve
         self.check = check
         self.drain = drain  # the front end hands in what the kernel still holds
@@ -211,6 +213,17 @@ class Node:
                 "store": None if volume is None else str(volume.path),
                 "mode": None if volume is None else volume.mode.value,
                 "events_run": self.events.run, "events_last_id": self.events.last_id}
+
+    async def _switchover(self, body: dict[str, Any], caller: Any) -> dict[str, Any]:
+        """The node API's switchover: ``{"node": NAME, "timeout": SECONDS}``."""
+        target, timeout = body.get("node"), body.get("timeout", 30)
+        if not isinstance(target, str) or not isinstance(timeout, int | float) \
+                or not 0 < timeout <= 300:
+            raise ClusterError("node: the node to hand the role to; timeout: 1 to 300 s")
+        took = await hand_over(self.cluster, target, False, float(timeout))
+        self.events.emit("switchover", node=target, caller=getattr(caller, "name", ""),
+                         seconds=round(took, 3))
+        return {"primary": target, "seconds": round(took, 3)}
 
     def _trust(self, nodes: dict[str, NodeSpec]) -> None:
         """Trust the certificate of every other node, as the cluster lists them."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdpfs.errors import CdpfsError
+from .errors import CdpfsError
 
 log = logging.getLogger(__name__)
 
