@@ -57,6 +57,7 @@ def changes(store: Store, before: Seen, now: Seen) -> list[tuple[str, dict[str, 
         made = backups.schedule(store).last
         if made is not None:
             told.append(("backup-failed" if made.failed else "backup-done",
-                         {"file": made.path, "seq": made.seq, "size": made.size,
+                         {"made": made.made_at, "file": made.path, "seq": made.seq,
+                          "size": made.size,
                           "verified": made.verified, "detail": made.failed[:500]}))
     return told

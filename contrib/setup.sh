@@ -10,7 +10,9 @@ PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
       fio        # bench/run.py: random 4 KiB I/O rows
       libarchive-tools  # bsdtar: the export tests restore archives with it and GNU tar
       iproute2   # ip netns: replication tests between network namespaces
-      etcd-server)  # high availability: leases on a real 3-member etcd cluster
+      etcd-server  # high availability: leases on a real 3-member etcd cluster
+      prometheus  # the node API's metrics, scraped by a real Prometheus (and promtool)
+      chromium)  # the web console, driven by Playwright in headless Chromium
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

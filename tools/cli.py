@@ -431,6 +431,7 @@ _WHERE = {
     **dict.fromkeys(["send", "receive"], "streams"),
     "rebuild": "rebuild",
     **dict.fromkeys(["backup", "backups"], "backups"),
+    "console": "console",
 }
 _MODULES = tuple(dict.fromkeys(_WHERE.values()))
 

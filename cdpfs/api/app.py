@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ..errors import CdpfsError, Exists
 from ..events import Events
 from ..status import status_of
 from ..volume import Mode, Volume
-from . import documents, metrics
+from . import browse, documents, metrics
 from .access import ANONYMOUS, Access, Caller, same_origin
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class Refused(CdpfsError):
     """An action that cannot be done now (another is under way, the role is wrong): 409."""
 
 
+CONSOLE_DIR = Path(__file__).parent / "console"  # the page, its script and style
 MAX_BODY = 64 * 1024  # bytes an action's JSON may have
 BODY_TIMEOUT = 10.0  # seconds an action's body may take to arrive
 
@@ -148,7 +152,14 @@ class NodeApp:
             Route("/api/v1/status", self._reader(self.status), methods=["GET"]),
             Route("/api/v1/node", self._reader(self.node), methods=["GET"]),
             Route("/api/v1/events", self._reader(self.events), methods=["GET"]),
+            Route("/api/v1/tree", self._reader(self.tree), methods=["GET"]),
+            Route("/api/v1/versions", self._reader(self.versions), methods=["GET"]),
+            Route("/api/v1/diff", self._reader(self.diff), methods=["GET"]),
+            Route("/api/v1/timeline", self._reader(self.timeline), methods=["GET"]),
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
+            Route("/", self.console, methods=["GET"]),
+            Route("/console/nodes", self.console_nodes, methods=["GET"]),
+            Mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console"),
             Route("/api/v1/bookmarks", self._action(self.bookmark), methods=["POST"]),
         ]
         routes += [Route(path, self._action(self._offered(name)), methods=["POST"])
@@ -270,6 +281,49 @@ class NodeApp:
                 yield (json.dumps(event) + "\n").encode()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def _document(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Response:
+        """``fn(store, *args)`` in a worker thread, as JSON; 400 with its one line
+        for a bad path or moment, 503 while no store is served."""
+        store = self._store()
+        if store is None:
+            return _error(503, "no store is served now")
+        try:
+            return JSONResponse(await trio.to_thread.run_sync(fn, store, *args))
+        except CdpfsError as exc:
+            return _error(400, str(exc))
+
+    async def tree(self, request: Request) -> Response:
+        q = request.query_params
+        return await self._document(browse.listing, q.get("at", "now"), q.get("path", ""))
+
+    async def versions(self, request: Request) -> Response:
+        return await self._document(browse.file_versions,
+                                    request.query_params.get("path", ""))
+
+    async def diff(self, request: Request) -> Response:
+        q = request.query_params
+        return await self._document(browse.text_diff, q.get("path", ""), q.get("a", ""),
+                                    q.get("b", "now"))
+
+    async def timeline(self, request: Request) -> Response:
+        try:
+            seconds = float(request.query_params.get("seconds", "3600"))
+            buckets = int(request.query_params.get("buckets", "60"))
+        except ValueError:
+            return _error(400, "seconds: a duration in seconds; buckets: a number")
+        if not (1 <= seconds <= 366 * 86400 and 1 <= buckets <= 1000):
+            return _error(400, "seconds: 1 to a year; buckets: 1 to 1000")
+        return await self._document(browse.timeline, time.time_ns(), seconds, buckets)
+
+    async def console(self, request: Request) -> Response:
+        """The console's page (it asks for a token and keeps it in the tab)."""
+        return FileResponse(CONSOLE_DIR / "index.html")
+
+    async def console_nodes(self, request: Request) -> Response:
+        """The nodes the console shows: this one (``cdpfs console`` lists many)."""
+        return JSONResponse([{"name": self.source.about().get("name")
+                              or self.source.about()["kind"], "base": ""}])
 
     async def openapi(self, request: Request) -> Response:
         from .openapi import document

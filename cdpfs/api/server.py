@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -70,14 +71,23 @@ async def serve_api(options: ApiOptions, source: Source, *,
     (``http://host:port`` or ``https://...``)."""
     access = options.access()
     node = NodeApp(source, access, scheme="https" if options.cert else "http")
-    config = _config(options)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(serve_app, options, node.app)
+        nursery.start_soon(node.space.refresh, lambda: _store(source))
+        log.info("API on %s", bound)
+        task_status.started(bound)
+
+
+async def serve_app(options: ApiOptions, app: Any, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the ASGI ``app`` as ``options`` say (``serve_api``, ``cdpfs console``)."""
+    host, _ = parse_address(options.address, any_port=True)
+    check_listen(host, options.cert is not None)
     async with trio.open_nursery() as nursery:
         try:
-            binds = await nursery.start(serve, node.app, config)
+            binds = await nursery.start(serve, app, _config(options))
         except OSError as exc:
-            raise CdpfsError(f"API on {options.address}: {exc.strerror or exc}") from None
-        nursery.start_soon(node.space.refresh, lambda: _store(source))
-        log.info("API on %s", binds[0])
+            raise CdpfsError(f"{options.address}: {exc.strerror or exc}") from None
         task_status.started(binds[0])
 
 
