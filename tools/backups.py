@@ -14,6 +14,8 @@ from cdpfs.backups import FORMATS, backup, listing
 from cdpfs.history.points import point_name
 from cdpfs.names import shown
 
+from .output import echo_json, json_option
+
 
 @click.command("backup")
 @click.argument("store", type=click.Path(path_type=Path))
@@ -47,10 +49,16 @@ def backup_cmd(store: Path, directory: Path, keep: int, fmt: str, niceness: int,
 
 @click.command("backups")
 @click.argument("directory", type=click.Path(path_type=Path))
-def backups_cmd(directory: Path) -> None:
+@json_option
+def backups_cmd(directory: Path, as_json: bool) -> None:
     """List the backups in DIRECTORY, newest last: the point, its sequence number,
     the size, whether it verified, the format and the file."""
     found = listing(directory)
+    if as_json:
+        from cdpfs.api.documents import backup_listing_document
+
+        echo_json(backup_listing_document(str(directory), found))
+        return
     if not found:
         click.echo(f"no backups in {shown(directory)}")
     for b in found:

@@ -19,6 +19,7 @@ import click
 from cdpfs.errors import CdpfsError, StoreLocked
 from cdpfs.names import shown
 
+from .output import echo_json, json_option
 from .serving import api_from, api_options
 
 log = logging.getLogger("cdpfs")
@@ -279,7 +280,9 @@ def umount(mountpoint: Path) -> None:
 @click.option("--at", "at", type=click.IntRange(0, 2**63 - 1),
               help="With --compare: the sequence number to compare "
               "(default: the newest both have).")
-def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> None:
+@json_option
+def verify(store: Path, replica: Path | None, compare: bool, at: int | None,
+           as_json: bool) -> None:
     """Rehash every block and check every reference of every version.
 
     With --compare PRIMARY REPLICA, check instead that both stores show the same
@@ -298,10 +301,16 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
     problems = check(store, progress=lambda msg: log.info(msg))
     away = [h for h in clones.holds(store) if not h.present]
-    for h in away:
-        click.echo(f"note: #{h.seq} is held for a clone made at {shown(h.path)}, where no "
-                   f"clone of this store is now (moved; or removed by hand: cdpfs clone "
-                   f"--delete {shown(h.path)} --base {shown(store)})")
+    notes = [f"#{h.seq} is held for a clone made at {shown(h.path)}, where no clone of "
+             f"this store is now (moved; or removed by hand: cdpfs clone --delete "
+             f"{shown(h.path)} --base {shown(store)})" for h in away]
+    if as_json:
+        from cdpfs.api.documents import verify_document
+
+        echo_json(verify_document(str(store), problems, notes))
+        sys.exit(1 if problems else 0)
+    for note in notes:
+        click.echo(f"note: {note}")
     for line in problems:
         click.echo(shown(line))
     if problems:
@@ -313,8 +322,7 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None) -> 
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document (its keys: the user guide).")
+@json_option
 def status(store: Path, as_json: bool) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
     import datetime
@@ -326,11 +334,9 @@ def status(store: Path, as_json: bool) -> None:
 
     now = store_status(store)
     if as_json:
-        import json
-
         from cdpfs.api.documents import status_document
 
-        click.echo(json.dumps(status_document(now), indent=2))
+        echo_json(status_document(now))
         return
     s, holder, clone_of, held = now.stats, now.holder, now.clone_of, now.held
     tested, testing, evidence = now.tested, now.testing, now.kept

@@ -28,6 +28,7 @@ from cdpfs.scenario import Scenario
 from cdpfs.volume import check_settings, configure
 
 from .locate import Target, locate
+from .output import echo_json, json_option
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,18 @@ def _name(raw: object) -> str:
 @click.option("-n", "limit", type=click.IntRange(0), default=0,
               help="Show at most N versions (0: all).")
 @STORE_OPTION
-def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
+@json_option
+def log_cmd(path: Path, at: str | None, limit: int, store: Path | None,
+            as_json: bool) -> None:
     """The versions of a file or directory: sequence, time, operation, size."""
     target = locate(path, store)
     target.settle()
     found = file_versions(target.store, target.rel, at, limit)
+    if as_json:
+        from cdpfs.api.documents import versions_document
+
+        echo_json(versions_document(target.rel, found))
+        return
     click.echo(f"{'seq':>10}  {'time':<23}  {'op':<11} {'size':>12}  details")
     for v in found:
         size = "(gone)" if v.node is None else str(v.node.size)
@@ -90,13 +98,19 @@ def log_cmd(path: Path, at: str | None, limit: int, store: Path | None) -> None:
 @click.argument("t2")
 @click.argument("path", type=click.Path(path_type=Path), default=".")
 @STORE_OPTION
-def diff_cmd(t1: str, t2: str, path: Path, store: Path | None) -> None:
+@json_option
+def diff_cmd(t1: str, t2: str, path: Path, store: Path | None, as_json: bool) -> None:
     """What was added (A), changed (M), removed (D) or renamed (R) between two moments.
 
     T1 and T2 are moments (a time, -15m, #seq, a bookmark, or 'now')."""
     target = locate(path, store)
     target.settle()
     seq1, seq2, changes = tree_changes(target.store, t1, t2, target.rel)
+    if as_json:
+        from cdpfs.api.documents import changes_document
+
+        echo_json(changes_document(seq1, seq2, changes))
+        return
     for change in changes:
         click.echo(shown(str(change)))
     counts = {k: sum(c.kind == k for c in changes) for k in "AMDR"}
@@ -232,13 +246,19 @@ def prune_cmd(volume: Path) -> None:
 
 @click.command("stat")
 @click.argument("volume", type=click.Path(path_type=Path))
-def stat_cmd(volume: Path) -> None:
+@json_option
+def stat_cmd(volume: Path, as_json: bool) -> None:
     """Space and history of a volume: live data, history, dedup, compression."""
     from cdpfs.history.stats import space
 
     target = locate(volume)
     target.settle()
     s = space(target.store)
+    if as_json:
+        from cdpfs.api.documents import space_document
+
+        echo_json(space_document(s))
+        return
 
     def mib(n: int) -> str:
         return f"{n / 2**20:,.1f} MiB"

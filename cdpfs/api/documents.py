@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ..backups import Backup, Schedule
+from ..backups import Backup, Listed, Schedule
 from ..drtests import Result, Running
 from ..figures import Lag
+from ..history.stats import SpaceStats
+from ..history.versions import Change, Version
 from ..replication.registry import ReplicaState, link
 from ..status import Status
 
@@ -105,3 +107,49 @@ def status_document(now: Status) -> dict[str, Any]:
         "backups": backups_document(now.backed_up, now.at_ns),
         "replicas": [replica_document(r, now.lags[r.name], now.at_ns) for r in now.replicas],
     }
+
+
+def space_document(s: SpaceStats) -> dict[str, Any]:
+    """``cdpfs stat --json``."""
+    return {"format": FORMAT, "live_files": s.live_files, "live_bytes": s.live_bytes,
+            "live_stored_bytes": s.live_stored, "history_stored_bytes": s.history_stored,
+            "stored_bytes": s.stored_bytes, "store_file_bytes": s.file_bytes,
+            "free_inside_bytes": s.free_inside, "disk_free_bytes": s.disk_free,
+            "dedup_ratio": round(s.dedup_ratio, 4),
+            "compression_ratio": round(s.compression_ratio, 4),
+            "oldest_seq": s.oldest_seq, "oldest_time": iso(s.oldest_ts),
+            "last_seq": s.last_seq, "last_time": iso(s.last_ts), "records": s.records,
+            "retention": s.policy,
+            "clone_of": None if s.clone_of is None else {
+                "store": s.clone_of, "seq": s.clone_seq, "time": iso(s.clone_ts)}}
+
+
+def versions_document(rel: str, found: list[Version]) -> dict[str, Any]:
+    """``cdpfs log --json``: a file's versions, newest first."""
+    return {"format": FORMAT, "path": rel, "versions": [
+        {"seq": v.seq, "time": iso(v.ts), "op": v.op,
+         "size": None if v.node is None else v.node.size,
+         "args": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+                  for k, v in v.args.items() if k != "kind"}}
+        for v in found]}
+
+
+def changes_document(seq1: int, seq2: int, changes: list[Change]) -> dict[str, Any]:
+    """``cdpfs diff --json``."""
+    return {"format": FORMAT, "from_seq": seq1, "to_seq": seq2,
+            "changes": [{"kind": c.kind, "path": c.path, **({"old": c.old} if c.old else {})}
+                        for c in changes],
+            "counts": {k: sum(c.kind == k for c in changes) for k in "AMDR"}}
+
+
+def verify_document(store: str, problems: list[str], notes: list[str]) -> dict[str, Any]:
+    """``cdpfs verify --json``."""
+    return {"format": FORMAT, "store": store, "ok": not problems, "problems": problems,
+            "notes": notes}
+
+
+def backup_listing_document(directory: str, found: list[Listed]) -> dict[str, Any]:
+    """``cdpfs backups --json``: the backups in a directory, newest last."""
+    return {"format": FORMAT, "directory": directory, "backups": [
+        {"file": str(b.path), "bytes": b.size, "state": b.state(),
+         "record": backup_document(b.record)} for b in found]}
