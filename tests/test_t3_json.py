@@ -63,3 +63,47 @@ def test_reporting_commands_print_one_json_document(volume: Volume, tmp_path: Pa
     assert made["record"]["seq"] == status["journal"]["last_seq"]
     assert status["backups"]["verified"]["file"] == made["file"]
     volume.mount()
+
+
+def test_status_watch_shows_it_again_in_place_until_ctrl_c(volume: Volume) -> None:
+    """On a terminal (a pseudo-terminal here), each refresh clears the screen and
+    draws the status again at the top; Ctrl-C ends it with status 0."""
+    import os
+    import pty
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from harness import CLI
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*CLI, "status", str(volume.store), "--watch", "0.2"],
+                            stdout=follower, stderr=follower)
+    os.close(follower)
+    got: list[bytes] = []
+
+    def read() -> None:  # all along: a full terminal buffer would block the command
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other side is closed: all read
+                return
+            if not chunk:
+                return
+            got.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)
+    (volume.mnt / "new").write_text("seen by the next refresh\n")
+    volume.sync()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
+    reader.join(timeout=10)
+    os.close(leader)
+    screens = b"".join(got).decode().split("\x1b[H\x1b[2J")[1:]
+    assert len(screens) >= 3 and all(s.startswith("store ") for s in screens)
+    last = [int(re.search(r"last #(\d+)", s).group(1)) for s in screens]  # type: ignore
+    assert last[-1] > last[0]  # the write shows without running it again

@@ -323,21 +323,42 @@ def verify(store: Path, replica: Path | None, compare: bool, at: int | None,
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @json_option
-def status(store: Path, as_json: bool) -> None:
+@click.option("--watch", "every", type=float, is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]",
+              help="Show it again every SECONDS (2 by default) in place, until Ctrl-C.")
+def status(store: Path, as_json: bool, every: float | None) -> None:
     """Show the state of STORE: journal, objects, space, and whether it is mounted."""
+    from cdpfs.status import status as store_status
+
+    if every is not None and not 0.1 <= every <= 86400:
+        raise click.UsageError("--watch: from 0.1 to 86400 seconds")
+    while True:
+        now = store_status(store)
+        if as_json:
+            from cdpfs.api.documents import status_document
+
+            echo_json(status_document(now))
+        else:
+            if every is not None and sys.stdout.isatty():
+                click.echo("\x1b[H\x1b[2J", nl=False)  # in place: home, clear the screen
+            elif every is not None:
+                click.echo("")  # into a file or a pipe: one after the other
+            _status_lines(store, now)
+        if every is None:
+            return
+        try:
+            time.sleep(every)
+        except KeyboardInterrupt:
+            return
+
+
+def _status_lines(store: Path, now: Any) -> None:
+    """The lines of ``cdpfs status`` (``cdpfs.status.Status``)."""
     import datetime
 
     from cdpfs.replication.registry import link
-    from cdpfs.status import status as store_status
 
     from .drtest import leftovers
-
-    now = store_status(store)
-    if as_json:
-        from cdpfs.api.documents import status_document
-
-        echo_json(status_document(now))
-        return
     s, holder, clone_of, held = now.stats, now.holder, now.clone_of, now.held
     tested, testing, evidence = now.tested, now.testing, now.kept
     replicas, lags = now.replicas, now.lags
