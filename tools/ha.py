@@ -309,7 +309,7 @@ def run_cmd(cluster: str, node: str, allow_other: bool, endpoints: str,
     check_name(node, "node")
     from cdpfs.mount.hanode import run_node
 
-    serving = api_from(api, api_tokens, api_cert, api_key)
+    serving = api_from(api, api_tokens, api_cert, api_key, elsewhere=True)
     urls, tls = _connection(endpoints, etcd_ca, etcd_cert, etcd_key)
     run_node(urls, tls, cluster, node, allow_other=allow_other, api=serving)
 

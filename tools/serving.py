@@ -36,19 +36,26 @@ def api_options(fn: F) -> F:
 
 
 def api_from(api: str | None, api_tokens: Path | None, api_cert: Path | None,
-             api_key: Path | None) -> ApiOptions | None:
+             api_key: Path | None, *, elsewhere: bool = False) -> ApiOptions | None:
     """The options given (checked now, before the command starts serving: a bad
-    tokens file or an address that needs TLS fails here); None without ``--api``."""
-    if api is None:
-        if api_tokens or api_cert or api_key:
-            raise click.UsageError("--api-tokens, --api-cert and --api-key go with --api")
-        return None
+    tokens file or an address that needs TLS fails here); None without ``--api``.
+    ``elsewhere``: the address may come from elsewhere (an HA node's, as it joined):
+    the other options without ``--api`` give options with no address."""
+    from cdpfs.api.access import load_tokens
     from cdpfs.api.server import ApiOptions
     from cdpfs.replication.protocol import parse_address
 
-    parse_address(api)
-    options = ApiOptions(api, tokens=api_tokens and api_tokens.resolve(),
+    if api is None and not (elsewhere and (api_tokens or api_cert or api_key)):
+        if api_tokens or api_cert or api_key:
+            raise click.UsageError("--api-tokens, --api-cert and --api-key go with --api")
+        return None
+    options = ApiOptions(api or "", tokens=api_tokens and api_tokens.resolve(),
                          cert=api_cert and api_cert.resolve(),
                          key=api_key and api_key.resolve())
+    if api is None:
+        if options.tokens is not None:
+            load_tokens(options.tokens)
+        return options
+    parse_address(api)
     options.access()
     return options

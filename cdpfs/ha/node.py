@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,8 @@ class Node:
                  api: ApiOptions | None = None) -> None:
         self.cluster = cluster
         self.name = name
-        self.api = api  # how to serve the node API (None: on the address it joined with)
+        # how to serve the node API (None, or no address: on the address it joined with)
+        self.api = api
         self.promotions = 0  # times it became primary
         self.actions = {"switchover": self._switchover}  # the node API's
         self.serve = serve
@@ -161,7 +163,10 @@ class Node:
         nodes = await self.cluster.nodes()
         await trio.to_thread.run_sync(self._trust, nodes)
         async with trio.open_nursery() as nursery:
-            api = self.api or (ApiOptions(self.spec.health) if self.spec.health else None)
+            api = self.api
+            if api is None or not api.address:  # on the address the node joined with
+                api = replace(api or ApiOptions(""), address=self.spec.health) \
+                    if self.spec.health else None
             if api is not None:
                 await nursery.start(serve_api, api, self)
             task_status.started(self)
