@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CdpfsError
+from .system import fd_path
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +501,7 @@ def _open(name: str, flags: int, dir_fd: int) -> int:
 
 def _handle(fd: int, kind: int) -> int | str:
     """What xattr and chmod calls take: the fd, or for an O_PATH fd its /proc name."""
-    return fd if kind in (stat.S_IFREG, stat.S_IFDIR) else f"/proc/self/fd/{fd}"
+    return fd if kind in (stat.S_IFREG, stat.S_IFDIR) else fd_path(fd)
 
 
 def _xattrs(handle: int | str) -> dict[str, bytes]:

@@ -222,6 +222,12 @@ class DiskStats:
     favail: int
 
 
+def fd_path(fd: int) -> str:
+    """A name of open descriptor ``fd`` that calls by name follow to it (Linux's
+    /proc/self/fd: how an O_PATH descriptor is given to chmod and xattr calls)."""
+    return f"/proc/self/fd/{fd}"
+
+
 def disk_stats(path: str | os.PathLike[str]) -> DiskStats:
     if hasattr(os, "statvfs"):
         st = os.statvfs(path)

@@ -186,5 +186,20 @@ step "every write was journaled"
 "$CDPFS" status "$STORE"
 "$CDPFS" verify "$STORE"
 
-step "mounted again for you at $MNT (unmount with: $CDPFS umount $MNT)"
-"$CDPFS" mount "$STORE" "$MNT"
+step "watch it: the node API (health, Prometheus metrics, JSON, events) and the web console"
+API_PORT=$((PORT + 20))
+TOKEN=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+printf 'admin demo %s\n' "$TOKEN" > "$DEMO/tokens"
+chmod 600 "$DEMO/tokens"
+"$CDPFS" mount "$STORE" "$MNT" --api "127.0.0.1:$API_PORT" --api-tokens "$DEMO/tokens"
+AUTH="Authorization: Bearer $TOKEN"
+echo "GET /primary: $(curl -s "http://127.0.0.1:$API_PORT/primary")"
+curl -s -H "$AUTH" "http://127.0.0.1:$API_PORT/metrics" | grep -E '^cdpfs_(journal_last_seq|window_seconds|fsync_seconds_count|commits_total) '
+curl -s -H "$AUTH" -H 'Content-Type: application/json' -d '{"name": "demo-api"}' \
+    "http://127.0.0.1:$API_PORT/api/v1/bookmarks"; echo
+sleep 0.5
+curl -s -H "$AUTH" "http://127.0.0.1:$API_PORT/api/v1/events?follow=0" | tail -2
+"$CDPFS" status "$STORE" --json | head -12
+echo "the console: http://127.0.0.1:$API_PORT/ (token in $DEMO/tokens)"
+
+step "mounted for you at $MNT with its API on 127.0.0.1:$API_PORT (unmount with: $CDPFS umount $MNT)"

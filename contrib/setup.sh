@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-      sqlite3 git rsync tar xz-utils attr util-linux postgresql stress-ng tzdata
+      sqlite3 git rsync tar xz-utils attr util-linux postgresql stress-ng tzdata curl
       fio        # bench/run.py: random 4 KiB I/O rows
       libarchive-tools  # bsdtar: the export tests restore archives with it and GNU tar
       iproute2   # ip netns: replication tests between network namespaces
