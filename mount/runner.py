@@ -27,11 +27,11 @@ from cdpfs.api.app import Action, Served
 from cdpfs.api.server import ApiOptions, serve_api
 from cdpfs.errors import CdpfsError, StoreError, first_error
 from cdpfs.names import volume_path
-from cdpfs.restore import Summary, restore_tree
 from cdpfs.volume import Mode, Volume
 
 from .control import check_source
 from .fuse import FuseOperations
+from .restore import Summary, restore_tree
 
 log = logging.getLogger(__name__)
 

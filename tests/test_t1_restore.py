@@ -14,7 +14,7 @@ import pytest
 from harness import privileged
 
 from cdpfs.errors import CdpfsError
-from cdpfs.restore import CHUNK, Summary, measure, restore_tree
+from cdpfs.mount.restore import CHUNK, Summary, measure, restore_tree
 
 T0 = 1_600_000_000_123_456_789  # an mtime with nanoseconds that matter
 # atimes an hour ahead: under relatime no read (nor readlink, which has no O_NOATIME) moves them

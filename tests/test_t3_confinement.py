@@ -26,7 +26,7 @@ from harness import Volume, cdpfs, privileged, settle, store_seq
 from test_t3_history import assert_same, contents, one_line_error, tree_state
 
 from cdpfs.errors import CdpfsError
-from cdpfs.restore import restore_tree
+from cdpfs.mount.restore import restore_tree
 
 pytestmark = pytest.mark.skipif(not HAVE_FUSE, reason="needs /dev/fuse and CAP_SYS_ADMIN")
 

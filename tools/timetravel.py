@@ -119,7 +119,7 @@ def diff_cmd(t1: str, t2: str, path: Path, store: Path | None, as_json: bool) ->
 
 
 def _restore(target: Target, at: str, delete: bool, rewind: bool) -> None:
-    from cdpfs.restore import measure, restore_tree
+    from cdpfs.mount.restore import measure, restore_tree
 
     live = target.live_path
     seq, ts = _point(target, at)

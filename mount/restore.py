@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CdpfsError
-from .system import fd_path
+from cdpfs.errors import CdpfsError
+from cdpfs.system import fd_path
 
 log = logging.getLogger(__name__)
 
