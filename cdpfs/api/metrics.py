@@ -29,7 +29,8 @@ from ..store.lmdb import Store
 
 log = logging.getLogger(__name__)
 
-SPACE_EVERY = 60.0  # seconds between space scans
+SPACE_EVERY = 60.0  # seconds between space scans at least
+SPACE_SHARE = 30  # ... and 30 times as long as the last one took
 HA_ROLES = ("starting", "replica", "primary", "fenced")
 
 
@@ -49,12 +50,16 @@ class Space:
             if store is None:
                 await trio.sleep(1.0)
                 continue
+            started = trio.current_time()
             try:
                 self.stats = await trio.to_thread.run_sync(space_stats, store)
                 self.at_ns = time.time_ns()
             except Exception as exc:  # a store closed meanwhile (a role change), damaged
                 log.info("space scan of %s: %s", store.path, exc)
-            await trio.sleep(every)
+            # A scan reads every block's size: on a large store it takes a while, and
+            # runs no more than 1/SPACE_SHARE of the time.
+            took = trio.current_time() - started
+            await trio.sleep(max(every, took * SPACE_SHARE))
 
 
 def _gauge(name: str, doc: str, value: float, unit: str = "") -> GaugeMetricFamily:
