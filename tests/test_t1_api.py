@@ -84,6 +84,16 @@ async def test_health_status_metrics_and_events_of_a_live_volume(tmp_path: Path)
             assert doc["window"]["oldest_seq"] >= 1
             assert doc["journal"]["last_seq"] == top
 
+            stat = (await http.get("/api/v1/stat")).json()
+            assert (stat["live_files"], stat["live_bytes"]) == (1, 300_000)
+            changes = (await http.get("/api/v1/changes", params={"a": "#1"})).json()
+            assert changes["changes"] == [{"kind": "A", "path": "a"}]
+            assert changes["to_seq"] == top
+            r = await http.get("/api/v1/changes", params={"a": "#1", "path": "../x"})
+            assert r.status_code == 400 and "inside the volume" in r.json()["error"]
+            tree = (await http.get("/api/v1/tree", params={"at": "now"})).json()
+            assert [(e["name"], e["size"]) for e in tree["entries"]] == [("a", 300_000)]
+
             page = await http.get("/metrics")
             assert page.headers["content-type"].startswith("text/plain")
             m = _metrics(page.text)
@@ -194,3 +204,20 @@ def test_an_api_beyond_loopback_needs_tls_and_a_private_tokens_file(tmp_path: Pa
     tokens.write_text("root me short\n")
     with pytest.raises(CdpfsError, match=r"tokens:1: expected 'ROLE NAME TOKEN'"):
         ApiOptions("127.0.0.1:0", tokens=tokens).access()
+
+
+def test_the_openapi_document_describes_every_route_and_only_those(tmp_path: Path) -> None:
+    from starlette.routing import Route
+
+    from cdpfs.api.access import Access
+    from cdpfs.api.app import NodeApp
+    from cdpfs.api.openapi import document
+
+    class Nothing:  # a source is not read to list the routes
+        volume = events = None
+
+    app = NodeApp(Nothing(), Access())  # type: ignore[arg-type]
+    routes = {r.path: set(r.methods or ()) - {"HEAD"} for r in app.app.routes
+              if isinstance(r, Route) and r.path not in ("/", "/console/nodes")}
+    described = {path: {m.upper() for m in ops} for path, ops in document()["paths"].items()}
+    assert routes == described

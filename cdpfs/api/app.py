@@ -10,10 +10,14 @@ process's events and, on an HA node, the node's own state. Routes:
 - ``GET /api/v1/status``: the store's status document (``documents``), as
   ``cdpfs status --json`` prints it; ``GET /api/v1/node``: the process: what it
   serves, its role and, on an HA node, epoch, lease and lag;
+- ``GET /api/v1/stat``, ``/api/v1/changes?a=M&b=M&path=P``: ``cdpfs stat`` and
+  ``cdpfs diff``'s documents; ``/api/v1/tree``, ``/versions``, ``/diff``,
+  ``/timeline``: what the console shows of history (``browse``);
 - ``GET /api/v1/events?after=ID[&follow=0]``: newline-delimited JSON events
   (``cdpfs.events``), the kept ones after ``ID`` and then each as it happens;
 - ``POST /api/v1/bookmarks`` ``{"name": ..., "at": MOMENT}``: bookmark a point
-  of a live volume (an admin token);
+  of a live volume (an admin token); ``POST /api/v1/restore``, ``/switchover``,
+  ``/drtests``, ``/backups``: the actions the front end offers (``ACTIONS``);
 - ``GET /api/v1/openapi.json``: the OpenAPI document of all this.
 
 Who may do what: ``access``. A request's failure is its own: a JSON
@@ -155,6 +159,8 @@ class NodeApp:
             Route("/api/v1/tree", self._reader(self.tree), methods=["GET"]),
             Route("/api/v1/versions", self._reader(self.versions), methods=["GET"]),
             Route("/api/v1/diff", self._reader(self.diff), methods=["GET"]),
+            Route("/api/v1/changes", self._reader(self.changes), methods=["GET"]),
+            Route("/api/v1/stat", self._reader(self.stat), methods=["GET"]),
             Route("/api/v1/timeline", self._reader(self.timeline), methods=["GET"]),
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/", self.console, methods=["GET"]),
@@ -305,6 +311,14 @@ class NodeApp:
         q = request.query_params
         return await self._document(browse.text_diff, q.get("path", ""), q.get("a", ""),
                                     q.get("b", "now"))
+
+    async def changes(self, request: Request) -> Response:
+        q = request.query_params
+        return await self._document(browse.changes, q.get("a", ""), q.get("b", "now"),
+                                    q.get("path", ""))
+
+    async def stat(self, request: Request) -> Response:
+        return await self._document(browse.space)
 
     async def timeline(self, request: Request) -> Response:
         try:

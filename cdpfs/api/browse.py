@@ -20,12 +20,13 @@ from ..drtests import last as last_test
 from ..errors import CdpfsError
 from ..history import bookmarks
 from ..history.points import resolve
-from ..history.versions import versions
+from ..history.stats import space_stats
+from ..history.versions import diff, versions
 from ..names import volume_path
 from ..store import journal
 from ..store.lmdb import Store
 from ..store.view import View
-from .documents import iso
+from .documents import changes_document, iso, space_document
 
 MAX_ENTRIES = 5000
 MAX_DIFF = 1 << 20
@@ -114,6 +115,24 @@ def text_diff(store: Store, path: str, a: str, b: str, now_ns: int | None = None
         texts[0], texts[1], f"{rel}@#{seqs[0]}", f"{rel}@#{seqs[1]}"))
     return {"path": rel, "a": seqs[0], "b": seqs[1], "binary": binary,
             "diff": "".join(lines)}
+
+
+def changes(store: Store, a: str, b: str, path: str = "",
+            now_ns: int | None = None) -> dict[str, Any]:
+    """What changed under ``path`` between moments ``a`` and ``b`` (``cdpfs diff
+    --json``'s document)."""
+    rel = _rel(path)
+    with store.txn() as txn:
+        seq1 = resolve(store, txn, a, now_ns).seq
+        seq2 = resolve(store, txn, b, now_ns).seq
+        found = diff(store, txn, seq1, seq2, rel)
+    return changes_document(seq1, seq2, found)
+
+
+def space(store: Store) -> dict[str, Any]:
+    """Where the store's bytes go (``cdpfs stat --json``'s document; a scan of every
+    block's size)."""
+    return space_document(space_stats(store))
 
 
 def timeline(store: Store, now_ns: int, seconds: float, buckets: int = 60) -> dict[str, Any]:

@@ -59,6 +59,45 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+def _query(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "schema": {"type": "string"}} for n in names]
+
+
+def _reading(summary: str, *params: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "parameters": _query(*params),
+                    "responses": {"200": {"description": summary, "content": _JSON},
+                                  **_READ, "400": _ERROR, "503": _ERROR}}}
+
+
+def _acting(summary: str, properties: dict[str, str]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {k: {"type": t} for k, t in properties.items()}}}}},
+        "responses": {"200": {"description": "done", "content": _JSON},
+                      "202": {"description": "started", "content": _JSON}, "400": _ERROR,
+                      **_READ, "403": _ERROR, "409": _ERROR, "413": _ERROR, "415": _ERROR}}}
+
+
+PATHS.update({
+    "/api/v1/stat": _reading("Where the store's bytes go (cdpfs stat --json)"),
+    "/api/v1/changes": _reading("What changed between two moments (cdpfs diff --json)",
+                                "a", "b", "path"),
+    "/api/v1/tree": _reading("A directory as it was at a moment", "at", "path"),
+    "/api/v1/versions": _reading("The versions of a file, newest first", "path"),
+    "/api/v1/diff": _reading("A unified diff of a text file between two moments",
+                             "path", "a", "b"),
+    "/api/v1/timeline": _reading("Writes per interval and the marks on a stretch of time",
+                                 "seconds", "buckets"),
+    "/api/v1/restore": _acting("Put a file or directory back as it was (a mount)",
+                               {"path": "string", "at": "string", "delete": "boolean"}),
+    "/api/v1/switchover": _acting("Hand the primary role to a node (an HA node)",
+                                  {"node": "string", "timeout": "number"}),
+    "/api/v1/drtests": _acting("Run the scheduled DR test now (a replica server)", {}),
+    "/api/v1/backups": _acting("Run the scheduled backup now (a replica server)", {}),
+})
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
