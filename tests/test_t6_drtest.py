@@ -11,6 +11,7 @@ a test killed outright leaves, ``replica test --cleanup`` removes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -138,6 +139,13 @@ def test_a_failing_dr_test_names_its_step_and_keeps_the_clone(
     finally:
         probe.cleanup()
     cdpfs("clone", "--delete", kept[0])
+    # --json: the result as a document, whether it passed or not (exit status 1)
+    proc = cdpfs("replica", "test", replica, "--scenario", SQLITE, "--set", "DB=app.db",
+                 "--set", "TEST_QUERY=select * from no_such_table", "--json", check=False)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["passed"] is False and "step 2 of 2" in doc["failed"]
+    assert doc["seq"] >= 1 and doc["time"].endswith("Z") and doc["clone_kept"]
+    cdpfs("clone", "--delete", doc["clone_kept"])
 
 
 def test_a_corrupt_database_on_the_replica_fails_the_integrity_step(

@@ -31,6 +31,7 @@ from cdpfs.replication.sender import tls_connect
 from cdpfs.store.lmdb import is_store
 from cdpfs.volume import Mode, Volume
 
+from .output import echo_json, json_option
 from .serving import api_from, api_options
 
 log = logging.getLogger(__name__)
@@ -443,9 +444,10 @@ def compare(primary: Path, replica_path: Path, at: int | None) -> None:
               "mount and mount process, the clone, the mount directory).")
 @click.option("--every", type=int, default=0, hidden=True,
               help="Seconds between scheduled tests (replica serve --test-every).")
+@json_option
 def test_cmd(store: Path, scenario_path: Path | None, variables: tuple[str, ...],
              at: str | None, primary: Path | None, keep_failed: bool, allow_other: bool,
-             niceness: int, cleanup: bool, every: int) -> None:
+             niceness: int, cleanup: bool, every: int, as_json: bool) -> None:
     """Prove replica STORE can be recovered from, while it keeps receiving: clone it at
     a moment, start and check the application on the clone (the scenario's [[test]]
     steps), then remove the clone. A pass bookmarks the point as tested-<time>.
@@ -470,7 +472,13 @@ def test_cmd(store: Path, scenario_path: Path | None, variables: tuple[str, ...]
     os.nice(niceness)  # inherited by the clone's mount daemon and the scenario's commands
     result = run(store, Scenario.load(scenario_path, variables), at=at, primary=primary,
                  keep_failed=keep_failed, allow_other=allow_other, every=every,
-                 echo=click.echo)
+                 echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
+    if as_json:  # the result, whether it passed or not (exit status 1 if not)
+        from cdpfs.api.documents import drtest_document
+
+        echo_json({"format": 1, "store": str(store),
+                   **(drtest_document(result, time.time_ns()) or {})})
+        sys.exit(0 if result.ok else 1)
     click.echo(f"tree hash: {result.tree_hash}")
     if not result.ok:
         kept = f"; the clone is kept at {result.clone}" if result.clone else ""
