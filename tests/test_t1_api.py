@@ -193,9 +193,26 @@ async def test_who_may_read_and_act(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
-def test_an_api_beyond_loopback_needs_tls_and_a_private_tokens_file(tmp_path: Path) -> None:
-    with pytest.raises(CdpfsError, match="needs TLS"):
-        ApiOptions("0.0.0.0:8470").access()
+async def test_beyond_loopback_without_tls_only_the_health_endpoints_answer(
+        tmp_path: Path) -> None:
+    """A load balancer's checks are plain HTTP on the node's address; the rest of the
+    API needs TLS there, tokens or not."""
+    path = tmp_path / "vol"
+    init_volume(path).close()
+    options = ApiOptions("0.0.0.0:0", tokens=_tokens(tmp_path))
+    async with served(path) as vol, trio.open_nursery() as nursery:
+        url = await nursery.start(serve_api, options, Served(vol, "mount"))
+        port = url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                                     headers=_bearer(ADMIN)) as http:
+            assert (await http.get("/primary")).status_code == 200
+            for r in (await http.get("/api/v1/status"), await http.get("/metrics"),
+                      await http.post("/api/v1/bookmarks", json={"name": "m"})):
+                assert r.status_code == 403 and "without TLS" in r.json()["error"]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_tokens_file_is_private_and_well_formed(tmp_path: Path) -> None:
     tokens = _tokens(tmp_path)
     tokens.chmod(0o644)
     with pytest.raises(CdpfsError, match="chmod 600"):

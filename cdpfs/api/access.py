@@ -8,7 +8,9 @@
   the token belongs to: every action is logged and reported with it. The file
   must be readable by its owner only. Without a tokens file, only a loopback
   API reads without a token, and nobody acts.
-- An API on anything but loopback needs TLS (``--api-cert``/``--api-key``).
+- An API on anything but loopback needs TLS (``--api-cert``/``--api-key``) for
+  anything but the health endpoints: without it, it serves those only (a load
+  balancer's checks are plain HTTP: ``ha join --health`` on a node's address).
 - An action must come as ``application/json`` with no ``Origin`` other than the
   node's own: a page of another site cannot make a browser send one (CSRF).
 """
@@ -50,6 +52,7 @@ class Access:
 
     tokens: dict[str, Caller] = field(default_factory=dict)
     open_reads: bool = True  # reads without a token (a loopback API without tokens)
+    health_only: bool = False  # beyond loopback without TLS: the health endpoints only
 
     def caller(self, authorization: str | None) -> Caller | None:
         """Who an ``Authorization`` header names (None: nobody with a right to read)."""
@@ -104,7 +107,8 @@ def load_tokens(path: Path) -> dict[str, Caller]:
 
 
 def check_listen(host: str, tls: bool) -> None:
-    """CdpfsError unless an API on ``host`` may serve: beyond loopback only with TLS."""
+    """CdpfsError unless all of an API on ``host`` may be served: beyond loopback only
+    with TLS (the console's rule; a node's API serves its health endpoints only)."""
     if not tls and not is_loopback(host):
         raise CdpfsError(f"{host}: an API beyond loopback needs TLS (--api-cert and "
                          "--api-key)")

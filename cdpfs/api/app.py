@@ -55,6 +55,8 @@ class Refused(CdpfsError):
     """An action that cannot be done now (another is under way, the role is wrong): 409."""
 
 
+PLAIN = ("this API is served beyond loopback without TLS: the health endpoints only "
+         "(give --api-cert and --api-key)")
 CONSOLE_DIR = Path(__file__).parent / "console"  # the page, its script and style
 MAX_BODY = 64 * 1024  # bytes an action's JSON may have
 BODY_TIMEOUT = 10.0  # seconds an action's body may take to arrive
@@ -188,6 +190,8 @@ class NodeApp:
     def _reader(self, handler: Callable[[Request], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
         async def read(request: Request) -> Response:
+            if self.access.health_only:
+                return _error(403, PLAIN)
             if self._caller(request) is None:
                 return _error(401, "a viewer or admin token is needed "
                               "(Authorization: Bearer TOKEN)")
@@ -198,6 +202,8 @@ class NodeApp:
                                         Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
         async def act(request: Request) -> Response:
+            if self.access.health_only:
+                return _error(403, PLAIN)
             caller = self._caller(request)
             if caller is None or caller is ANONYMOUS:
                 return _error(401, "an admin token is needed (Authorization: Bearer TOKEN)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,14 @@ class ApiOptions:
     key: Path | None = None
 
     def access(self) -> Access:
-        """The tokens (CdpfsError for a bad file or a listen address that needs TLS)."""
+        """Who may do what (CdpfsError for a bad tokens file); beyond loopback without
+        TLS: the health endpoints only."""
         host, _ = parse_address(self.address, any_port=True)
         if (self.cert is None) != (self.key is None):
             raise CdpfsError("--api-cert and --api-key go together")
-        check_listen(host, self.cert is not None)
         tokens = load_tokens(self.tokens) if self.tokens is not None else {}
-        return Access(tokens, open_reads=is_loopback(host))
+        plain = self.cert is None and not is_loopback(host)
+        return Access(tokens, open_reads=is_loopback(host), health_only=plain)
 
 
 def _config(options: ApiOptions) -> Config:
@@ -72,17 +74,24 @@ async def serve_api(options: ApiOptions, source: Source, *,
     access = options.access()
     node = NodeApp(source, access, scheme="https" if options.cert else "http")
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(serve_app, options, node.app)
+        bound = await nursery.start(partial(serve_app, options, node.app, whole=False))
         nursery.start_soon(node.space.refresh, lambda: _store(source))
-        log.info("API on %s", bound)
+        if access.health_only:
+            log.warning("API on %s without TLS: the health endpoints only (give "
+                        "--api-cert and --api-key for the rest)", bound)
+        else:
+            log.info("API on %s", bound)
         task_status.started(bound)
 
 
-async def serve_app(options: ApiOptions, app: Any, *,
+async def serve_app(options: ApiOptions, app: Any, *, whole: bool = True,
                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the ASGI ``app`` as ``options`` say (``serve_api``, ``cdpfs console``)."""
+    """Serve the ASGI ``app`` as ``options`` say (``serve_api``, ``cdpfs console``);
+    ``whole``: all of it is served to whoever reaches it, so beyond loopback only
+    with TLS (CdpfsError)."""
     host, _ = parse_address(options.address, any_port=True)
-    check_listen(host, options.cert is not None)
+    if whole:
+        check_listen(host, options.cert is not None)
     async with trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(serve, app, _config(options))
