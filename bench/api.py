@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -208,17 +209,25 @@ def event_delivery(work: Path, n: int, rows: list[Figure], notes: list[str]) -> 
     ready = threading.Event()
 
     def follow() -> None:
-        try:
-            with httpx.stream("GET", f"http://{address}/api/v1/events", headers=headers,
-                              timeout=None) as stream:
-                for line in stream.iter_lines():
+        # A plain socket, as curl reads it: httpx's streaming reader was seen holding the
+        # last lines back (curl, beside it, had every event at once). Each event is one
+        # HTTP chunk: its size line, then the JSON line.
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"GET /api/v1/events HTTP/1.1\r\nHost: {address}\r\n"
+                         f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+            buf = b""
+            while data := sock.recv(65536):
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"{"):
+                        continue
                     event = json.loads(line)
                     ready.set()
                     name = event.get("name")
                     if event["kind"] in ("action", "bookmark") and name:
                         seen[(event["kind"], name)] = time.perf_counter()
-        except httpx.HTTPError:
-            pass
 
     try:
         threading.Thread(target=follow, daemon=True).start()
@@ -242,7 +251,7 @@ def event_delivery(work: Path, n: int, rows: list[Figure], notes: list[str]) -> 
                                    note=f"{len(ms)} events, {missing} missing"
                                    if name == "p99" else ""))
     finally:
-        vol.umount()
+        vol.umount()  # the follower's connection ends with it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,7 @@ class Events:
 
     def __init__(self, url: str, token: str) -> None:
         self.got: list[dict] = []
+        self.since = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(url, token), daemon=True)
         self._thread.start()
 
@@ -187,6 +188,12 @@ def test_prometheus_scrapes_the_lag_the_node_reports(nodes: tuple[Volume, Replic
                    what="prometheus to see the replica caught up")
         assert prom.value('cdpfs_replica_connected{replica="r1"}') == 1.0
         assert prom.value("cdpfs_written_bytes_total") == 100_000 + 20 * 10_000
+        # the follower, connected for well over 10 s without a word, still gets events
+        time.sleep(max(0.0, events.since + 12 - time.monotonic()))
+        httpx.post(f"{primary}/api/v1/bookmarks", json={"name": "late"},
+                   headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+        wait_until(lambda: "late" in [e.get("name") for e in events.got],
+                   what="an event on a stream over 10 s old")
     finally:
         prom.stop()
     wait_until(lambda: "replica-caught-up" in events.kinds()[

@@ -3,8 +3,8 @@
 ``serve_api`` is started with ``nursery.start`` beside the volume it reports on
 and returns the address it listens on (port 0 picks a free one). It also keeps
 the space figures of the metrics fresh (a scan now and then, in a thread).
-Limits (hypercorn's): 16 KiB of request head, a read that waits longer than
-``READ_TIMEOUT`` ends the connection; the app limits bodies (``app``). The access
+Limits: hypercorn's 16 KiB of request head; the app's on bodies (``app``: 64 KiB,
+10 s). A request whose head never ends holds its own connection only. The access
 log is off: a scrape a second would drown the node's own log.
 """
 
@@ -28,7 +28,6 @@ from .app import NodeApp, Source
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT = 10  # seconds a connection may stay silent mid-request
 DEFAULT_PORT = 8470
 
 
@@ -57,7 +56,8 @@ def _config(options: ApiOptions) -> Config:
     config = Config()
     host, port = parse_address(options.address, any_port=True)
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.read_timeout = READ_TIMEOUT
+    # No read timeout: hypercorn's applies to a whole connection, and would end an
+    # events stream whose client has nothing more to say (it did, after 10 s).
     config.accesslog = None
     config.errorlog = logging.getLogger("cdpfs.api.hypercorn")
     config.include_server_header = False
