@@ -132,6 +132,15 @@ async def test_health_status_metrics_and_events_of_a_live_volume(tmp_path: Path)
             r = await http.get(f"/api/v1/events?after={ids[-2]}&follow=0")
             lines = [json.loads(x) for x in r.text.splitlines()]
             assert [e["id"] for e in lines[1:]] == [ids[-1]]
+
+            # a sync replica fsync stopped waiting for: on the node document, as an event
+            assert vol.fanout is not None
+            vol.fanout.degrade("r9", top)
+            about = (await http.get("/api/v1/node")).json()
+            assert about["degraded"] == ["r9"] and about["role"] == "primary"
+            r = await http.get(f"/api/v1/events?after={ids[-1]}&follow=0")
+            assert [json.loads(x)["kind"] for x in r.text.splitlines()[1:]] == \
+                ["sync-degraded"]
         nursery.cancel_scope.cancel()
 
 

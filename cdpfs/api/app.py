@@ -114,8 +114,10 @@ class Served:
 
     def about(self) -> dict[str, Any]:
         volume = self.volume
+        fanout = volume.fanout
         return {"kind": self.kind, "role": self.health()[0], "store": str(volume.path),
                 "mode": volume.mode.value,
+                "degraded": sorted(fanout.degraded) if fanout is not None else [],
                 "events_run": self.events.run, "events_last_id": self.events.last_id}
 
 

@@ -217,6 +217,8 @@ class Node:
                 else {"node": self.last_primary.node, "epoch": self.last_primary.epoch},
                 "store": None if volume is None else str(volume.path),
                 "mode": None if volume is None else volume.mode.value,
+                "degraded": sorted(volume.fanout.degraded)
+                if volume is not None and volume.fanout is not None else [],
                 "events_run": self.events.run, "events_last_id": self.events.last_id}
 
     async def _switchover(self, body: dict[str, Any], caller: Any) -> dict[str, Any]:
