@@ -209,9 +209,8 @@ def event_delivery(work: Path, n: int, rows: list[Figure], notes: list[str]) -> 
     ready = threading.Event()
 
     def follow() -> None:
-        # A plain socket, as curl reads it: httpx's streaming reader was seen holding the
-        # last lines back (curl, beside it, had every event at once). Each event is one
-        # HTTP chunk: its size line, then the JSON line.
+        # A plain socket, as curl reads it: nothing between the stream and the clock.
+        # Each event is one HTTP chunk: its size line, then the JSON line.
         host, port = address.rsplit(":", 1)
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(f"GET /api/v1/events HTTP/1.1\r\nHost: {address}\r\n"
