@@ -21,8 +21,8 @@ def api_options(fn: F) -> F:
     for option in reversed([
         click.option("--api", metavar="HOST:PORT",
                      help="Serve the node API there: /health, /primary, /replica, "
-                     "/metrics, /api/v1/... and the console at / (loopback unless "
-                     "--api-cert is given)."),
+                     "/metrics, /api/v1/... and the console at / (beyond loopback, "
+                     "without --api-cert, the health endpoints only)."),
         click.option("--api-tokens", type=click.Path(path_type=Path, dir_okay=False),
                      help="The API's tokens, one 'ROLE NAME TOKEN' per line (ROLE viewer "
                      "or admin); readable by its owner only."),
@@ -38,7 +38,7 @@ def api_options(fn: F) -> F:
 def api_from(api: str | None, api_tokens: Path | None, api_cert: Path | None,
              api_key: Path | None, *, elsewhere: bool = False) -> ApiOptions | None:
     """The options given (checked now, before the command starts serving: a bad
-    tokens file or an address that needs TLS fails here); None without ``--api``.
+    address or tokens file fails here); None without ``--api``.
     ``elsewhere``: the address may come from elsewhere (an HA node's, as it joined):
     the other options without ``--api`` give options with no address."""
     from cdpfs.api.access import load_tokens

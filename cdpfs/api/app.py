@@ -344,8 +344,8 @@ class NodeApp:
 
     async def console_nodes(self, request: Request) -> Response:
         """The nodes the console shows: this one (``cdpfs console`` lists many)."""
-        return JSONResponse([{"name": self.source.about().get("name")
-                              or self.source.about()["kind"], "base": ""}])
+        about = self.source.about()
+        return JSONResponse([{"name": about.get("name") or about["kind"], "base": ""}])
 
     async def openapi(self, request: Request) -> Response:
         from .openapi import document
